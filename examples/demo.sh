@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# `make demo`: train crystal-tiny on this machine's CPU through the same path as the 7B (torchrun,
+# Megatron-Core schedules, DDP, distributed optimizer, dist checkpointing, TensorBoard).
+# Data: Megatron-Core's mock dataset until the embedded corpus (corpus-tools issue) lands.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN_DIR=${1:-runs/demo}
+NPROC=${NPROC:-2}
+TRAIN_ITERS=${TRAIN_ITERS:-300}
+rm -rf "$RUN_DIR" && mkdir -p "$RUN_DIR"
+
+OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc-per-node "$NPROC" --master-port "${MASTER_PORT:-29400}" \
+  pretrain_crystal.py \
+  --model crystal-tiny --vocab-size 4096 --seq-length 128 \
+  --mock-data --num-workers 1 \
+  --micro-batch-size 4 --global-batch-size 8 \
+  --use-distributed-optimizer \
+  --train-iters "$TRAIN_ITERS" --lr 1e-2 --min-lr 1e-3 --lr-warmup-iters 20 --lr-decay-style cosine \
+  --eval-interval 100 --eval-iters 2 --log-interval 20 \
+  --save "$RUN_DIR/checkpoints" --save-interval 150 \
+  --tensorboard-dir "$RUN_DIR/tensorboard" --metrics-jsonl "$RUN_DIR/metrics.jsonl"
+
+echo "checkpoints: $RUN_DIR/checkpoints   TensorBoard: tensorboard --logdir $RUN_DIR/tensorboard"

@@ -1,0 +1,1 @@
+"""crystal-megatron: the project's extensions to Megatron-Core."""

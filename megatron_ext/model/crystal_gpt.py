@@ -1,0 +1,145 @@
+"""Crystal on Megatron-Core's GPTModel."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_ext.model.crystal_config import CrystalConfig
+from megatron_ext.model.layer_specs import crystal_block_spec
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How the model is cut; filled from the command line and parallel_state."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    sequence_parallel: bool = False
+
+
+def truncated_normal_init(std: float):
+    """muP's initialiser: a normal truncated at +-2 sigma."""
+    return functools.partial(torch.nn.init.trunc_normal_, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+
+def transformer_config(
+    crystal: CrystalConfig,
+    layout: ParallelLayout = ParallelLayout(),
+    bf16: bool = False,
+    use_cpu_initialization: bool = False,
+    perform_initialization: bool = True,
+) -> TransformerConfig:
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=crystal.num_layers,
+        hidden_size=crystal.hidden_size,
+        num_attention_heads=crystal.num_attention_heads,
+        ffn_hidden_size=crystal.ffn_hidden_size,
+        kv_channels=crystal.head_dim,
+        layernorm_epsilon=crystal.layernorm_epsilon,
+        normalization="LayerNorm",
+        add_bias_linear=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        softmax_scale=crystal.softmax_scale,
+        rotary_interleaved=True,
+        init_method=truncated_normal_init(crystal.init_std),
+        output_layer_init_method=truncated_normal_init(crystal.output_layer_init_std),
+        embedding_init_method=truncated_normal_init(crystal.embedding_init_std),
+        init_method_std=crystal.init_std,
+        embedding_init_method_std=crystal.embedding_init_std,
+        # The fused kernels below come from apex / Transformer Engine; the kernel-path issue picks them.
+        apply_rope_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=layout.tensor_model_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
+        sequence_parallel=layout.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=bf16,
+        use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=perform_initialization,
+        # Loss = sum over tokens / tokens in the global batch, whatever the layout or micro-batching.
+        calculate_per_token_loss=True,
+    )
+
+
+class CrystalGPTModel(GPTModel):
+    """GPTModel plus muP's embedding multiplier (applied after the lookup, before the first block)."""
+
+    def __init__(self, *args, embedding_multiplier: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.embedding_multiplier = embedding_multiplier
+
+    def _preprocess(self, input_ids, position_ids, decoder_input=None, **kwargs):
+        from_lookup = decoder_input is None and self.pre_process
+        out = super()._preprocess(input_ids, position_ids, decoder_input=decoder_input, **kwargs)
+        if from_lookup:
+            out = (out[0] * self.embedding_multiplier, *out[1:])
+        return out
+
+
+def build_model_chunk(
+    crystal: CrystalConfig,
+    config: TransformerConfig,
+    padded_vocab_size: int,
+    pre_process: bool,
+    post_process: bool,
+    vp_stage: int | None = None,
+) -> CrystalGPTModel:
+    return CrystalGPTModel(
+        config=config,
+        transformer_layer_spec=crystal_block_spec(config, crystal.output_multiplier, vp_stage),
+        vocab_size=padded_vocab_size,
+        max_sequence_length=crystal.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=True,
+        position_embedding_type="rope",
+        rotary_percent=crystal.rotary_percent,
+        rotary_base=crystal.rotary_base,
+        vp_stage=vp_stage,
+        embedding_multiplier=crystal.mup_embeddings_scale,
+    )
+
+
+def build_model(
+    crystal: CrystalConfig, config: TransformerConfig, padded_vocab_size: int
+) -> list[CrystalGPTModel]:
+    """One model chunk per virtual pipeline stage held by this rank (one chunk without VP)."""
+    vp_size = config.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vp_size) if vp_size else [None]:
+        chunks.append(
+            build_model_chunk(
+                crystal,
+                config,
+                padded_vocab_size,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                vp_stage=vp_stage,
+            )
+        )
+    return chunks
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
+    """Megatron's rule: pad to a multiple of divisible_by x TP so that vocab-parallel shards are even."""
+    multiple = divisible_by * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple

@@ -1,0 +1,1 @@
+"""Training on Megatron-Core: arguments, process groups, data, optimizer, checkpoints, metrics, loop."""

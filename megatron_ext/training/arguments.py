@@ -1,0 +1,186 @@
+"""Command line of pretrain_crystal.py, with Megatron-LM's flag names, and its up-front validation.
+
+Every check here runs before a process group or a tensor exists, so a bad layout costs a second, not a
+queue slot; each failure is one line naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from megatron_ext.model.crystal_config import CrystalConfig, get_preset
+
+
+class ArgumentError(ValueError):
+    """A bad command line; the message is one line that names the flag."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_crystal.py",
+        description="Pretrain Crystal on Megatron-Core (tensor, pipeline and data parallel).",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="crystal-tiny", help="preset name (crystal-7b, crystal-1b, crystal-tiny, crystal-test)")
+    g.add_argument("--num-layers", type=int, help="override the preset")
+    g.add_argument("--hidden-size", type=int, help="override the preset")
+    g.add_argument("--num-attention-heads", type=int, help="override the preset")
+    g.add_argument("--ffn-hidden-size", type=int, help="override the preset")
+    g.add_argument("--seq-length", type=int, help="override the preset's sequence length")
+    g.add_argument("--vocab-size", type=int, help="override the preset (before padding)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=32,
+                   help="pad the vocabulary to a multiple of this x TP (32 keeps Crystal's 32032 at TP 1 and 2)")
+    g.add_argument("--mup-scale-bias-lr", action="store_true",
+                   help="also scale the lr of biases and norms by the muP width scale (LLM360's Megatron port did)")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int,
+                   help="layers per model chunk; enables the interleaved 1F1B schedule")
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"],
+                   help="default: nccl with CUDA, gloo without")
+
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=8)
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--exit-interval", type=int,
+                   help="stop (saving first, with --save) once the iteration is a multiple of this")
+    g.add_argument("--lr", type=float, default=1.2e-2, help="base (muP) learning rate; Crystal phase 1: 0.012")
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, help="default: --train-iters")
+    g.add_argument("--lr-decay-style", default="linear", choices=["constant", "linear", "cosine", "inverse-square-root"])
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-9)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU); CPU runs fp32")
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", help="Megatron blend: [w1] prefix1 [w2 prefix2 ...]")
+    g.add_argument("--mock-data", action="store_true", help="Megatron-Core's MockGPTDataset instead of --data-path")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test split of --data-path documents")
+    g.add_argument("--data-cache-path", help="where Megatron-Core caches the dataset indices")
+    g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
+
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save", help="checkpoint directory")
+    g.add_argument("--load", help="checkpoint directory to resume from (an empty directory starts fresh)")
+    g.add_argument("--finetune", action="store_true",
+                   help="with --load: take the model weights only; optimizer, scheduler and iteration start afresh")
+    g.add_argument("--save-interval", type=int, help="default: only at the end when --save is given")
+
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-interval", type=int, default=0, help="0: no evaluation")
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--tensorboard-dir")
+    g.add_argument("--metrics-jsonl", help="append one JSON line per step (loss, grad norm, lr) to this file")
+    return p
+
+
+def model_config(args: argparse.Namespace) -> CrystalConfig:
+    return get_preset(args.model).replace(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        ffn_hidden_size=args.ffn_hidden_size,
+        seq_length=args.seq_length,
+        vocab_size=args.vocab_size,
+    )
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ArgumentError(message)
+
+
+def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
+    """Check the layout against the model and world size; fill derived values. Returns the model config."""
+    try:
+        crystal = model_config(args)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    _require(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+    _require(crystal.num_attention_heads % tp == 0,
+             f"--tensor-model-parallel-size {tp} does not divide the {crystal.num_attention_heads} attention heads")
+    _require(crystal.ffn_hidden_size % tp == 0,
+             f"--tensor-model-parallel-size {tp} does not divide the FFN width {crystal.ffn_hidden_size}"
+             + (" (10922 = 2 x 43 x 127: TP must be 1 or 2)" if crystal.ffn_hidden_size == 10922 else ""))
+    _require(crystal.num_layers % pp == 0,
+             f"--pipeline-model-parallel-size {pp} does not divide the {crystal.num_layers} layers")
+    _require(world_size % (tp * pp) == 0,
+             f"world size {world_size} is not a multiple of TP x PP = {tp} x {pp}")
+    dp = world_size // (tp * pp)
+    args.data_parallel_size = dp
+
+    args.virtual_pipeline_model_parallel_size = None
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        per_stage = crystal.num_layers // pp
+        vp_layers = args.num_layers_per_virtual_pipeline_stage
+        _require(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        _require(vp_layers >= 1 and per_stage % vp_layers == 0,
+                 f"--num-layers-per-virtual-pipeline-stage {vp_layers} does not divide the {per_stage} layers of a pipeline stage")
+        args.virtual_pipeline_model_parallel_size = per_stage // vp_layers
+
+    if args.sequence_parallel and tp == 1:
+        args.sequence_parallel = False  # as in Megatron-LM: nothing to split the sequence across
+
+    mbs, gbs = args.micro_batch_size, args.global_batch_size
+    _require(mbs >= 1 and gbs >= 1, "--micro-batch-size and --global-batch-size must be >= 1")
+    _require(gbs % (mbs * dp) == 0,
+             f"--global-batch-size {gbs} is not divisible by --micro-batch-size {mbs} x data-parallel size {dp}")
+    args.num_microbatches = gbs // (mbs * dp)
+    if args.virtual_pipeline_model_parallel_size:
+        _require(args.num_microbatches % pp == 0,
+                 f"the interleaved schedule needs the {args.num_microbatches} micro-batches per step to be a multiple of PP {pp}")
+
+    _require(args.train_iters >= 1, "--train-iters must be >= 1")
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    _require(0 <= args.lr_warmup_iters < args.lr_decay_iters,
+             f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay length {args.lr_decay_iters}")
+    _require(0 <= args.min_lr <= args.lr, f"--min-lr {args.min_lr} must lie in [0, --lr {args.lr}]")
+
+    _require(args.mock_data != bool(args.data_path), "give exactly one of --data-path and --mock-data")
+    if args.data_path:
+        validate_blend(args.data_path)
+    if args.load is not None:
+        _require(os.path.isdir(args.load), f"--load {args.load}: no such directory")
+    if args.save_interval is not None:
+        _require(args.save, "--save-interval needs --save")
+        _require(args.save_interval >= 1, "--save-interval must be >= 1")
+    if args.distributed_backend is None:
+        import torch
+
+        args.distributed_backend = "nccl" if torch.cuda.is_available() else "gloo"
+    return crystal
+
+
+def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:
+    """Megatron's blend syntax: either prefixes alone, or weight-prefix pairs."""
+    try:
+        weights = [float(x) for x in data_path[0::2]]
+    except ValueError:
+        return list(data_path), None
+    prefixes = data_path[1::2]
+    if len(data_path) % 2 or not prefixes:
+        raise ArgumentError(f"--data-path {' '.join(data_path)}: expected weight-prefix pairs")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ArgumentError("--data-path weights must be non-negative and not all zero")
+    return list(prefixes), weights
+
+
+def validate_blend(data_path: list[str]) -> None:
+    prefixes, _ = parse_blend(data_path)
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            _require(os.path.isfile(prefix + ext), f"--data-path: {prefix + ext} does not exist")

@@ -1,0 +1,174 @@
+"""Save and resume through Megatron-Core dist_checkpointing (torch_dist).
+
+Model weights and optimizer state are stored as global tensors (the distributed optimizer in its
+'fully_reshardable' form), so a checkpoint written at one TP / PP / VP / DP layout loads at any
+other. Layout:  DIR/iter_0000010/...  and  DIR/latest_checkpointed_iteration.txt, the tracker, which is
+written by rank 0 only after every rank has finished writing the step's files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from megatron.core import dist_checkpointing
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+from megatron_ext.model.crystal_config import CrystalConfig
+
+TRACKER = "latest_checkpointed_iteration.txt"
+# The distributed optimizer's state in canonical per-parameter form: reshardable to any layout.
+# ('fully_sharded_model_space', Megatron-Core 0.16.1's default, relies on flattened ranges that its own
+# dist_checkpointing no longer accepts.)
+_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _set_main_param_and_optimizer_states(self, model_param, tensors):
+    """Megatron-Core 0.16.1 fix: its 'fully_reshardable' loader copies every per-parameter state key,
+    but torch's Adam keeps a per-parameter 'step' that the format does not store (load_state_dict has
+    already restored it from the param groups). Copy only the keys the checkpoint has."""
+    group_index, group_order = self.model_param_group_index_map[model_param]
+    main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+    destination = {"param": main_param, **self.optimizer.state[main_param]}
+    for key, tensor in tensors.items():
+        destination[key].copy_(tensor)
+
+
+_upstream_set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+
+
+def _patched_set_states(self, model_param, tensors):
+    if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        return _upstream_set_states(self, model_param, tensors)
+    return _set_main_param_and_optimizer_states(self, model_param, tensors)
+
+
+DistributedOptimizer._set_main_param_and_optimizer_states = _patched_set_states
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> int | None:
+    """The iteration named by the tracker, or None for a directory with no checkpoint yet."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    return getattr(chunk, "module", chunk)
+
+
+def _model_keys(model_chunks: list) -> list[str]:
+    return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
+
+
+def _model_sharded_state_dict(model_chunks: list) -> dict:
+    return {key: _unwrap(c).sharded_state_dict() for key, c in zip(_model_keys(model_chunks), model_chunks)}
+
+
+def _sharded_state_dict(model_chunks: list, optimizer, is_loading: bool) -> dict:
+    state = _model_sharded_state_dict(model_chunks)
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=_OPTIMIZER_FORMAT)
+    return state
+
+
+def save_checkpoint(root: str, iteration: int, consumed_samples: int, model_chunks, optimizer, scheduler,
+                    crystal: CrystalConfig) -> str:
+    path = iteration_dir(root, iteration)
+    if torch.distributed.get_rank() == 0:
+        os.makedirs(path, exist_ok=True)
+    torch.distributed.barrier()
+    state = _sharded_state_dict(model_chunks, optimizer, is_loading=False)
+    state.update(
+        iteration=iteration,
+        consumed_samples=consumed_samples,
+        opt_param_scheduler=scheduler.state_dict(),
+        model_config=dataclasses.asdict(crystal),
+    )
+    dist_checkpointing.save(state, path, sharded_strategy=("torch_dist", 1))
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(str(iteration))
+        os.replace(tmp, os.path.join(root, TRACKER))
+    torch.distributed.barrier()
+    return path
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Create Adam's state (step, moments) before loading into it.
+
+    Megatron-Core 0.16.1's DistributedOptimizer.state_dict() requires Adam's 'step' to exist when neither
+    apex nor Transformer Engine is installed, and torch creates it only on a first step. A step at lr 0
+    with zero gradients creates it and leaves the parameters as they are; the load overwrites it all.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if inner.state:
+            continue
+        lrs = [group["lr"] for group in inner.param_groups]
+        for group in inner.param_groups:
+            group["lr"] = 0.0
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        inner.step()
+        inner.zero_grad()
+        for group, lr in zip(inner.param_groups, lrs):
+            group["lr"] = lr
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Megatron-Core 0.16.1 fix: without apex/TE its DistributedOptimizer.load_state_dict gives every
+    parameter's state one shared 'step' tensor, which torch's Adam then increments in place once per
+    parameter, corrupting the bias correction from the first step after a resume."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in opt.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+def load_checkpoint(root: str, model_chunks, optimizer, scheduler, crystal: CrystalConfig,
+                    weights_only: bool = False) -> tuple[int, int]:
+    """Resume from the latest checkpoint under root. Returns (iteration, consumed samples); (0, 0) if none.
+
+    weights_only (--finetune): load the model weights alone and start at iteration 0.
+    """
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return 0, 0
+    path = iteration_dir(root, iteration)
+    common = dist_checkpointing.load_common_state_dict(path)
+    saved = CrystalConfig(**common["model_config"])
+    if saved != crystal:
+        diff = {f.name: (getattr(saved, f.name), getattr(crystal, f.name))
+                for f in dataclasses.fields(CrystalConfig) if getattr(saved, f.name) != getattr(crystal, f.name)}
+        raise CheckpointError(f"{path} holds a different model: (saved, requested) = {diff}")
+    if weights_only:
+        sharded = _model_sharded_state_dict(model_chunks)
+    else:
+        _materialize_optimizer_state(optimizer)
+        sharded = _sharded_state_dict(model_chunks, optimizer, is_loading=True)
+    state = dist_checkpointing.load(sharded, path)
+    for key, chunk in zip(_model_keys(model_chunks), model_chunks):
+        _unwrap(chunk).load_state_dict(state[key])
+    if weights_only:
+        optimizer.reload_model_params()
+        return 0, 0
+    optimizer.load_state_dict(state["optimizer"])
+    _unshare_adam_steps(optimizer)
+    scheduler.load_state_dict(state["opt_param_scheduler"])
+    return state["iteration"], state["consumed_samples"]

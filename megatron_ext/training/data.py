@@ -1,0 +1,101 @@
+"""Training and validation data through Megatron-Core's GPTDataset and BlendedMegatronDatasetBuilder.
+
+The sample order is Megatron's: global batch i holds samples [i*G, (i+1)*G) of the dataset, and
+micro-batch m of data-parallel rank d holds [i*G + m*B*D + d*B, ... + B) (B micro batch, D DP size).
+The set of samples in a step is therefore the same for every layout, and resuming needs nothing but
+the number of samples consumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+from megatron_ext.model.crystal_config import CrystalConfig
+from megatron_ext.training.arguments import parse_blend
+
+# Crystal's (LLaMA's) end-of-document id.
+EOD_ID = 2
+
+
+@dataclass(frozen=True)
+class DatasetTokenizerInfo:
+    """What GPTDataset needs to know of the tokenizer: vocabulary size and the end-of-document id."""
+
+    vocab_size: int
+    eod: int = EOD_ID
+
+    @property
+    def unique_identifiers(self) -> dict:
+        # Part of the hash that names Megatron-Core's cached sample indices.
+        return {"class": type(self).__name__, "vocab_size": self.vocab_size, "eod": self.eod}
+
+
+def build_datasets(args: argparse.Namespace, crystal: CrystalConfig):
+    """Returns (train, valid) GPTDatasets sized for the whole run."""
+    train_samples = args.train_iters * args.global_batch_size
+    eval_runs = args.train_iters // args.eval_interval + 1 if args.eval_interval else 0
+    valid_samples = eval_runs * args.eval_iters * args.global_batch_size
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=crystal.seq_length,
+        blend=parse_blend(args.data_path) if args.data_path else None,
+        split=args.split,
+        path_to_cache=args.data_cache_path,
+        tokenizer=DatasetTokenizerInfo(vocab_size=crystal.vocab_size),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mid_level_dataset_surplus=0.005,
+    )
+    cls = MockGPTDataset if args.mock_data else GPTDataset
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        cls, [train_samples, valid_samples, 0], lambda: True, config
+    ).build()
+    return train, valid
+
+
+class MicroBatchSampler(torch.utils.data.Sampler):
+    """Yields this data-parallel rank's micro-batches of sample indices, starting after `consumed`."""
+
+    def __init__(self, total_samples: int, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        self.total, self.consumed = total_samples, consumed
+        self.mbs, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+
+    def __iter__(self):
+        stride = self.mbs * self.dp_size
+        for start in range(self.consumed, self.total - stride + 1, stride):
+            first = start + self.dp_rank * self.mbs
+            yield list(range(first, first + self.mbs))
+
+    def __len__(self):
+        return (self.total - self.consumed) // (self.mbs * self.dp_size)
+
+
+def micro_batches(dataset, consumed_samples: int, args: argparse.Namespace) -> Iterator[dict]:
+    """An endless-enough iterator of this rank's micro-batches (None when there is no dataset)."""
+    if dataset is None or len(dataset) == 0:
+        return iter(())
+    sampler = MicroBatchSampler(
+        len(dataset),
+        consumed_samples,
+        args.micro_batch_size,
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=args.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=args.num_workers > 0,
+    )
+    return iter(loader)

@@ -1,0 +1,64 @@
+"""Process groups, devices and seeds: torchrun's environment -> torch.distributed -> parallel_state."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import random
+
+import numpy as np
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from megatron_ext import cpu_compat
+
+
+def initialize(args: argparse.Namespace) -> torch.device:
+    """Start the process group and Megatron's parallel state; returns this rank's device."""
+    if cpu_compat.activate():
+        device = torch.device("cpu")
+    else:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    torch.distributed.init_process_group(
+        backend=args.distributed_backend,
+        rank=int(os.environ.get("RANK", "0")),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        timeout=datetime.timedelta(minutes=10),
+    )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+    )
+    # Different pipeline stages hold different layers and must not initialise them identically.
+    seed = args.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    # Megatron's tracker seeding leaves the default generator at the data-parallel seed; CPU
+    # initialisation draws from it and must be identical across tensor-parallel ranks.
+    torch.manual_seed(seed)
+    return device
+
+
+def is_logging_rank() -> bool:
+    """The last rank is on the last pipeline stage, where the loss is known."""
+    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+
+
+def print_rank_0(message: str) -> None:
+    if torch.distributed.get_rank() == 0:
+        print(message, flush=True)
+
+
+def shutdown() -> None:
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()

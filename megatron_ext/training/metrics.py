@@ -1,0 +1,84 @@
+"""The training log line and TensorBoard scalars: loss, lr, grad norm, tokens/s, ETA, TFLOP/s and MFU."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from megatron_ext.model.crystal_config import CrystalConfig
+
+# Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, from the vendors' data sheets.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+
+
+def training_flops_per_token(crystal: CrystalConfig, seq_length: int, padded_vocab: int) -> float:
+    """Forward + backward matmul FLOPs per token (x3 forward), attention counted without the causal
+    halving, as Megatron-LM counts it."""
+    h, f, layers = crystal.hidden_size, crystal.ffn_hidden_size, crystal.num_layers
+    per_layer = 2 * (4 * h * h + 3 * h * f) + 4 * seq_length * h
+    return 3 * (layers * per_layer + 2 * h * padded_vocab)
+
+
+def device_peak_tflops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class TrainingLogger:
+    """Accumulates per-step values and prints one line every log interval (on the last rank, which
+    holds the loss)."""
+
+    def __init__(self, args, crystal: CrystalConfig, padded_vocab: int, world_size: int, writer=None):
+        self.args, self.writer, self.world_size = args, writer, world_size
+        self.tokens_per_step = args.global_batch_size * crystal.seq_length
+        self.flops_per_step = training_flops_per_token(crystal, crystal.seq_length, padded_vocab) * self.tokens_per_step
+        self.peak = device_peak_tflops()
+        self._reset(time.perf_counter())
+
+    def _reset(self, now: float):
+        self.window_start, self.steps, self.loss_sum = now, 0, 0.0
+
+    def step(self, iteration: int, loss: float | None, lr: float, grad_norm: float | None) -> str | None:
+        self.steps += 1
+        if loss is not None:
+            self.loss_sum += loss
+        if self.writer is not None and loss is not None:
+            self.writer.add_scalar("lm loss", loss, iteration)
+            self.writer.add_scalar("learning-rate", lr, iteration)
+            if grad_norm is not None:
+                self.writer.add_scalar("grad-norm", grad_norm, iteration)
+        if iteration % self.args.log_interval and iteration != self.args.train_iters:
+            return None
+        now = time.perf_counter()
+        step_time = (now - self.window_start) / self.steps
+        tokens_per_s = self.tokens_per_step / step_time
+        eta = step_time * (self.args.train_iters - iteration)
+        parts = [
+            f"iteration {iteration:>7d}/{self.args.train_iters}",
+            f"consumed tokens {iteration * self.tokens_per_step:,}",
+            f"lm loss {self.loss_sum / self.steps:.6f}" if loss is not None else None,
+            f"lr {lr:.4e}",
+            f"grad norm {grad_norm:.4f}" if grad_norm is not None else None,
+            f"tokens/s {tokens_per_s:,.0f}",
+            f"step time {step_time * 1000:.1f} ms",
+            f"ETA {_fmt_duration(eta)}",
+        ]
+        if torch.cuda.is_available():
+            tflops = self.flops_per_step / step_time / self.world_size / 1e12
+            parts.append(f"TFLOP/s/GPU {tflops:.1f}")
+            if self.peak:
+                parts.append(f"MFU {100 * tflops / self.peak:.1f}%")
+            if self.writer is not None:
+                self.writer.add_scalar("tflops-per-gpu", tflops, iteration)
+        if self.writer is not None:
+            self.writer.add_scalar("tokens-per-second", tokens_per_s, iteration)
+        self._reset(now)
+        return " | ".join(p for p in parts if p)

@@ -1,0 +1,75 @@
+"""AdamW with Crystal's muP parameter groups, and the learning-rate schedule.
+
+Groups (the released CrystalCoder grouping):
+- hidden matrices (QKV, attention out, fc1, fc2): lr x width scale, weight decay;
+- embeddings (tied with the LM head): base lr, weight decay;
+- biases and LayerNorm parameters: base lr (x width scale with --mup-scale-bias-lr), no weight decay.
+Megatron-Core's OptimizerParamScheduler computes each group's lr from that group's own max_lr / min_lr,
+so the width scale is applied by scaling both.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_ext.model.crystal_config import CrystalConfig
+
+
+def is_hidden_matrix(param: torch.nn.Parameter, name: str) -> bool:
+    return param.dim() == 2 and "word_embeddings" not in name and "output_layer" not in name
+
+
+def is_bias_or_norm(param: torch.nn.Parameter, name: str) -> bool:
+    return param.dim() == 1
+
+
+def mup_param_group_overrides(args: argparse.Namespace, crystal: CrystalConfig) -> dict:
+    scale = crystal.mup_width_scale
+    # max_lr / min_lr do the scaling. Megatron-Core 0.16.1's scheduler ignores lr_mult, but its
+    # checkpoint loader matches parameter groups by (wd_mult, lr_mult, ...): without lr_mult the hidden
+    # matrices' group is indistinguishable from the embeddings' and a resume would swap their lrs.
+    scaled_lr = {"max_lr": args.lr * scale, "min_lr": args.min_lr * scale, "lr_mult": scale}
+    no_decay = {"wd_mult": 0.0, **(scaled_lr if args.mup_scale_bias_lr else {})}
+    return {
+        ParamKey(with_name_predicate=ParamWithNamePredicate("mup_hidden_matrix", is_hidden_matrix)): scaled_lr,
+        ParamKey(with_name_predicate=ParamWithNamePredicate("bias_or_norm", is_bias_or_norm)): no_decay,
+    }
+
+
+def build_optimizer(args: argparse.Namespace, crystal: CrystalConfig, model_chunks: list):
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(
+        config, model_chunks, config_overrides=mup_param_group_overrides(args, crystal)
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.lr_decay_iters,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler

@@ -1,0 +1,58 @@
+"""Bad layouts and paths fail before any work, with one line naming the flag."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from distributed_run import REPO
+from megatron_ext.training.arguments import ArgumentError, build_parser, validate
+
+
+def _validate(argv, world_size=1):
+    args = build_parser().parse_args(argv)
+    return args, validate(args, world_size)
+
+
+@pytest.mark.parametrize("argv,world_size,message", [
+    (["--model", "crystal-7b", "--tensor-model-parallel-size", "4"], 4,
+     "--tensor-model-parallel-size 4 does not divide the FFN width 10922 (10922 = 2 x 43 x 127: TP must be 1 or 2)"),
+    (["--model", "crystal-tiny", "--tensor-model-parallel-size", "3"], 3,
+     "--tensor-model-parallel-size 3 does not divide the 4 attention heads"),
+    (["--model", "crystal-7b", "--pipeline-model-parallel-size", "3"], 3,
+     "--pipeline-model-parallel-size 3 does not divide the 32 layers"),
+    (["--tensor-model-parallel-size", "2"], 3, "world size 3 is not a multiple of TP x PP = 2 x 1"),
+    (["--global-batch-size", "6", "--micro-batch-size", "2"], 2,
+     "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"),
+    (["--load", "/nonexistent/ckpt"], 1, "--load /nonexistent/ckpt: no such directory"),
+    (["--model", "crystal-13b"], 1, "--model 'crystal-13b' is not a preset"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"], 2,
+     "--num-layers-per-virtual-pipeline-stage 3 does not divide the 2 layers of a pipeline stage"),
+    (["--data-path", "0.5", "/nonexistent/prefix"], 1, "--data-path: /nonexistent/prefix.bin does not exist"),
+], ids=["tp_ffn", "tp_heads", "pp_layers", "world", "batch", "load", "preset", "vp", "data"])
+def test_bad_layout_is_named(argv, world_size, message):
+    argv = argv if "--data-path" in argv else argv + ["--mock-data"]
+    with pytest.raises(ArgumentError) as err:
+        _validate(argv, world_size)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_good_layout_derives_sizes(tmp_path):
+    args, crystal = _validate(["--model", "crystal-7b", "--mock-data", "--tensor-model-parallel-size", "2",
+                               "--pipeline-model-parallel-size", "4", "--num-layers-per-virtual-pipeline-stage", "2",
+                               "--global-batch-size", "2112", "--micro-batch-size", "1", "--load", str(tmp_path)], 528)
+    assert (args.data_parallel_size, args.num_microbatches, args.virtual_pipeline_model_parallel_size) == (66, 32, 4)
+    assert crystal.num_layers == 32
+
+
+def test_cli_fails_fast_with_one_line():
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(REPO / "pretrain_crystal.py"), "--model", "crystal-7b", "--mock-data",
+                           "--tensor-model-parallel-size", "4"], capture_output=True, text=True, env={"WORLD_SIZE": "4", "PATH": ""},
+                          cwd=REPO, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("pretrain_crystal.py: error: --tensor-model-parallel-size 4")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert time.perf_counter() - start < 30  # no process group, no model: just imports and the check
