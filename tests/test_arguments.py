@@ -30,7 +30,8 @@ def _validate(argv, world_size=1):
     (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"], 2,
      "--num-layers-per-virtual-pipeline-stage 3 does not divide the 2 layers of a pipeline stage"),
     (["--data-path", "0.5", "/nonexistent/prefix"], 1, "--data-path: /nonexistent/prefix.bin does not exist"),
-], ids=["tp_ffn", "tp_heads", "pp_layers", "world", "batch", "load", "preset", "vp", "data"])
+    (["--bf16"], 1, "--bf16 needs a GPU"),
+], ids=["tp_ffn", "tp_heads", "pp_layers", "world", "batch", "load", "preset", "vp", "data", "bf16_on_cpu"])
 def test_bad_layout_is_named(argv, world_size, message):
     argv = argv if "--data-path" in argv else argv + ["--mock-data"]
     with pytest.raises(ArgumentError) as err:

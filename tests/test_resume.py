@@ -40,3 +40,10 @@ def test_resume_continues_identically(straight, resume_nproc, resume_layout, exa
         else:
             assert math.isclose(got["lm_loss"], ref["lm_loss"], rel_tol=1e-5), (ref, got)
             assert math.isclose(got["grad_norm"], ref["grad_norm"], rel_tol=1e-5), (ref, got)
+
+
+def test_resume_with_other_optimizer_kind_is_refused(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    torchrun(1, TINY_RUN + ["--train-iters", "2", "--use-distributed-optimizer", "--save", str(ckpt)])
+    with pytest.raises(AssertionError, match="was saved with --use-distributed-optimizer; resume the same way"):
+        torchrun(1, TINY_RUN + ["--train-iters", "4", "--load", str(ckpt)])

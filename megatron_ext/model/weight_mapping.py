@@ -53,26 +53,16 @@ def _local_shard(full: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
     return full.chunk(tp, dim=param.partition_dim)[rank]
 
 
-def _full_megatron_tensor(name: str, ref: dict[str, torch.Tensor], cfg: CrystalConfig, padded_vocab: int):
-    if name in _TOP_NAMES:
-        full = ref[_TOP_NAMES[name]]
-        if name.endswith("word_embeddings.weight") or name == "output_layer.weight":
-            full = torch.nn.functional.pad(full, (0, 0, 0, padded_vocab - full.shape[0]))
-        return full
-    raise KeyError(name)
-
-
 def load_reference_weights(
     chunks: list[torch.nn.Module], ref: dict[str, torch.Tensor], cfg: CrystalConfig, padded_vocab: int
 ) -> None:
-    """Copy a reference state dict into this rank's Megatron model chunks (any TP / PP / VP)."""
+    """Copy a reference state dict into this rank's (unwrapped) Megatron model chunks, any TP / PP / VP."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
     with torch.no_grad():
         for chunk in chunks:
             layers = chunk.decoder.layers
             for name, param in chunk.named_parameters():
-                name = name.removeprefix("module.")
                 if name.startswith("decoder.layers."):
                     local_idx, suffix = name.removeprefix("decoder.layers.").split(".", 1)
                     block = f"h.{layers[int(local_idx)].layer_number - 1}."
@@ -86,5 +76,7 @@ def load_reference_weights(
                     if suffix.startswith("self_attention.linear_qkv"):
                         full = qkv_to_megatron(full, cfg)
                 else:
-                    full = _full_megatron_tensor(name, ref, cfg, padded_vocab)
+                    full = ref[_TOP_NAMES[name]]
+                    if _TOP_NAMES[name] == "wte.weight":
+                        full = torch.nn.functional.pad(full, (0, 0, 0, padded_vocab - full.shape[0]))
                 param.copy_(_local_shard(full, param))

@@ -158,9 +158,10 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
     if args.save_interval is not None:
         _require(args.save, "--save-interval needs --save")
         _require(args.save_interval >= 1, "--save-interval must be >= 1")
-    if args.distributed_backend is None:
-        import torch
+    import torch
 
+    _require(not args.bf16 or torch.cuda.is_available(), "--bf16 needs a GPU; CPU runs train in fp32")
+    if args.distributed_backend is None:
         args.distributed_backend = "nccl" if torch.cuda.is_available() else "gloo"
     return crystal
 

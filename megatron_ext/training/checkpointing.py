@@ -85,6 +85,10 @@ def _sharded_state_dict(model_chunks: list, optimizer, is_loading: bool) -> dict
     return state
 
 
+def _is_distributed(optimizer) -> bool:
+    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def save_checkpoint(root: str, iteration: int, consumed_samples: int, model_chunks, optimizer, scheduler,
                     crystal: CrystalConfig) -> str:
     path = iteration_dir(root, iteration)
@@ -97,6 +101,7 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model_chun
         consumed_samples=consumed_samples,
         opt_param_scheduler=scheduler.state_dict(),
         model_config=dataclasses.asdict(crystal),
+        use_distributed_optimizer=_is_distributed(optimizer),
     )
     dist_checkpointing.save(state, path, sharded_strategy=("torch_dist", 1))
     torch.distributed.barrier()
@@ -157,6 +162,10 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, crystal: Crys
         diff = {f.name: (getattr(saved, f.name), getattr(crystal, f.name))
                 for f in dataclasses.fields(CrystalConfig) if getattr(saved, f.name) != getattr(crystal, f.name)}
         raise CheckpointError(f"{path} holds a different model: (saved, requested) = {diff}")
+    if not weights_only and common["use_distributed_optimizer"] != _is_distributed(optimizer):
+        raise CheckpointError(
+            f"{path} was saved {'with' if common['use_distributed_optimizer'] else 'without'} "
+            "--use-distributed-optimizer; resume the same way, or pass --finetune to take the weights only")
     if weights_only:
         sharded = _model_sharded_state_dict(model_chunks)
     else:

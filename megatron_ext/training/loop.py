@@ -160,6 +160,9 @@ def pretrain(args: argparse.Namespace, crystal: CrystalConfig) -> int:
     device = distributed.initialize(args)
     try:
         return _train(args, crystal, device)
+    except checkpointing.CheckpointError as e:
+        distributed.print_rank_0(f"pretrain_crystal.py: error: {e}")
+        return 2
     finally:
         distributed.shutdown()
 
