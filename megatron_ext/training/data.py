@@ -81,7 +81,7 @@ class MicroBatchSampler(torch.utils.data.Sampler):
 
 
 def micro_batches(dataset, consumed_samples: int, args: argparse.Namespace) -> Iterator[dict]:
-    """An endless-enough iterator of this rank's micro-batches (None when there is no dataset)."""
+    """This rank's micro-batches from sample `consumed_samples` on (empty without a dataset)."""
     if dataset is None or len(dataset) == 0:
         return iter(())
     sampler = MicroBatchSampler(
