@@ -29,10 +29,15 @@ class CheckpointError(RuntimeError):
     pass
 
 
+_upstream_set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+
+
 def _set_main_param_and_optimizer_states(self, model_param, tensors):
     """Megatron-Core 0.16.1 fix: its 'fully_reshardable' loader copies every per-parameter state key,
     but torch's Adam keeps a per-parameter 'step' that the format does not store (load_state_dict has
     already restored it from the param groups). Copy only the keys the checkpoint has."""
+    if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        return _upstream_set_states(self, model_param, tensors)
     group_index, group_order = self.model_param_group_index_map[model_param]
     main_param = self.optimizer.param_groups[group_index]["params"][group_order]
     destination = {"param": main_param, **self.optimizer.state[main_param]}
@@ -40,16 +45,12 @@ def _set_main_param_and_optimizer_states(self, model_param, tensors):
         destination[key].copy_(tensor)
 
 
-_upstream_set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
 
 
-def _patched_set_states(self, model_param, tensors):
-    if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-        return _upstream_set_states(self, model_param, tensors)
-    return _set_main_param_and_optimizer_states(self, model_param, tensors)
-
-
-DistributedOptimizer._set_main_param_and_optimizer_states = _patched_set_states
+def _inner_optimizers(optimizer) -> list:
+    """The Megatron optimizers inside a ChainedOptimizer (or the optimizer itself)."""
+    return getattr(optimizer, "chained_optimizers", [optimizer])
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -86,7 +87,7 @@ def _sharded_state_dict(model_chunks: list, optimizer, is_loading: bool) -> dict
 
 
 def _is_distributed(optimizer) -> bool:
-    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+    return any(isinstance(o, DistributedOptimizer) for o in _inner_optimizers(optimizer))
 
 
 def save_checkpoint(root: str, iteration: int, consumed_samples: int, model_chunks, optimizer, scheduler,
@@ -121,7 +122,7 @@ def _materialize_optimizer_state(optimizer) -> None:
     apex nor Transformer Engine is installed, and torch creates it only on a first step. A step at lr 0
     with zero gradients creates it and leaves the parameters as they are; the load overwrites it all.
     """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in _inner_optimizers(optimizer):
         inner = opt.optimizer
         if inner.state:
             continue
@@ -140,7 +141,7 @@ def _unshare_adam_steps(optimizer) -> None:
     """Megatron-Core 0.16.1 fix: without apex/TE its DistributedOptimizer.load_state_dict gives every
     parameter's state one shared 'step' tensor, which torch's Adam then increments in place once per
     parameter, corrupting the bias correction from the first step after a resume."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in _inner_optimizers(optimizer):
         for state in opt.optimizer.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
