@@ -6,16 +6,28 @@ STAMP   := $(VENV)/.installed
 # where there is no GPU. On a GPU machine, install the torch you want first and run `make setup TORCH=`.
 TORCH   ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
+# The embedded demo corpus, built at set-up from this machine's Python sources and documentation.
+CORPUS  := data/demo
 
 .PHONY: setup demo test clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(CORPUS)/.built
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
+
+$(CORPUS)/.built: tools/build_demo_corpus.py tools/train_tokenizer.py tools/preprocess_data.py | $(STAMP)
+	$(PY) tools/build_demo_corpus.py --output-dir $(CORPUS)/raw
+	$(PY) tools/train_tokenizer.py --input $(CORPUS)/raw/text.jsonl $(CORPUS)/raw/code.jsonl \
+		--vocab-size 8000 --output-prefix $(CORPUS)/crystal_demo
+	for source in text code; do \
+		$(PY) tools/preprocess_data.py --input $(CORPUS)/raw/$$source.jsonl --output-prefix $(CORPUS)/$$source \
+			--tokenizer-model $(CORPUS)/crystal_demo.model --append-eod --workers 2 || exit 1; \
+	done
+	touch $@
 
 demo: setup
 	bash examples/demo.sh $(DEMO_DIR)
@@ -24,4 +36,4 @@ test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs $(CORPUS)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: train crystal-tiny on this machine's CPU through the same path as the 7B (torchrun,
 # Megatron-Core schedules, DDP, distributed optimizer, dist checkpointing, TensorBoard).
-# Data: Megatron-Core's mock dataset until the embedded corpus (corpus-tools issue) lands.
+# Data: the embedded corpus that `make setup` builds (data/demo: Python's standard library as code, its
+# reference manual, docstrings and licence texts as natural language), 60% text / 40% code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${1:-runs/demo}
@@ -11,8 +12,10 @@ rm -rf "$RUN_DIR" && mkdir -p "$RUN_DIR"
 
 OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc-per-node "$NPROC" --master-port "${MASTER_PORT:-29400}" \
   pretrain_crystal.py \
-  --model crystal-tiny --vocab-size 4096 --seq-length 128 \
-  --mock-data --num-workers 1 \
+  --model crystal-tiny --seq-length 256 \
+  --tokenizer-model data/demo/crystal_demo.model \
+  --data-path 0.6 data/demo/text_text_document 0.4 data/demo/code_text_document --split 98,2,0 \
+  --data-cache-path "$RUN_DIR/index-cache" --num-workers 1 \
   --micro-batch-size 4 --global-batch-size 8 \
   --use-distributed-optimizer \
   --train-iters "$TRAIN_ITERS" --lr 1e-2 --min-lr 1e-3 --lr-warmup-iters 20 --lr-decay-style cosine \

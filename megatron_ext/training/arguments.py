@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", help="Megatron blend: [w1] prefix1 [w2 prefix2 ...]")
     g.add_argument("--mock-data", action="store_true", help="Megatron-Core's MockGPTDataset instead of --data-path")
+    g.add_argument("--tokenizer-type", default="CrystalTokenizer", choices=["CrystalTokenizer", "HuggingFaceTokenizer"])
+    g.add_argument("--tokenizer-model", help="SentencePiece .model (or tokenizers .json); sets the vocabulary size")
     g.add_argument("--split", default="969,30,1", help="train,valid,test split of --data-path documents")
     g.add_argument("--data-cache-path", help="where Megatron-Core caches the dataset indices")
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
@@ -106,7 +108,11 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
     """Check the layout against the model and world size; fill derived values. Returns the model config."""
     try:
         crystal = model_config(args)
-    except ValueError as e:
+        if args.tokenizer_model and args.vocab_size is None:
+            from megatron_ext.tokenizer import build_tokenizer
+
+            crystal = crystal.replace(vocab_size=build_tokenizer(args.tokenizer_type, args.tokenizer_model).vocab_size)
+    except ValueError as e:  # includes TokenizerError
         raise ArgumentError(str(e)) from None
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     _require(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")

@@ -19,6 +19,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_ext.model.crystal_config import CrystalConfig
+from megatron_ext.tokenizer import build_tokenizer
 from megatron_ext.training.arguments import parse_blend
 
 # Crystal's (LLaMA's) end-of-document id.
@@ -27,7 +28,8 @@ EOD_ID = 2
 
 @dataclass(frozen=True)
 class DatasetTokenizerInfo:
-    """What GPTDataset needs to know of the tokenizer: vocabulary size and the end-of-document id."""
+    """What GPTDataset needs to know of the tokenizer (vocabulary size, end-of-document id) when no
+    --tokenizer-model is given (mock data, or a corpus tokenised with Crystal's ids)."""
 
     vocab_size: int
     eod: int = EOD_ID
@@ -49,7 +51,8 @@ def build_datasets(args: argparse.Namespace, crystal: CrystalConfig):
         blend=parse_blend(args.data_path) if args.data_path else None,
         split=args.split,
         path_to_cache=args.data_cache_path,
-        tokenizer=DatasetTokenizerInfo(vocab_size=crystal.vocab_size),
+        tokenizer=(build_tokenizer(args.tokenizer_type, args.tokenizer_model) if args.tokenizer_model
+                   else DatasetTokenizerInfo(vocab_size=crystal.vocab_size)),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,

@@ -1,0 +1,1 @@
+"""Corpus preprocessing: input readers, record checks, sentence splitting, atomic indexed outputs."""

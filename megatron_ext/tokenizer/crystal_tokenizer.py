@@ -1,0 +1,120 @@
+"""Crystal's tokenizer: a LLaMA-style SentencePiece model plus 18 StarCoder-style special tokens.
+
+The specials follow the SentencePiece vocabulary in the released order (ids 32000..32017 on LLaMA's
+32000 pieces) and the vocabulary is padded to a multiple of 32 (32032). They live outside the
+SentencePiece model, so plain encoding of user text never produces them: "<|fim_prefix|>" typed in a
+document is ordinary text. BOS, EOS (the end-of-document id) and UNK are the model's own (1, 2, 0).
+"""
+
+from __future__ import annotations
+
+import os
+
+CRYSTAL_SPECIAL_TOKENS = (
+    "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|filename|>", "<|gh_stars|>",
+    "<|issue_start|>", "<|issue_comment|>", "<|issue_closed|>", "<|jupyter_start|>", "<|jupyter_text|>",
+    "<|jupyter_code|>", "<|jupyter_output|>", "<|empty_output|>", "<|commit_before|>", "<|commit_msg|>",
+    "<|commit_after|>", "<|reponame|>",
+)
+VOCAB_PAD_MULTIPLE = 32
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be loaded; the message names the file."""
+
+
+class CrystalTokenizer:
+    def __init__(self, model_path: str):
+        import sentencepiece
+
+        if not os.path.isfile(model_path):
+            raise TokenizerError(f"--tokenizer-model {model_path}: no such file")
+        self.model_path = model_path
+        self.sp = sentencepiece.SentencePieceProcessor()
+        try:
+            self.sp.Load(model_path)
+        except (OSError, RuntimeError) as e:
+            raise TokenizerError(f"--tokenizer-model {model_path}: not a SentencePiece model ({e})") from None
+        self.base_vocab_size = self.sp.GetPieceSize()
+        self.special_tokens = {tok: self.base_vocab_size + i for i, tok in enumerate(CRYSTAL_SPECIAL_TOKENS)}
+        self._id_to_special = {i: tok for tok, i in self.special_tokens.items()}
+        unpadded = self.base_vocab_size + len(CRYSTAL_SPECIAL_TOKENS)
+        self.vocab_size = -(-unpadded // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+        self.bos, self.eod, self.unk = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        if self.eod < 0:
+            raise TokenizerError(f"--tokenizer-model {model_path}: the model has no EOS piece to end documents")
+
+    @property
+    def unique_identifiers(self) -> dict:
+        """Part of the hash naming Megatron-Core's cached dataset indices."""
+        return {"class": type(self).__name__, "model": os.path.abspath(self.model_path), "vocab_size": self.vocab_size}
+
+    def special_token_id(self, token: str) -> int:
+        return self.special_tokens[token]
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.EncodeAsIds(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.EncodeAsIds(texts)
+
+    def decode(self, ids) -> str:
+        """Pieces decode as SentencePiece does; special ids render as their strings; padding ids vanish."""
+        out, run = [], []
+        for i in ids:
+            i = int(i)
+            if i < self.base_vocab_size:
+                run.append(i)
+                continue
+            if run:
+                out.append(self.sp.DecodeIds(run))
+                run = []
+            out.append(self._id_to_special.get(i, ""))
+        if run:
+            out.append(self.sp.DecodeIds(run))
+        return "".join(out)
+
+
+class HuggingFaceTokenizer:
+    """A Hugging Face `tokenizers` JSON file, for users who bring their own vocabulary."""
+
+    EOD_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
+
+    def __init__(self, json_path: str):
+        import tokenizers
+
+        if not os.path.isfile(json_path):
+            raise TokenizerError(f"--tokenizer-model {json_path}: no such file")
+        self.model_path = json_path
+        try:
+            self.tokenizer = tokenizers.Tokenizer.from_file(json_path)
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise TokenizerError(f"--tokenizer-model {json_path}: not a tokenizers JSON file ({e})") from None
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        eod = next((vocab[t] for t in self.EOD_CANDIDATES if t in vocab), None)
+        if eod is None:
+            raise TokenizerError(f"--tokenizer-model {json_path}: no end-of-document token among {self.EOD_CANDIDATES}")
+        self.eod = eod
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def unique_identifiers(self) -> dict:
+        return {"class": type(self).__name__, "model": os.path.abspath(self.model_path), "vocab_size": self.vocab_size}
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+TOKENIZER_TYPES = {"CrystalTokenizer": CrystalTokenizer, "HuggingFaceTokenizer": HuggingFaceTokenizer}
+
+
+def build_tokenizer(tokenizer_type: str, tokenizer_model: str):
+    if tokenizer_type not in TOKENIZER_TYPES:
+        raise TokenizerError(f"--tokenizer-type {tokenizer_type!r}: choose one of {sorted(TOKENIZER_TYPES)}")
+    return TOKENIZER_TYPES[tokenizer_type](tokenizer_model)
