@@ -229,3 +229,24 @@ def test_merge_concatenates_in_order(tmp_path, tok, tokenizer_model):
     assert [ds[k].tolist() for k in range(len(ds))] == [
         tok.encode(f"shard {i} doc {j}.") + [tok.eod] for i in range(3) for j in range(5)]
     assert len(ds.document_indices) == 16
+
+
+def test_huggingface_tokenizer_json_and_several_keys(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel()
+    hf.train_from_iterator(DOCS * 20, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "</s>"]))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    path = tmp_path / "two_keys.jsonl"
+    rows = [{"text": DOCS[i], "code": DOCS[(i + 1) % 5]} for i in range(5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_tool("preprocess_data.py", "--input", path, "--tokenizer-type", "HuggingFaceTokenizer",
+                    "--tokenizer-model", tmp_path / "tokenizer.json", "--json-keys", "text", "code",
+                    "--output-prefix", tmp_path / "hf", "--append-eod")
+    assert proc.returncode == 0, proc.stderr
+    eod = hf.token_to_id("</s>")
+    for key in ("text", "code"):
+        ds = indexed(tmp_path / f"hf_{key}_document")
+        assert [ds[i].tolist() for i in range(len(ds))] == [
+            hf.encode(r[key], add_special_tokens=False).ids + [eod] for r in rows]

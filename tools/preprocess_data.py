@@ -68,28 +68,32 @@ def _init_worker(args: argparse.Namespace) -> None:
 
 def _encode_chunk(records: list[tuple[int, bytes | dict]]) -> ChunkResult:
     args, tok = _worker["args"], _worker["tokenizer"]
-    documents = {key: [] for key in args.json_keys}
-    skipped, input_bytes, n_tokens = [], 0, 0
+    parsed, skipped, input_bytes = [], [], 0
     for line_no, payload in records:
         input_bytes += len(payload) if isinstance(payload, bytes) else 0
         try:
-            texts = corpus_reader.parse_record(payload, args.json_keys)
+            parsed.append(corpus_reader.parse_record(payload, args.json_keys))
         except BadRecord as bad:
             if args.on_error == "fail":
                 raise PreprocessError(f"line {line_no}: {bad.reason} ({bad.detail})") from None
             skipped.append((bad.reason, line_no, bad.detail))
-            continue
-        for key, text in texts.items():
-            if args.split_sentences:
-                from megatron_ext.preprocessing.sentence_splitter import split_sentences
+    documents, n_tokens = {}, 0
+    for key in args.json_keys:
+        # Each document is a list of pieces (sentences, or the whole text), encoded in one batch call.
+        if args.split_sentences:
+            from megatron_ext.preprocessing.sentence_splitter import split_sentences
 
-                pieces = tok.encode_batch(split_sentences(_worker["splitter"], text, args.keep_newlines))
-            else:
-                pieces = [tok.encode(text)]
+            pieces = [split_sentences(_worker["splitter"], texts[key], args.keep_newlines) for texts in parsed]
+        else:
+            pieces = [[texts[key]] for texts in parsed]
+        flat = iter(tok.encode_batch([p for doc in pieces for p in doc]))
+        documents[key] = []
+        for doc in pieces:
+            ids = [next(flat) for _ in doc]
             if args.append_eod:
-                pieces[-1] = pieces[-1] + [tok.eod]
-            tokens = [t for piece in pieces for t in piece]
-            documents[key].append((tokens, [len(piece) for piece in pieces]))
+                ids[-1] = ids[-1] + [tok.eod]
+            tokens = [t for piece in ids for t in piece]
+            documents[key].append((tokens, [len(piece) for piece in ids]))
             n_tokens += len(tokens)
     return ChunkResult(documents, skipped, input_bytes, n_tokens)
 

@@ -56,7 +56,9 @@ class CrystalTokenizer:
         return self.sp.EncodeAsIds(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.EncodeAsIds(texts)
+        # One thread: preprocess_data parallelises with processes, and SentencePiece's default (every
+        # hardware thread per call) would oversubscribe the cores once per worker.
+        return self.sp.Encode(texts, out_type=int, num_threads=1)
 
     def decode(self, ids) -> str:
         """Pieces decode as SentencePiece does; special ids render as their strings; padding ids vanish."""
