@@ -64,7 +64,7 @@ def _compare_with_reference(sequence_parallel: bool):
     tp = parallel_state.get_tensor_model_parallel_world_size()
     config = transformer_config(c, ParallelLayout(tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel),
                                 use_cpu_initialization=True)
-    padded = padded_vocab_size(c.vocab_size, 32, tp)
+    padded = padded_vocab_size(c.vocab_size, 128)
     (model,) = build_model(c, config, padded)
     load_reference_weights([model], reference.state_dict(), c, padded)
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region

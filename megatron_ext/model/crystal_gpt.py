@@ -81,11 +81,25 @@ def transformer_config(
 
 
 class CrystalGPTModel(GPTModel):
-    """GPTModel plus muP's embedding multiplier (applied after the lookup, before the first block)."""
+    """GPTModel plus muP's embedding multiplier (applied after the lookup, before the first block), and a
+    loss that ignores the vocabulary's padding rows."""
 
-    def __init__(self, *args, embedding_multiplier: float, **kwargs):
+    def __init__(self, *args, embedding_multiplier: float, unpadded_vocab_size: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.embedding_multiplier = embedding_multiplier
+        self.unpadded_vocab_size = unpadded_vocab_size
+
+    def compute_language_model_loss(self, labels, logits):
+        """Megatron-Core's cross entropy runs over the padded vocabulary, so the padding rows' logits enter
+        the softmax: the trained model would then depend on rows that the released model (32032 rows)
+        does not have. Masking them makes the training loss that of the released model, and leaves the
+        padding rows without gradient."""
+        per_rank = logits.shape[-1]
+        first = parallel_state.get_tensor_model_parallel_rank() * per_rank
+        if first + per_rank > self.unpadded_vocab_size:
+            vocab_ids = torch.arange(first, first + per_rank, device=logits.device)
+            logits = logits.masked_fill(vocab_ids >= self.unpadded_vocab_size, float("-inf"))
+        return super().compute_language_model_loss(labels, logits)
 
     def _preprocess(self, input_ids, position_ids, decoder_input=None, **kwargs):
         from_lookup = decoder_input is None and self.pre_process
@@ -116,6 +130,7 @@ def build_model_chunk(
         rotary_base=crystal.rotary_base,
         vp_stage=vp_stage,
         embedding_multiplier=crystal.mup_embeddings_scale,
+        unpadded_vocab_size=crystal.vocab_size,
     )
 
 
@@ -139,7 +154,12 @@ def build_model(
     return chunks
 
 
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
-    """Megatron's rule: pad to a multiple of divisible_by x TP so that vocab-parallel shards are even."""
-    multiple = divisible_by * tensor_parallel_size
-    return -(-vocab_size // multiple) * multiple
+def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
+    """Pad to a multiple of divisible_by, whatever the TP size.
+
+    Megatron-LM pads to divisible_by x TP, which gives the embedding a different shape at each TP size
+    (32032 rows at TP 1, 32064 at TP 2): a checkpoint would then not load at another TP, and the extra
+    rows would change the softmax. One padded size for every layout keeps resharding exact; the
+    argument check requires TP to divide it.
+    """
+    return -(-vocab_size // divisible_by) * divisible_by

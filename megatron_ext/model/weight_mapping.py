@@ -45,6 +45,13 @@ def qkv_to_megatron(tensor: torch.Tensor, cfg: CrystalConfig) -> torch.Tensor:
     return torch.stack(parts, dim=1).reshape(tensor.shape)
 
 
+def qkv_from_megatron(tensor: torch.Tensor, cfg: CrystalConfig) -> torch.Tensor:
+    """Per-head [q_h; k_h; v_h] -> [q; k; v] (rows), the inverse of qkv_to_megatron."""
+    heads, head_dim = cfg.num_attention_heads, cfg.head_dim
+    per_head = tensor.reshape(heads, 3, head_dim, *tensor.shape[1:])
+    return per_head.transpose(0, 1).reshape(tensor.shape)
+
+
 def _local_shard(full: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
     if not getattr(param, "tensor_model_parallel", False):
         return full

@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ffn-hidden-size", type=int, help="override the preset")
     g.add_argument("--seq-length", type=int, help="override the preset's sequence length")
     g.add_argument("--vocab-size", type=int, help="override the preset (before padding)")
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=32,
-                   help="pad the vocabulary to a multiple of this x TP (32 keeps Crystal's 32032 at TP 1 and 2)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this, the same at every TP size (32032 -> 32128)")
     g.add_argument("--mup-scale-bias-lr", action="store_true",
                    help="also scale the lr of biases and norms by the muP width scale (LLM360's Megatron port did)")
 
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", help="checkpoint directory")
     g.add_argument("--load", help="checkpoint directory to resume from (an empty directory starts fresh)")
+    g.add_argument("--ckpt-step", type=int, help="with --load: resume from this iteration's checkpoint (default: the latest)")
     g.add_argument("--finetune", action="store_true",
                    help="with --load: take the model weights only; optimizer, scheduler and iteration start afresh")
     g.add_argument("--save-interval", type=int, help="default: only at the end when --save is given")
@@ -125,6 +126,9 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
              f"--pipeline-model-parallel-size {pp} does not divide the {crystal.num_layers} layers")
     _require(world_size % (tp * pp) == 0,
              f"world size {world_size} is not a multiple of TP x PP = {tp} x {pp}")
+    _require(args.make_vocab_size_divisible_by >= 1 and args.make_vocab_size_divisible_by % tp == 0,
+             f"--tensor-model-parallel-size {tp} does not divide --make-vocab-size-divisible-by "
+             f"{args.make_vocab_size_divisible_by}, so the padded vocabulary would not split evenly")
     dp = world_size // (tp * pp)
     args.data_parallel_size = dp
 
@@ -161,6 +165,10 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
         validate_blend(args.data_path)
     if args.load is not None:
         _require(os.path.isdir(args.load), f"--load {args.load}: no such directory")
+    if args.ckpt_step is not None:
+        _require(args.load is not None, "--ckpt-step needs --load")
+        _require(os.path.isdir(os.path.join(args.load, f"iter_{args.ckpt_step:07d}")),
+                 f"--ckpt-step {args.ckpt_step}: {args.load} has no iter_{args.ckpt_step:07d}")
     if args.save_interval is not None:
         _require(args.save, "--save-interval needs --save")
         _require(args.save_interval >= 1, "--save-interval must be >= 1")

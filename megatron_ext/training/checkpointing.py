@@ -90,19 +90,29 @@ def _is_distributed(optimizer) -> bool:
     return any(isinstance(o, DistributedOptimizer) for o in _inner_optimizers(optimizer))
 
 
-def save_checkpoint(root: str, iteration: int, consumed_samples: int, model_chunks, optimizer, scheduler,
-                    crystal: CrystalConfig) -> str:
+def save_checkpoint(root: str, iteration: int, model_chunks, crystal: CrystalConfig, padded_vocab: int,
+                    optimizer=None, scheduler=None, consumed_samples: int = 0, tokenizer: dict | None = None) -> str:
+    """Write DIR/iter_N and then the tracker. Without an optimizer (an imported release) only the weights
+    are stored, and a run that loads them starts at iteration 0 with a fresh optimizer.
+
+    tokenizer: {"type", "model"} as trained with, so that the release tools can find it.
+    """
     path = iteration_dir(root, iteration)
     if torch.distributed.get_rank() == 0:
         os.makedirs(path, exist_ok=True)
     torch.distributed.barrier()
-    state = _sharded_state_dict(model_chunks, optimizer, is_loading=False)
+    if optimizer is None:
+        state = _model_sharded_state_dict(model_chunks)
+    else:
+        state = _sharded_state_dict(model_chunks, optimizer, is_loading=False)
+        state.update(opt_param_scheduler=scheduler.state_dict(), use_distributed_optimizer=_is_distributed(optimizer))
     state.update(
         iteration=iteration,
         consumed_samples=consumed_samples,
-        opt_param_scheduler=scheduler.state_dict(),
         model_config=dataclasses.asdict(crystal),
-        use_distributed_optimizer=_is_distributed(optimizer),
+        padded_vocab_size=padded_vocab,
+        tokenizer=tokenizer,
+        has_optimizer=optimizer is not None,
     )
     dist_checkpointing.save(state, path, sharded_strategy=("torch_dist", 1))
     torch.distributed.barrier()
@@ -147,37 +157,76 @@ def _unshare_adam_steps(optimizer) -> None:
                 state["step"] = state["step"].clone()
 
 
-def load_checkpoint(root: str, model_chunks, optimizer, scheduler, crystal: CrystalConfig,
-                    weights_only: bool = False) -> tuple[int, int]:
-    """Resume from the latest checkpoint under root. Returns (iteration, consumed samples); (0, 0) if none.
+def checkpoint_path(root: str, step: int | None = None) -> str | None:
+    """DIR/iter_N for --ckpt-step N, else the tracker's iteration; None when root has no checkpoint yet."""
+    if step is None:
+        step = latest_iteration(root)
+        if step is None:
+            return None
+    path = iteration_dir(root, step)
+    if not os.path.isdir(path):
+        saved = sorted(d for d in os.listdir(root) if d.startswith("iter_"))
+        raise CheckpointError(f"{root} has no checkpoint of iteration {step} (found: {', '.join(saved) or 'none'})")
+    return path
 
-    weights_only (--finetune): load the model weights alone and start at iteration 0.
-    """
-    iteration = latest_iteration(root)
-    if iteration is None:
-        return 0, 0
-    path = iteration_dir(root, iteration)
-    common = dist_checkpointing.load_common_state_dict(path)
+
+def read_common_state(path: str) -> dict:
+    """The non-tensor part of a checkpoint (iteration, model config, ...), with a one-line error if absent."""
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise CheckpointError(f"{path} is not a dist checkpoint (no metadata.json)")
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: cannot read common.pt ({e})") from None
+    if "model_config" not in common:
+        raise CheckpointError(f"{path} was not written by pretrain_crystal.py (no model_config)")
+    return common
+
+
+def check_model_matches(path: str, common: dict, crystal: CrystalConfig, padded_vocab: int) -> None:
     saved = CrystalConfig(**common["model_config"])
     if saved != crystal:
         diff = {f.name: (getattr(saved, f.name), getattr(crystal, f.name))
                 for f in dataclasses.fields(CrystalConfig) if getattr(saved, f.name) != getattr(crystal, f.name)}
         raise CheckpointError(f"{path} holds a different model: (saved, requested) = {diff}")
+    saved_padded = common.get("padded_vocab_size", padded_vocab)
+    if saved_padded != padded_vocab:
+        raise CheckpointError(f"{path} has a vocabulary padded to {saved_padded} rows, this run pads to {padded_vocab}: "
+                              "set --make-vocab-size-divisible-by as when it was saved")
+
+
+def load_model_weights(path: str, model_chunks) -> None:
+    """The model weights of the checkpoint at path into these chunks (any TP / PP / VP)."""
+    state = dist_checkpointing.load(_model_sharded_state_dict(model_chunks), path)
+    for key, chunk in zip(_model_keys(model_chunks), model_chunks):
+        _unwrap(chunk).load_state_dict(state[key])
+
+
+def load_checkpoint(root: str, model_chunks, optimizer, scheduler, crystal: CrystalConfig, padded_vocab: int,
+                    step: int | None = None, weights_only: bool = False) -> tuple[int, int]:
+    """Resume from the checkpoint of iteration step (default: the latest) under root.
+
+    Returns (iteration, consumed samples); (0, 0) when root has no checkpoint yet or when only weights are
+    taken: with weights_only (--finetune), or from a checkpoint that has no optimizer state.
+    """
+    path = checkpoint_path(root, step)
+    if path is None:
+        return 0, 0
+    common = read_common_state(path)
+    check_model_matches(path, common, crystal, padded_vocab)
+    weights_only = weights_only or not common.get("has_optimizer", True)
     if not weights_only and common["use_distributed_optimizer"] != _is_distributed(optimizer):
         raise CheckpointError(
             f"{path} was saved {'with' if common['use_distributed_optimizer'] else 'without'} "
             "--use-distributed-optimizer; resume the same way, or pass --finetune to take the weights only")
     if weights_only:
-        sharded = _model_sharded_state_dict(model_chunks)
-    else:
-        _materialize_optimizer_state(optimizer)
-        sharded = _sharded_state_dict(model_chunks, optimizer, is_loading=True)
-    state = dist_checkpointing.load(sharded, path)
-    for key, chunk in zip(_model_keys(model_chunks), model_chunks):
-        _unwrap(chunk).load_state_dict(state[key])
-    if weights_only:
+        load_model_weights(path, model_chunks)
         optimizer.reload_model_params()
         return 0, 0
+    _materialize_optimizer_state(optimizer)
+    state = dist_checkpointing.load(_sharded_state_dict(model_chunks, optimizer, is_loading=True), path)
+    for key, chunk in zip(_model_keys(model_chunks), model_chunks):
+        _unwrap(chunk).load_state_dict(state[key])
     optimizer.load_state_dict(state["optimizer"])
     _unshare_adam_steps(optimizer)
     scheduler.load_state_dict(state["opt_param_scheduler"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from functools import partial
 
 import torch
@@ -62,9 +63,7 @@ class Trainer:
         self.config = transformer_config(
             crystal, layout, bf16=args.bf16, use_cpu_initialization=device.type == "cpu"
         )
-        self.padded_vocab = padded_vocab_size(
-            crystal.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
-        )
+        self.padded_vocab = padded_vocab_size(crystal.vocab_size, args.make_vocab_size_divisible_by)
         chunks = [c.to(device) for c in build_model(crystal, self.config, self.padded_vocab)]
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer
@@ -129,21 +128,26 @@ class Trainer:
         return next(g["lr"] for g in self.optimizer.param_groups if g.get("default_config", True))
 
     def save(self) -> None:
+        tokenizer = None
+        if self.args.tokenizer_model:
+            tokenizer = {"type": self.args.tokenizer_type, "model": os.path.abspath(self.args.tokenizer_model)}
         path = checkpointing.save_checkpoint(
-            self.args.save, self.iteration, self.consumed_samples, self.model, self.optimizer,
-            self.scheduler, self.crystal,
+            self.args.save, self.iteration, self.model, self.crystal, self.padded_vocab, self.optimizer,
+            self.scheduler, self.consumed_samples, tokenizer,
         )
         distributed.print_rank_0(f"saved checkpoint {path}")
 
     def load(self) -> None:
         self.iteration, self.consumed_samples = checkpointing.load_checkpoint(
-            self.args.load, self.model, self.optimizer, self.scheduler, self.crystal,
-            weights_only=self.args.finetune,
+            self.args.load, self.model, self.optimizer, self.scheduler, self.crystal, self.padded_vocab,
+            step=self.args.ckpt_step, weights_only=self.args.finetune,
         )
         if self.iteration:
             distributed.print_rank_0(f"resumed from {self.args.load} at iteration {self.iteration}")
-        else:
+        elif checkpointing.checkpoint_path(self.args.load, self.args.ckpt_step) is None:
             distributed.print_rank_0(f"{self.args.load} holds no checkpoint: starting fresh")
+        else:
+            distributed.print_rank_0(f"took the weights of {self.args.load}: iteration 0, fresh optimizer and schedule")
 
 
 def _describe_path(args: argparse.Namespace) -> str:

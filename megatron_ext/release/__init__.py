@@ -1,0 +1,1 @@
+"""Hugging Face release: Megatron dist checkpoints <-> the LLM360 CrystalCoder format."""

@@ -1,0 +1,274 @@
+"""Hugging Face release: convert_to_hf.py / convert_from_hf.py against the Megatron model they come from."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from distributed_run import REPO, TINY_RUN, layout_flags, read_metrics, torchrun
+from process_group import run_in_process_group
+
+DEMO = REPO / "data" / "demo"
+TOKENIZER = DEMO / "crystal_demo.model"
+TOLERANCE = 1e-4
+
+
+def run_tool(script, *args, timeout=300, **kwargs):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, str(REPO / "tools" / script), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, **kwargs)
+
+
+def demo_run(tmp, extra):
+    """crystal-test on the embedded corpus with its tokenizer (vocab 8032, padded 8064)."""
+    assert TOKENIZER.is_file(), "the demo corpus is built by `make setup`"
+    flags = [a for a in TINY_RUN if a != "--mock-data"]
+    return flags + ["--data-path", str(DEMO / "text_text_document"), "--tokenizer-model", str(TOKENIZER),
+                    "--data-cache-path", str(tmp / "cache"), *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """3 steps at TP 2 x PP 2 with the distributed optimizer: weights that are no longer the init."""
+    tmp = tmp_path_factory.mktemp("trained")
+    torchrun(4, demo_run(tmp, layout_flags(tp=2, pp=2, dist_opt=True) + ["--train-iters", "3", "--save", str(tmp / "ckpt")]))
+    return tmp / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf") / "fp32"
+    proc = run_tool("convert_to_hf.py", "--load", trained, "--output", out, "--dtype", "fp32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def _reported_delta(stdout):
+    line = next(l for l in stdout.splitlines() if l.startswith("verify:"))
+    return float(line.split("max |delta logits| ")[1].split()[0]), line
+
+
+def test_export_layout_and_builtin_verify(exported):
+    out, stdout = exported
+    delta, line = _reported_delta(stdout)
+    assert delta < TOLERANCE and "greedy continuations identical" in line, line
+    files = set(os.listdir(out))
+    assert {"config.json", "generation_config.json", "configuration_crystalcoder.py", "modeling_crystalcoder.py",
+            "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model"} <= files
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    from safetensors.torch import load_file
+
+    tensors = load_file(out / "model-00001-of-00001.safetensors")
+    assert tensors["transformer.h.0.mlp.c_fc.weight"].shape == (64, 176)  # Conv1D: [in, out]
+    wte = tensors["transformer.wte.weight"]
+    assert wte.shape == (8032, 64) and wte.dtype == torch.float32  # Megatron's padding rows removed
+    assert index["metadata"]["total_size"] == sum(4 * t.numel() for t in tensors.values())
+    assert set(index["weight_map"]) == set(tensors)
+    assert not any(name.startswith("lm_head") for name in tensors)  # tied to wte
+
+
+def _compare_tp2_megatron_with_hf(ckpt_dir, hf_dir, result_queue):
+    """The Megatron model at TP 2 (each rank half the heads, FFN and vocab) against transformers' load."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+    from transformers import AutoModelForCausalLM
+
+    from megatron_ext.model.crystal_gpt import ParallelLayout, build_model, transformer_config
+    from megatron_ext.release.dist_checkpoint_reader import DistCheckpointReader
+    from megatron_ext.release.parity import megatron_greedy
+    from megatron_ext.training.checkpointing import load_model_weights
+
+    reader = DistCheckpointReader(ckpt_dir)
+    c = reader.crystal
+    config = transformer_config(c, ParallelLayout(tensor_model_parallel_size=2), use_cpu_initialization=True)
+    (model,) = build_model(c, config, reader.padded_vocab)
+    load_model_weights(reader.path, [model])
+    model.eval()
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(123)
+    worst, scale = 0.0, 0.0
+    with torch.no_grad():
+        ids = torch.randint(0, c.vocab_size, (3, c.seq_length), generator=generator)
+        positions = torch.arange(c.seq_length).expand_as(ids)
+        expected = gather_from_tensor_model_parallel_region(model(ids, positions, None))[..., : c.vocab_size]
+        got = hf(ids, use_cache=False).logits
+        worst, scale = (got - expected).abs().max().item(), expected.abs().max().item()
+
+        class TP2Logits:  # megatron_greedy's view of a model: (ids, positions, mask) -> full-vocab logits
+            def __call__(self, ids, positions, mask):
+                return gather_from_tensor_model_parallel_region(model(ids, positions, mask))
+
+            def parameters(self):
+                return model.parameters()
+
+        prompt = ids[:1, :8]
+        meg = megatron_greedy(TP2Logits(), prompt, c.vocab_size, 16)
+        gen = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False,
+                          pad_token_id=2)[0].tolist()
+    if parallel_state.get_tensor_model_parallel_rank() == 0:
+        result_queue.put((worst, scale, meg, gen))
+
+
+@pytest.mark.timeout(300)
+def test_transformers_load_matches_megatron_at_tp2(trained, exported):
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    run_in_process_group(_compare_tp2_megatron_with_hf, str(trained), str(exported[0]), queue, world_size=2, tp=2,
+                         timeout=240)
+    worst, scale, meg, gen = queue.get()
+    assert worst < TOLERANCE, f"max |delta logits| {worst}"
+    assert scale > 0.1  # not a comparison of near-zero logits
+    assert meg == gen and len(gen) > 8
+
+
+def test_tokenizer_files_encode_as_training_did(exported):
+    from transformers import AutoTokenizer
+
+    from megatron_ext.tokenizer import CRYSTAL_SPECIAL_TOKENS, CrystalTokenizer
+
+    ours = CrystalTokenizer(str(TOKENIZER))
+    hf = AutoTokenizer.from_pretrained(exported[0])
+    for text in ["def add(a, b):\n    return a + b\n", "The quick brown fox.  Two  spaces\tand a tab.", "Ünïcödé 日本"]:
+        assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode(text), text
+        assert hf.decode(ours.encode(text)) == text
+    assert hf.convert_tokens_to_ids(list(CRYSTAL_SPECIAL_TOKENS)) == list(range(8000, 8018))
+
+
+def test_bf16_export_verifies_and_stores_bf16(trained, tmp_path):
+    out = tmp_path / "bf16"
+    proc = run_tool("convert_to_hf.py", "--load", trained, "--output", out, "--dtype", "bf16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _reported_delta(proc.stdout)[0] < TOLERANCE
+    from safetensors import safe_open
+
+    with safe_open(out / "model-00001-of-00001.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+
+
+def test_round_trip_is_bitwise_and_trains_at_tp2_pp2(trained, exported, tmp_path):
+    """Megatron(TP2, PP2) -> HF -> Megatron(TP1, PP1) -> HF: the two HF directories hold the same bytes,
+    and training from the imported checkpoint at TP2 x PP2 gives the original weights' losses."""
+    first = exported[0]
+    imported = tmp_path / "imported"
+    proc = run_tool("convert_from_hf.py", "--input", first, "--save", imported)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = tmp_path / "second"
+    proc = run_tool("convert_to_hf.py", "--load", imported, "--output", second, "--dtype", "fp32", "--no-verify")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a, b = load_file(first / "model-00001-of-00001.safetensors"), load_file(second / "model-00001-of-00001.safetensors")
+    assert a.keys() == b.keys() and len(a) == 2 + 4 * 14 + 1
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def two_steps(load, name, extra=()):
+        metrics = tmp_path / f"{name}.jsonl"
+        torchrun(4, demo_run(tmp_path, layout_flags(tp=2, pp=2) + [
+            "--train-iters", "2", "--load", str(load), "--metrics-jsonl", str(metrics), *extra]))
+        return read_metrics(metrics)
+
+    from_import = two_steps(imported, "imported")
+    from_original = two_steps(trained, "original", ["--finetune"])
+    for got, ref in zip(from_import, from_original, strict=True):
+        assert got["lm_loss"] == pytest.approx(ref["lm_loss"], rel=1e-6), (got, ref)
+        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), (got, ref)
+
+
+def test_7b_config_and_weight_names_match_the_release(tmp_path):
+    from megatron_ext.model import get_preset
+    from megatron_ext.release import hf_export, hf_format
+
+    cfg = get_preset("crystal-7b")
+    hf_export.write_metadata_files(cfg, tmp_path)
+    release = json.loads((REPO / "tests" / "data" / "crystalcoder-release-config.json").read_text())
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written == release and list(written) == list(release)
+
+    names = {hf_format.to_hf(n, torch.empty(0))[0]: hf_format.reference_shape(n, cfg) for n in hf_format.reference_names(cfg)}
+    per_layer = [f"{m}.{k}" for m in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_fc2", "mlp.c_proj")
+                 for k in ("weight", "bias")]
+    expected = {"transformer.wte.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"} | {
+        f"transformer.h.{i}.{p}" for i in range(32) for p in per_layer}
+    assert set(names) == expected
+    total = sum(torch.Size(s).numel() for s in names.values())
+    assert total == 6_575_278_720  # the release's unique parameters
+
+    # The shipped modeling code, loaded as users load it and built for the 7B on the meta device, has
+    # exactly these tensors, Conv1D ones as [in, out].
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tmp_path, trust_remote_code=True)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (4096, 32, 32)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    shapes = {hf_format.HF_PREFIX + r: tuple(hf_format.to_hf(r, torch.empty(s, device="meta"))[1].shape)
+              for r in hf_format.reference_names(cfg) for s in [hf_format.reference_shape(r, cfg)]}
+    assert {n: tuple(p.shape) for n, p in model.named_parameters()} == shapes
+
+
+def test_bad_inputs_fail_with_one_line(trained, exported, tmp_path):
+    def error(*args, script="convert_to_hf.py"):
+        proc = run_tool(script, *args)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        lines = [l for l in proc.stderr.splitlines() if "error:" in l]
+        assert len(lines) == 1, proc.stderr
+        return lines[0]
+
+    out = tmp_path / "out"
+    (tmp_path / "empty").mkdir()
+    assert "no checkpoint" in error("--load", tmp_path / "empty", "--output", out)
+    assert "no such directory" in error("--load", tmp_path / "nope", "--output", out)
+    assert "no checkpoint of iteration 99 (found: iter_0000003)" in error("--load", trained, "--ckpt-step", "99", "--output", out)
+    assert "already exists and is not empty" in error("--load", trained, "--output", exported[0])
+    fake = tmp_path / "fake"
+    (fake / "iter_0000003").mkdir(parents=True)
+    (fake / "latest_checkpointed_iteration.txt").write_text("3")
+    assert "not a dist checkpoint (no metadata.json)" in error("--load", fake, "--output", out)
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(trained), str(broken)], check=True)
+    victim = sorted((broken / "iter_0000003").glob("*.distcp"))[-1]
+    victim.unlink()
+    assert f"shard file {victim.name} is missing" in error("--load", broken, "--output", out)
+    assert not out.exists()
+
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
+    assert "model_type 'gpt2' is not 'crystalcoder'" in error("--input", gpt2, "--save", out, script="convert_from_hf.py")
+    partial = tmp_path / "partial"
+    subprocess.run(["cp", "-r", str(exported[0]), str(partial)], check=True)
+    (partial / "model-00001-of-00001.safetensors").unlink()
+    assert "which is missing" in error("--input", partial, "--save", out, script="convert_from_hf.py")
+    assert "does not divide the 4 layers" in error("--input", exported[0], "--save", out,
+                                                  "--pipeline-model-parallel-size", "3", script="convert_from_hf.py")
+    assert not out.exists()
+
+
+def test_killed_export_leaves_no_final_directory(trained, tmp_path):
+    """SIGKILL after the weights are written (during --verify): the target never appears."""
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "convert_to_hf.py"), "--load", str(trained),
+                             "--output", str(out), "--dtype", "fp32", "--verify"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
+    try:
+        for line in proc.stdout:
+            if line.startswith("wrote "):
+                break
+        else:
+            pytest.fail("the export never reported its weights")
+        staged = list(tmp_path.glob(".killed.partial-*"))
+        assert staged and (staged[0] / "model.safetensors.index.json").exists()
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    time.sleep(0.1)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [staged[0].name]  # only the hidden partial remains
