@@ -272,3 +272,22 @@ def test_killed_export_leaves_no_final_directory(trained, tmp_path):
     time.sleep(0.1)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == [staged[0].name]  # only the hidden partial remains
+
+
+def test_export_of_an_earlier_iteration_without_distributed_optimizer(tmp_path):
+    """PP 2 x DP 2 with the plain optimizer, saved at iterations 1 and 2: --ckpt-step 1 exports the
+    first, verified, and its weights differ from the latest's."""
+    ckpt = tmp_path / "ckpt"
+    torchrun(4, demo_run(tmp_path, layout_flags(pp=2) + ["--train-iters", "2", "--save", str(ckpt), "--save-interval", "1"]))
+    outputs = {}
+    for step in ("1", None):
+        out = tmp_path / f"hf{step}"
+        proc = run_tool("convert_to_hf.py", "--load", ckpt, "--output", out, "--dtype", "fp32",
+                        *(["--ckpt-step", step] if step else []))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"(iteration {step or 2})" in proc.stdout
+        assert _reported_delta(proc.stdout)[0] < TOLERANCE
+        from safetensors.torch import load_file
+
+        outputs[step] = load_file(out / "model-00001-of-00001.safetensors")
+    assert not torch.equal(outputs["1"]["transformer.h.0.attn.c_attn.weight"], outputs[None]["transformer.h.0.attn.c_attn.weight"])
