@@ -2,7 +2,8 @@
 # `make demo`: train crystal-tiny on this machine's CPU through the same path as the 7B (torchrun,
 # Megatron-Core schedules, DDP, distributed optimizer, dist checkpointing, TensorBoard).
 # Data: the embedded corpus that `make setup` builds (data/demo: Python's standard library as code, its
-# reference manual, docstrings and licence texts as natural language), 60% text / 40% code.
+# reference manual, docstrings and licence texts as natural language), in the two phases of
+# examples/phases/demo.yaml: text only, then 60% text / 40% code with FIM, switched inside the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${1:-runs/demo}
@@ -14,11 +15,10 @@ OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc-per-node "$NPROC" --master-port "${
   pretrain_crystal.py \
   --model crystal-tiny --seq-length 256 \
   --tokenizer-model data/demo/crystal_demo.model \
-  --data-path 0.6 data/demo/text_text_document 0.4 data/demo/code_text_document --split 98,2,0 \
-  --data-cache-path "$RUN_DIR/index-cache" --num-workers 1 \
+  --phases examples/phases/demo.yaml --num-workers 1 \
   --micro-batch-size 4 --global-batch-size 8 \
   --use-distributed-optimizer \
-  --train-iters "$TRAIN_ITERS" --lr 1e-2 --min-lr 1e-3 --lr-warmup-iters 20 --lr-decay-style cosine \
+  --train-iters "$TRAIN_ITERS" \
   --eval-interval 100 --eval-iters 2 --log-interval 20 \
   --save "$RUN_DIR/checkpoints" --save-interval 150 \
   --tensorboard-dir "$RUN_DIR/tensorboard" --metrics-jsonl "$RUN_DIR/metrics.jsonl"

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, default=8)
-    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--train-iters", type=int, help="default: the phases' total with --phases, else 100; "
+                   "fewer stops the run early")
     g.add_argument("--exit-interval", type=int,
                    help="stop (saving first, with --save) once the iteration is a multiple of this")
     g.add_argument("--lr", type=float, default=1.2e-2, help="base (muP) learning rate; Crystal phase 1: 0.012")
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", help="Megatron blend: [w1] prefix1 [w2 prefix2 ...]")
     g.add_argument("--mock-data", action="store_true", help="Megatron-Core's MockGPTDataset instead of --data-path")
+    g.add_argument("--phases", help="phases file (YAML): sources, and phases with their blend, FIM rates, lr "
+                   "schedule and batch size; replaces --data-path and the --lr* flags")
     g.add_argument("--tokenizer-type", default="CrystalTokenizer", choices=["CrystalTokenizer", "HuggingFaceTokenizer"])
     g.add_argument("--tokenizer-model", help="SentencePiece .model (or tokenizers .json); sets the vocabulary size")
     g.add_argument("--split", default="969,30,1", help="train,valid,test split of --data-path documents")
@@ -86,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir")
     g.add_argument("--metrics-jsonl", help="append one JSON line per step (loss, grad norm, lr) to this file")
+    g.add_argument("--log-data-hash", action="store_true",
+                   help="add a hash of each step's input tokens to --metrics-jsonl: the same whatever the layout, "
+                        "so two runs (or a run and its resumption) can be shown to read the same data")
     return p
 
 
@@ -144,15 +150,26 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # as in Megatron-LM: nothing to split the sequence across
 
-    mbs, gbs = args.micro_batch_size, args.global_batch_size
-    _require(mbs >= 1 and gbs >= 1, "--micro-batch-size and --global-batch-size must be >= 1")
-    _require(gbs % (mbs * dp) == 0,
-             f"--global-batch-size {gbs} is not divisible by --micro-batch-size {mbs} x data-parallel size {dp}")
-    args.num_microbatches = gbs // (mbs * dp)
-    if args.virtual_pipeline_model_parallel_size:
-        _require(args.num_microbatches % pp == 0,
-                 f"the interleaved schedule needs the {args.num_microbatches} micro-batches per step to be a multiple of PP {pp}")
+    _require(args.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
+    _require(sum(map(bool, (args.data_path, args.mock_data, args.phases))) == 1,
+             "give exactly one of --data-path, --mock-data and --phases")
+    args.phases_config = _load_phases(args, crystal) if args.phases else None
+    batch_sizes = ([(f"{args.phases}: phases[{i}].global_batch_size", p.global_batch_size)
+                    for i, p in enumerate(args.phases_config.phases)] if args.phases_config
+                   else [("--global-batch-size", args.global_batch_size)])
+    for where, gbs in batch_sizes:
+        _check_batch(args, where, gbs, dp, pp)
+    args.global_batch_size = batch_sizes[0][1]
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
 
+    if args.phases_config:
+        total = args.phases_config.total_iters
+        args.train_iters = total if args.train_iters is None else args.train_iters
+        _require(args.train_iters <= total, f"--train-iters {args.train_iters} is beyond the phases' {total} iterations")
+        _require(not args.eval_interval or args.phases_config.validation_fraction > 0,
+                 f"--eval-interval with --phases needs validation_fraction > 0 in {args.phases}")
+    elif args.train_iters is None:
+        args.train_iters = 100
     _require(args.train_iters >= 1, "--train-iters must be >= 1")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
@@ -160,7 +177,6 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
              f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay length {args.lr_decay_iters}")
     _require(0 <= args.min_lr <= args.lr, f"--min-lr {args.min_lr} must lie in [0, --lr {args.lr}]")
 
-    _require(args.mock_data != bool(args.data_path), "give exactly one of --data-path and --mock-data")
     if args.data_path:
         validate_blend(args.data_path)
     if args.load is not None:
@@ -178,6 +194,38 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
     if args.distributed_backend is None:
         args.distributed_backend = "nccl" if torch.cuda.is_available() else "gloo"
     return crystal
+
+
+def _check_batch(args: argparse.Namespace, where: str, gbs: int, dp: int, pp: int) -> None:
+    mbs = args.micro_batch_size
+    _require(gbs >= 1, f"{where} must be >= 1")
+    _require(gbs % (mbs * dp) == 0,
+             f"{where} {gbs} is not divisible by --micro-batch-size {mbs} x data-parallel size {dp}")
+    if args.virtual_pipeline_model_parallel_size:
+        _require((gbs // (mbs * dp)) % pp == 0,
+                 f"the interleaved schedule needs the {gbs // (mbs * dp)} micro-batches per step ({where}) "
+                 f"to be a multiple of PP {pp}")
+
+
+def _load_phases(args: argparse.Namespace, crystal: CrystalConfig):
+    """The phases file, checked; its first phase's lr fills the --lr flags the optimizer is built with."""
+    from megatron_ext.data.fim import FimTokenIds
+    from megatron_ext.data.phases_config import PhasesConfigError, load_phases
+
+    tokenizer = None
+    if args.tokenizer_model:
+        from megatron_ext.tokenizer import build_tokenizer
+
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    try:
+        config = load_phases(args.phases, crystal.seq_length, args.global_batch_size, args.seed,
+                             has_fim_tokens=tokenizer is not None and FimTokenIds.of(tokenizer) is not None)
+    except PhasesConfigError as e:
+        raise ArgumentError(str(e)) from None
+    first = config.phases[0].lr
+    args.lr, args.min_lr, args.lr_warmup_iters = first.peak, first.min, first.warmup_iters
+    args.lr_decay_style, args.lr_decay_iters = first.decay_style, config.phases[0].decay_iters
+    return config
 
 
 def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:

@@ -91,11 +91,13 @@ def _is_distributed(optimizer) -> bool:
 
 
 def save_checkpoint(root: str, iteration: int, model_chunks, crystal: CrystalConfig, padded_vocab: int,
-                    optimizer=None, scheduler=None, consumed_samples: int = 0, tokenizer: dict | None = None) -> str:
+                    optimizer=None, scheduler=None, consumed_samples: int = 0, tokenizer: dict | None = None,
+                    data_state: dict | None = None) -> str:
     """Write DIR/iter_N and then the tracker. Without an optimizer (an imported release) only the weights
     are stored, and a run that loads them starts at iteration 0 with a fresh optimizer.
 
     tokenizer: {"type", "model"} as trained with, so that the release tools can find it.
+    data_state: where the data stream stands (the phase schedule's state), to resume it exactly.
     """
     path = iteration_dir(root, iteration)
     if torch.distributed.get_rank() == 0:
@@ -113,16 +115,21 @@ def save_checkpoint(root: str, iteration: int, model_chunks, crystal: CrystalCon
         padded_vocab_size=padded_vocab,
         tokenizer=tokenizer,
         has_optimizer=optimizer is not None,
+        data_state=data_state,
     )
     dist_checkpointing.save(state, path, sharded_strategy=("torch_dist", 1))
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
-        tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(str(iteration))
-        os.replace(tmp, os.path.join(root, TRACKER))
+        write_text_atomically(os.path.join(root, TRACKER), str(iteration))
     torch.distributed.barrier()
     return path
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _materialize_optimizer_state(optimizer) -> None:
@@ -203,15 +210,16 @@ def load_model_weights(path: str, model_chunks) -> None:
 
 
 def load_checkpoint(root: str, model_chunks, optimizer, scheduler, crystal: CrystalConfig, padded_vocab: int,
-                    step: int | None = None, weights_only: bool = False) -> tuple[int, int]:
+                    step: int | None = None, weights_only: bool = False) -> tuple[int, int, dict | None]:
     """Resume from the checkpoint of iteration step (default: the latest) under root.
 
-    Returns (iteration, consumed samples); (0, 0) when root has no checkpoint yet or when only weights are
-    taken: with weights_only (--finetune), or from a checkpoint that has no optimizer state.
+    Returns (iteration, consumed samples, data state); (0, 0, None) when root has no checkpoint yet or
+    when only weights are taken: with weights_only (--finetune), or from a checkpoint that has no
+    optimizer state.
     """
     path = checkpoint_path(root, step)
     if path is None:
-        return 0, 0
+        return 0, 0, None
     common = read_common_state(path)
     check_model_matches(path, common, crystal, padded_vocab)
     weights_only = weights_only or not common.get("has_optimizer", True)
@@ -222,7 +230,7 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, crystal: Crys
     if weights_only:
         load_model_weights(path, model_chunks)
         optimizer.reload_model_params()
-        return 0, 0
+        return 0, 0, None
     _materialize_optimizer_state(optimizer)
     state = dist_checkpointing.load(_sharded_state_dict(model_chunks, optimizer, is_loading=True), path)
     for key, chunk in zip(_model_keys(model_chunks), model_chunks):
@@ -230,4 +238,4 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, crystal: Crys
     optimizer.load_state_dict(state["optimizer"])
     _unshare_adam_steps(optimizer)
     scheduler.load_state_dict(state["opt_param_scheduler"])
-    return state["iteration"], state["consumed_samples"]
+    return state["iteration"], state["consumed_samples"], common.get("data_state")

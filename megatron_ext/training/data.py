@@ -94,11 +94,36 @@ def micro_batches(dataset, consumed_samples: int, args: argparse.Namespace) -> I
         parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size(),
     )
+    return _load(dataset, sampler, args)
+
+
+def _load(dataset, batch_sampler, args: argparse.Namespace) -> Iterator[dict]:
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_sampler=sampler,
+        batch_sampler=batch_sampler,
         num_workers=args.num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=args.num_workers > 0,
     )
     return iter(loader)
+
+
+def build_phased_datasets(args: argparse.Namespace, crystal: CrystalConfig):
+    """(train, valid) PhasedDatasets of the --phases file; valid is None without held-out documents."""
+    from megatron_ext.data.phased_dataset import PhasedDataset
+
+    config = args.phases_config
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model) if args.tokenizer_model else None
+    train = PhasedDataset(config, crystal.seq_length, tokenizer)
+    train.check_epochs()
+    valid = PhasedDataset(config, crystal.seq_length, tokenizer, split="valid") if config.validation_fraction else None
+    return train, valid
+
+
+def phased_micro_batches(dataset, schedule, steps: int, args: argparse.Namespace) -> Iterator[dict]:
+    """This rank's micro-batches for `steps` steps, walking a copy of the phase schedule."""
+    from megatron_ext.data.phased_dataset import PhaseBatchSampler
+
+    sampler = PhaseBatchSampler(schedule, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
+                                parallel_state.get_data_parallel_world_size(), steps)
+    return _load(dataset, sampler, args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 from functools import partial
@@ -16,39 +17,63 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_ext import cpu_compat
 from megatron_ext.model.crystal_config import CrystalConfig
 from megatron_ext.model.crystal_gpt import ParallelLayout, build_model, padded_vocab_size, transformer_config
-from megatron_ext.training import arguments, checkpointing, data, distributed
+from megatron_ext.training import checkpointing, data_feed, distributed
 from megatron_ext.training.metrics import TrainingLogger
 from megatron_ext.training.optimizer import build_optimizer
+from megatron_ext.training.phase_lr import apply_phase
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+def loss_func(loss_mask: torch.Tensor, source_id: torch.Tensor | None, num_sources: int, output_tensor: torch.Tensor):
     """Summed token loss and token count; the schedule and finalize_model_grads divide by the global
-    token count (calculate_per_token_loss)."""
+    token count (calculate_per_token_loss). With phases, also [loss, tokens] per source, from each
+    sample's source id."""
     mask = loss_mask.reshape(-1).float()
     loss = (output_tensor.float().reshape(-1) * mask).sum()
     num_tokens = mask.sum().to(torch.int)
-    return loss, num_tokens, {"lm loss": torch.stack([loss.detach(), mask.sum()])}
+    report = {"lm loss": torch.stack([loss.detach(), mask.sum()])}
+    if source_id is not None:
+        per_sample = torch.stack(((output_tensor.float() * loss_mask).sum(dim=1), loss_mask.float().sum(dim=1)), dim=1)
+        report["source loss"] = torch.zeros(num_sources, 2, device=per_sample.device).index_add_(
+            0, source_id, per_sample.detach())
+    return loss, num_tokens, report
 
 
-def make_forward_step(device: torch.device):
+def sample_hash(tokens: torch.Tensor) -> int:
+    """40 bits of a sample's SHA-1: summed over a step's samples they cannot overflow int64."""
+    return int.from_bytes(hashlib.sha1(tokens.cpu().numpy().tobytes()).digest()[:5], "little")
+
+
+def make_forward_step(device: torch.device, num_sources: int = 0, data_hashes: list | None = None):
+    """data_hashes: when given, the hashes of the samples this rank is the designated reader of (the model
+    chunk that embeds them, on tensor-parallel rank 0) are appended to it."""
+
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
+        reader = getattr(model, "module", model).pre_process and parallel_state.get_tensor_model_parallel_rank() == 0
+        if data_hashes is not None and reader:
+            data_hashes.extend(sample_hash(t) for t in batch["tokens"])
         tokens, labels, loss_mask, position_ids = (
             batch[k].to(device, non_blocking=True) for k in ("tokens", "labels", "loss_mask", "position_ids")
         )
+        source_id = batch["source_id"].to(device) if "source_id" in batch else None
         output = model(tokens, position_ids, None, labels=labels)
-        return output, partial(loss_func, loss_mask)
+        return output, partial(loss_func, loss_mask, source_id, num_sources)
 
     return forward_step
 
 
-def _reduce_loss(losses_reduced: list[dict]) -> float | None:
-    """Global per-token loss on the last pipeline stage; None elsewhere."""
+def _reduce_loss(losses_reduced: list[dict]) -> tuple[float | None, torch.Tensor | None]:
+    """Global per-token loss on the last pipeline stage (None elsewhere), and with phases the global
+    [loss sum, tokens] per source."""
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        return None
+        return None, None
     total = torch.stack([d["lm loss"] for d in losses_reduced]).sum(dim=0)
     torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    return (total[0] / total[1]).item()
+    by_source = None
+    if losses_reduced and "source loss" in losses_reduced[0]:
+        by_source = torch.stack([d["source loss"] for d in losses_reduced]).sum(dim=0)
+        torch.distributed.all_reduce(by_source, group=parallel_state.get_data_parallel_group())
+    return (total[0] / total[1]).item(), by_source
 
 
 class Trainer:
@@ -82,44 +107,55 @@ class Trainer:
         no_sync = [m.no_sync for m in self.model]
         self.config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
         self.forward_backward = get_forward_backward_func()
-        self.forward_step = make_forward_step(device)
-        self.iteration, self.consumed_samples = 0, 0
+        self.iteration = 0
 
-    def data_iterators(self, dataset, consumed: int):
-        """One micro-batch iterator per model chunk (the interleaved schedule draws from each)."""
-        its = [data.micro_batches(dataset, consumed, self.args) for _ in self.model]
-        return its if len(its) > 1 else its[0]
+    def set_data(self, feed) -> None:
+        self.feed = feed
+        self.data_hashes = [] if self.args.log_data_hash else None
+        self.forward_step = make_forward_step(self.device, len(feed.source_names), self.data_hashes)
 
-    def _run(self, iterators, forward_only: bool) -> list[dict]:
+    def step_data_hash(self) -> int | None:
+        """The sum over all ranks of the last training step's sample hashes."""
+        if self.data_hashes is None:
+            return None
+        total = torch.tensor([sum(self.data_hashes)], dtype=torch.int64)
+        torch.distributed.all_reduce(total)
+        return int(total.item())
+
+    def _run(self, iterators: list, forward_only: bool, global_batch_size: int) -> list[dict]:
+        """One step's micro-batches through the pipeline schedule; iterators: one per model chunk (the
+        interleaved schedule draws from each)."""
         return self.forward_backward(
             forward_step_func=self.forward_step,
-            data_iterator=iterators,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.model,
-            num_microbatches=self.args.num_microbatches,
+            num_microbatches=global_batch_size // (self.args.micro_batch_size * self.args.data_parallel_size),
             seq_length=self.crystal.seq_length,
             micro_batch_size=self.args.micro_batch_size,
             forward_only=forward_only,
         )
 
-    def train_step(self, iterators) -> tuple[float | None, float | None]:
+    def train_step(self, iterators: list) -> tuple[float | None, torch.Tensor | None, float | None]:
+        """(loss, per-source [loss sum, tokens] or None, grad norm) of one optimizer step."""
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        losses = self._run(iterators, forward_only=False)
+        if self.data_hashes is not None:
+            self.data_hashes.clear()  # what evaluation read is not part of the step
+        losses = self._run(iterators, forward_only=False, global_batch_size=self.feed.step_batch_size())
         update_successful, grad_norm, _ = self.optimizer.step()
         if update_successful:
             self.scheduler.step(increment=1)
-        return _reduce_loss(losses), grad_norm
+        return (*_reduce_loss(losses), grad_norm)
 
     @torch.no_grad()
-    def evaluate(self, valid_dataset, eval_round: int) -> float | None:
+    def evaluate(self, eval_round: int) -> tuple[float | None, torch.Tensor | None]:
         for m in self.model:
             m.eval()
-        consumed = eval_round * self.args.eval_iters * self.args.global_batch_size
-        its = self.data_iterators(valid_dataset, consumed)
+        its = self.feed.eval_iterators(len(self.model), eval_round)
         losses = []
         for _ in range(self.args.eval_iters):
-            losses.extend(self._run(its, forward_only=True))
+            losses.extend(self._run(its, forward_only=True, global_batch_size=self.feed.step_batch_size()))
         for m in self.model:
             m.train()
         return _reduce_loss(losses)
@@ -131,17 +167,24 @@ class Trainer:
         tokenizer = None
         if self.args.tokenizer_model:
             tokenizer = {"type": self.args.tokenizer_type, "model": os.path.abspath(self.args.tokenizer_model)}
+        feed = self.feed
         path = checkpointing.save_checkpoint(
             self.args.save, self.iteration, self.model, self.crystal, self.padded_vocab, self.optimizer,
-            self.scheduler, self.consumed_samples, tokenizer,
+            self.scheduler, feed.consumed_samples, tokenizer, data_state=feed.state_dict(),
         )
+        if torch.distributed.get_rank() == 0 and hasattr(feed, "bookkeeping_json"):
+            # What the run has read so far, for people: per source and per phase.
+            checkpointing.write_text_atomically(os.path.join(path, "data_state.json"), feed.bookkeeping_json(self.iteration))
         distributed.print_rank_0(f"saved checkpoint {path}")
 
     def load(self) -> None:
-        self.iteration, self.consumed_samples = checkpointing.load_checkpoint(
+        self.iteration, consumed, data_state = checkpointing.load_checkpoint(
             self.args.load, self.model, self.optimizer, self.scheduler, self.crystal, self.padded_vocab,
             step=self.args.ckpt_step, weights_only=self.args.finetune,
         )
+        note = self.feed.load_state_dict(data_state, consumed)
+        if note:
+            distributed.print_rank_0(f"warning: {note}")
         if self.iteration:
             distributed.print_rank_0(f"resumed from {self.args.load} at iteration {self.iteration}")
         elif checkpointing.checkpoint_path(self.args.load, self.args.ckpt_step) is None:
@@ -180,10 +223,11 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
         f"{args.num_microbatches} micro-batches of {args.micro_batch_size} per step"
     )
     distributed.print_rank_0(_describe_path(args))
+    feed = data_feed.build(args, crystal)
+    trainer.set_data(feed)
     if args.load:
         trainer.load()
-    train_ds, valid_ds = data.build_datasets(args, crystal)
-    train_its = trainer.data_iterators(train_ds, trainer.consumed_samples)
+    train_its = feed.train_iterators(len(trainer.model), args.train_iters - trainer.iteration)
 
     logging_rank = distributed.is_logging_rank()
     writer = None
@@ -194,21 +238,41 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
     logger = TrainingLogger(args, crystal, trainer.padded_vocab, torch.distributed.get_world_size(), writer)
     metrics_file = open(args.metrics_jsonl, "a") if logging_rank and args.metrics_jsonl else None
 
+    phase = None
     while trainer.iteration < args.train_iters:
-        lr = trainer.current_lr()
-        loss, grad_norm = trainer.train_step(train_its)
+        if feed.step_phase() != phase:
+            # The switch happens here, inside the job: the next phase's lr schedule from its step 0 (or
+            # from the resumed step), its batch size and blend from the next sample on.
+            phase = feed.step_phase()
+            apply_phase(trainer.scheduler, feed.phase, feed.step_in_phase())
+            fim = ", ".join(f"{n} rate {f.rate} spm {f.spm_rate}" for n, f in feed.phase.fim.items()) or "none"
+            distributed.print_rank_0(f"phase {feed.phase_name} ({phase + 1}/{len(args.phases_config.phases)}) from "
+                                     f"iteration {trainer.iteration + 1}: global batch {feed.step_batch_size()}, "
+                                     f"blend {feed.phase.blend}, FIM {fim}")
+        lr, gbs, phase_name = trainer.current_lr(), feed.step_batch_size(), feed.phase_name
+        loss, by_source, grad_norm = trainer.train_step(train_its)
+        data_hash = trainer.step_data_hash()
         trainer.iteration += 1
-        trainer.consumed_samples += args.global_batch_size
+        feed.advance()
         if logging_rank:
-            line = logger.step(trainer.iteration, loss, lr, grad_norm)
+            source_losses = ({n: tuple(by_source[i].tolist()) for i, n in enumerate(feed.source_names)}
+                             if by_source is not None else None)
+            line = logger.step(trainer.iteration, loss, lr, grad_norm, feed.consumed_samples, gbs, phase_name,
+                               source_losses)
             if line:
                 print(line, flush=True)
+                for tag, value in feed.scalars().items() if writer else ():
+                    writer.add_scalar(tag, value, trainer.iteration)
             if metrics_file:
-                metrics_file.write(json.dumps(
-                    {"iteration": trainer.iteration, "lm_loss": loss, "grad_norm": grad_norm, "lr": lr}) + "\n")
+                record = {"iteration": trainer.iteration, "lm_loss": loss, "grad_norm": grad_norm, "lr": lr}
+                if phase_name:
+                    record.update(phase=phase_name, source_losses=source_losses)
+                if data_hash is not None:
+                    record["data_hash"] = data_hash
+                metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
         if args.eval_interval and trainer.iteration % args.eval_interval == 0:
-            valid_loss = trainer.evaluate(valid_ds, trainer.iteration // args.eval_interval - 1)
+            valid_loss, _ = trainer.evaluate(trainer.iteration // args.eval_interval - 1)
             if logging_rank:
                 print(f"validation at iteration {trainer.iteration} | lm loss {valid_loss:.6f}", flush=True)
                 if writer:

@@ -38,33 +38,48 @@ class TrainingLogger:
 
     def __init__(self, args, crystal: CrystalConfig, padded_vocab: int, world_size: int, writer=None):
         self.args, self.writer, self.world_size = args, writer, world_size
-        self.tokens_per_step = args.global_batch_size * crystal.seq_length
-        self.flops_per_step = training_flops_per_token(crystal, crystal.seq_length, padded_vocab) * self.tokens_per_step
+        self.seq_length = crystal.seq_length
+        self.flops_per_token = training_flops_per_token(crystal, crystal.seq_length, padded_vocab)
         self.peak = device_peak_tflops()
         self._reset(time.perf_counter())
 
     def _reset(self, now: float):
-        self.window_start, self.steps, self.loss_sum = now, 0, 0.0
+        self.window_start, self.steps, self.loss_sum, self.window_tokens = now, 0, 0.0, 0
+        self.source_sums: dict[str, list[float]] = {}
 
-    def step(self, iteration: int, loss: float | None, lr: float, grad_norm: float | None) -> str | None:
+    def step(self, iteration: int, loss: float | None, lr: float, grad_norm: float | None, consumed_samples: int,
+             global_batch_size: int, phase: str | None = None,
+             source_losses: dict[str, tuple[float, float]] | None = None) -> str | None:
+        """source_losses: source -> (summed loss, tokens) of this step's samples from it."""
         self.steps += 1
+        self.window_tokens += global_batch_size * self.seq_length
         if loss is not None:
             self.loss_sum += loss
+        for name, (total, tokens) in (source_losses or {}).items():
+            sums = self.source_sums.setdefault(name, [0.0, 0.0])
+            sums[0] += total
+            sums[1] += tokens
         if self.writer is not None and loss is not None:
             self.writer.add_scalar("lm loss", loss, iteration)
             self.writer.add_scalar("learning-rate", lr, iteration)
             if grad_norm is not None:
                 self.writer.add_scalar("grad-norm", grad_norm, iteration)
+            for name, (total, tokens) in (source_losses or {}).items():
+                if tokens:
+                    self.writer.add_scalar(f"lm loss by source/{name}", total / tokens, iteration)
         if iteration % self.args.log_interval and iteration != self.args.train_iters:
             return None
         now = time.perf_counter()
         step_time = (now - self.window_start) / self.steps
-        tokens_per_s = self.tokens_per_step / step_time
+        tokens_per_s = self.window_tokens / (now - self.window_start)
         eta = step_time * (self.args.train_iters - iteration)
+        by_source = " ".join(f"{n} {t / c:.4f}" for n, (t, c) in self.source_sums.items() if c)
         parts = [
             f"iteration {iteration:>7d}/{self.args.train_iters}",
-            f"consumed tokens {iteration * self.tokens_per_step:,}",
+            f"phase {phase}" if phase else None,
+            f"consumed tokens {consumed_samples * self.seq_length:,}",
             f"lm loss {self.loss_sum / self.steps:.6f}" if loss is not None else None,
+            f"by source {by_source}" if by_source else None,
             f"lr {lr:.4e}",
             f"grad norm {grad_norm:.4f}" if grad_norm is not None else None,
             f"tokens/s {tokens_per_s:,.0f}",
@@ -72,7 +87,7 @@ class TrainingLogger:
             f"ETA {_fmt_duration(eta)}",
         ]
         if torch.cuda.is_available():
-            tflops = self.flops_per_step / step_time / self.world_size / 1e12
+            tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
             parts.append(f"TFLOP/s/GPU {tflops:.1f}")
             if self.peak:
                 parts.append(f"MFU {100 * tflops / self.peak:.1f}%")

@@ -1,0 +1,72 @@
+"""Fill-in-the-middle, online, per document run, as Crystal applied it to code.
+
+With probability fim_rate a document run (its end-of-document token kept outside) is decoded to text,
+cut at two character positions drawn uniformly, and the three parts re-encoded without specials:
+  PSM: <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle
+  SPM (probability fim_spm_rate): <fim_prefix> <fim_suffix> suffix <fim_middle> prefix middle
+The row is then cut back to seq_length + 1 tokens, or padded with <fim_pad>, whose positions carry no loss.
+
+Every draw comes from a generator seeded by (seed, source, epoch, document id, the run's start inside the
+document): the output for a document does not depend on the worker that builds it or on access order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from megatron_ext.data.source_stream import Segment
+
+FIM_TOKENS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>")
+_FIM_STREAM = 2
+
+
+@dataclass(frozen=True)
+class FimTokenIds:
+    prefix: int
+    middle: int
+    suffix: int
+    pad: int
+
+    @classmethod
+    def of(cls, tokenizer) -> "FimTokenIds | None":
+        """The ids in this tokenizer, or None when it lacks any of them."""
+        ids = getattr(tokenizer, "special_tokens", None)
+        if ids is None:  # a tokenizers JSON file: its added tokens
+            vocab = tokenizer.tokenizer.get_vocab(with_added_tokens=True) if hasattr(tokenizer, "tokenizer") else {}
+            ids = {t: vocab[t] for t in FIM_TOKENS if t in vocab}
+        if not all(t in ids for t in FIM_TOKENS):
+            return None
+        return cls(*(ids[t] for t in FIM_TOKENS))
+
+
+def permute_document(text: str, rng: np.random.Generator, spm_rate: float, tokenizer, ids: FimTokenIds) -> list[int]:
+    lo, hi = sorted(rng.integers(0, len(text) + 1, size=2))
+    prefix, middle, suffix = (tokenizer.encode(part) for part in (text[:lo], text[lo:hi], text[hi:]))
+    if rng.random() < spm_rate:
+        return [ids.prefix, ids.suffix, *suffix, ids.middle, *prefix, *middle]
+    return [ids.prefix, *prefix, ids.suffix, *suffix, ids.middle, *middle]
+
+
+def apply_fim(tokens: np.ndarray, segments: list[Segment], rate: float, spm_rate: float, key: tuple[int, ...],
+              tokenizer, ids: FimTokenIds) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens of the same length, loss mask for the labels tokens[1:]). key: (seed, source, epoch)."""
+    if rate <= 0:
+        return tokens, np.ones(len(tokens) - 1, dtype=np.float32)
+    out: list[int] = []
+    for seg in segments:
+        run = tokens[seg.start: seg.start + seg.length].tolist()
+        end = [run.pop()] if seg.ends_document else []
+        rng = np.random.default_rng([*key, _FIM_STREAM, seg.doc_id, seg.doc_offset])
+        if run and rng.random() < rate:
+            text = tokenizer.decode(run)
+            if text:
+                run = permute_document(text, rng, spm_rate, tokenizer, ids)
+        out += run + end
+    n = len(tokens)
+    row = np.full(n, ids.pad, dtype=np.int64)
+    row[: min(n, len(out))] = out[:n]
+    loss_mask = np.ones(n - 1, dtype=np.float32)
+    loss_mask[max(len(out) - 1, 0):] = 0.0  # labels that are padding
+    return row, loss_mask

@@ -1,0 +1,81 @@
+"""The training samples of a phases file: a map-style dataset addressed by SampleRef, and the sampler that
+walks the phase schedule and hands each data-parallel rank its micro-batches.
+
+Megatron's sample order is kept: step t's global batch is the schedule's next G samples (G the phase's
+global batch size), and micro-batch m of data-parallel rank d holds its samples [m*B*D + d*B, ... + B).
+Every rank walks its own copy of the schedule, so the data of a step does not depend on the layout.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from megatron_ext.data.fim import FimTokenIds, apply_fim
+from megatron_ext.data.phase_schedule import PhaseSchedule, SampleRef
+from megatron_ext.data.phases_config import PhasesConfig
+from megatron_ext.data.source_stream import SourceStream
+
+
+class PhasedDataset(torch.utils.data.Dataset):
+    def __init__(self, config: PhasesConfig, seq_length: int, tokenizer=None, split: str = "train"):
+        self.config = config
+        self.streams = [SourceStream(spec, seq_length, config.seed, config.validation_fraction, split)
+                        for spec in config.sources.values()]
+        for stream in self.streams:
+            if stream.samples_per_epoch == 0:
+                raise ValueError(f"{config.path}: source {stream.spec.name!r} has {stream.tokens_per_epoch} {split} "
+                                 f"tokens, fewer than one sample of {seq_length + 1}")
+        self.tokenizer = tokenizer
+        self.fim_ids = FimTokenIds.of(tokenizer) if tokenizer is not None else None
+        self.position_ids = torch.arange(seq_length, dtype=torch.long)
+
+    def __getitem__(self, ref: SampleRef) -> dict:
+        stream = self.streams[ref.source]
+        row, segments, epoch = stream.sample(ref.index)
+        fim = self.config.phases[ref.phase].fim.get(stream.spec.name)
+        if fim is not None:
+            row, loss_mask = apply_fim(row, segments, fim.rate, fim.spm_rate, (self.config.seed, stream.key, epoch),
+                                       self.tokenizer, self.fim_ids)
+        else:
+            loss_mask = np.ones(len(row) - 1, dtype=np.float32)
+        row = torch.from_numpy(row)
+        return {"tokens": row[:-1], "labels": row[1:], "loss_mask": torch.from_numpy(loss_mask),
+                "position_ids": self.position_ids, "source_id": torch.tensor(ref.source)}
+
+    def check_epochs(self) -> None:
+        """Refuse a plan that needs more epochs of a source than its max_epochs, before training."""
+        needed = {name: 0.0 for name in self.config.sources}
+        for phase in self.config.phases:
+            for name, weight in phase.blend.items():
+                needed[name] += weight * phase.samples + 1  # the blending rule's slack of one sample
+        for stream in self.streams:
+            spec = stream.spec
+            epochs = needed[spec.name] / stream.samples_per_epoch
+            if spec.max_epochs is not None and epochs > spec.max_epochs:
+                raise ValueError(f"{self.config.path}: sources.{spec.name}.max_epochs: the phases need {epochs:.2f} "
+                                 f"epochs of it ({stream.samples_per_epoch} samples each), more than {spec.max_epochs}")
+
+
+class PhaseBatchSampler(torch.utils.data.Sampler):
+    """This rank's micro-batches of SampleRefs for `steps` steps from the schedule's current state."""
+
+    def __init__(self, schedule: PhaseSchedule, micro_batch_size: int, dp_rank: int, dp_size: int, steps: int):
+        self.schedule = copy.deepcopy(schedule)
+        self.mbs, self.dp_rank, self.dp_size, self.steps = micro_batch_size, dp_rank, dp_size, steps
+
+    def __iter__(self):
+        schedule = self.schedule
+        stride = self.mbs * self.dp_size
+        for _ in range(self.steps):
+            refs = schedule.take(next_step_batch_size(schedule))
+            for first in range(self.dp_rank * self.mbs, len(refs), stride):
+                yield refs[first: first + self.mbs]
+
+
+def next_step_batch_size(schedule: PhaseSchedule) -> int:
+    """The global batch size of the step that starts at the schedule's state."""
+    index = schedule.state.phase + (1 if schedule.at_phase_end() else 0)
+    return schedule.config.phases[index].global_batch_size

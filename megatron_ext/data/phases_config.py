@@ -1,0 +1,239 @@
+"""The phases file (--phases): data sources, and the ordered training phases over them.
+
+  seed: 1234                     # optional (default --seed): shuffles, subsets, FIM draws
+  validation_fraction: 0.01      # optional: documents of every source held out for --eval-interval
+  sources:
+    text: {prefixes: [data/text_document], subset: 1.0, max_epochs: 2}
+    code: {prefixes: [data/py_document, data/js_document]}
+  phases:
+    - name: warmup-text
+      iters: 1000                # or tokens: 4.3e9 (rounded up to whole steps)
+      global_batch_size: 2112    # optional (default --global-batch-size)
+      blend: {text: 1.0}
+      fim: {}                    # source -> {fim_rate, fim_spm_rate}
+      lr: {warmup_iters: 86, peak: 0.012, min: 1.2408e-4, decay_style: linear, decay_iters: 294337}
+
+Everything is checked when the file is loaded, before any model or data is built; errors name the file
+and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import yaml
+
+DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+
+
+class PhasesConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    name: str
+    prefixes: tuple[str, ...]
+    subset: float = 1.0
+    max_epochs: int | None = None
+
+
+@dataclass(frozen=True)
+class FimSpec:
+    rate: float = 0.0
+    spm_rate: float = 0.5
+
+
+@dataclass(frozen=True)
+class LRSpec:
+    peak: float
+    min: float = 0.0
+    warmup_iters: int = 0
+    decay_style: str = "linear"
+    decay_iters: int | None = None  # default: the phase's length
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    name: str
+    iters: int
+    global_batch_size: int
+    blend: dict[str, float]  # normalised, sources with weight 0 dropped
+    fim: dict[str, FimSpec]
+    lr: LRSpec
+
+    @property
+    def samples(self) -> int:
+        return self.iters * self.global_batch_size
+
+    @property
+    def decay_iters(self) -> int:
+        return self.lr.decay_iters if self.lr.decay_iters is not None else self.iters
+
+
+@dataclass(frozen=True)
+class PhasesConfig:
+    path: str
+    seed: int
+    validation_fraction: float
+    sources: dict[str, SourceSpec]
+    phases: tuple[PhaseSpec, ...] = field(default_factory=tuple)
+
+    @property
+    def source_names(self) -> list[str]:
+        return list(self.sources)
+
+    @property
+    def total_iters(self) -> int:
+        return sum(p.iters for p in self.phases)
+
+    def fingerprint(self) -> str:
+        """Identifies what the sample stream depends on (not the paths' location on disk)."""
+        described = {"seed": self.seed, "validation_fraction": self.validation_fraction,
+                     "sources": {n: asdict(s) for n, s in self.sources.items()},
+                     "phases": [asdict(p) for p in self.phases]}
+        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _number(value, where: str, *, integer: bool = False, low: float | None = None, high: float | None = None,
+            low_open: bool = False):
+    kind = int if integer else (int, float)
+    if isinstance(value, str) and not integer:
+        # PyYAML reads 1e9 and 1.0e9 (no exponent sign) as strings, a classic surprise: accept them.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise PhasesConfigError(f"{where}: expected {'an integer' if integer else 'a number'}, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise PhasesConfigError(f"{where}: {value} must be {'>' if low_open else '>='} {low}")
+    if high is not None and value > high:
+        raise PhasesConfigError(f"{where}: {value} must be <= {high}")
+    return value
+
+
+def _mapping(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise PhasesConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _only_keys(value: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise PhasesConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _source(name: str, raw, where: str) -> SourceSpec:
+    raw = _mapping(raw, where)
+    _only_keys(raw, {"prefixes", "subset", "max_epochs"}, where)
+    prefixes = raw.get("prefixes")
+    if isinstance(prefixes, str):
+        prefixes = [prefixes]
+    if not prefixes or not all(isinstance(p, str) for p in prefixes):
+        raise PhasesConfigError(f"{where}.prefixes: give one or more indexed-dataset prefixes")
+    resolved = []
+    for prefix in prefixes:
+        path = os.path.normpath(prefix)  # relative to the working directory, as --data-path
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(path + ext):
+                raise PhasesConfigError(f"{where}.prefixes: {path + ext} does not exist")
+        resolved.append(path)
+    subset = _number(raw.get("subset", 1.0), f"{where}.subset", low=0.0, high=1.0, low_open=True)
+    max_epochs = raw.get("max_epochs")
+    if max_epochs is not None:
+        max_epochs = _number(max_epochs, f"{where}.max_epochs", integer=True, low=1)
+    return SourceSpec(name, tuple(resolved), float(subset), max_epochs)
+
+
+def _phase(i: int, raw, where: str, sources: dict, seq_length: int, default_gbs: int, has_fim_tokens: bool) -> PhaseSpec:
+    raw = _mapping(raw, where)
+    _only_keys(raw, {"name", "iters", "tokens", "global_batch_size", "blend", "fim", "lr"}, where)
+    name = raw.get("name", f"phase{i}")
+    if not isinstance(name, str) or not name:
+        raise PhasesConfigError(f"{where}.name: expected a non-empty string")
+    gbs = _number(raw.get("global_batch_size", default_gbs), f"{where}.global_batch_size", integer=True, low=1)
+    if ("iters" in raw) == ("tokens" in raw):
+        raise PhasesConfigError(f"{where}: give exactly one of 'iters' and 'tokens'")
+    if "iters" in raw:
+        iters = _number(raw["iters"], f"{where}.iters", integer=True)
+    else:
+        iters = math.ceil(_number(raw["tokens"], f"{where}.tokens") / (gbs * seq_length))
+    if iters <= 0:
+        raise PhasesConfigError(f"{where}: a phase of zero length")
+
+    blend = _mapping(raw.get("blend"), f"{where}.blend")
+    for source, weight in blend.items():
+        if source not in sources:
+            raise PhasesConfigError(f"{where}.blend: unknown source {source!r} (sources: {', '.join(sources)})")
+        _number(weight, f"{where}.blend.{source}", low=0.0)
+    total = float(sum(blend.values()))
+    if total <= 0:
+        raise PhasesConfigError(f"{where}.blend: the weights are all zero")
+    blend = {s: w / total for s, w in blend.items() if w > 0}
+
+    fim = {}
+    for source, spec in _mapping(raw.get("fim", {}) or {}, f"{where}.fim").items():
+        at = f"{where}.fim.{source}"
+        if source not in sources:
+            raise PhasesConfigError(f"{at}: unknown source {source!r}")
+        spec = _mapping(spec, at)
+        _only_keys(spec, {"fim_rate", "fim_spm_rate"}, at)
+        rate = _number(spec.get("fim_rate", 0.0), f"{at}.fim_rate", low=0.0, high=1.0)
+        spm = _number(spec.get("fim_spm_rate", 0.5), f"{at}.fim_spm_rate", low=0.0, high=1.0)
+        if rate > 0 and not has_fim_tokens:
+            raise PhasesConfigError(f"{at}.fim_rate: FIM needs a tokenizer with <|fim_prefix|>, <|fim_middle|>, "
+                                    "<|fim_suffix|> and <|fim_pad|> (give --tokenizer-model)")
+        if rate > 0:
+            fim[source] = FimSpec(float(rate), float(spm))
+
+    lr_raw = _mapping(raw.get("lr"), f"{where}.lr")
+    _only_keys(lr_raw, {"peak", "min", "warmup_iters", "decay_style", "decay_iters"}, f"{where}.lr")
+    peak = _number(lr_raw.get("peak"), f"{where}.lr.peak", low=0.0, low_open=True)
+    lr = LRSpec(
+        peak=float(peak),
+        min=float(_number(lr_raw.get("min", 0.0), f"{where}.lr.min", low=0.0, high=peak)),
+        warmup_iters=_number(lr_raw.get("warmup_iters", 0), f"{where}.lr.warmup_iters", integer=True, low=0),
+        decay_style=lr_raw.get("decay_style", "linear"),
+        decay_iters=lr_raw.get("decay_iters"),
+    )
+    if lr.decay_style not in DECAY_STYLES:
+        raise PhasesConfigError(f"{where}.lr.decay_style: {lr.decay_style!r} is not one of {', '.join(DECAY_STYLES)}")
+    if lr.decay_iters is not None:
+        _number(lr.decay_iters, f"{where}.lr.decay_iters", integer=True, low=1)
+    if lr.warmup_iters >= (lr.decay_iters or iters) and lr.decay_style != "constant":
+        raise PhasesConfigError(f"{where}.lr.warmup_iters: {lr.warmup_iters} must be below the decay length")
+    return PhaseSpec(name, iters, gbs, blend, fim, lr)
+
+
+def load_phases(path: str, seq_length: int, default_global_batch_size: int, default_seed: int,
+                has_fim_tokens: bool) -> PhasesConfig:
+    if not os.path.isfile(path):
+        raise PhasesConfigError(f"--phases {path}: no such file")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise PhasesConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = _mapping(raw, path)
+    _only_keys(raw, {"seed", "validation_fraction", "sources", "phases"}, path)
+    seed = _number(raw.get("seed", default_seed), f"{path}: seed", integer=True, low=0)
+    validation = _number(raw.get("validation_fraction", 0.0), f"{path}: validation_fraction", low=0.0, high=0.5)
+    sources_raw = _mapping(raw.get("sources"), f"{path}: sources")
+    if not sources_raw:
+        raise PhasesConfigError(f"{path}: sources: none given")
+    sources = {n: _source(n, s, f"{path}: sources.{n}") for n, s in sources_raw.items()}
+    phases_raw = raw.get("phases")
+    if not isinstance(phases_raw, list) or not phases_raw:
+        raise PhasesConfigError(f"{path}: phases: expected a non-empty list")
+    phases = tuple(_phase(i, p, f"{path}: phases[{i}]", sources, seq_length, default_global_batch_size, has_fim_tokens)
+                   for i, p in enumerate(phases_raw))
+    names = [p.name for p in phases]
+    if len(set(names)) != len(names):
+        raise PhasesConfigError(f"{path}: phases: names must be unique, got {names}")
+    return PhasesConfig(path, seed, float(validation), sources, phases)

@@ -1,0 +1,145 @@
+"""What the training loop asks of its data, for both kinds of run:
+- BlendFeed: --data-path / --mock-data, Megatron-Core's GPTDataset (one blend, one batch size);
+- PhaseFeed: --phases, the phase schedule over per-source streams (phase switches inside the run,
+  per-phase batch size and lr, per-source positions and bookkeeping in the checkpoint).
+Both keep Megatron's sample order, so the samples of a step do not depend on the parallel layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from megatron_ext.model.crystal_config import CrystalConfig
+from megatron_ext.training import data
+
+
+class BlendFeed:
+    phase_name = None
+    source_names: list[str] = []
+
+    def scalars(self) -> dict[str, float]:
+        return {}
+
+    def __init__(self, args: argparse.Namespace, crystal: CrystalConfig):
+        self.args = args
+        self.train, self.valid = data.build_datasets(args, crystal)
+        self.consumed_samples = 0
+
+    def step_batch_size(self) -> int:
+        return self.args.global_batch_size
+
+    def step_phase(self) -> int | None:
+        return None
+
+    def train_iterators(self, chunks: int, steps: int) -> list:
+        return [data.micro_batches(self.train, self.consumed_samples, self.args) for _ in range(chunks)]
+
+    def eval_iterators(self, chunks: int, eval_round: int) -> list:
+        consumed = eval_round * self.args.eval_iters * self.args.global_batch_size
+        return [data.micro_batches(self.valid, consumed, self.args) for _ in range(chunks)]
+
+    def advance(self) -> None:
+        self.consumed_samples += self.args.global_batch_size
+
+    def state_dict(self) -> dict | None:
+        return None
+
+    def load_state_dict(self, saved: dict | None, consumed_samples: int) -> str | None:
+        self.consumed_samples = consumed_samples
+        return None
+
+
+class PhaseFeed:
+    def __init__(self, args: argparse.Namespace, crystal: CrystalConfig):
+        from megatron_ext.data.phase_schedule import PhaseSchedule
+
+        self.args, self.config = args, args.phases_config
+        self.train, self.valid = data.build_phased_datasets(args, crystal)
+        self.schedule = PhaseSchedule(self.config)
+        self.source_names = self.config.source_names
+        self.consumed_samples = 0
+
+    def step_phase(self) -> int:
+        """The phase of the step about to run (the last phase once all are done)."""
+        index = self.schedule.state.phase + (1 if self.schedule.at_phase_end() else 0)
+        return min(index, len(self.config.phases) - 1)
+
+    @property
+    def phase_name(self) -> str:
+        return self.config.phases[self.step_phase()].name
+
+    def step_in_phase(self) -> int:
+        if self.schedule.at_phase_end():
+            return 0
+        return self.schedule.state.phase_sample // self.schedule.phase.global_batch_size
+
+    @property
+    def phase(self):
+        return self.config.phases[self.step_phase()]
+
+    def step_batch_size(self) -> int:
+        return self.config.phases[self.step_phase()].global_batch_size
+
+    def train_iterators(self, chunks: int, steps: int) -> list:
+        return [data.phased_micro_batches(self.train, self.schedule, steps, self.args) for _ in range(chunks)]
+
+    def eval_iterators(self, chunks: int, eval_round: int) -> list:
+        """The same held-out samples at every evaluation of a phase: that phase's blend over the
+        validation documents, from their start."""
+        from megatron_ext.data.phase_schedule import PhaseSchedule
+
+        schedule = PhaseSchedule(self.config)
+        schedule.state.phase = self.step_phase()
+        return [data.phased_micro_batches(self.valid, schedule, self.args.eval_iters, self.args) for _ in range(chunks)]
+
+    def advance(self) -> None:
+        gbs = self.step_batch_size()
+        self.schedule.take(gbs)
+        self.consumed_samples += gbs
+
+    def state_dict(self) -> dict:
+        return self.schedule.state_dict()
+
+    def load_state_dict(self, saved: dict | None, consumed_samples: int) -> str | None:
+        from megatron_ext.data.phase_schedule import PhaseSchedule
+
+        self.consumed_samples = consumed_samples
+        if saved is None:  # weights only (--finetune, an imported release): the phases start from the top
+            return None
+        self.schedule, note = PhaseSchedule.from_state_dict(self.config, saved, consumed_samples)
+        return note
+
+    def bookkeeping(self, iteration: int) -> dict:
+        """Per source: samples, tokens, documents and epochs consumed; per phase: the realised mixture."""
+        state = self.schedule.state
+        sources = {stream.spec.name: stream.consumed(state.positions[stream.spec.name]) for stream in self.train.streams}
+        mixture = {}
+        for phase, counts in zip(self.config.phases, state.realised):
+            total = sum(counts.values())
+            if total:
+                mixture[phase.name] = {"samples": total, "share": {n: c / total for n, c in counts.items()},
+                                       "target": phase.blend}
+        return {"iteration": iteration, "consumed_samples": self.consumed_samples, "phase": self.phase_name,
+                "phases_file": self.config.path, "seed": self.config.seed, "sources": sources,
+                "realised_mixture": mixture, "schedule": self.state_dict()}
+
+    def scalars(self) -> dict[str, float]:
+        """For TensorBoard: the phase, each source's tokens and epochs read, the current phase's mixture."""
+        state = self.schedule.state
+        out = {"data/phase": float(self.step_phase())}
+        for stream in self.train.streams:
+            used = stream.consumed(state.positions[stream.spec.name])
+            out[f"data/tokens/{stream.spec.name}"] = float(used["tokens"])
+            out[f"data/epochs/{stream.spec.name}"] = used["epochs"]
+        counts = state.realised[state.phase] if state.phase < len(state.realised) else {}
+        total = sum(counts.values())
+        out.update({f"data/mixture/{name}": c / total for name, c in counts.items() if total})
+        return out
+
+    def bookkeeping_json(self, iteration: int) -> str:
+        return json.dumps(self.bookkeeping(iteration), indent=2)
+
+
+def build(args: argparse.Namespace, crystal: CrystalConfig):
+    return PhaseFeed(args, crystal) if args.phases_config else BlendFeed(args, crystal)

@@ -1,0 +1,345 @@
+"""Phases: exact blending, per-source positions across phases and epochs, FIM, validation, kill + resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distributed_run import REPO, free_port, read_metrics, torchrun
+from megatron_ext.data.phase_schedule import PhaseSchedule
+from megatron_ext.data.phases_config import (FimSpec, LRSpec, PhaseSpec, PhasesConfig, PhasesConfigError, SourceSpec,
+                                             load_phases)
+
+DEMO = REPO / "data" / "demo"
+TOKENIZER = DEMO / "crystal_demo.model"
+SMALL = REPO / "tests" / "phases_small.yaml"
+
+
+def _config(phases, sources=("a", "b", "c"), prefixes=None):
+    specs = {n: SourceSpec(n, (prefixes or {}).get(n, (f"/nonexistent/{n}",))) for n in sources}
+    return PhasesConfig("test.yaml", 7, 0.0, specs, tuple(phases))
+
+
+def _phase(name, iters, blend, gbs=8, fim=None):
+    return PhaseSpec(name, iters, gbs, blend, fim or {}, LRSpec(peak=1e-3))
+
+
+def test_blending_is_megatrons_rule_and_within_one_sample():
+    from megatron.core.datasets import helpers
+
+    weights = {"a": 0.5335, "b": 0.2665, "c": 0.2}
+    config = _config([_phase("p", 125, weights)])
+    refs = PhaseSchedule(config).take(1000)
+    got = np.array([r.source for r in refs])
+    expected, sample_index = np.zeros(1000, dtype=np.int16), np.zeros(1000, dtype=np.int64)
+    helpers.build_blending_indices(expected, sample_index, np.array(list(weights.values())), 3, 1000, False)
+    assert (got == expected).all()
+    assert ([r.index for r in refs] == sample_index).all()
+    counts = np.zeros(3)
+    for i, source in enumerate(got, start=1):
+        counts[source] += 1
+        assert np.all(np.abs(counts - np.array(list(weights.values())) * i) <= 1.0), (i, counts)
+
+
+def test_sources_continue_across_phases():
+    config = _config([_phase("one", 10, {"a": 0.5, "b": 0.5}), _phase("two", 5, {"b": 1.0}),
+                      _phase("three", 10, {"a": 0.25, "b": 0.25, "c": 0.5}, gbs=4)])
+    schedule = PhaseSchedule(config)
+    refs = schedule.take(80 + 40 + 40)
+    for source in range(3):
+        indices = [r.index for r in refs if r.source == source]
+        assert indices == list(range(len(indices))), source  # continues; never restarts, never skips
+    assert [sum(r.source == s for r in refs if r.phase == 0) for s in range(3)] == [40, 40, 0]
+    assert {r.source for r in refs if r.phase == 1} == {1}
+    assert schedule.state.positions == {"a": 50, "b": 90, "c": 20}
+    with pytest.raises(StopIteration):
+        schedule.next()
+
+
+def test_resuming_the_schedule_continues_it_and_an_edited_file_keeps_positions():
+    config = _config([_phase("one", 10, {"a": 0.3, "b": 0.7}), _phase("two", 10, {"a": 0.5, "c": 0.5})])
+    straight = PhaseSchedule(config).take(160)
+    first = PhaseSchedule(config)
+    head = first.take(50)
+    resumed, note = PhaseSchedule.from_state_dict(config, first.state_dict(), 50)
+    assert note is None and head + resumed.take(110) == straight
+
+    edited = _config([_phase("one", 10, {"a": 0.9, "b": 0.1}), _phase("two", 10, {"a": 0.5, "c": 0.5})])
+    moved, note = PhaseSchedule.from_state_dict(edited, first.state_dict(), 50)
+    assert "changed" in note
+    rest = moved.take(30)
+    for source, name in enumerate("abc"):  # each source continues exactly where the saved run left it
+        indices = [r.index for r in rest if r.source == source]
+        assert indices == list(range(first.state.positions[name], first.state.positions[name] + len(indices)))
+    assert sum(r.source == 0 for r in rest) == 27  # the new weights, from the resume point
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory):
+    """Ten documents of distinct known tokens, each ending with EOD (2)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = tmp_path_factory.mktemp("tiny") / "docs"
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.int32)
+    docs = [list(range(100 * d + 10, 100 * d + 10 + 5 + 3 * d)) + [2] for d in range(10)]
+    for doc in docs:
+        builder.add_document(torch.tensor(doc), [len(doc)])
+    builder.finalize(str(prefix) + ".idx")
+    return str(prefix), docs
+
+
+def test_epochs_cover_every_document_once_then_reshuffle(tiny_source):
+    from megatron_ext.data.source_stream import SourceStream
+
+    prefix, docs = tiny_source
+    stream = SourceStream(SourceSpec("tiny", (prefix,)), seq_length=8, seed=3)
+    total = sum(map(len, docs))
+    assert stream.tokens_per_epoch == total and stream.samples_per_epoch == (total - 1) // 8
+
+    def epoch_tokens(epoch):
+        rows = [stream.sample(epoch * stream.samples_per_epoch + j)[0] for j in range(stream.samples_per_epoch)]
+        return np.concatenate([rows[0]] + [r[1:] for r in rows[1:]]).tolist()  # samples overlap by one token
+
+    orders = []
+    for epoch in range(3):
+        tokens = epoch_tokens(epoch)
+        firsts = [t for t in tokens if t % 100 == 10]  # the first token of each document
+        assert len(firsts) == len(set(firsts))  # no document twice within an epoch
+        order = [f // 100 for f in firsts]
+        expected = [t for d in order for t in docs[d]]
+        assert tokens == expected[: len(tokens)]  # whole documents, back to back, in the epoch's order
+        assert total - 8 <= len(tokens) <= total  # only a tail shorter than a sample is left out
+        orders.append(order)
+    assert orders[0] != orders[1] != orders[2]  # a new shuffle per epoch
+    assert stream.consumed(stream.samples_per_epoch)["epoch"] == 1
+
+
+def _fim_config(rate, spm):
+    sources = {"code": SourceSpec("code", (str(DEMO / "code_text_document"),))}
+    phase = PhaseSpec("p", 10, 8, {"code": 1.0}, {"code": FimSpec(rate, spm)} if rate else {}, LRSpec(peak=1e-3))
+    return PhasesConfig("fim.yaml", 11, 0.0, sources, (phase,))
+
+
+def _dataset(rate, spm=0.5, seq=128):
+    from megatron_ext.data.phased_dataset import PhasedDataset
+    from megatron_ext.tokenizer import CrystalTokenizer
+
+    assert TOKENIZER.is_file(), "the demo corpus is built by `make setup`"
+    return PhasedDataset(_fim_config(rate, spm), seq, CrystalTokenizer(str(TOKENIZER)))
+
+
+def _load_all(dataset, refs, workers):
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[refs[i:i + 4] for i in range(0, len(refs), 4)],
+                                         num_workers=workers)
+    return torch.cat([b["tokens"] for b in loader]), torch.cat([b["loss_mask"] for b in loader])
+
+
+def test_fim_is_the_same_for_any_worker_count_and_access_order():
+    dataset = _dataset(rate=0.9)
+    refs = PhaseSchedule(dataset.config).take(32)
+    one = _load_all(dataset, refs, 0)
+    four = _load_all(dataset, refs, 4)
+    backwards = [dataset[r] for r in reversed(refs)][::-1]
+    assert torch.equal(one[0], four[0]) and torch.equal(one[1], four[1])
+    assert torch.equal(one[0], torch.stack([b["tokens"] for b in backwards]))
+    fim_prefix = dataset.fim_ids.prefix
+    assert (one[0] == fim_prefix).sum() > 10  # FIM did happen
+
+
+def test_fim_rate_zero_leaves_documents_untouched():
+    plain, fim0 = _dataset(rate=0.0), _dataset(rate=0.0)
+    refs = PhaseSchedule(plain.config).take(16)
+    for ref in refs:
+        row, _, _ = plain.streams[0].sample(ref.index)
+        item = fim0[ref]
+        assert item["tokens"].tolist() == row[:-1].tolist() and item["loss_mask"].all()
+
+
+def test_fim_layouts_reassemble_the_document():
+    from megatron_ext.data.fim import permute_document
+
+    dataset = _dataset(rate=1.0)
+    tok, ids = dataset.tokenizer, dataset.fim_ids
+    text = "def area(r):\n    return 3.14159 * r * r\n\nprint(area(2))\n"
+    seen = set()
+    for seed in range(40):
+        for spm in (0.0, 1.0):
+            out = permute_document(text, np.random.default_rng(seed), spm, tok, ids)
+            if spm:  # <fim_prefix> <fim_suffix> suffix <fim_middle> prefix middle
+                assert out[:2] == [ids.prefix, ids.suffix]
+                suffix, rest = _split(out[2:], ids.middle)
+                # prefix and middle are encoded apart: find the split that decodes back to the text
+                assert any(tok.decode(rest[:k]) + tok.decode(rest[k:]) + tok.decode(suffix) == text
+                           for k in range(len(rest) + 1))
+            else:  # <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle
+                assert out[0] == ids.prefix
+                prefix, rest = _split(out[1:], ids.suffix)
+                suffix, middle = _split(rest, ids.middle)
+                assert tok.decode(prefix) + tok.decode(middle) + tok.decode(suffix) == text
+            seen.add(spm)
+    assert seen == {0.0, 1.0}
+
+
+def _split(tokens, marker):
+    i = tokens.index(marker)
+    return tokens[:i], tokens[i + 1:]
+
+
+def test_fim_pads_short_rows_without_loss():
+    from megatron_ext.data.fim import apply_fim
+    from megatron_ext.data.source_stream import Segment
+
+    dataset = _dataset(rate=1.0)
+    tok, ids = dataset.tokenizer, dataset.fim_ids
+    # One character per token: re-encoding the FIM parts merges them, so the row comes out short.
+    text = "\u2581" + "\u2581".join(["print", "hello", "world"] * 4)
+    row = np.array([tok.sp.piece_to_id(c) for c in text] + [2], dtype=np.int64)
+    assert tok.unk not in row.tolist()
+    seg = [Segment(doc_id=0, doc_offset=0, start=0, length=len(row), ends_document=True)]
+    out, mask = apply_fim(row, seg, 1.0, 0.0, (1, 2, 3), tok, ids)
+    assert len(out) == len(row) and len(mask) == len(row) - 1
+    first_pad = int((out == ids.pad).nonzero()[0][0])
+    assert first_pad > 5 and (out[first_pad:] == ids.pad).all() and out[first_pad - 1] == 2  # EOD kept
+    assert mask[: first_pad - 1].all() and not mask[first_pad - 1:].any()  # no loss on padding labels
+
+
+def test_config_errors_name_the_file_and_key(tmp_path):
+    def write(text):
+        path = tmp_path / "p.yaml"
+        path.write_text(text)
+        return str(path)
+
+    good_sources = (f"sources:\n  text: {{prefixes: [{DEMO / 'text_text_document'}]}}\n"
+                    f"  code: {{prefixes: [{DEMO / 'code_text_document'}]}}\n")
+    cases = {
+        "phases:\n  - {iters: 1, blend: {cod: 1}, lr: {peak: 1.0}}\n": "phases[0].blend: unknown source 'cod'",
+        "phases:\n  - {iters: 1, blend: {text: -1}, lr: {peak: 1.0}}\n": "phases[0].blend.text: -1 must be >= 0.0",
+        "phases:\n  - {iters: 1, blend: {text: 0, code: 0}, lr: {peak: 1.0}}\n": "phases[0].blend: the weights are all zero",
+        "phases:\n  - {iters: 0, blend: {text: 1}, lr: {peak: 1.0}}\n": "phases[0]: a phase of zero length",
+        "phases:\n  - {iters: 2, blend: {code: 1}, fim: {code: {fim_rate: 0.5}}, lr: {peak: 1.0}}\n":
+            "phases[0].fim.code.fim_rate: FIM needs a tokenizer with <|fim_prefix|>",
+        "phases:\n  - {iters: 2, blend: {code: 1}, lr: {peak: 1.0, decay_style: cubic}}\n": "decay_style: 'cubic' is not one of",
+    }
+    for body, message in cases.items():
+        path = write(good_sources + body)
+        with pytest.raises(PhasesConfigError, match=None) as e:
+            load_phases(path, 32, 8, 1, has_fim_tokens=False)
+        assert str(e.value).startswith(path) and message in str(e.value), str(e.value)
+    path = write("sources:\n  text: {prefixes: [/no/such/prefix]}\nphases: []\n")
+    with pytest.raises(PhasesConfigError, match=r"sources\.text\.prefixes: /no/such/prefix\.bin does not exist"):
+        load_phases(path, 32, 8, 1, has_fim_tokens=True)
+
+    # Through the entry point: one line, before any process group or model.
+    proc = subprocess.run([sys.executable, "pretrain_crystal.py", "--model", "crystal-test", "--phases",
+                           write(good_sources + "phases:\n  - {iters: 2, blend: {cod: 1}, lr: {peak: 1.0}}\n")],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "phases[0].blend: unknown source 'cod'" in proc.stderr
+
+
+# --- whole runs ---------------------------------------------------------------------------------------
+
+RUN = ["--model", "crystal-test", "--phases", str(SMALL), "--tokenizer-model", str(TOKENIZER),
+       "--micro-batch-size", "2", "--global-batch-size", "8", "--num-workers", "1", "--log-interval", "1",
+       "--seed", "7", "--log-data-hash"]
+
+
+def _metrics(nproc, tmp, name, extra):
+    path = tmp / f"{name}.jsonl"
+    torchrun(nproc, RUN + ["--data-cache-path", str(tmp / "cache"), "--metrics-jsonl", str(path), *extra])
+    return {r["iteration"]: r for r in read_metrics(path)}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("straight")
+    return _metrics(2, tmp, "straight", ["--eval-interval", "5", "--eval-iters", "1"])
+
+
+def test_phases_switch_inside_one_run(straight):
+    assert [straight[i]["phase"] for i in range(1, 11)] == ["text"] * 4 + ["text+code"] * 6
+    assert all(set(straight[i]["source_losses"]) == {"text", "code"} for i in straight)
+    assert all(straight[i]["source_losses"]["code"][1] == 0 for i in range(1, 5))  # no code in phase 1
+    assert all(straight[i]["source_losses"]["code"][1] > 0 for i in range(5, 11))
+    losses = [straight[i]["lm_loss"] for i in range(1, 11)]
+    assert losses[3] < losses[0]
+
+
+def _kill_after(checkpoint_iteration, tmp, ckpt):
+    """Run with a checkpoint every step and SIGKILL the whole job once `checkpoint_iteration` is saved."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           str(REPO / "pretrain_crystal.py"), *RUN, "--data-cache-path", str(tmp / "cache"),
+           "--save", str(ckpt), "--save-interval", "1"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    tracker = ckpt / "latest_checkpointed_iteration.txt"
+    deadline = time.time() + 240
+    try:
+        while not (tracker.exists() and tracker.read_text().strip().isdigit()
+                   and int(tracker.read_text()) >= checkpoint_iteration):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "no checkpoint in time"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.timeout(600)
+def test_killed_run_resumes_the_same_stream(straight, tmp_path):
+    """SIGKILL mid-phase 2, then resume from the phase boundary (iteration 4) at the same DP size and from
+    mid-phase (iteration 6) at DP 1: every step reads the same tokens; the losses are bitwise equal on the
+    same layout and within 1e-5 on the other."""
+    ckpt = tmp_path / "ckpt"
+    _kill_after(7, tmp_path, ckpt)
+    data_state = (ckpt / "iter_0000006" / "data_state.json").read_text()
+    assert '"phase": "text+code"' in data_state and '"realised_mixture"' in data_state
+
+    for step, nproc, exact in ((4, 2, True), (6, 1, False)):
+        resumed = _metrics(nproc, tmp_path, f"from{step}", ["--load", str(ckpt), "--ckpt-step", str(step)])
+        assert sorted(resumed) == list(range(step + 1, 11))
+        for i, got in resumed.items():
+            ref = straight[i]
+            assert got["data_hash"] == ref["data_hash"] and got["phase"] == ref["phase"], i
+            assert got["lr"] == pytest.approx(ref["lr"], rel=1e-12)
+            if exact:
+                assert (got["lm_loss"], got["grad_norm"]) == (ref["lm_loss"], ref["grad_norm"]), i
+            else:
+                assert got["lm_loss"] == pytest.approx(ref["lm_loss"], rel=1e-5), i
+                assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), i
+
+
+def test_example_recipes_encode_crystal(tmp_path):
+    """examples/phases/*.yaml parse (with the corpus paths pointed at the demo data) and crystal.yaml holds
+    the recipe's figures."""
+    import re
+
+    for name in ("crystal", "code_cooldown", "demo"):
+        text = (REPO / "examples" / "phases" / f"{name}.yaml").read_text()
+        text = re.sub(r"/data/[\w/]+_text_document", str(DEMO / "code_text_document"), text)
+        text = text.replace("[data/demo/", f"[{DEMO}/")
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text)
+        config = load_phases(str(path), 2048, 2112, 1234, has_fim_tokens=True)
+        if name == "crystal":
+            one, two, three = config.phases
+            assert [p.iters for p in config.phases] == [79721, 214387, 27728]
+            assert {p.global_batch_size for p in config.phases} == {2112}
+            assert (one.lr.peak, one.lr.min, one.lr.warmup_iters, one.decay_iters) == (0.012, 1.2408e-4, 86, 294337)
+            assert (two.lr.peak, two.lr.min, two.lr.warmup_iters) == (0.0087825, 1.3679e-4, 86)
+            assert (three.lr.peak, three.lr.min, three.lr.warmup_iters) == (0.002, 2e-4, 276)
+            released = [0.5335, 0.2665, 0.0496, 0.0433, 0.0413, 0.0342, 0.0317]  # sums to 1.0001: normalised
+            assert one.blend["sp_even_cc"] == pytest.approx(0.5335 / sum(released)) and not one.fim
+            assert two.blend == pytest.approx({"sp_odd": 0.372, "starcoder": 0.628})
+            assert two.fim == {"starcoder": FimSpec(0.9, 0.5)}
+            assert three.blend["starcoder_python"] == pytest.approx(0.3427 / sum([0.3427, 0.1854, 0.1837, 0.0879, 0.167, 0.033]))
+            assert {f.rate for f in three.fim.values()} == {0.3}
+        if name == "demo":
+            assert config.phases[0].iters <= 60 and config.phases[1].fim["code"].rate > 0
