@@ -103,7 +103,13 @@ def test_epochs_cover_every_document_once_then_reshuffle(tiny_source):
     assert stream.tokens_per_epoch == total and stream.samples_per_epoch == (total - 1) // 8
 
     def epoch_tokens(epoch):
-        rows = [stream.sample(epoch * stream.samples_per_epoch + j)[0] for j in range(stream.samples_per_epoch)]
+        spe = stream.samples_per_epoch
+        positions = [stream.locate(epoch * spe + i) for i in range(spe)]
+        assert sorted(j for _, j in positions) == list(range(spe)) and {e for e, _ in positions} == {epoch}
+        assert [j for _, j in positions] != list(range(spe))  # read in a shuffled order
+        by_position = {j: stream.sample(epoch * spe + i)[0] for i, (_, j) in enumerate(positions)}
+        rows = [by_position[j] for j in range(spe)]
+        assert all(np.array_equal(rows[j], stream.packed(epoch, j)[0]) for j in range(spe))
         return np.concatenate([rows[0]] + [r[1:] for r in rows[1:]]).tolist()  # samples overlap by one token
 
     orders = []

@@ -1,10 +1,11 @@
 """One source's documents as an endless, randomly accessible sequence of packed samples, epoch after epoch.
 
-Epoch e of a source: its training documents in an order shuffled by (seed, source, e), concatenated as
-stored (each ends with its end-of-document token), cut into samples of seq_length + 1 tokens that overlap
-by one token (the label shift), as Megatron-Core's GPTDataset packs. The tail of an epoch too short for a
-sample is not used. Sample k of the source lies in epoch k // samples_per_epoch, so a source's position
-is one integer: the number of its samples consumed. No document repeats within an epoch.
+Epoch e of a source, as Megatron-Core's GPTDataset builds one: its training documents in an order
+shuffled by (seed, source, e), concatenated as stored (each ends with its end-of-document token), cut into
+samples of seq_length + 1 tokens that overlap by one token (the label shift), and the samples read in a
+shuffled order, so that a step does not hold consecutive pieces of one long document. The tail of an
+epoch too short for a sample is not used. Sample k of the source lies in epoch k // samples_per_epoch, so a
+source's position is one integer: the number of its samples consumed. No document repeats within an epoch.
 
 A source's document pool: the documents of all its prefixes; with `subset`, a seeded random fraction of
 them; minus the validation documents (a seeded random fraction, held out of every epoch).
@@ -61,18 +62,23 @@ class SourceStream:
         self.samples_per_epoch = max(self.tokens_per_epoch - 1, 0) // seq_length
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(document ids in this epoch's order, cumulative token ends), kept for the two latest epochs."""
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(document ids in this epoch's order, cumulative token ends, the order samples are read in),
+        kept for the two latest epochs."""
         if epoch not in self._epochs:
-            order = np.random.default_rng([self.seed, self.key, _EPOCH_STREAM, epoch]).permutation(len(self.doc_ids))
-            self._epochs[epoch] = (self.doc_ids[order], np.cumsum(self.doc_lengths[order]))
+            rng = np.random.default_rng([self.seed, self.key, _EPOCH_STREAM, epoch])
+            order = rng.permutation(len(self.doc_ids))
+            index_type = np.int32 if self.samples_per_epoch < 2**31 else np.int64
+            samples = rng.permutation(self.samples_per_epoch).astype(index_type)
+            self._epochs[epoch] = (self.doc_ids[order], np.cumsum(self.doc_lengths[order]), samples)
             for old in sorted(self._epochs)[:-2]:
                 del self._epochs[old]
         return self._epochs[epoch]
 
     def locate(self, k: int) -> tuple[int, int]:
-        """(epoch, sample within the epoch) of the source's sample k."""
-        return divmod(k, self.samples_per_epoch)
+        """(epoch, packed position within the epoch) of the source's sample k."""
+        epoch, i = divmod(k, self.samples_per_epoch)
+        return epoch, int(self._epoch(epoch)[2][i])
 
     def _read(self, doc_id: int, offset: int, length: int) -> np.ndarray:
         prefix = int(np.searchsorted(self._first_doc, doc_id, side="right")) - 1
@@ -81,7 +87,11 @@ class SourceStream:
     def sample(self, k: int) -> tuple[np.ndarray, list[Segment], int]:
         """Tokens [seq_length + 1] of sample k, the document runs they come from, and the epoch."""
         epoch, j = self.locate(k)
-        order, ends = self._epoch(epoch)
+        return (*self.packed(epoch, j), epoch)
+
+    def packed(self, epoch: int, j: int) -> tuple[np.ndarray, list[Segment]]:
+        """The j-th sample of the epoch's packed token stream, and its document runs."""
+        order, ends, _ = self._epoch(epoch)
         start, stop = j * self.seq_length, j * self.seq_length + self.seq_length + 1
         i = int(np.searchsorted(ends, start, side="right"))
         tokens, segments, position = [], [], start
@@ -94,12 +104,11 @@ class SourceStream:
                                     ends_document=position + length == int(ends[i])))
             position += length
             i += 1
-        return np.concatenate(tokens).astype(np.int64), segments, epoch
+        return np.concatenate(tokens).astype(np.int64), segments
 
     def consumed(self, k: int) -> dict:
-        """What the first k samples used: tokens, whole documents, epochs (fractional)."""
-        epoch, j = self.locate(k)
-        _, ends = self._epoch(epoch)
-        in_epoch = int(np.searchsorted(ends, j * self.seq_length, side="right"))
-        return {"samples": k, "tokens": k * self.seq_length, "documents": epoch * len(self.doc_ids) + in_epoch,
-                "epoch": epoch, "epochs": k / self.samples_per_epoch}
+        """What the first k samples used: tokens, epochs (fractional), and documents: every document once
+        per completed epoch, pro rata within the current one (its samples are read in shuffled order)."""
+        epochs = k / self.samples_per_epoch
+        return {"samples": k, "tokens": k * self.seq_length, "documents": int(epochs * len(self.doc_ids)),
+                "documents_per_epoch": len(self.doc_ids), "epoch": k // self.samples_per_epoch, "epochs": epochs}
