@@ -308,6 +308,9 @@ def test_killed_run_resumes_the_same_stream(straight, tmp_path):
     data_state = (ckpt / "iter_0000006" / "data_state.json").read_text()
     assert '"phase": "text+code"' in data_state and '"realised_mixture"' in data_state
 
+    # The data trace replays the stream from the checkpoint's schedule: its samples hash to what ran.
+    _check_trace(straight, ["--steps", "7-8", "--load", str(ckpt), "--ckpt-step", "6"], [7, 8])
+
     for step, nproc, exact in ((4, 2, True), (6, 1, False)):
         resumed = _metrics(nproc, tmp_path, f"from{step}", ["--load", str(ckpt), "--ckpt-step", str(step)])
         assert sorted(resumed) == list(range(step + 1, 11))
@@ -349,3 +352,31 @@ def test_example_recipes_encode_crystal(tmp_path):
             assert {f.rate for f in three.fim.values()} == {0.3}
         if name == "demo":
             assert config.phases[0].iters <= 60 and config.phases[1].fim["code"].rate > 0
+
+
+def _check_trace(straight, flags, steps):
+    import json
+
+    from megatron_ext.data.phase_schedule import SampleRef
+    from megatron_ext.data.phased_dataset import PhasedDataset
+    from megatron_ext.tokenizer import CrystalTokenizer
+    from megatron_ext.training.loop import sample_hash
+
+    proc = subprocess.run([sys.executable, "tools/data_trace.py", "--phases", str(SMALL), "--seq-length", "32",
+                           "--global-batch-size", "8", "--seed", "7", *flags],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["step"] for line in lines] == steps
+    config = load_phases(str(SMALL), 32, 8, 7, has_fim_tokens=True)
+    dataset = PhasedDataset(config, 32, CrystalTokenizer(str(TOKENIZER)))
+    names = config.source_names
+    for line in lines:
+        assert line["phase"] == straight[line["step"]]["phase"] and len(line["samples"]) == 8
+        refs = [SampleRef(s["phase_index"], names.index(s["source"]), s["index"]) for s in line["samples"]]
+        assert sum(sample_hash(dataset[r]["tokens"]) for r in refs) == straight[line["step"]]["data_hash"]
+        assert all(run[2] > 0 for s in line["samples"] for run in s["runs"])
+
+
+def test_data_trace_names_the_documents_of_each_step(straight):
+    _check_trace(straight, ["--steps", "3-6"], [3, 4, 5, 6])

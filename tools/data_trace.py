@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Which documents went into which training steps of a --phases run: to trace a loss spike to its data.
+
+The sample stream of a phases run is a function of the phases file, the sequence length and the saved
+schedule, so nothing needs to be logged during training: this tool replays it. One JSON line per step:
+
+  {"step": 101, "phase": "text+code", "samples": [{"source": "code", "index": 412, "epoch": 0,
+    "runs": [[doc_id, offset_in_doc, length], ...]}, ...]}
+
+  python tools/data_trace.py --phases examples/phases/demo.yaml --seq-length 256 --global-batch-size 8 \\
+      --steps 101-110 [--load runs/demo/checkpoints --ckpt-step 100]
+
+With --load, the replay starts from that checkpoint's saved schedule (needed when the phases file was
+edited during the run; faster for late steps); otherwise from the first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _fail(message: str) -> int:
+    print(f"data_trace.py: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--phases", required=True)
+    p.add_argument("--seq-length", type=int, required=True)
+    p.add_argument("--global-batch-size", type=int, default=8, help="for phases that do not set their own")
+    p.add_argument("--seed", type=int, default=1234, help="for a phases file that does not set one")
+    p.add_argument("--steps", required=True, help="FIRST-LAST (1-based, inclusive)")
+    p.add_argument("--load", help="checkpoint directory: start from its saved schedule")
+    p.add_argument("--ckpt-step", type=int)
+    args = p.parse_args(argv)
+
+    from megatron_ext.data.phase_schedule import PhaseSchedule
+    from megatron_ext.data.phased_dataset import PhasedDataset, next_step_batch_size
+    from megatron_ext.data.phases_config import PhasesConfigError, load_phases
+
+    try:
+        first, last = (int(x) for x in args.steps.split("-"))
+        assert 1 <= first <= last
+    except (ValueError, AssertionError):
+        return _fail(f"--steps {args.steps}: expected FIRST-LAST with 1 <= FIRST <= LAST")
+    try:
+        config = load_phases(args.phases, args.seq_length, args.global_batch_size, args.seed, has_fim_tokens=True)
+    except PhasesConfigError as e:
+        return _fail(str(e))
+    schedule, done = PhaseSchedule(config), 0
+    if args.load:
+        from megatron_ext.training.checkpointing import CheckpointError, checkpoint_path, read_common_state
+
+        try:
+            path = checkpoint_path(args.load, args.ckpt_step)
+            common = read_common_state(path) if path else None
+        except CheckpointError as e:
+            return _fail(str(e))
+        if not common or not common.get("data_state"):
+            return _fail(f"--load {args.load}: no checkpoint with a phase schedule")
+        schedule, note = PhaseSchedule.from_state_dict(config, common["data_state"], common["consumed_samples"])
+        if note:
+            print(f"warning: {note}", file=sys.stderr)
+        done = common["iteration"]
+        if first <= done:
+            return _fail(f"--steps {args.steps}: the checkpoint is at step {done}; trace steps after it")
+    streams = PhasedDataset(config, args.seq_length).streams
+    total = config.total_iters
+    if last > total:
+        return _fail(f"--steps {args.steps}: the phases have {total} steps")
+    for step in range(done + 1, last + 1):
+        refs = schedule.take(next_step_batch_size(schedule))
+        if step < first:
+            continue
+        samples = []
+        for ref in refs:
+            stream = streams[ref.source]
+            epoch, position = stream.locate(ref.index)
+            _, runs = stream.packed(epoch, position)
+            samples.append({"source": stream.spec.name, "phase_index": ref.phase, "index": ref.index, "epoch": epoch,
+                            "runs": [[r.doc_id, r.doc_offset, r.length] for r in runs]})
+        print(json.dumps({"step": step, "phase": config.phases[refs[0].phase].name, "samples": samples}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
