@@ -24,13 +24,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run pretrain_crystal.py on nproc local processes; fail fast (timeout) rather than hang."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+def torchrun_command(nproc: int, args: list[str], env_extra: dict | None = None) -> tuple[list[str], dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **(env_extra or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", str(free_port()), str(REPO / "pretrain_crystal.py"), *args]
+    return cmd, env
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 240, check: bool = True,
+             env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """Run pretrain_crystal.py on nproc local processes; fail fast (timeout) rather than hang."""
+    cmd, env = torchrun_command(nproc, args, env_extra)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
 

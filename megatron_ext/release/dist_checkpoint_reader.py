@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from megatron_ext.model.crystal_config import CrystalConfig
 from megatron_ext.model.weight_mapping import qkv_from_megatron
 from megatron_ext.release.hf_format import reference_names
-from megatron_ext.training.checkpointing import CheckpointError, checkpoint_path, read_common_state
+from megatron_ext.training.checkpointing import CheckpointError, checkpoint_path, incomplete_reason, read_common_state
 
 LAYER_PREFIX = "decoder.layers."
 # Reference name inside block h.N -> Megatron name inside decoder.layers (the stacked global tensors).
@@ -111,16 +111,9 @@ class DistCheckpointReader:
         emb = tuple(self._tensor_metadata("embedding.word_embeddings.weight").size)
         if emb[1] != self.crystal.hidden_size or emb[0] < self.crystal.vocab_size:
             raise CheckpointError(f"{self.path}: embedding shape {emb} does not fit vocab {self.crystal.vocab_size}")
-        needed: dict[str, int] = {}
-        for index, info in self._metadata.storage_data.items():
-            if not index.fqn.startswith("optimizer"):
-                needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-        for name, end in sorted(needed.items()):
-            file = os.path.join(self.path, name)
-            if not os.path.isfile(file):
-                raise CheckpointError(f"{self.path}: shard file {name} is missing")
-            if os.path.getsize(file) < end:
-                raise CheckpointError(f"{self.path}: shard file {name} is truncated ({os.path.getsize(file)} < {end} bytes)")
+        reason = incomplete_reason(self.path, tensors="model")
+        if reason:
+            raise CheckpointError(reason)
 
     def read(self, key: str, layer: int | None = None) -> torch.Tensor:
         """The global tensor key, or its slice for one layer of the stacked decoder.layers.* tensors."""

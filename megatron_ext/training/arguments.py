@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "fewer stops the run early")
     g.add_argument("--exit-interval", type=int,
                    help="stop (saving first, with --save) once the iteration is a multiple of this")
+    g.add_argument("--max-skipped-steps", type=int, default=5,
+                   help="stop after this many consecutive steps whose gradients were not finite (each is skipped)")
     g.add_argument("--lr", type=float, default=1.2e-2, help="base (muP) learning rate; Crystal phase 1: 0.012")
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune", action="store_true",
                    help="with --load: take the model weights only; optimizer, scheduler and iteration start afresh")
     g.add_argument("--save-interval", type=int, help="default: only at the end when --save is given")
+    g.add_argument("--keep-last-checkpoints", type=int, help="remove older checkpoints, keeping this many (default: all)")
 
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=0, help="0: no evaluation")
@@ -185,6 +188,8 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
         _require(args.load is not None, "--ckpt-step needs --load")
         _require(os.path.isdir(os.path.join(args.load, f"iter_{args.ckpt_step:07d}")),
                  f"--ckpt-step {args.ckpt_step}: {args.load} has no iter_{args.ckpt_step:07d}")
+    _require(args.keep_last_checkpoints is None or args.keep_last_checkpoints >= 1, "--keep-last-checkpoints must be >= 1")
+    _require(args.max_skipped_steps >= 1, "--max-skipped-steps must be >= 1")
     if args.save_interval is not None:
         _require(args.save, "--save-interval needs --save")
         _require(args.save_interval >= 1, "--save-interval must be >= 1")

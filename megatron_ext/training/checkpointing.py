@@ -92,12 +92,13 @@ def _is_distributed(optimizer) -> bool:
 
 def save_checkpoint(root: str, iteration: int, model_chunks, crystal: CrystalConfig, padded_vocab: int,
                     optimizer=None, scheduler=None, consumed_samples: int = 0, tokenizer: dict | None = None,
-                    data_state: dict | None = None) -> str:
+                    data_state: dict | None = None, keep_last: int | None = None) -> str:
     """Write DIR/iter_N and then the tracker. Without an optimizer (an imported release) only the weights
     are stored, and a run that loads them starts at iteration 0 with a fresh optimizer.
 
     tokenizer: {"type", "model"} as trained with, so that the release tools can find it.
     data_state: where the data stream stands (the phase schedule's state), to resume it exactly.
+    keep_last: afterwards remove all but the newest keep_last checkpoints.
     """
     path = iteration_dir(root, iteration)
     if torch.distributed.get_rank() == 0:
@@ -121,6 +122,8 @@ def save_checkpoint(root: str, iteration: int, model_chunks, crystal: CrystalCon
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         write_text_atomically(os.path.join(root, TRACKER), str(iteration))
+        if keep_last is not None:
+            prune_checkpoints(root, keep_last)
     torch.distributed.barrier()
     return path
 
@@ -164,17 +167,69 @@ def _unshare_adam_steps(optimizer) -> None:
                 state["step"] = state["step"].clone()
 
 
+def _saved_iterations(root: str) -> list[int]:
+    return sorted(int(d[5:]) for d in os.listdir(root) if d.startswith("iter_") and d[5:].isdigit())
+
+
+def incomplete_reason(path: str, tensors: str = "all") -> str | None:
+    """Why the checkpoint at path cannot be read in full (None if it can): its index files, and every
+    file its tensors live in, present and long enough. tensors="model" checks the model's alone."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    for name in ("metadata.json", "common.pt", ".metadata"):
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"{path} is not a dist checkpoint (no {name})" if name == "metadata.json" else f"{path}: {name} is missing"
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception as e:  # a truncated or garbled .metadata raises whatever its unpickling hits
+        return f"{path}: cannot read the DCP metadata ({type(e).__name__})"
+    needed: dict[str, int] = {}
+    for index, info in metadata.storage_data.items():
+        if tensors == "all" or not index.fqn.startswith("optimizer"):
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(needed.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{path}: shard file {name} is missing"
+        if os.path.getsize(file) < end:
+            return f"{path}: shard file {name} is truncated ({os.path.getsize(file)} < {end} bytes)"
+    return None
+
+
 def checkpoint_path(root: str, step: int | None = None) -> str | None:
-    """DIR/iter_N for --ckpt-step N, else the tracker's iteration; None when root has no checkpoint yet."""
-    if step is None:
-        step = latest_iteration(root)
-        if step is None:
-            return None
-    path = iteration_dir(root, step)
-    if not os.path.isdir(path):
-        saved = sorted(d for d in os.listdir(root) if d.startswith("iter_"))
-        raise CheckpointError(f"{root} has no checkpoint of iteration {step} (found: {', '.join(saved) or 'none'})")
-    return path
+    """DIR/iter_N for --ckpt-step N, else the tracker's iteration; None when root has no checkpoint yet.
+
+    The latest checkpoint, when damaged (a file lost or cut short after it was written), is passed over
+    with a warning for the newest complete one before it."""
+    if step is not None:
+        path = iteration_dir(root, step)
+        if not os.path.isdir(path):
+            saved = sorted(d for d in os.listdir(root) if d.startswith("iter_"))
+            raise CheckpointError(f"{root} has no checkpoint of iteration {step} (found: {', '.join(saved) or 'none'})")
+        return path
+    latest = latest_iteration(root)
+    if latest is None:
+        return None
+    reasons = []
+    for candidate in [it for it in reversed(_saved_iterations(root)) if it <= latest]:
+        path = iteration_dir(root, candidate)
+        reason = incomplete_reason(path)
+        if reason is None:
+            return path
+        print(f"warning: skipping a damaged checkpoint: {reason}", flush=True)
+        reasons.append(reason)
+    raise CheckpointError(f"no complete checkpoint at or before iteration {latest}: "
+                          f"{reasons[0] if reasons else f'{iteration_dir(root, latest)} is missing'}")
+
+
+def prune_checkpoints(root: str, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints (never the one the tracker names)."""
+    import shutil
+
+    latest = latest_iteration(root)
+    for iteration in _saved_iterations(root)[:-keep]:
+        if iteration != latest:
+            shutil.rmtree(iteration_dir(root, iteration), ignore_errors=True)
 
 
 def read_common_state(path: str) -> dict:

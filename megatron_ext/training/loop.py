@@ -18,6 +18,7 @@ from megatron_ext import cpu_compat
 from megatron_ext.model.crystal_config import CrystalConfig
 from megatron_ext.model.crystal_gpt import ParallelLayout, build_model, padded_vocab_size, transformer_config
 from megatron_ext.training import checkpointing, data_feed, distributed
+from megatron_ext.training.faults import NonFiniteGuard, StopRequest
 from megatron_ext.training.metrics import TrainingLogger
 from megatron_ext.training.optimizer import build_optimizer
 from megatron_ext.training.phase_lr import apply_phase
@@ -108,6 +109,7 @@ class Trainer:
         self.config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
         self.forward_backward = get_forward_backward_func()
         self.iteration = 0
+        self.nonfinite = NonFiniteGuard(args.max_skipped_steps, device)
 
     def set_data(self, feed) -> None:
         self.feed = feed
@@ -136,16 +138,21 @@ class Trainer:
         )
 
     def train_step(self, iterators: list) -> tuple[float | None, torch.Tensor | None, float | None]:
-        """(loss, per-source [loss sum, tokens] or None, grad norm) of one optimizer step."""
+        """(loss, per-source [loss sum, tokens] or None, grad norm) of one optimizer step. With
+        non-finite gradients on any rank the update is skipped (grad norm None)."""
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         if self.data_hashes is not None:
             self.data_hashes.clear()  # what evaluation read is not part of the step
         losses = self._run(iterators, forward_only=False, global_batch_size=self.feed.step_batch_size())
-        update_successful, grad_norm, _ = self.optimizer.step()
-        if update_successful:
-            self.scheduler.step(increment=1)
+        finite = self.nonfinite.grads_finite(self.model, self.iteration + 1)
+        self.nonfinite.record(finite)
+        grad_norm = None
+        if finite:
+            update_successful, grad_norm, _ = self.optimizer.step()
+            if update_successful:
+                self.scheduler.step(increment=1)
         return (*_reduce_loss(losses), grad_norm)
 
     @torch.no_grad()
@@ -171,6 +178,7 @@ class Trainer:
         path = checkpointing.save_checkpoint(
             self.args.save, self.iteration, self.model, self.crystal, self.padded_vocab, self.optimizer,
             self.scheduler, feed.consumed_samples, tokenizer, data_state=feed.state_dict(),
+            keep_last=self.args.keep_last_checkpoints,
         )
         if torch.distributed.get_rank() == 0 and hasattr(feed, "bookkeeping_json"):
             # What the run has read so far, for people: per source and per phase.
@@ -227,6 +235,7 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
     trainer.set_data(feed)
     if args.load:
         trainer.load()
+    stop = StopRequest(device)  # before the DataLoader workers fork, so that they inherit the handler
     train_its = feed.train_iterators(len(trainer.model), args.train_iters - trainer.iteration)
 
     logging_rank = distributed.is_logging_rank()
@@ -271,6 +280,15 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
                     record["data_hash"] = data_hash
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+        if grad_norm is None and logging_rank:
+            print(f"iteration {trainer.iteration}: non-finite gradients (lm loss {loss}): update skipped "
+                  f"({trainer.nonfinite.consecutive} in a row, {trainer.nonfinite.total} in all)", flush=True)
+        if trainer.nonfinite.exhausted:
+            distributed.print_rank_0(
+                f"pretrain_crystal.py: error: {trainer.nonfinite.consecutive} consecutive steps had non-finite "
+                f"gradients (--max-skipped-steps {args.max_skipped_steps}); stopping without saving. Resume from the "
+                "last checkpoint, e.g. with a lower --lr or after inspecting the data (tools/data_trace.py)")
+            return 3
         if args.eval_interval and trainer.iteration % args.eval_interval == 0:
             valid_loss, _ = trainer.evaluate(trainer.iteration // args.eval_interval - 1)
             if logging_rank:
@@ -280,6 +298,10 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
         if args.save and args.save_interval and trainer.iteration % args.save_interval == 0:
             trainer.save()
         if args.exit_interval and trainer.iteration % args.exit_interval == 0:
+            break
+        if stop.agreed():
+            distributed.print_rank_0(f"stop requested ({stop.signalled or 'signal on another rank'}): saving at "
+                                     f"iteration {trainer.iteration} and exiting; a run with the same --load resumes here")
             break
     if args.save and not (args.save_interval and trainer.iteration % args.save_interval == 0):
         trainer.save()

@@ -1,0 +1,89 @@
+"""Faults: a stop signal saves and exits 0, damaged or half-written checkpoints are passed over, old ones
+pruned, non-finite updates skipped (and the run stopped after too many in a row)."""
+
+import shutil
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from distributed_run import REPO, TINY_RUN, read_metrics, torchrun, torchrun_command
+
+STEPS = 12
+RUN = TINY_RUN + ["--train-iters", str(STEPS), "--use-distributed-optimizer"]
+
+
+def _metrics(path):
+    return {r["iteration"]: r for r in read_metrics(path)}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("straight")
+    torchrun(2, RUN + ["--metrics-jsonl", str(tmp / "m.jsonl")])
+    return _metrics(tmp / "m.jsonl")
+
+
+def _same(got: dict, ref: dict, steps):
+    for i in steps:
+        assert (got[i]["lm_loss"], got[i]["grad_norm"], got[i]["lr"]) == (ref[i]["lm_loss"], ref[i]["grad_norm"], ref[i]["lr"]), i
+
+
+@pytest.mark.timeout(300)
+def test_sigusr1_saves_exits_zero_and_resumes_identically(straight, tmp_path):
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "first.jsonl"
+    cmd, env = torchrun_command(2, RUN + ["--save", str(ckpt), "--metrics-jsonl", str(metrics)])
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 200
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, "training did not get going"
+        time.sleep(0.1)
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "pretrain_crystal.py" in " ".join(c.cmdline())]
+    workers[-1].send_signal(signal.SIGUSR1)  # one rank only: every rank must still stop together
+    out, _ = proc.communicate(timeout=200)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stop requested (SIGUSR1)" in out or "stop requested (signal on another rank)" in out
+    stopped = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert 3 <= stopped < STEPS and sorted(_metrics(metrics)) == list(range(1, stopped + 1))
+    torchrun(2, RUN + ["--load", str(ckpt), "--metrics-jsonl", str(tmp_path / "second.jsonl")])
+    resumed = _metrics(tmp_path / "second.jsonl")
+    assert sorted(resumed) == list(range(stopped + 1, STEPS + 1))
+    _same({**_metrics(metrics), **resumed}, straight, range(1, STEPS + 1))
+
+
+@pytest.mark.timeout(300)
+def test_damaged_and_half_written_checkpoints_are_not_resumed_from(straight, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    torchrun(2, RUN + ["--save", str(ckpt), "--save-interval", "2", "--exit-interval", "6", "--keep-last-checkpoints", "2"])
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000004", "iter_0000006"]  # 2 was pruned
+    # Damage the latest after it was written, and leave a newer half-written one (as a kill -9 mid-save
+    # does: files of iteration 8, no tracker update).
+    next(iter(sorted((ckpt / "iter_0000006").glob("*.distcp")))).unlink()
+    half = ckpt / "iter_0000008"
+    shutil.copytree(ckpt / "iter_0000004", half)
+    (half / ".metadata").unlink()
+    proc = torchrun(2, RUN + ["--load", str(ckpt), "--metrics-jsonl", str(tmp_path / "m.jsonl")])
+    assert "skipping a damaged checkpoint" in proc.stdout and "iter_0000006" in proc.stdout
+    resumed = _metrics(tmp_path / "m.jsonl")
+    assert sorted(resumed) == list(range(5, STEPS + 1))  # from iteration 4, the newest complete one
+    _same(resumed, straight, range(5, STEPS + 1))
+
+
+@pytest.mark.timeout(300)
+def test_non_finite_updates_are_skipped_then_the_run_stops(straight, tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    proc = torchrun(2, RUN + ["--metrics-jsonl", str(metrics), "--max-skipped-steps", "3"],
+                    check=False, env_extra={"CRYSTAL_TEST_NAN_ITERS": "3,6,7,8"})
+    assert proc.returncode != 0
+    assert "3 consecutive steps had non-finite gradients (--max-skipped-steps 3); stopping" in proc.stdout + proc.stderr
+    got = _metrics(metrics)
+    assert sorted(got) == list(range(1, 9))
+    assert [i for i in got if got[i]["grad_norm"] is None] == [3, 6, 7, 8]  # skipped, logged
+    _same(got, straight, [1, 2])
+    assert got[3]["lm_loss"] == straight[3]["lm_loss"]  # step 3's loss was computed; its update not applied
+    # Skipping step 3's update leaves the weights (and the lr schedule) as after step 2: the run goes on
+    # finite, and its lr lags the uninterrupted run's by one step.
+    assert all(got[i]["lm_loss"] == got[i]["lm_loss"] for i in got)
+    assert got[4]["lr"] == straight[3]["lr"] and got[5]["lr"] == straight[4]["lr"]
