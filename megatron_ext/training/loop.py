@@ -14,7 +14,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_ext import cpu_compat
+from megatron_ext import accelerators, cpu_compat
 from megatron_ext.model.crystal_config import CrystalConfig
 from megatron_ext.model.crystal_gpt import ParallelLayout, build_model, padded_vocab_size, transformer_config
 from megatron_ext.training import checkpointing, data_feed, distributed
@@ -203,11 +203,8 @@ class Trainer:
 
 def _describe_path(args: argparse.Namespace) -> str:
     device = "CPU (Megatron-Core CPU compatibility layer)" if cpu_compat.is_active() else torch.cuda.get_device_name()
-    return (
-        f"kernel path: Megatron-Core local spec (no Transformer Engine), unfused attention and rope; "
-        f"device: {device}; backend: {args.distributed_backend}; "
-        f"precision: {'bf16' if args.bf16 else 'fp32'}"
-    )
+    return (f"kernel path: {accelerators.kernel_path()}; device: {device}; backend: {args.distributed_backend}; "
+            f"precision: {'bf16' if args.bf16 else 'fp32'}")
 
 
 def pretrain(args: argparse.Namespace, crystal: CrystalConfig) -> int:

@@ -1,0 +1,97 @@
+"""The SLURM launch (dry run with a faked SLURM environment) and a two-"node" run on one machine."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distributed_run import REPO, TINY_RUN, free_port, layout_flags, read_metrics, torchrun
+
+FAKE_SCONTROL = """#!/usr/bin/env bash
+# scontrol show hostnames gpu[001-004]
+printf 'gpu001\\ngpu002\\ngpu003\\ngpu004\\n'
+"""
+
+
+def _dry_run(tmp_path, script, **env):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
+    (bin_dir / "scontrol").chmod(0o755)
+    full_env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NUM_NODES="4",
+                    SLURM_JOB_NODELIST="gpu[001-004]", SLURM_JOB_ID="12345", SLURM_SUBMIT_DIR=str(REPO), **env)
+    return subprocess.run(["bash", str(REPO / "examples" / script), "--dry-run"], env=full_env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("script", ["crystal_7b.sh", "crystal_1b.sh", "slurm/launch.sh", "demo.sh"])
+def test_scripts_parse(script):
+    assert subprocess.run(["bash", "-n", str(REPO / "examples" / script)]).returncode == 0
+
+
+def test_sbatch_dry_run_derives_the_launch_from_slurm(tmp_path):
+    proc = _dry_run(tmp_path, "crystal_7b.sh", EXTRA_ARGS="--train-iters 100")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "4 node(s) x 8 GPUs = 32 ranks: TP 2 x PP 2 x DP 8; rendezvous gpu001:32345" in out
+    header = (REPO / "examples" / "crystal_7b.sh").read_text()
+    for directive in ("--requeue", "--signal=USR1@300", "--exclusive", "--gpus-per-node=8", "--time="):
+        assert f"#SBATCH {directive}" in header
+    nodes = [line for line in out.splitlines() if line.startswith("node ")]
+    assert len(nodes) == 4
+    for rank, line in enumerate(nodes):
+        assert f"--nnodes 4 --nproc-per-node 8 --node-rank {rank} --master-addr gpu001 --master-port 32345" in line
+        assert line.startswith(f"node {rank}: trap '' USR1; cd {REPO} && exec torchrun")
+        for flag in ("--model crystal-7b", "--phases examples/phases/crystal.yaml", "--tensor-model-parallel-size 2",
+                     "--pipeline-model-parallel-size 2", "--save checkpoints/crystal-7b",
+                     "--load checkpoints/crystal-7b", "--use-distributed-optimizer", "--train-iters 100"):
+            assert flag in line, flag
+    srun = next(line for line in out.splitlines() if line.startswith("srun "))
+    assert "--nodes 4 --ntasks-per-node 1 --kill-on-bad-exit=1 bash -c" in srun
+
+
+def test_sbatch_overrides_and_bad_layout(tmp_path):
+    proc = _dry_run(tmp_path, "crystal_1b.sh", CKPT_DIR="/scratch/ckpt", GPUS_PER_NODE="4", NODES="2")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 node(s) x 4 GPUs = 8 ranks: TP 1 x PP 1 x DP 8" in proc.stdout and "--load /scratch/ckpt" in proc.stdout
+    proc = _dry_run(tmp_path, "crystal_7b.sh", PP="3")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: 4 node(s) x 8 GPUs = 32 is not a multiple of TP x PP = 2 x 3"
+
+
+@pytest.mark.timeout(300)
+def test_two_nodes_on_one_machine_match_one_node(tmp_path):
+    """torchrun --nnodes 2 --node-rank {0,1} (2 processes each, localhost rendezvous) == 4 processes."""
+    args = TINY_RUN + layout_flags(tp=2, dist_opt=True) + ["--train-iters", "4"]
+    torchrun(4, args + ["--metrics-jsonl", str(tmp_path / "one.jsonl")])
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               str(REPO / "pretrain_crystal.py"), *args,
+                               "--metrics-jsonl", str(tmp_path / "two.jsonl")],
+                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    outputs = [n.communicate(timeout=240)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), outputs[0][-2000:] + outputs[1][-2000:]
+    one, two = read_metrics(tmp_path / "one.jsonl"), read_metrics(tmp_path / "two.jsonl")
+    assert [(r["lm_loss"], r["grad_norm"]) for r in one] == [(r["lm_loss"], r["grad_norm"]) for r in two]
+
+
+def test_dockerfile_is_pinned_and_installs_what_make_setup_installs():
+    import re
+
+    docker = (REPO / "Dockerfile").read_text()
+    makefile = (REPO / "Makefile").read_text()
+    base = re.search(r"^FROM (\S+)$", docker, re.M).group(1)
+    assert re.fullmatch(r"nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3", base), base  # a pinned NGC release
+    installs = re.findall(r"pip install ([^\n]+)", docker)
+    # One install, of this project: its requirements come from pyproject.toml, as for `make setup`
+    # (which adds only the CPU torch and the test extras).
+    assert installs == ["--no-cache-dir --no-build-isolation -e ."]
+    assert "--no-build-isolation -e '.[dev]'" in makefile
+    assert 'CMD ["python", "-m", "megatron_ext.accelerators"]' in docker
+    out = subprocess.run([sys.executable, "-m", "megatron_ext.accelerators"], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 0 and "kernel path: Megatron-Core local spec" in out.stdout
