@@ -14,7 +14,11 @@ LOG_INTERVAL=${LOG_INTERVAL:-10}
 NODES=${NODES:-${SLURM_JOB_NUM_NODES:-1}}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NODELIST=${SLURM_JOB_NODELIST:-localhost}
-MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$NODELIST" | head -n 1)}
+if [ -z "${MASTER_ADDR:-}" ]; then
+  # Not `| head -n 1`: under pipefail, scontrol dying of SIGPIPE after head exits would fail the job.
+  mapfile -t HOSTS < <(scontrol show hostnames "$NODELIST")
+  MASTER_ADDR=${HOSTS[0]:?"scontrol show hostnames $NODELIST gave no host"}
+fi
 MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 for arg in "$@"; do
   if [ "$arg" = "--dry-run" ]; then DRY_RUN=1; fi
