@@ -87,3 +87,17 @@ def test_non_finite_updates_are_skipped_then_the_run_stops(straight, tmp_path):
     # finite, and its lr lags the uninterrupted run's by one step.
     assert all(got[i]["lm_loss"] == got[i]["lm_loss"] for i in got)
     assert got[4]["lr"] == straight[3]["lr"] and got[5]["lr"] == straight[4]["lr"]
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_killed_during_a_save_leaves_the_previous_resume_point(straight, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    proc = torchrun(2, RUN + ["--save", str(ckpt), "--save-interval", "4"], check=False,
+                    env_extra={"CRYSTAL_TEST_KILL_IN_SAVE": "8"})
+    assert proc.returncode != 0
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "4"
+    assert (ckpt / "iter_0000008").is_dir()  # begun, never finished
+    torchrun(2, RUN + ["--load", str(ckpt), "--metrics-jsonl", str(tmp_path / "m.jsonl")])
+    resumed = _metrics(tmp_path / "m.jsonl")
+    assert sorted(resumed) == list(range(5, STEPS + 1))
+    _same(resumed, straight, range(5, STEPS + 1))

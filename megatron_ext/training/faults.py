@@ -7,8 +7,9 @@ non-finite update is skipped instead of poisoning the weights.
 - Non-finite gradients (a NaN or inf loss produces them): every rank checks its gradient buffers after
   the backward pass; if any rank finds one, no rank steps the optimizer or the lr schedule. After
   --max-skipped-steps such steps in a row the run stops with a message rather than spin.
-The environment variable CRYSTAL_TEST_NAN_ITERS ("3,5,6") poisons the gradients of those iterations:
-a test hook that exercises the real detection path.
+Test hooks (environment variables) that exercise the real paths: CRYSTAL_TEST_NAN_ITERS ("3,5,6")
+poisons the gradients of those iterations; CRYSTAL_TEST_KILL_IN_SAVE=N makes the last rank SIGKILL itself
+inside the save of iteration N, after the other ranks have started writing.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ class StopRequest:
         flag = torch.tensor([1 if self.signalled else 0], device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def die_in_save_if_asked(iteration: int) -> None:
+    if os.environ.get("CRYSTAL_TEST_KILL_IN_SAVE") == str(iteration) and \
+            torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _test_nan_iterations() -> set[int]:
