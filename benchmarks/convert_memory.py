@@ -62,8 +62,7 @@ def write_random_hf(directory: str, cfg) -> tuple[int, int]:
     os.makedirs(directory)
     hf_export.write_metadata_files(cfg, directory)
     names = hf_format.reference_names(cfg)
-    entries = [(hf_format.HF_PREFIX + n, tuple(hf_format.to_hf(n, torch.empty(hf_format.reference_shape(n, cfg),
-                                                                              device="meta"))[1].shape)) for n in names]
+    entries = [(hf_format.HF_PREFIX + n, hf_format.hf_shape(n, cfg)) for n in names]
     tensors = ((name, torch.randn(shape) * 0.02) for name, shape in entries)
     index = write_sharded(directory, entries, tensors, torch.float32, 5 * 2**30)
     largest = max(torch.Size(shape).numel() for _, shape in entries) * 4

@@ -208,8 +208,7 @@ def test_7b_config_and_weight_names_match_the_release(tmp_path):
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (4096, 32, 32)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
-    shapes = {hf_format.HF_PREFIX + r: tuple(hf_format.to_hf(r, torch.empty(s, device="meta"))[1].shape)
-              for r in hf_format.reference_names(cfg) for s in [hf_format.reference_shape(r, cfg)]}
+    shapes = {hf_format.HF_PREFIX + r: hf_format.hf_shape(r, cfg) for r in hf_format.reference_names(cfg)}
     assert {n: tuple(p.shape) for n, p in model.named_parameters()} == shapes
 
 

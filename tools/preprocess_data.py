@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import multiprocessing
 import os
 import sys
 import threading
@@ -121,7 +122,8 @@ def _process_partition(files, out_prefixes, args, dtype, totals, progress) -> No
     """Tokenise files with a bounded, ordered stream of tasks over this partition's own workers."""
     builders = {key: indexed_output.import_megatron_datasets().IndexedDatasetBuilder(indexed_output.bin_path(p), dtype=dtype) for key, p in out_prefixes.items()}
     workers = max(1, args.workers // args.partitions)
-    with concurrent.futures.ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(args,)) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(args,))
+    try:
         pending = collections.deque()
         chunks = _chunks(files)
 
@@ -150,6 +152,14 @@ def _process_partition(files, out_prefixes, args, dtype, totals, progress) -> No
                 drain_one()
         while pending:
             drain_one()
+    except BaseException:
+        # Waiting for the pool after a worker died can block for good (its queue threads), so stop
+        # every worker now and let the caller clean up and report.
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in multiprocessing.active_children():
+            child.terminate()
+        raise
+    pool.shutdown()
     for key, prefix in out_prefixes.items():
         builders[key].finalize(indexed_output.idx_path(prefix))
 
@@ -260,4 +270,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code:
+        # After a failure the outputs are already removed; leave without joining concurrent.futures'
+        # threads, which a dead worker can leave blocked (Python's normal exit would wait on them).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -42,8 +42,7 @@ def write_weights(reader: DistCheckpointReader, directory: str, dtype: torch.dty
     """Stream every tensor of the checkpoint into sharded safetensors; returns the index."""
     cfg = reader.crystal
     names = hf_format.reference_names(cfg)
-    entries = [hf_format.to_hf(n, torch.empty(hf_format.reference_shape(n, cfg), device="meta")) for n in names]
-    entries = [(name, tuple(t.shape)) for name, t in entries]
+    entries = [(hf_format.HF_PREFIX + n, hf_format.hf_shape(n, cfg)) for n in names]
     tensors = (hf_format.to_hf(name, tensor) for name, tensor in reader.reference_tensors())
     with tqdm(total=len(entries), desc="tensors", unit="tensor", disable=not show_progress) as bar:
         return write_sharded(directory, entries, tensors, dtype, max_shard_bytes, progress=bar)

@@ -136,6 +136,11 @@ def reference_shape(name: str, cfg: CrystalConfig) -> tuple[int, ...]:
     return (h,)  # layer norms
 
 
+def hf_shape(reference_name: str, cfg: CrystalConfig) -> tuple[int, ...]:
+    shape = reference_shape(reference_name, cfg)
+    return shape[::-1] if is_conv1d_weight(reference_name) else shape
+
+
 def is_conv1d_weight(reference_name: str) -> bool:
     """Linear weights, which GPT-2's Conv1D stores as [in, out]; not the embedding, not the norms."""
     return reference_name.endswith(".weight") and ".ln_" not in reference_name and reference_name.startswith("h.")

@@ -34,7 +34,7 @@ class HFWeights(Mapping):
         self._names = [n for n in expected.values()]
         for name in self._names:
             shape = tuple(self._shape(hf_format.HF_PREFIX + name))
-            want = tuple(hf_format.to_hf(name, torch.empty(hf_format.reference_shape(name, cfg), device="meta"))[1].shape)
+            want = hf_format.hf_shape(name, cfg)
             if shape != want:
                 raise FormatError(f"{hf_dir}: {hf_format.HF_PREFIX + name} has shape {shape}, config.json implies {want}")
 

@@ -94,6 +94,8 @@ class PhaseFeed:
         return [data.phased_micro_batches(self.valid, schedule, self.args.eval_iters, self.args) for _ in range(chunks)]
 
     def advance(self) -> None:
+        """After a step. This schedule is the run's record (checkpoints, phase switches); the samplers
+        walk copies of it, ahead of training by the DataLoader's prefetch."""
         gbs = self.step_batch_size()
         self.schedule.take(gbs)
         self.consumed_samples += gbs

@@ -28,14 +28,14 @@ def loss_func(loss_mask: torch.Tensor, source_id: torch.Tensor | None, num_sourc
     """Summed token loss and token count; the schedule and finalize_model_grads divide by the global
     token count (calculate_per_token_loss). With phases, also [loss, tokens] per source, from each
     sample's source id."""
-    mask = loss_mask.reshape(-1).float()
-    loss = (output_tensor.float().reshape(-1) * mask).sum()
+    mask = loss_mask.float()
+    masked = output_tensor.float() * mask  # [micro batch, sequence]
+    loss = masked.sum()
     num_tokens = mask.sum().to(torch.int)
     report = {"lm loss": torch.stack([loss.detach(), mask.sum()])}
     if source_id is not None:
-        per_sample = torch.stack(((output_tensor.float() * loss_mask).sum(dim=1), loss_mask.float().sum(dim=1)), dim=1)
-        report["source loss"] = torch.zeros(num_sources, 2, device=per_sample.device).index_add_(
-            0, source_id, per_sample.detach())
+        per_sample = torch.stack((masked.detach().sum(dim=1), mask.sum(dim=1)), dim=1)
+        report["source loss"] = torch.zeros(num_sources, 2, device=per_sample.device).index_add_(0, source_id, per_sample)
     return loss, num_tokens, report
 
 
