@@ -1,9 +1,9 @@
 """What this machine offers the training step, and the kernel path the engine takes with it.
 
-Transformer Engine, apex and flash-attn are optional: they are looked for, never required. The engine
-currently runs Megatron-Core's local layer spec whatever is found (the fused FP8 path is a separate piece
-of work), and says so. `python -m megatron_ext.accelerators` prints the report (the Docker image's default
-command).
+Transformer Engine, apex, flash-attn and Triton are optional: they are looked for, never required.
+`python -m megatron_ext.accelerators` prints the report (the Docker image's default command): the path
+``--transformer-impl auto`` takes here without FP8, and the one ``--fp8-format hybrid`` would take (or why
+it cannot).
 """
 
 from __future__ import annotations
@@ -12,11 +12,17 @@ import importlib.util
 
 import torch
 
-OPTIONAL = {"transformer_engine": "Transformer Engine", "apex": "apex", "flash_attn": "flash-attn"}
+from megatron_ext.kernels.selection import KernelPathError, select
+
+OPTIONAL = {"transformer_engine": "Transformer Engine", "apex": "apex", "flash_attn": "flash-attn", "triton": "Triton"}
 
 
 def available() -> dict[str, bool]:
     return {name: importlib.util.find_spec(module) is not None for module, name in OPTIONAL.items()}
+
+
+def found() -> str:
+    return ", ".join(name for name, ok in available().items() if ok) or "none"
 
 
 def devices() -> str:
@@ -26,16 +32,14 @@ def devices() -> str:
     return f"{len(names)} GPU(s): {', '.join(names)}"
 
 
-def kernel_path() -> str:
-    found = [name for name, ok in available().items() if ok]
-    return ("Megatron-Core local spec: torch attention and rope, unfused"
-            + (f" ({', '.join(found)} found, not used by this path)" if found else " (no Transformer Engine, apex or flash-attn)"))
-
-
 def report() -> str:
     lines = [f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}", devices()]
     lines += [f"{name}: {'found' if ok else 'not installed'}" for name, ok in available().items()]
-    lines.append(f"kernel path: {kernel_path()}")
+    lines.append(f"kernel path: {select().describe()}")
+    try:
+        lines.append(f"kernel path with --fp8-format hybrid: {select(fp8_format='hybrid').describe()}")
+    except KernelPathError as e:
+        lines.append(f"kernel path with --fp8-format hybrid: unavailable: {e}")
     return "\n".join(lines)
 
 

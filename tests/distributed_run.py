@@ -26,6 +26,8 @@ def free_port() -> int:
 
 def torchrun_command(nproc: int, args: list[str], env_extra: dict | None = None) -> tuple[list[str], dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **(env_extra or {}))
+    if "TRITON_INTERPRET" not in (env_extra or {}):
+        env.pop("TRITON_INTERPRET", None)  # set by conftest.py for in-process kernel tests only
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", str(free_port()), str(REPO / "pretrain_crystal.py"), *args]
     return cmd, env

@@ -1,5 +1,5 @@
 """Faults: a stop signal saves and exits 0, damaged or half-written checkpoints are passed over, old ones
-pruned, non-finite updates skipped (and the run stopped after too many in a row)."""
+pruned, non-finite updates and loss spikes skipped (and the run stopped after too many in a row)."""
 
 import shutil
 import signal
@@ -77,7 +77,9 @@ def test_non_finite_updates_are_skipped_then_the_run_stops(straight, tmp_path):
     proc = torchrun(2, RUN + ["--metrics-jsonl", str(metrics), "--max-skipped-steps", "3"],
                     check=False, env_extra={"CRYSTAL_TEST_NAN_ITERS": "3,6,7,8"})
     assert proc.returncode != 0
-    assert "3 consecutive steps had non-finite gradients (--max-skipped-steps 3); stopping" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "iteration 3: non-finite gradients" in out and "update skipped (1 in a row, 1 in all)" in out
+    assert "3 consecutive steps were skipped (last: non-finite gradients; --max-skipped-steps 3); stopping" in out
     got = _metrics(metrics)
     assert sorted(got) == list(range(1, 9))
     assert [i for i in got if got[i]["grad_norm"] is None] == [3, 6, 7, 8]  # skipped, logged
@@ -101,3 +103,25 @@ def test_a_rank_killed_during_a_save_leaves_the_previous_resume_point(straight, 
     resumed = _metrics(tmp_path / "m.jsonl")
     assert sorted(resumed) == list(range(5, STEPS + 1))
     _same(resumed, straight, range(5, STEPS + 1))
+
+
+@pytest.mark.timeout(300)
+def test_loss_spikes_are_skipped_and_the_window_survives_a_resume(straight, tmp_path):
+    """The detector sees ten times the loss of iterations 6 and 10 (test hook): both updates are skipped,
+    no other step is (training losses fall, none lies 6 sigma above its window), and a run resumed at
+    iteration 8 still catches the spike at 10: the window of 3 losses came back with the checkpoint (a
+    fresh window would hold only one loss at 10 and let it through)."""
+    spiky = RUN + ["--loss-spike-window", "3", "--loss-spike-sigma", "6"]
+    env = {"CRYSTAL_TEST_SPIKE_ITERS": "6,10"}
+    ckpt = tmp_path / "ckpt"
+    proc = torchrun(2, spiky + ["--save", str(ckpt), "--save-interval", "8", "--metrics-jsonl", str(tmp_path / "a.jsonl")],
+                    env_extra=env)
+    assert "iteration 6: loss spike (" in proc.stdout and "mean + 6 sigma of the last 3 steps) (lm loss" in proc.stdout
+    first = _metrics(tmp_path / "a.jsonl")
+    assert [i for i in first if first[i]["grad_norm"] is None] == [6, 10]
+    _same(first, straight, range(1, 6))  # the detector changed nothing before the spike
+    assert first[6]["lm_loss"] == straight[6]["lm_loss"]  # the logged loss is the true one
+    torchrun(2, spiky + ["--load", str(ckpt), "--ckpt-step", "8", "--metrics-jsonl", str(tmp_path / "b.jsonl")], env_extra=env)
+    resumed = _metrics(tmp_path / "b.jsonl")
+    assert sorted(resumed) == list(range(9, STEPS + 1)) and resumed[10]["grad_norm"] is None
+    _same(resumed, first, range(9, STEPS + 1))

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_ext.kernels.selection import KernelPath
 from megatron_ext.model.crystal_config import CrystalConfig
-from megatron_ext.model.layer_specs import crystal_block_spec
+from megatron_ext.model.layer_specs import PLAIN_LOCAL, crystal_block_spec
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,17 @@ def transformer_config(
     bf16: bool = False,
     use_cpu_initialization: bool = False,
     perform_initialization: bool = True,
+    path: KernelPath = PLAIN_LOCAL,
 ) -> TransformerConfig:
     dtype = torch.bfloat16 if bf16 else torch.float32
+    # Transformer Engine runs FP8 itself when the config asks (Megatron-Core's TransformerBlock opens
+    # TE's FP8 context); the local path's FP8 lives in its linear layers and leaves the config alone.
+    te_options = {}
+    if path.uses_te:
+        te_options["attention_backend"] = AttnBackend[path.attention_backend]
+        if path.fp8 is not None:
+            te_options.update(fp8=path.fp8.format, fp8_recipe=path.fp8.recipe, fp8_margin=path.fp8.margin,
+                          fp8_amax_history_len=path.fp8.amax_history_len)
     return TransformerConfig(
         num_layers=crystal.num_layers,
         hidden_size=crystal.hidden_size,
@@ -59,7 +70,8 @@ def transformer_config(
         embedding_init_method=truncated_normal_init(crystal.embedding_init_std),
         init_method_std=crystal.init_std,
         embedding_init_method_std=crystal.embedding_init_std,
-        # The fused kernels below come from apex / Transformer Engine; the kernel-path issue picks them.
+        # Megatron-Core's fusions below come from apex / Transformer Engine; this project's own (rope,
+        # bias + SwiGLU) are modules of the layer spec instead.
         apply_rope_fusion=False,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
@@ -77,6 +89,7 @@ def transformer_config(
         perform_initialization=perform_initialization,
         # Loss = sum over tokens / tokens in the global batch, whatever the layout or micro-batching.
         calculate_per_token_loss=True,
+        **te_options,
     )
 
 
@@ -116,10 +129,11 @@ def build_model_chunk(
     pre_process: bool,
     post_process: bool,
     vp_stage: int | None = None,
+    path: KernelPath = PLAIN_LOCAL,
 ) -> CrystalGPTModel:
     return CrystalGPTModel(
         config=config,
-        transformer_layer_spec=crystal_block_spec(config, crystal.output_multiplier, vp_stage),
+        transformer_layer_spec=crystal_block_spec(config, crystal.output_multiplier, vp_stage, path),
         vocab_size=padded_vocab_size,
         max_sequence_length=crystal.seq_length,
         pre_process=pre_process,
@@ -135,7 +149,7 @@ def build_model_chunk(
 
 
 def build_model(
-    crystal: CrystalConfig, config: TransformerConfig, padded_vocab_size: int
+    crystal: CrystalConfig, config: TransformerConfig, padded_vocab_size: int, path: KernelPath = PLAIN_LOCAL
 ) -> list[CrystalGPTModel]:
     """One model chunk per virtual pipeline stage held by this rank (one chunk without VP)."""
     vp_size = config.virtual_pipeline_model_parallel_size
@@ -149,6 +163,7 @@ def build_model(
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
                 vp_stage=vp_stage,
+                path=path,
             )
         )
     return chunks

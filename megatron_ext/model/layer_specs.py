@@ -1,8 +1,10 @@
-"""Crystal's transformer structure as Megatron-Core layer specs (local implementation).
+"""Crystal's transformer structure as Megatron-Core layer specs.
 
-Pre-LN blocks: LayerNorm(bias) -> self-attention (fused QKV with bias, causal, core attention from
-Megatron-Core) -> residual; LayerNorm(bias) -> SwiGLU MLP (fc1 = [gate; up], fc2) -> residual.
-The final norm carries the muP logit multiplier (see ``CrystalLayerNorm``).
+Pre-LN blocks: LayerNorm(bias) -> self-attention (fused QKV with bias, causal) -> residual;
+LayerNorm(bias) -> SwiGLU MLP (fc1 = [gate; up], fc2) -> residual. The final norm carries the muP logit
+multiplier (see ``CrystalLayerNorm``). The modules filling each slot come from the kernel path
+(``megatron_ext.kernels.selection``): Megatron-Core's local modules, this project's fused ones, or
+Transformer Engine's.
 """
 
 from __future__ import annotations
@@ -22,45 +24,76 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megatron_ext.kernels.fp8_linear import fp8_linear_classes
+from megatron_ext.kernels.rope import FusedRopeSelfAttention
+from megatron_ext.kernels.sdpa_attention import TorchSDPAttention
+from megatron_ext.kernels.selection import KernelPath
+from megatron_ext.kernels.swiglu import FusedSwiGLUMLP
 from megatron_ext.model.layer_norm import CrystalLayerNorm
 
+# Megatron-Core's own modules, unfused: the reference path (release parity, model tests).
+PLAIN_LOCAL = KernelPath(transformer_impl="local", attention="Megatron-Core DotProductAttention (unfused)", on_gpu=False)
 
-def crystal_layer_spec() -> ModuleSpec:
+
+def _te_modules():
+    """Transformer Engine's modules, imported only on that path: LayerNorm fused into the linear that
+    follows it (so the layer's own norm slots are identities)."""
+    from megatron.core.extensions.transformer_engine import (
+        TEDotProductAttention,
+        TELayerNormColumnParallelLinear,
+        TERowParallelLinear,
+    )
+
+    return TELayerNormColumnParallelLinear, TEDotProductAttention, TERowParallelLinear
+
+
+def crystal_layer_spec(path: KernelPath = PLAIN_LOCAL) -> ModuleSpec:
+    keys_map = {}
+    if path.uses_te:
+        column, core_attention, row = _te_modules()
+        norm = IdentityOp
+        # The fused norms' parameters are saved under the local spec's names, so that checkpoints (and
+        # the release tools reading them) are the same whichever path trained them.
+        keys_map = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+                    "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
+    else:
+        column, row = fp8_linear_classes(path.fp8) if path.fp8 else (ColumnParallelLinear, RowParallelLinear)
+        core_attention = TorchSDPAttention if path.attention.startswith("torch") else DotProductAttention
+        norm = CrystalLayerNorm
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=CrystalLayerNorm,
+            input_layernorm=norm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=FusedRopeSelfAttention if path.fused_rope else SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    core_attention=DotProductAttention,
-                    linear_proj=RowParallelLinear,
+                    linear_qkv=column,
+                    core_attention=core_attention,
+                    linear_proj=row,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=CrystalLayerNorm,
+            pre_mlp_layernorm=norm,
             mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(
-                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
-                ),
+                module=FusedSwiGLUMLP if path.fused_swiglu else MLP,
+                submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row),
             ),
             mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=keys_map,
         ),
     )
 
 
 def crystal_block_spec(
-    config: TransformerConfig, output_multiplier: float, vp_stage: int | None = None
+    config: TransformerConfig, output_multiplier: float, vp_stage: int | None = None, path: KernelPath = PLAIN_LOCAL
 ) -> TransformerBlockSubmodules:
     """The decoder of one pipeline stage (or virtual stage)."""
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(
-        layer_specs=[crystal_layer_spec()] * num_layers,
+        layer_specs=[crystal_layer_spec(path)] * num_layers,
         layer_norm=ModuleSpec(
             module=CrystalLayerNorm, params={"output_multiplier": output_multiplier}
         ),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from megatron_ext.kernels.fp8_scaling import FORMATS, RECIPES
+from megatron_ext.kernels.selection import ATTENTION_BACKENDS, TE_ONLY_RECIPES, KernelPathError, select
 from megatron_ext.model.crystal_config import CrystalConfig, get_preset
 
 
@@ -53,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (saving first, with --save) once the iteration is a multiple of this")
     g.add_argument("--max-skipped-steps", type=int, default=5,
                    help="stop after this many consecutive steps whose gradients were not finite (each is skipped)")
+    g.add_argument("--loss-spike-window", type=int, default=0,
+                   help="skip the update of a step whose loss exceeds mean + k sigma of the last this many applied "
+                        "steps (0: off); such steps count towards --max-skipped-steps")
+    g.add_argument("--loss-spike-sigma", type=float, default=6.0, help="k of --loss-spike-window")
     g.add_argument("--lr", type=float, default=1.2e-2, help="base (muP) learning rate; Crystal phase 1: 0.012")
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
@@ -65,6 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU); CPU runs fp32")
     g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("kernels (megatron_ext/kernels/selection.py)")
+    g.add_argument("--transformer-impl", choices=("auto", "transformer_engine", "local"), default="auto",
+                   help="auto: Transformer Engine's layers when TE imports and a GPU is present, else the local spec "
+                        "with this project's kernels")
+    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
+                   help="local spec: auto/flash = torch SDPA, unfused/local = Megatron-Core's DotProductAttention; "
+                        "TE: passed to TE")
+    g.add_argument("--fp8-format", choices=FORMATS, help="train the linear layers in FP8 (H100-class GPUs); "
+                   "hybrid: e4m3 forward, e5m2 gradients")
+    g.add_argument("--fp8-recipe", choices=RECIPES + TE_ONLY_RECIPES, default="delayed",
+                   help="delayed: scales from an amax history; tensorwise: from the current amax (mxfp8 and "
+                        "blockwise: TE only)")
+    g.add_argument("--fp8-amax-history-len", type=int, default=1024)
+    g.add_argument("--fp8-margin", type=int, default=0, help="scale down by 2^margin below the largest representable")
+    g.add_argument("--fp8-cpu-emulation", action="store_true",
+                   help="allow --fp8-format on CPU (torch._scaled_mm's CPU kernel): for tests, not for speed")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", help="Megatron blend: [w1] prefix1 [w2 prefix2 ...]")
@@ -190,6 +213,8 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
                  f"--ckpt-step {args.ckpt_step}: {args.load} has no iter_{args.ckpt_step:07d}")
     _require(args.keep_last_checkpoints is None or args.keep_last_checkpoints >= 1, "--keep-last-checkpoints must be >= 1")
     _require(args.max_skipped_steps >= 1, "--max-skipped-steps must be >= 1")
+    _require(args.loss_spike_window == 0 or args.loss_spike_window >= 2, "--loss-spike-window must be 0 (off) or >= 2")
+    _require(args.loss_spike_sigma > 0, "--loss-spike-sigma must be > 0")
     if args.save_interval is not None:
         _require(args.save, "--save-interval needs --save")
         _require(args.save_interval >= 1, "--save-interval must be >= 1")
@@ -198,6 +223,13 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
     _require(not args.bf16 or torch.cuda.is_available(), "--bf16 needs a GPU; CPU runs train in fp32")
     if args.distributed_backend is None:
         args.distributed_backend = "nccl" if torch.cuda.is_available() else "gloo"
+    _require(args.fp8_amax_history_len >= 1, "--fp8-amax-history-len must be >= 1")
+    _require(args.fp8_margin >= 0, "--fp8-margin must be >= 0")
+    try:
+        args.kernel_path = select(args.transformer_impl, args.attention_backend, args.fp8_format, args.fp8_recipe,
+                                  args.fp8_amax_history_len, args.fp8_margin, args.fp8_cpu_emulation)
+    except KernelPathError as e:
+        raise ArgumentError(str(e)) from None
     return crystal
 
 

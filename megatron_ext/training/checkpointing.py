@@ -93,12 +93,14 @@ def _is_distributed(optimizer) -> bool:
 
 def save_checkpoint(root: str, iteration: int, model_chunks, crystal: CrystalConfig, padded_vocab: int,
                     optimizer=None, scheduler=None, consumed_samples: int = 0, tokenizer: dict | None = None,
-                    data_state: dict | None = None, keep_last: int | None = None) -> str:
+                    data_state: dict | None = None, guard_state: dict | None = None,
+                    keep_last: int | None = None) -> str:
     """Write DIR/iter_N and then the tracker. Without an optimizer (an imported release) only the weights
     are stored, and a run that loads them starts at iteration 0 with a fresh optimizer.
 
     tokenizer: {"type", "model"} as trained with, so that the release tools can find it.
     data_state: where the data stream stands (the phase schedule's state), to resume it exactly.
+    guard_state: the update guard's loss window and skip counters.
     keep_last: afterwards remove all but the newest keep_last checkpoints.
     """
     path = iteration_dir(root, iteration)
@@ -118,6 +120,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks, crystal: CrystalCon
         tokenizer=tokenizer,
         has_optimizer=optimizer is not None,
         data_state=data_state,
+        guard_state=guard_state,
     )
     die_in_save_if_asked(iteration)
     dist_checkpointing.save(state, path, sharded_strategy=("torch_dist", 1))
@@ -267,16 +270,16 @@ def load_model_weights(path: str, model_chunks) -> None:
 
 
 def load_checkpoint(root: str, model_chunks, optimizer, scheduler, crystal: CrystalConfig, padded_vocab: int,
-                    step: int | None = None, weights_only: bool = False) -> tuple[int, int, dict | None]:
+                    step: int | None = None, weights_only: bool = False) -> tuple[int, int, dict | None, dict | None]:
     """Resume from the checkpoint of iteration step (default: the latest) under root.
 
-    Returns (iteration, consumed samples, data state); (0, 0, None) when root has no checkpoint yet or
+    Returns (iteration, consumed samples, data state, guard state); (0, 0, None, None) when root has no checkpoint yet or
     when only weights are taken: with weights_only (--finetune), or from a checkpoint that has no
     optimizer state.
     """
     path = checkpoint_path(root, step)
     if path is None:
-        return 0, 0, None
+        return 0, 0, None, None
     common = read_common_state(path)
     check_model_matches(path, common, crystal, padded_vocab)
     weights_only = weights_only or not common.get("has_optimizer", True)
@@ -287,7 +290,7 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, crystal: Crys
     if weights_only:
         load_model_weights(path, model_chunks)
         optimizer.reload_model_params()
-        return 0, 0, None
+        return 0, 0, None, None
     _materialize_optimizer_state(optimizer)
     state = dist_checkpointing.load(_sharded_state_dict(model_chunks, optimizer, is_loading=True), path)
     for key, chunk in zip(_model_keys(model_chunks), model_chunks):
@@ -295,4 +298,4 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, crystal: Crys
     optimizer.load_state_dict(state["optimizer"])
     _unshare_adam_steps(optimizer)
     scheduler.load_state_dict(state["opt_param_scheduler"])
-    return state["iteration"], state["consumed_samples"], common.get("data_state")
+    return state["iteration"], state["consumed_samples"], common.get("data_state"), common.get("guard_state")

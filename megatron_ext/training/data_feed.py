@@ -49,6 +49,10 @@ class BlendFeed:
         self.consumed_samples = consumed_samples
         return None
 
+    def bookkeeping_json(self, iteration: int) -> str | None:
+        """A plain blend keeps no per-source books: Megatron's datasets know only consumed samples."""
+        return None
+
 
 class PhaseFeed:
     def __init__(self, args: argparse.Namespace, crystal: CrystalConfig):

@@ -5,17 +5,22 @@ non-finite update is skipped instead of poisoning the weights.
   handler only raises a flag; after the current step every rank learns whether any rank was signalled
   (one all-reduce per step), and together they save and exit 0, so the requeued job resumes there.
 - Non-finite gradients (a NaN or inf loss produces them): every rank checks its gradient buffers after
-  the backward pass; if any rank finds one, no rank steps the optimizer or the lr schedule. After
-  --max-skipped-steps such steps in a row the run stops with a message rather than spin.
+  the backward pass; if any rank finds one, no rank steps the optimizer or the lr schedule.
+- Loss spikes (optional, --loss-spike-window W): a step whose loss lies above mean + k sigma of the last
+  W applied steps' losses is handled the same way, so that one bad batch does not throw the weights off.
+- After --max-skipped-steps skipped steps in a row the run stops with a message rather than spin.
 Test hooks (environment variables) that exercise the real paths: CRYSTAL_TEST_NAN_ITERS ("3,5,6")
-poisons the gradients of those iterations; CRYSTAL_TEST_KILL_IN_SAVE=N makes the last rank SIGKILL itself
-inside the save of iteration N, after the other ranks have started writing.
+poisons the gradients of those iterations; CRYSTAL_TEST_SPIKE_ITERS ("7") shows the spike detector ten
+times those iterations' loss; CRYSTAL_TEST_KILL_IN_SAVE=N makes the last rank SIGKILL itself inside the
+save of iteration N, after the other ranks have started writing.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
+from collections import deque
 
 import torch
 
@@ -44,33 +49,70 @@ def die_in_save_if_asked(iteration: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _test_nan_iterations() -> set[int]:
-    raw = os.environ.get("CRYSTAL_TEST_NAN_ITERS", "")
-    return {int(x) for x in raw.split(",") if x.strip()}
+def _test_iterations(variable: str) -> set[int]:
+    return {int(x) for x in os.environ.get(variable, "").split(",") if x.strip()}
 
 
-class NonFiniteGuard:
-    def __init__(self, max_consecutive: int, device: torch.device):
-        self.max_consecutive, self.device = max_consecutive, device
+class UpdateGuard:
+    """Decides, identically on every rank, whether a step's update is applied.
+
+    One all-reduce per step carries both verdicts' inputs: whether any rank's gradients are non-finite,
+    and the step's loss (known on the last pipeline stage only), so that every rank keeps the same
+    window of recent losses and reaches the same spike verdict without another collective. The window
+    and the counters are checkpointed: a resumed run decides as the uninterrupted one would have.
+    """
+
+    def __init__(self, max_consecutive: int, device: torch.device, spike_window: int = 0, spike_sigma: float = 6.0):
+        self.max_consecutive, self.device, self.spike_sigma = max_consecutive, device, spike_sigma
+        self.recent = deque(maxlen=spike_window) if spike_window else None
         self.consecutive, self.total = 0, 0
-        self.poison_at = _test_nan_iterations()
+        self.poison_at = _test_iterations("CRYSTAL_TEST_NAN_ITERS")
+        self.spike_at = _test_iterations("CRYSTAL_TEST_SPIKE_ITERS")
 
-    def grads_finite(self, model_chunks: list, iteration: int) -> bool:
-        """Whether every rank's gradient buffers are finite (a collective: call on every rank)."""
+    def check(self, model_chunks: list, loss: float | None, iteration: int) -> str | None:
+        """Why this step's update must be skipped, or None to apply it (a collective: call on every rank).
+        loss: the step's global loss on the last pipeline stage, None elsewhere."""
         buffers = [b.grad_data for m in model_chunks for b in m.buffers + m.expert_parallel_buffers]
         if iteration in self.poison_at:
             buffers[0].view(-1)[0] = float("nan")
-        bad = torch.tensor([0 if all(torch.isfinite(g).all() for g in buffers) else 1], device=self.device)
-        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        return not bad.item()
-
-    def record(self, finite: bool) -> None:
-        if finite:
-            self.consecutive = 0
-        else:
+        bad = 0 if all(torch.isfinite(g).all() for g in buffers) else 1
+        seen = -math.inf
+        if loss is not None:
+            seen = loss * 10 if iteration in self.spike_at else loss
+            if not math.isfinite(seen):
+                bad, seen = 1, -math.inf
+        verdict = torch.tensor([bad, seen], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MAX)
+        reason = "non-finite gradients" if verdict[0].item() else self._spike(verdict[1].item())
+        if reason:
             self.consecutive += 1
             self.total += 1
+        else:
+            self.consecutive = 0
+            if self.recent is not None:
+                self.recent.append(verdict[1].item())
+        return reason
+
+    def _spike(self, loss: float) -> str | None:
+        if self.recent is None or len(self.recent) < self.recent.maxlen:
+            return None
+        mean = sum(self.recent) / len(self.recent)
+        sigma = math.sqrt(sum((x - mean) ** 2 for x in self.recent) / len(self.recent))
+        limit = mean + self.spike_sigma * sigma
+        if sigma > 0 and loss > limit:
+            return f"loss spike ({loss:.4f} > {limit:.4f}, mean + {self.spike_sigma:g} sigma of the last {len(self.recent)} steps)"
+        return None
 
     @property
     def exhausted(self) -> bool:
         return self.consecutive >= self.max_consecutive
+
+    def state_dict(self) -> dict:
+        return {"recent": list(self.recent or ()), "consecutive": self.consecutive, "total": self.total}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if not state:
+            return
+        self.consecutive, self.total = state["consecutive"], state["total"]
+        if self.recent is not None:
+            self.recent.extend(state["recent"][-self.recent.maxlen:])

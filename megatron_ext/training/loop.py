@@ -18,7 +18,7 @@ from megatron_ext import accelerators, cpu_compat
 from megatron_ext.model.crystal_config import CrystalConfig
 from megatron_ext.model.crystal_gpt import ParallelLayout, build_model, padded_vocab_size, transformer_config
 from megatron_ext.training import checkpointing, data_feed, distributed
-from megatron_ext.training.faults import NonFiniteGuard, StopRequest
+from megatron_ext.training.faults import StopRequest, UpdateGuard
 from megatron_ext.training.metrics import TrainingLogger
 from megatron_ext.training.optimizer import build_optimizer
 from megatron_ext.training.phase_lr import apply_phase
@@ -87,10 +87,10 @@ class Trainer:
             sequence_parallel=args.sequence_parallel,
         )
         self.config = transformer_config(
-            crystal, layout, bf16=args.bf16, use_cpu_initialization=device.type == "cpu"
+            crystal, layout, bf16=args.bf16, use_cpu_initialization=device.type == "cpu", path=args.kernel_path
         )
         self.padded_vocab = padded_vocab_size(crystal.vocab_size, args.make_vocab_size_divisible_by)
-        chunks = [c.to(device) for c in build_model(crystal, self.config, self.padded_vocab)]
+        chunks = [c.to(device) for c in build_model(crystal, self.config, self.padded_vocab, args.kernel_path)]
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer
         )
@@ -109,7 +109,7 @@ class Trainer:
         self.config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
         self.forward_backward = get_forward_backward_func()
         self.iteration = 0
-        self.nonfinite = NonFiniteGuard(args.max_skipped_steps, device)
+        self.guard = UpdateGuard(args.max_skipped_steps, device, args.loss_spike_window, args.loss_spike_sigma)
 
     def set_data(self, feed) -> None:
         self.feed = feed
@@ -137,23 +137,24 @@ class Trainer:
             forward_only=forward_only,
         )
 
-    def train_step(self, iterators: list) -> tuple[float | None, torch.Tensor | None, float | None]:
-        """(loss, per-source [loss sum, tokens] or None, grad norm) of one optimizer step. With
-        non-finite gradients on any rank the update is skipped (grad norm None)."""
+    def train_step(self, iterators: list) -> tuple[float | None, torch.Tensor | None, float | None, str | None]:
+        """(loss, per-source [loss sum, tokens] or None, grad norm, why the update was skipped) of one
+        optimizer step. The guard may skip the update (grad norm None): non-finite gradients on any rank,
+        or a loss spike."""
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         if self.data_hashes is not None:
             self.data_hashes.clear()  # what evaluation read is not part of the step
         losses = self._run(iterators, forward_only=False, global_batch_size=self.feed.step_batch_size())
-        finite = self.nonfinite.grads_finite(self.model, self.iteration + 1)
-        self.nonfinite.record(finite)
+        loss, by_source = _reduce_loss(losses)
+        skipped = self.guard.check(self.model, loss, self.iteration + 1)
         grad_norm = None
-        if finite:
+        if not skipped:
             update_successful, grad_norm, _ = self.optimizer.step()
             if update_successful:
                 self.scheduler.step(increment=1)
-        return (*_reduce_loss(losses), grad_norm)
+        return loss, by_source, grad_norm, skipped
 
     @torch.no_grad()
     def evaluate(self, eval_round: int) -> tuple[float | None, torch.Tensor | None]:
@@ -178,18 +179,19 @@ class Trainer:
         path = checkpointing.save_checkpoint(
             self.args.save, self.iteration, self.model, self.crystal, self.padded_vocab, self.optimizer,
             self.scheduler, feed.consumed_samples, tokenizer, data_state=feed.state_dict(),
-            keep_last=self.args.keep_last_checkpoints,
+            guard_state=self.guard.state_dict(), keep_last=self.args.keep_last_checkpoints,
         )
-        if torch.distributed.get_rank() == 0 and hasattr(feed, "bookkeeping_json"):
-            # What the run has read so far, for people: per source and per phase.
-            checkpointing.write_text_atomically(os.path.join(path, "data_state.json"), feed.bookkeeping_json(self.iteration))
+        books = feed.bookkeeping_json(self.iteration) if torch.distributed.get_rank() == 0 else None
+        if books:  # what the run has read so far, for people: per source and per phase
+            checkpointing.write_text_atomically(os.path.join(path, "data_state.json"), books)
         distributed.print_rank_0(f"saved checkpoint {path}")
 
     def load(self) -> None:
-        self.iteration, consumed, data_state = checkpointing.load_checkpoint(
+        self.iteration, consumed, data_state, guard_state = checkpointing.load_checkpoint(
             self.args.load, self.model, self.optimizer, self.scheduler, self.crystal, self.padded_vocab,
             step=self.args.ckpt_step, weights_only=self.args.finetune,
         )
+        self.guard.load_state_dict(guard_state)
         note = self.feed.load_state_dict(data_state, consumed)
         if note:
             distributed.print_rank_0(f"warning: {note}")
@@ -203,8 +205,8 @@ class Trainer:
 
 def _describe_path(args: argparse.Namespace) -> str:
     device = "CPU (Megatron-Core CPU compatibility layer)" if cpu_compat.is_active() else torch.cuda.get_device_name()
-    return (f"kernel path: {accelerators.kernel_path()}; device: {device}; backend: {args.distributed_backend}; "
-            f"precision: {'bf16' if args.bf16 else 'fp32'}")
+    return (f"kernel path: {args.kernel_path.describe()}\ndevice: {device}; backend: {args.distributed_backend}; "
+            f"precision: {'bf16' if args.bf16 else 'fp32'}; optional accelerators: {accelerators.found()}")
 
 
 def pretrain(args: argparse.Namespace, crystal: CrystalConfig) -> int:
@@ -256,7 +258,7 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
                                      f"iteration {trainer.iteration + 1}: global batch {feed.step_batch_size()}, "
                                      f"blend {feed.phase.blend}, FIM {fim}")
         lr, gbs, phase_name = trainer.current_lr(), feed.step_batch_size(), feed.phase_name
-        loss, by_source, grad_norm = trainer.train_step(train_its)
+        loss, by_source, grad_norm, skipped = trainer.train_step(train_its)
         data_hash = trainer.step_data_hash()
         trainer.iteration += 1
         feed.advance()
@@ -277,14 +279,14 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
                     record["data_hash"] = data_hash
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-        if grad_norm is None and logging_rank:
-            print(f"iteration {trainer.iteration}: non-finite gradients (lm loss {loss}): update skipped "
-                  f"({trainer.nonfinite.consecutive} in a row, {trainer.nonfinite.total} in all)", flush=True)
-        if trainer.nonfinite.exhausted:
+        if skipped and logging_rank:
+            print(f"iteration {trainer.iteration}: {skipped} (lm loss {loss}): update skipped "
+                  f"({trainer.guard.consecutive} in a row, {trainer.guard.total} in all)", flush=True)
+        if trainer.guard.exhausted:
             distributed.print_rank_0(
-                f"pretrain_crystal.py: error: {trainer.nonfinite.consecutive} consecutive steps had non-finite "
-                f"gradients (--max-skipped-steps {args.max_skipped_steps}); stopping without saving. Resume from the "
-                "last checkpoint, e.g. with a lower --lr or after inspecting the data (tools/data_trace.py)")
+                f"pretrain_crystal.py: error: {trainer.guard.consecutive} consecutive steps were skipped (last: "
+                f"{skipped}; --max-skipped-steps {args.max_skipped_steps}); stopping without saving. Resume from "
+                "the last checkpoint, e.g. with a lower --lr or after inspecting the data (tools/data_trace.py)")
             return 3
         if args.eval_interval and trainer.iteration % args.eval_interval == 0:
             valid_loss, _ = trainer.evaluate(trainer.iteration // args.eval_interval - 1)

@@ -1,0 +1,173 @@
+"""The project's Triton kernels against their PyTorch references (Triton's interpreter on CPU, set up by
+conftest.py), and the fused modules inside a tensor-parallel model against Megatron-Core's own.
+
+Inputs are fresh random draws each run (seeded from the clock, printed on failure); every output buffer a
+kernel allocates is poisoned (all bits set: NaN in every float format) so that an element the kernel
+fails to write shows up. Tolerances, relative to the largest magnitude of the expected tensor (at least
+1): fp32 1e-5 (the kernels compute in fp32, in another order than torch); bf16 2^-7 (the output's one
+bf16 rounding is at most 2^-8 relative), against the reference run in fp32 on the same bf16 inputs.
+"""
+
+import time
+
+import pytest
+import torch
+
+from megatron_ext import cpu_compat
+from megatron_ext.kernels import fp8_scaling, rope, swiglu
+from megatron_ext.kernels.triton_runtime import INTERPRET, runs_on
+from process_group import run_in_process_group
+
+pytestmark = pytest.mark.skipif(not runs_on(torch.empty(0)), reason="needs Triton (its interpreter on CPU): pip install triton")
+
+SEED = int(time.time() * 1000) % 2**31
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7}
+_real_empty = torch.empty
+
+
+def _poisoned_empty(*args, **kwargs):
+    t = _real_empty(*args, **kwargs)
+    t.view(torch.uint8).fill_(0xFF)
+    return t
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """torch.empty and torch.empty_like hand out NaN-filled memory while the kernel runs."""
+    monkeypatch.setattr(torch, "empty", _poisoned_empty)
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: _poisoned_empty(t.shape, dtype=kw.get("dtype", t.dtype), device=t.device))
+    yield
+
+
+def _close(got, want, dtype, what):
+    assert not got.isnan().any(), f"{what}: NaN (an element left unwritten?) seed {SEED}"
+    err = (got.float() - want.float()).abs().max().item()
+    bound = TOL[dtype] * max(1.0, want.abs().max().item())
+    assert err <= bound, f"{what}: max |error| {err} > {bound} ({dtype}, seed {SEED})"
+
+
+def test_interpreter_is_what_runs_here():
+    assert INTERPRET or torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,head_dim", [(4, 16), (3, 32), (5, 8)])
+def test_rope_kernel_matches_reference(poisoned, dtype, heads, head_dim):
+    g = torch.Generator().manual_seed(SEED)
+    s, b = 7, 3
+    rot_half = head_dim // 8  # Crystal: 25% of the head rotated, in pairs
+    # q and k as the strided views of one fused QKV projection, as SelfAttention hands them over.
+    qkv = torch.randn(s, b, heads, 3 * head_dim, generator=g).to(dtype).requires_grad_()
+    q, k = qkv[..., :head_dim], qkv[..., head_dim:2 * head_dim]
+    angles = torch.rand(s, rot_half, generator=g) * 50
+    fq, fk = rope.fused_rope(q, k, angles)
+    up = qkv.detach().float().requires_grad_()
+    rq, rk = rope.rope_reference(up[..., :head_dim], angles), rope.rope_reference(up[..., head_dim:2 * head_dim], angles)
+    _close(fq, rq, dtype, "rope q")
+    _close(fk, rk, dtype, "rope k")
+    gq, gk = torch.randn(fq.shape, generator=g).to(dtype), torch.randn(fk.shape, generator=g).to(dtype)
+    (grad,) = torch.autograd.grad((fq * gq).sum() + (fk * gk).sum(), qkv)
+    (ref_grad,) = torch.autograd.grad((rq * gq.float()).sum() + (rk * gk.float()).sum(), up)
+    _close(grad, ref_grad, dtype, "rope grad")
+    assert grad[..., 2 * head_dim:].abs().max() == 0  # v untouched
+
+
+def test_rope_reference_is_megatrons_rotation():
+    """The reference equals Megatron-Core's own interleaved partial rope on its own frequencies."""
+    cpu_compat.activate()
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    emb = RotaryEmbedding(kv_channels=32, rotary_percent=0.25, rotary_interleaved=True, rotary_base=10000,
+                          use_cpu_initialization=True)
+    freqs = emb(9)
+    x = torch.randn(9, 2, 3, 32, generator=torch.Generator().manual_seed(SEED))
+    want = _apply_rotary_pos_emb_bshd(x, freqs, rotary_interleaved=True)
+    got = rope.rope_reference(x, rope.angles_from_megatron(freqs))
+    assert (got - want).abs().max() < 1e-6 and (want - x).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bias_swiglu_kernel_matches_reference(poisoned, dtype, with_bias):
+    g = torch.Generator().manual_seed(SEED)
+    width = 88  # not a multiple of the block: the masked edges are exercised
+    y = torch.randn(5, 7, 2 * width, generator=g).to(dtype).requires_grad_()
+    bias = (torch.randn(2 * width, generator=g) * 0.5).to(dtype).requires_grad_() if with_bias else None
+    out = swiglu.bias_swiglu(y, bias)
+    y32 = y.detach().float().requires_grad_()
+    b32 = bias.detach().float().requires_grad_() if with_bias else None
+    want = swiglu.bias_swiglu_reference(y32, b32)
+    _close(out, want, dtype, "swiglu")
+    grad_out = torch.randn(out.shape, generator=g).to(dtype)
+    got = torch.autograd.grad((out * grad_out).sum(), [y] + ([bias] if with_bias else []))
+    ref = torch.autograd.grad((want * grad_out.float()).sum(), [y32] + ([b32] if with_bias else []))
+    _close(got[0], ref[0], dtype, "swiglu d(fc1 output)")
+    if with_bias:  # a sum over 35 rows of bf16-rounded terms
+        _close(got[1], ref[1], dtype, "swiglu d(bias)")
+
+
+@pytest.mark.parametrize("dtype", [fp8_scaling.E4M3, fp8_scaling.E5M2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("source", [torch.float32, torch.bfloat16])
+def test_fp8_cast_kernel_is_bitwise_the_reference(poisoned, dtype, source):
+    """Fused amax + scale + saturate + round + cast (+ transpose, + zero padding to 16): the reference's
+    FP8 values exactly (+0 and -0 alike), including values that saturate and values in the format's
+    subnormal range."""
+    g = torch.Generator().manual_seed(SEED)
+    x = torch.randn(37, 50, generator=g) * torch.logspace(-6, 3, 50)  # columns from 1e-6 to 1e3
+    x[3, 4], x[5, 6] = 1e6, -1e6  # beyond either format's range once scaled
+    x = x.to(source)
+    scale = torch.tensor(float(torch.rand((), generator=g) * 4 + 0.5))
+    q, qt, amax = fp8_scaling.quantize(x, scale, dtype, transpose=True)
+    rq, rqt, ramax = fp8_scaling.quantize_reference(x, scale, dtype, transpose=True)
+    assert q.shape == (48, 64) and qt.shape == (64, 48)
+    assert torch.equal(q.float(), rq.float()), f"seed {SEED}"
+    assert torch.equal(qt.float(), rqt.float()), f"seed {SEED}"
+    assert amax.item() == ramax.item() == x.float().abs().max().item()
+    fp8_max = torch.finfo(dtype).max
+    assert q.float()[3, 4] == fp8_max and q.float()[5, 6] == -fp8_max  # saturated, not NaN
+    assert (q.float()[37:] == 0).all() and (q.float()[:, 50:] == 0).all()  # the padding
+    assert ((q.float() != 0) & (q.float().abs() < torch.finfo(dtype).smallest_normal)).any()  # subnormals were met
+
+
+def _fused_against_plain(sequence_parallel: bool):
+    """One crystal-test model built twice on the same weights, Megatron-Core's local modules vs this
+    project's (fused rope + fused bias-SwiGLU through Triton's interpreter, SDPA attention), at TP 2:
+    logits and every parameter gradient agree."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_ext.kernels.selection import KernelPath
+    from megatron_ext.model.crystal_config import get_preset
+    from megatron_ext.model.crystal_gpt import ParallelLayout, build_model, transformer_config
+    from megatron_ext.model.layer_specs import PLAIN_LOCAL
+
+    c = get_preset("crystal-test")
+    fused_path = KernelPath(transformer_impl="local", attention="torch scaled_dot_product_attention", fused_rope=True,
+                            fused_swiglu=True, on_gpu=False)
+    layout = ParallelLayout(tensor_model_parallel_size=2, sequence_parallel=sequence_parallel)
+    models, grads, logits = [], [], []
+    ids = torch.randint(0, c.vocab_size, (2, c.seq_length), generator=torch.Generator().manual_seed(SEED))
+    positions = torch.arange(c.seq_length).expand(2, -1)
+    for path in (PLAIN_LOCAL, fused_path):
+        (model,) = build_model(c, transformer_config(c, layout, use_cpu_initialization=True, path=path), 1024, path)
+        if models:
+            model.load_state_dict(models[0].state_dict())
+        models.append(model)
+        out = gather_from_tensor_model_parallel_region(model(ids, positions, None))
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(SEED + 1)))
+        logits.append(out.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert type(models[1].decoder.layers[0].self_attention).__name__ == "FusedRopeSelfAttention"
+    assert type(models[1].decoder.layers[0].mlp).__name__ == "FusedSwiGLUMLP"
+    err = (logits[0] - logits[1]).abs().max().item()
+    assert err < 1e-5 and logits[0].abs().max() > 0.1, f"logits differ by {err} (seed {SEED})"
+    for name, want in grads[0].items():
+        scale = want.abs().max().item()
+        err = (grads[1][name] - want).abs().max().item()
+        assert err <= 1e-5 * max(scale, 1.0), f"{name}: grad differs by {err} (scale {scale}, seed {SEED})"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
+def test_fused_modules_match_megatron_local_modules(sequence_parallel):
+    run_in_process_group(_fused_against_plain, sequence_parallel, world_size=2, tp=2, timeout=280)
