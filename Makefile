@@ -3,8 +3,10 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 # The CPU build of torch: on these machines pip finds it on disk; set-up never asks for a CUDA wheel
-# where there is no GPU. On a GPU machine, install the torch you want first and run `make setup TORCH=`.
+# where there is no GPU. On a GPU machine, install the torch you want first and run `make setup TORCH= TRITON=`.
 TORCH   ?= torch==2.13.0
+# Triton for the kernel tests' interpreter: the release that lies on disk beside the CPU torch.
+TRITON  ?= triton==3.6.0
 DEMO_DIR ?= runs/demo
 # The embedded demo corpus, built at set-up from this machine's Python sources and documentation.
 CORPUS  := data/demo
@@ -15,7 +17,7 @@ setup: $(STAMP) $(CORPUS)/.built
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q $(TORCH) $(TRITON)
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 

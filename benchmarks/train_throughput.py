@@ -7,6 +7,11 @@ first --warmup steps, and prints the steady-state figures; the baseline in the s
 measured bf16 matmul rate (an 8192^3 GEMM), against which the achieved TFLOP/s is also given.
 
   torchrun --nproc-per-node 1 benchmarks/train_throughput.py --num-layers 4 --iters 20
+  torchrun --nproc-per-node 1 benchmarks/train_throughput.py --fp8 --iters 200   # bf16 vs FP8, same run
+
+With --fp8 the same model, seed and data train again with --fp8-format hybrid (Transformer Engine's
+FP8 where TE is present, else torch._scaled_mm with this project's cast kernels) and the ratio of
+tokens/s and the largest relative difference between the two loss curves are printed.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ext.training import arguments, data, distributed  # noqa: E402
+from megatron_ext.model.crystal_gpt import padded_vocab_size  # noqa: E402
+from megatron_ext.training import arguments, data_feed, distributed  # noqa: E402
 from megatron_ext.training.loop import Trainer  # noqa: E402
 from megatron_ext.training.metrics import device_peak_tflops, training_flops_per_token  # noqa: E402
 
@@ -40,10 +46,34 @@ def measured_matmul_tflops(n: int = 8192, reps: int = 10) -> float | None:
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
 
 
+def measure(args, crystal, iters: int, warmup: int) -> tuple[float, list[float]]:
+    """(steady-state step time, loss of every step) of a fresh model on the same seed and data."""
+    trainer = Trainer(args, crystal, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    feed = data_feed.build(args, crystal)
+    trainer.set_data(feed)
+    its = feed.train_iterators(len(trainer.model), iters)
+    losses = []
+    for i in range(iters):
+        if i == warmup:
+            synchronize()
+            start = time.perf_counter()
+        loss, _, _, _ = trainer.train_step(its)
+        losses.append(loss)
+    synchronize()
+    return (time.perf_counter() - start) / (iters - warmup), losses
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     bench = argparse.ArgumentParser(add_help=False)
     bench.add_argument("--iters", type=int, default=20)
     bench.add_argument("--warmup", type=int, default=5)
+    bench.add_argument("--fp8", action="store_true",
+                       help="also run the same model, seed and data with --fp8-format hybrid and compare")
     own, rest = bench.parse_known_args()
     defaults = ["--model", "crystal-7b", "--num-layers", "4", "--mock-data", "--micro-batch-size", "1",
                 "--global-batch-size", "8", "--num-workers", "2", "--lr", "1e-4", "--log-interval", "1000000"]
@@ -51,30 +81,40 @@ def main() -> None:
         defaults.append("--bf16")
     args = arguments.build_parser().parse_args(defaults + rest + ["--train-iters", str(own.iters)])
     crystal = arguments.validate(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    device = distributed.initialize(args)
-    trainer = Trainer(args, crystal, device)
-    train_ds, _ = data.build_datasets(args, crystal)
-    its = trainer.data_iterators(train_ds, 0)
-    for i in range(own.iters):
-        if i == own.warmup:
-            torch.cuda.synchronize() if torch.cuda.is_available() else None
-            start = time.perf_counter()
-        trainer.train_step(its)
-    torch.cuda.synchronize() if torch.cuda.is_available() else None
-    step_time = (time.perf_counter() - start) / (own.iters - own.warmup)
+    distributed.initialize(args)
+    runs = {"bf16" if args.bf16 else "fp32": args}
+    if own.fp8:
+        fp8_args = arguments.build_parser().parse_args(
+            defaults + rest + ["--train-iters", str(own.iters), "--fp8-format", "hybrid"])
+        arguments.validate(fp8_args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        fp8_args.distributed_backend = args.distributed_backend
+        runs["fp8"] = fp8_args
     world = torch.distributed.get_world_size()
     tokens = args.global_batch_size * crystal.seq_length
-    tflops = training_flops_per_token(crystal, crystal.seq_length, trainer.padded_vocab) * tokens / step_time / world / 1e12
+    flops_per_step = training_flops_per_token(crystal, crystal.seq_length, padded_vocab_size(
+        crystal.vocab_size, args.make_vocab_size_divisible_by)) * tokens
+    results = {}
+    for name, run_args in runs.items():
+        step_time, losses = measure(run_args, crystal, own.iters, own.warmup)
+        results[name] = (step_time, losses, run_args.kernel_path.describe())
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if torch.distributed.get_rank() == 0:
-        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-        print(f"device: {name} x {world} | model: hidden {crystal.hidden_size}, {crystal.num_layers} layers, "
-              f"seq {crystal.seq_length}, {'bf16' if args.bf16 else 'fp32'}")
-        print(f"step time {step_time * 1000:.1f} ms | tokens/s/GPU {tokens / step_time / world:,.0f} | TFLOP/s/GPU {tflops:.1f}")
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         peak, measured = device_peak_tflops(), measured_matmul_tflops()
-        if peak:
-            print(f"MFU {100 * tflops / peak:.1f}% of the {peak:.0f} TFLOP/s bf16 peak")
+        print(f"device: {device} x {world} | model: hidden {crystal.hidden_size}, {crystal.num_layers} layers, "
+              f"seq {crystal.seq_length}, global batch {args.global_batch_size}")
+        for name, (step_time, losses, path) in results.items():
+            tflops = flops_per_step / step_time / world / 1e12
+            mfu = f" | MFU {100 * tflops / peak:.1f}% of the {peak:.0f} TFLOP/s bf16 peak" if peak else ""
+            print(f"{name}: step time {step_time * 1000:.1f} ms | tokens/s/GPU {tokens / step_time / world:,.0f} | "
+                  f"TFLOP/s/GPU {tflops:.1f}{mfu}\n  kernel path: {path}")
         if measured:
-            print(f"baseline: bf16 8192^3 matmul {measured:.0f} TFLOP/s measured; ratio {tflops / measured:.3f}")
+            print(f"baseline: bf16 8192^3 matmul {measured:.0f} TFLOP/s measured in this run")
+        if own.fp8:
+            (base_time, base_losses, _), (fp8_time, fp8_losses, _) = results.values()
+            worst = max(abs(a - b) / abs(b) for a, b in zip(fp8_losses, base_losses))
+            print(f"fp8 / {next(iter(results))} tokens/s: {base_time / fp8_time:.3f}x | loss curves over {own.iters} "
+                  f"steps: max relative difference {100 * worst:.2f}% (final {fp8_losses[-1]:.4f} vs {base_losses[-1]:.4f})")
     distributed.shutdown()
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import _gather_along_first_dim, _reduce_scatter_along_first_dim
 
@@ -26,10 +27,10 @@ from megatron_ext.kernels.fp8_scaling import FP8Recipe, ScalingState
 class FP8LinearState:
     """The three scaled tensors of one linear layer."""
 
-    def __init__(self, recipe: FP8Recipe, device: torch.device | str):
-        self.input = ScalingState(recipe, recipe.forward_dtype, device)
-        self.weight = ScalingState(recipe, recipe.forward_dtype, device)
-        self.grad_output = ScalingState(recipe, recipe.backward_dtype, device)
+    def __init__(self, recipe: FP8Recipe, device: torch.device | str, group=None):
+        self.input = ScalingState(recipe, recipe.forward_dtype, device, group)
+        self.weight = ScalingState(recipe, recipe.forward_dtype, device, group)
+        self.grad_output = ScalingState(recipe, recipe.backward_dtype, device, group)
 
     def state_dict(self) -> dict:
         return {name: getattr(self, name).state_dict() for name in ("input", "weight", "grad_output")}
@@ -83,10 +84,12 @@ class _FP8Linear(torch.autograd.Function):
 
 class _FP8Mixin:
     """Replaces the layer's matmul (``_forward_impl``) with the FP8 one; keeps its scaling state in the
-    checkpoint as the layer's ``_extra_state`` (where Transformer Engine keeps its FP8 metadata)."""
+    checkpoint as the layer's ``_extra_state`` (where Transformer Engine keeps its FP8 metadata): one
+    copy, the same on every rank of the layer (amaxes are reduced over tensor- and data-parallel ranks)."""
 
     def _init_fp8(self, recipe: FP8Recipe, mm) -> None:
-        self.fp8_state = FP8LinearState(recipe, self.weight.device)
+        group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+        self.fp8_state = FP8LinearState(recipe, self.weight.device, group)
         self._fp8_mm = mm
 
     def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,

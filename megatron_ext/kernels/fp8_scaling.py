@@ -7,7 +7,10 @@ that x ~ q * scale_inv. How scale is chosen:
   history; the cast itself uses the scale found from earlier uses). No extra pass over the data.
 - ``tensorwise`` (current scaling): from this tensor's own amax: one more read of the data, no stale
   scale.
-An amax of 0 or a non-finite amax keeps the previous scale. Values beyond the format's range saturate
+An amax of 0 or a non-finite amax keeps the previous scale. Each amax is the maximum over the group
+given (the tensor- and data-parallel ranks that hold the same layer): every such rank then has the same
+history and scales, as with Transformer Engine's amax reduction, so one saved copy restores all of them,
+at any TP/DP layout. Values beyond the format's range saturate
 (TE's behaviour; torch's own cast would turn them into NaN for e4m3).
 
 Formats: ``e4m3`` for every tensor, or ``hybrid``: e4m3 forward (activations, weights), e5m2 for the
@@ -137,8 +140,8 @@ def amax(x: torch.Tensor) -> torch.Tensor:
 class ScalingState:
     """The scale of one tensor role (a layer's input, weight or output gradient) and its amax history."""
 
-    def __init__(self, recipe: FP8Recipe, dtype: torch.dtype, device: torch.device | str):
-        self.recipe, self.dtype = recipe, dtype
+    def __init__(self, recipe: FP8Recipe, dtype: torch.dtype, device: torch.device | str, group=None):
+        self.recipe, self.dtype, self.group = recipe, dtype, group
         self.fp8_max = torch.finfo(dtype).max
         self.amax_history = torch.zeros(recipe.amax_history_len, dtype=torch.float32, device=device)
         self.scale = torch.ones((), dtype=torch.float32, device=device)
@@ -147,7 +150,7 @@ class ScalingState:
         """(q, q transposed or None, scale_inv) of a 2-D x, updating the scaling state."""
         x = x.detach()
         if self.recipe.recipe == "tensorwise":
-            current = amax(x)
+            current = self._reduced(amax(x))
             self.scale = compute_scale(current, self.scale, self.fp8_max, self.recipe.margin)
             q, qt, _ = quantize(x, self.scale, self.dtype, transpose)
             self.amax_history = torch.roll(self.amax_history, 1)
@@ -156,9 +159,14 @@ class ScalingState:
         used = self.scale
         q, qt, current = quantize(x, used, self.dtype, transpose)
         self.amax_history = torch.roll(self.amax_history, 1)
-        self.amax_history[0] = current
+        self.amax_history[0] = self._reduced(current)
         self.scale = compute_scale(self.amax_history.max(), used, self.fp8_max, self.recipe.margin)
         return q, qt, used.reciprocal()
+
+    def _reduced(self, current: torch.Tensor) -> torch.Tensor:
+        if self.group is not None and torch.distributed.get_world_size(self.group) > 1:
+            torch.distributed.all_reduce(current, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return current
 
     def state_dict(self) -> dict:
         return {"amax_history": self.amax_history.cpu(), "scale": self.scale.cpu()}
