@@ -152,28 +152,35 @@ def test_fp8_on_cpu_without_emulation_fails_before_any_work():
     assert "error: --fp8-format hybrid on CPU: FP8 is emulated there, for tests only" in proc.stderr + proc.stdout
 
 
-STEPS = 10
+STEPS = 8
 RUN = TINY_RUN + ["--train-iters", str(STEPS), "--tensor-model-parallel-size", "2", "--sequence-parallel"]
 FP8 = ["--fp8-format", "hybrid", "--fp8-cpu-emulation", "--fp8-amax-history-len", "16"]
+
+
+def _losses(path):
+    return {r["iteration"]: r["lm_loss"] for r in read_metrics(path)}
 
 
 @pytest.mark.timeout(400)
 def test_fp8_training_tracks_fp32_and_resumes_exactly(tmp_path):
     """TP 2 with sequence parallelism (FP8 GEMMs behind all-gather / reduce-scatter): the FP8 loss stays
-    within 0.5% of the fp32 loss at every step; and 5 steps + save + resume 5 gives the uninterrupted FP8
-    run's losses exactly: the amax histories and scales come back from the checkpoint (_extra_state)."""
-    torchrun(2, RUN + ["--metrics-jsonl", str(tmp_path / "fp32.jsonl")])
-    out = torchrun(2, RUN + FP8 + ["--metrics-jsonl", str(tmp_path / "fp8.jsonl")])
+    within 0.5% of the fp32 loss at every step; and resuming the FP8 run from its iteration-4 checkpoint
+    gives its own losses exactly: the amax histories and scales come back from the checkpoint
+    (_extra_state). A checkpoint trained without FP8 resumes with FP8 (fresh scales)."""
+    fp32_ckpt, fp8_ckpt = tmp_path / "fp32_ckpt", tmp_path / "fp8_ckpt"
+    torchrun(2, RUN + ["--metrics-jsonl", str(tmp_path / "fp32.jsonl"), "--save", str(fp32_ckpt), "--save-interval", "4"])
+    out = torchrun(2, RUN + FP8 + ["--metrics-jsonl", str(tmp_path / "fp8.jsonl"), "--save", str(fp8_ckpt),
+                                   "--save-interval", "4"])
     assert "fp8: hybrid delayed (amax history 16, margin 0; torch._scaled_mm on CPU" in out.stdout
-    fp32 = {r["iteration"]: r["lm_loss"] for r in read_metrics(tmp_path / "fp32.jsonl")}
-    fp8 = {r["iteration"]: r["lm_loss"] for r in read_metrics(tmp_path / "fp8.jsonl")}
+    fp32, fp8 = _losses(tmp_path / "fp32.jsonl"), _losses(tmp_path / "fp8.jsonl")
     assert sorted(fp8) == list(range(1, STEPS + 1))
     for i in fp8:
         assert abs(fp8[i] - fp32[i]) <= 5e-3 * fp32[i], (i, fp8[i], fp32[i])
     assert fp8 != fp32  # FP8 did round something
     assert fp32[STEPS] < fp32[1] - 0.5  # and the run learned
-    ckpt = tmp_path / "ckpt"
-    torchrun(2, RUN + FP8 + ["--exit-interval", "5", "--save", str(ckpt), "--save-interval", "5"])
-    torchrun(2, RUN + FP8 + ["--load", str(ckpt), "--metrics-jsonl", str(tmp_path / "resumed.jsonl")])
-    resumed = {r["iteration"]: r["lm_loss"] for r in read_metrics(tmp_path / "resumed.jsonl")}
-    assert resumed == {i: fp8[i] for i in range(6, STEPS + 1)}
+    torchrun(2, RUN + FP8 + ["--load", str(fp8_ckpt), "--ckpt-step", "4", "--metrics-jsonl", str(tmp_path / "resumed.jsonl")])
+    assert _losses(tmp_path / "resumed.jsonl") == {i: fp8[i] for i in range(5, STEPS + 1)}
+    torchrun(2, RUN + FP8 + ["--load", str(fp32_ckpt), "--ckpt-step", "4", "--metrics-jsonl", str(tmp_path / "switched.jsonl")])
+    switched = _losses(tmp_path / "switched.jsonl")
+    assert sorted(switched) == list(range(5, STEPS + 1))
+    assert all(abs(switched[i] - fp32[i]) <= 5e-3 * fp32[i] for i in switched)

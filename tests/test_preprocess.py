@@ -215,14 +215,18 @@ def test_split_sentences_keeps_text_and_marks_sentences(tmp_path, tok, tokenizer
     assert [ds[i].tolist() for i in range(4)] == expected
 
 
-def test_merge_concatenates_in_order(tmp_path, tok, tokenizer_model):
+def test_merge_concatenates_in_order(tmp_path, tok):
+    """Three shards written by Megatron-Core's own builder (preprocess_data.py's output is tested above)."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
     prefixes = []
     for i in range(3):
-        path = tmp_path / f"shard{i}.jsonl"
-        path.write_text("".join(json.dumps({"text": f"shard {i} doc {j}."}) + "\n" for j in range(5)))
-        assert run_tool("preprocess_data.py", "--input", path, "--tokenizer-model", tokenizer_model,
-                        "--output-prefix", tmp_path / f"shard{i}", "--append-eod").returncode == 0
         prefixes.append(tmp_path / f"shard{i}_text_document")
+        builder = IndexedDatasetBuilder(f"{prefixes[-1]}.bin", dtype=np.int32)
+        for j in range(5):
+            builder.add_document(tok.encode(f"shard {i} doc {j}.") + [tok.eod], [len(tok.encode(f"shard {i} doc {j}.")) + 1])
+        builder.finalize(f"{prefixes[-1]}.idx")
     proc = run_tool("merge_datasets.py", "--input", *prefixes, "--output-prefix", tmp_path / "all")
     assert proc.returncode == 0, proc.stderr
     ds = indexed(tmp_path / "all")

@@ -101,7 +101,9 @@ class _FP8Mixin:
         return self.fp8_state.state_dict()
 
     def set_extra_state(self, state) -> None:
-        if state:  # a checkpoint trained without FP8 has none: start from fresh scales
+        # A checkpoint trained without FP8 has None here, one trained by Transformer Engine its own
+        # serialised metadata: either way the scales start fresh, as on a first step.
+        if isinstance(state, dict) and set(state) == {"input", "weight", "grad_output"}:
             self.fp8_state.load_state_dict(state)
 
 

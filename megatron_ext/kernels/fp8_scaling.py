@@ -90,8 +90,9 @@ if HAVE_TRITON:
                           padded_rows, padded_cols, fp8_max, CAST: tl.constexpr, TRANSPOSE: tl.constexpr,
                           MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+        rows_i = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols_i = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        r, c = rows_i[:, None], cols_i[None, :]
         inside = (r < rows) & (c < cols)
         x = tl.load(x_ptr + r * stride_r + c * stride_c, mask=inside, other=0.0).to(tl.float32)
         tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
@@ -99,10 +100,11 @@ if HAVE_TRITON:
             scaled = tl.minimum(tl.abs(x * tl.load(scale_ptr)), fp8_max)
             rounded = _round_to_fp8_grid(scaled, MANTISSA_BITS, MIN_EXPONENT)
             q = tl.where(x < 0, -rounded, rounded).to(q_ptr.dtype.element_ty)
-            padded = (r < padded_rows) & (c < padded_cols)
-            tl.store(q_ptr + r * padded_cols + c, q, mask=padded)
+            tl.store(q_ptr + r * padded_cols + c, q, mask=(r < padded_rows) & (c < padded_cols))
             if TRANSPOSE:
-                tl.store(qt_ptr + c * padded_rows + r, q, mask=padded)
+                # The tile transposed in registers, so that the store runs along the output's rows.
+                rt, ct = rows_i[None, :], cols_i[:, None]
+                tl.store(qt_ptr + ct * padded_rows + rt, tl.trans(q), mask=(rt < padded_rows) & (ct < padded_cols))
 
     _FORMAT_BITS = {E4M3: (3, -6), E5M2: (2, -14)}  # mantissa bits, smallest normal exponent
 

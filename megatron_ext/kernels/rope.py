@@ -54,7 +54,7 @@ if HAVE_TRITON:
     def _rope_qk_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, angles_ptr, batch, q_heads, k_heads,
                         qs_s, qs_b, qs_h, ks_s, ks_b, ks_h, head_dim, half_rot, direction,
                         BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-        token = tl.program_id(0)
+        token = tl.program_id(0).to(tl.int64)  # offsets beyond 2^31 elements at large micro batches
         s, b = token // batch, token % batch
         p = tl.arange(0, BLOCK_P)[None, :]
         angle = tl.load(angles_ptr + s * half_rot + p, mask=p < half_rot, other=0.0)

@@ -41,7 +41,7 @@ if HAVE_TRITON:
     @triton.jit
     def _swiglu_forward_kernel(y_ptr, b_ptr, out_ptr, rows, width, HAS_BIAS: tl.constexpr,
                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
         mask = (r < rows) & (c < width)
         gate, up = _load_gate_up(y_ptr, b_ptr, r, c, mask, width, HAS_BIAS)
@@ -51,7 +51,7 @@ if HAVE_TRITON:
     @triton.jit
     def _swiglu_backward_kernel(grad_ptr, y_ptr, b_ptr, dy_ptr, rows, width, HAS_BIAS: tl.constexpr,
                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
         mask = (r < rows) & (c < width)
         gate, up = _load_gate_up(y_ptr, b_ptr, r, c, mask, width, HAS_BIAS)
