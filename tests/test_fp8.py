@@ -184,3 +184,34 @@ def test_fp8_training_tracks_fp32_and_resumes_exactly(tmp_path):
     switched = _losses(tmp_path / "switched.jsonl")
     assert sorted(switched) == list(range(5, STEPS + 1))
     assert all(abs(switched[i] - fp32[i]) <= 5e-3 * fp32[i] for i in switched)
+
+
+def test_layer_spec_follows_the_path(monkeypatch):
+    """The modules each path puts in the layer's slots. Transformer Engine's classes are stood in for (TE
+    is not installed here): its spec must use them, leave the norm slots empty (TE fuses LayerNorm into the
+    next linear) and save those fused norms under the local spec's names."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from megatron_ext.model import layer_specs
+    from megatron_ext.model.layer_norm import CrystalLayerNorm
+
+    def parts(spec):
+        sub = spec.submodules
+        attn = sub.self_attention
+        return (sub.input_layernorm, attn.module.__name__, attn.submodules.linear_qkv, attn.submodules.core_attention,
+                sub.mlp.module.__name__, sub.mlp.submodules.linear_fc1, sub.sharded_state_dict_keys_map)
+
+    plain = parts(layer_specs.crystal_layer_spec())
+    assert plain == (CrystalLayerNorm, "SelfAttention", ColumnParallelLinear, layer_specs.DotProductAttention, "MLP",
+                     ColumnParallelLinear, {})
+    h100 = Probes(**H100)
+    norm, attn, qkv, core, mlp, fc1, keys = parts(layer_specs.crystal_layer_spec(select(fp8_format="hybrid", probes=h100)))
+    assert (norm, attn, core.__name__, mlp) == (CrystalLayerNorm, "FusedRopeSelfAttention", "TorchSDPAttention", "FusedSwiGLUMLP")
+    assert qkv.__name__ == fc1.__name__ == "FP8ColumnParallelLinear" and keys == {}
+
+    stand_ins = tuple(type(name, (), {}) for name in ("TELayerNormColumnParallelLinear", "TEDotProductAttention", "TERowParallelLinear"))
+    monkeypatch.setattr(layer_specs, "_te_modules", lambda: stand_ins)
+    te = parts(layer_specs.crystal_layer_spec(select(probes=Probes(te_version="2.8.0", **H100))))
+    assert te == (IdentityOp, "FusedRopeSelfAttention", stand_ins[0], stand_ins[1], "FusedSwiGLUMLP", stand_ins[0],
+                  {"self_attention.linear_qkv.layer_norm_": "input_layernorm.", "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."})
