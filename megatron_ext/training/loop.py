@@ -244,7 +244,10 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
 
         writer = SummaryWriter(args.tensorboard_dir)
     logger = TrainingLogger(args, crystal, trainer.padded_vocab, torch.distributed.get_world_size(), writer)
-    metrics_file = open(args.metrics_jsonl, "a") if logging_rank and args.metrics_jsonl else None
+    metrics_file = None
+    if logging_rank and args.metrics_jsonl:
+        os.makedirs(os.path.dirname(os.path.abspath(args.metrics_jsonl)), exist_ok=True)  # as TensorBoard does
+        metrics_file = open(args.metrics_jsonl, "a")
 
     phase = None
     while trainer.iteration < args.train_iters:
