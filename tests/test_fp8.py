@@ -77,6 +77,7 @@ def _linear(x, w, mm, recipe="delayed"):
         for _ in range(2):
             _FP8Linear.apply(x.detach(), w.detach(), state, False, False, None, mm)
             state.grad_output.quantize(torch.randn(x.shape[0], w.shape[0], generator=g) * 1e-3)
+            state.weight_fp8 = None  # a new step: the weight is cast afresh
     return _FP8Linear.apply(x, w, state, False, False, None, mm)
 
 
@@ -102,6 +103,27 @@ def test_fp8_linear_scaled_mm_is_the_dequantised_reference_and_tracks_fp32(recip
     y, gx, gw = outs["scaled_mm"]
     assert rel(y, yf) < 0.05 and rel(gx, xf.grad) < 0.10 and rel(gw, wf.grad) < 0.10
     assert rel(y, yf) > 1e-4  # it did quantise
+
+
+def test_a_weight_is_cast_once_per_step():
+    """Every micro-batch of a step reuses the FP8 weight; refresh_fp8_weights (each step) recasts it."""
+    from megatron_ext.kernels.fp8_linear import _FP8Mixin, refresh_fp8_weights
+
+    class Layer(_FP8Mixin, torch.nn.Module):
+        pass
+
+    layer = Layer()
+    layer.fp8_state = FP8LinearState(FP8Recipe(), "cpu")
+    casts = []
+    real = layer.fp8_state.weight.quantize
+    layer.fp8_state.weight.quantize = lambda *a, **k: casts.append(1) or real(*a, **k)
+    w = torch.randn(16, 32)
+    for _ in range(3):
+        _FP8Linear.apply(torch.randn(4, 32), w, layer.fp8_state, False, False, None, dequantized_mm)
+    assert len(casts) == 1
+    refresh_fp8_weights([torch.nn.ModuleList([layer])])
+    _FP8Linear.apply(torch.randn(4, 32), w, layer.fp8_state, False, False, None, dequantized_mm)
+    assert len(casts) == 2
 
 
 # ---- selection: the probes of each machine kind, substituted

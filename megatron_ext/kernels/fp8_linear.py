@@ -3,8 +3,11 @@
 Forward y = x W^T and both backward GEMMs (dgrad = dy W, wgrad = dy^T x) run in FP8 through
 ``torch._scaled_mm`` (cuBLASLt on GPU; torch's own kernel on CPU, where the tests run it) with per-tensor
 scales from ``fp8_scaling``. The weights, their gradients, the bias and the optimizer stay in high
-precision: the FP8 copies live for one step only. The forward saves the FP8 transposes that the
-backward GEMMs need (written by the same cast kernel), not the high-precision input.
+precision. The FP8 copy of a weight (and its transpose) is made at its first use after
+``refresh_fp8_weights`` and reused by every later micro-batch until the next call: the trainer calls it
+whenever the weights may have changed (each training step, each evaluation), as Transformer Engine
+casts weights on the first micro-batch only. The forward saves the FP8 transposes that the backward
+GEMMs need (written by the same cast kernel), not the high-precision input.
 
 Tensor-parallel semantics are those of Megatron-Core's ``linear_with_grad_accumulation_and_async_allreduce``:
 with sequence parallelism the column-parallel input is all-gathered along the sequence in the forward
@@ -31,6 +34,12 @@ class FP8LinearState:
         self.input = ScalingState(recipe, recipe.forward_dtype, device, group)
         self.weight = ScalingState(recipe, recipe.forward_dtype, device, group)
         self.grad_output = ScalingState(recipe, recipe.backward_dtype, device, group)
+        self.weight_fp8 = None  # (q, q transposed, scale_inv) of the current weights, once made
+
+    def quantized_weight(self, weight: torch.Tensor):
+        if self.weight_fp8 is None:
+            self.weight_fp8 = self.weight.quantize(weight, transpose=True)
+        return self.weight_fp8
 
     def state_dict(self) -> dict:
         return {name: getattr(self, name).state_dict() for name in ("input", "weight", "grad_output")}
@@ -59,7 +68,7 @@ class _FP8Linear(torch.autograd.Function):
         x2d = x.reshape(-1, k)
         n = weight.shape[0]
         xq, xqt, x_inv = state.input.quantize(x2d, transpose=True)
-        wq, wqt, w_inv = state.weight.quantize(weight, transpose=True)
+        wq, wqt, w_inv = state.quantized_weight(weight)
         y = mm(xq, wq.t(), x_inv, w_inv, x2d.shape[0], n, x.dtype)
         ctx.save_for_backward(xqt, x_inv, wqt, w_inv)
         ctx.state, ctx.mm, ctx.shapes = state, mm, (x2d.shape[0], k, n, lead)
@@ -105,6 +114,14 @@ class _FP8Mixin:
         # serialised metadata: either way the scales start fresh, as on a first step.
         if isinstance(state, dict) and set(state) == {"input", "weight", "grad_output"}:
             self.fp8_state.load_state_dict(state)
+
+
+def refresh_fp8_weights(model_chunks: list) -> None:
+    """The weights may have changed: the next forward of each FP8 layer casts its weight afresh."""
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            if isinstance(module, _FP8Mixin):
+                module.fp8_state.weight_fp8 = None
 
 
 def fp8_linear_classes(recipe: FP8Recipe, mm=scaled_mm):
