@@ -20,9 +20,11 @@ if not torch.cuda.is_available():
 
 import triton.testing  # noqa: E402
 
-from megatron_ext.kernels import fp8_scaling, rope, swiglu  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
 
-SEQ, HIDDEN, HEADS, FFN = 2048, 4096, 32, 10922
+from megatron_ext.kernels import cross_entropy, fp8_scaling, rope, swiglu  # noqa: E402
+
+SEQ, HIDDEN, HEADS, FFN, VOCAB, PADDED_VOCAB = 2048, 4096, 32, 10922, 32032, 32128
 HEAD_DIM = HIDDEN // HEADS
 BF16 = torch.bfloat16
 
@@ -73,6 +75,23 @@ def main() -> None:
     cast_bytes = x.numel() * el + 2 * x.numel()  # read bf16, write fp8 and its transpose
     report("fp8 amax+cast+transpose", bench(lambda: fp8_scaling.quantize(x, scale, fp8_scaling.E4M3, True)),
            bench(lambda: fp8_scaling.quantize_reference(x, scale, fp8_scaling.E4M3, True)), cast_bytes, bw)
+
+    # The loss over the padded vocabulary (one rank: its group is the whole world of one process).
+    torch.distributed.init_process_group("nccl", init_method="tcp://127.0.0.1:29599", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    group = parallel_state.get_tensor_model_parallel_group()
+    logits = torch.randn(SEQ, 1, PADDED_VOCAB, device="cuda", dtype=BF16, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (SEQ, 1), device="cuda")
+
+    def fused():
+        cross_entropy.vocab_parallel_cross_entropy(logits, labels, 0, VOCAB, group).sum().backward()
+
+    def eager():
+        cross_entropy.cross_entropy_reference(logits, labels, 0, VOCAB).sum().backward()
+
+    ce_bytes = 3 * logits.numel() * el  # forward reads the logits; backward reads them and writes the gradient
+    report("vocab-parallel cross-entropy f+b", bench(fused), bench(eager), ce_bytes, bw)
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

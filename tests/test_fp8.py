@@ -138,7 +138,7 @@ def test_auto_selection(te, machine):
     probes = Probes(te_version=te, **{"H100": H100, "A100": A100, "CPU": CPU}[machine])
     path = select(probes=probes)
     assert path.transformer_impl == ("transformer_engine" if te and machine != "CPU" else "local")
-    assert path.fused_rope == path.fused_swiglu == (machine != "CPU")
+    assert path.fused_rope == path.fused_swiglu == path.fused_cross_entropy == (machine != "CPU")
     assert path.fp8 is None
     if machine == "CPU":
         assert path.attention == "torch scaled_dot_product_attention"

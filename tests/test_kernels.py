@@ -39,11 +39,11 @@ def poisoned(monkeypatch):
     yield
 
 
-def _close(got, want, dtype, what):
-    assert not got.isnan().any(), f"{what}: NaN (an element left unwritten?) seed {SEED}"
+def _close(got, want, dtype, what, seed=SEED):
+    assert not got.isnan().any(), f"{what}: NaN (an element left unwritten?) seed {seed}"
     err = (got.float() - want.float()).abs().max().item()
     bound = TOL[dtype] * max(1.0, want.abs().max().item())
-    assert err <= bound, f"{what}: max |error| {err} > {bound} ({dtype}, seed {SEED})"
+    assert err <= bound, f"{what}: max |error| {err} > {bound} ({dtype}, seed {seed})"
 
 
 def test_interpreter_is_what_runs_here():
@@ -130,12 +130,11 @@ def test_fp8_cast_kernel_is_bitwise_the_reference(poisoned, dtype, source):
     assert ((q.float() != 0) & (q.float().abs() < torch.finfo(dtype).smallest_normal)).any()  # subnormals were met
 
 
-def _fused_against_plain():
+def _fused_against_plain(seed: int):
     """One crystal-test model (2 layers) built twice on the same weights, Megatron-Core's local modules
-    vs this project's (fused rope + fused bias-SwiGLU through Triton's interpreter, SDPA attention), at
-    TP 2 with sequence parallelism: logits and every parameter gradient agree."""
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
+    vs this project's (fused rope, bias-SwiGLU and cross-entropy through Triton's interpreter, SDPA
+    attention), at TP 2 with sequence parallelism: the per-token losses and every parameter gradient
+    agree."""
     from megatron_ext.kernels.selection import KernelPath
     from megatron_ext.model.crystal_config import get_preset
     from megatron_ext.model.crystal_gpt import ParallelLayout, build_model, transformer_config
@@ -143,30 +142,64 @@ def _fused_against_plain():
 
     c = get_preset("crystal-test").replace(num_layers=2)
     fused_path = KernelPath(transformer_impl="local", attention="torch scaled_dot_product_attention", fused_rope=True,
-                            fused_swiglu=True, on_gpu=False)
+                            fused_swiglu=True, fused_cross_entropy=True, on_gpu=False)
     layout = ParallelLayout(tensor_model_parallel_size=2, sequence_parallel=True)
-    models, grads, logits = [], [], []
-    ids = torch.randint(0, c.vocab_size, (2, c.seq_length), generator=torch.Generator().manual_seed(SEED))
+    models, grads, losses = [], [], []
+    ids, labels = torch.randint(0, c.vocab_size, (2, 2, c.seq_length), generator=torch.Generator().manual_seed(seed))
     positions = torch.arange(c.seq_length).expand(2, -1)
     for path in (PLAIN_LOCAL, fused_path):
         (model,) = build_model(c, transformer_config(c, layout, use_cpu_initialization=True, path=path), 1024, path)
         if models:
             model.load_state_dict(models[0].state_dict())
         models.append(model)
-        out = gather_from_tensor_model_parallel_region(model(ids, positions, None))
-        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(SEED + 1)))
-        logits.append(out.detach())
+        loss = model(ids, positions, None, labels=labels)  # [b, s]
+        loss.backward(torch.rand(loss.shape, generator=torch.Generator().manual_seed(seed + 1)))
+        losses.append(loss.detach())
         grads.append({n: p.grad for n, p in model.named_parameters()})
     assert type(models[1].decoder.layers[0].self_attention).__name__ == "FusedRopeSelfAttention"
-    assert type(models[1].decoder.layers[0].mlp).__name__ == "FusedSwiGLUMLP"
-    err = (logits[0] - logits[1]).abs().max().item()
-    assert err < 1e-5 and logits[0].abs().max() > 0.1, f"logits differ by {err} (seed {SEED})"
+    assert type(models[1].decoder.layers[0].mlp).__name__ == "FusedSwiGLUMLP" and models[1].fused_cross_entropy
+    assert losses[0].shape == (2, c.seq_length)
+    err = (losses[0] - losses[1]).abs().max().item()
+    assert err < 1e-5 * losses[0].abs().max().item(), f"losses differ by {err} (seed {seed})"
     for name, want in grads[0].items():
         scale = want.abs().max().item()
         err = (grads[1][name] - want).abs().max().item()
-        assert err <= 1e-5 * max(scale, 1.0), f"{name}: grad differs by {err} (scale {scale}, seed {SEED})"
+        assert err <= 1e-5 * max(scale, 1.0), f"{name}: grad differs by {err} (scale {scale}, seed {seed})"
 
 
 @pytest.mark.timeout(300)
 def test_fused_modules_match_megatron_local_modules():
-    run_in_process_group(_fused_against_plain, world_size=2, tp=2, timeout=280)
+    run_in_process_group(_fused_against_plain, SEED, world_size=2, tp=2, timeout=280)  # one seed for both ranks
+
+
+def _fused_cross_entropy_against_megatron(seed: int):
+    """At TP 2 over a padded vocabulary (rank 1's columns end in padding): the fused loss and logits
+    gradient equal Megatron-Core's vocab-parallel cross-entropy on logits with the padding masked out,
+    and the padding columns get no gradient. fp32 and bf16 logits."""
+    from megatron.core import parallel_state
+
+    from megatron_ext.kernels.cross_entropy import cross_entropy_reference, vocab_parallel_cross_entropy
+
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    group = parallel_state.get_tensor_model_parallel_group()
+    vocab, padded, per_rank = 1500, 2048, 1024  # more than one 1024-wide block per row on rank 0
+    g = torch.Generator().manual_seed(seed)
+    full = torch.randn(5, 3, padded, generator=g) * 3
+    labels = torch.randint(0, vocab, (5, 3), generator=g)
+    grad_loss = torch.rand(5, 3, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        local = full[..., rank * per_rank:(rank + 1) * per_rank].to(dtype)
+        got_in, want_in = local.clone().requires_grad_(), local.float().requires_grad_()
+        got = vocab_parallel_cross_entropy(got_in, labels, rank * per_rank, vocab, group)
+        want = cross_entropy_reference(want_in, labels, rank * per_rank, vocab)
+        _close(got, want, torch.float32, f"cross-entropy loss ({dtype})", seed)
+        got.backward(grad_loss)
+        want.backward(grad_loss)
+        _close(got_in.grad, want_in.grad, dtype, f"cross-entropy grad ({dtype})", seed)
+        if rank == 1:
+            assert got_in.grad[..., vocab - per_rank:].abs().max() == 0  # the padding columns
+
+
+@pytest.mark.timeout(300)
+def test_fused_cross_entropy_matches_megatron_at_tp2():
+    run_in_process_group(_fused_cross_entropy_against_megatron, SEED, world_size=2, tp=2, timeout=280)

@@ -3,7 +3,8 @@ machine offers (Megatron-Core's flag names and meanings).
 
 ``--transformer-impl auto``: Transformer Engine's layers (fused LayerNorm + linear, TE attention, TE
 FP8) when TE imports and a GPU is present; otherwise Megatron-Core's local spec with this project's
-kernels: fused partial interleaved RoPE and bias + SwiGLU (Triton, on GPU), attention through torch's
+kernels: fused partial interleaved RoPE, bias + SwiGLU and vocab-parallel cross-entropy (Triton, on
+GPU; the first two and the loss on the TE path too), attention through torch's
 SDPA (``--attention-backend auto/flash``) or Megatron's unfused one (``unfused/local``), and with
 ``--fp8-format`` the FP8 linear of ``fp8_linear`` (``torch._scaled_mm``).
 
@@ -61,6 +62,7 @@ class KernelPath:
     on_gpu: bool = True
     fused_rope: bool = False
     fused_swiglu: bool = False
+    fused_cross_entropy: bool = False
     te_version: str | None = None
 
     @property
@@ -78,7 +80,8 @@ class KernelPath:
         on_off = lambda flag: "on" if flag else "off"  # noqa: E731
         layernorm = "fused into the next linear (TE)" if self.uses_te else "torch"
         return (f"{impl} | attention: {self.attention} | fp8: {fp8} | fused rope (Triton): {on_off(self.fused_rope)} | "
-                f"fused bias+SwiGLU (Triton): {on_off(self.fused_swiglu)} | LayerNorm: {layernorm}")
+                f"fused bias+SwiGLU (Triton): {on_off(self.fused_swiglu)} | fused cross-entropy (Triton): "
+                f"{on_off(self.fused_cross_entropy)} | LayerNorm: {layernorm}")
 
 
 def select(transformer_impl: str = "auto", attention_backend: str = "auto", fp8_format: str | None = None,
@@ -132,5 +135,6 @@ def select(transformer_impl: str = "auto", attention_backend: str = "auto", fp8_
         on_gpu=gpu,
         fused_rope=triton_kernels,
         fused_swiglu=triton_kernels,
+        fused_cross_entropy=triton_kernels,
         te_version=p.te_version if use_te else None,
     )

@@ -13,6 +13,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_ext.kernels.cross_entropy import cross_entropy_reference, vocab_parallel_cross_entropy
 from megatron_ext.kernels.selection import KernelPath
 from megatron_ext.model.crystal_config import CrystalConfig
 from megatron_ext.model.layer_specs import PLAIN_LOCAL, crystal_block_spec
@@ -97,22 +98,25 @@ class CrystalGPTModel(GPTModel):
     """GPTModel plus muP's embedding multiplier (applied after the lookup, before the first block), and a
     loss that ignores the vocabulary's padding rows."""
 
-    def __init__(self, *args, embedding_multiplier: float, unpadded_vocab_size: int, **kwargs):
+    def __init__(self, *args, embedding_multiplier: float, unpadded_vocab_size: int, fused_cross_entropy: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.embedding_multiplier = embedding_multiplier
         self.unpadded_vocab_size = unpadded_vocab_size
+        self.fused_cross_entropy = fused_cross_entropy
 
     def compute_language_model_loss(self, labels, logits):
-        """Megatron-Core's cross entropy runs over the padded vocabulary, so the padding rows' logits enter
-        the softmax: the trained model would then depend on rows that the released model (32032 rows)
-        does not have. Masking them makes the training loss that of the released model, and leaves the
-        padding rows without gradient."""
-        per_rank = logits.shape[-1]
-        first = parallel_state.get_tensor_model_parallel_rank() * per_rank
-        if first + per_rank > self.unpadded_vocab_size:
-            vocab_ids = torch.arange(first, first + per_rank, device=logits.device)
-            logits = logits.masked_fill(vocab_ids >= self.unpadded_vocab_size, float("-inf"))
-        return super().compute_language_model_loss(labels, logits)
+        """Megatron-Core's cross entropy runs over the padded vocabulary, so the padding rows' logits would
+        enter the softmax: the trained model would then depend on rows that the released model (32032
+        rows) does not have. Leaving them out makes the training loss that of the released model, and
+        leaves the padding rows without gradient. labels [b, s], logits [s, b, V/TP] -> loss [b, s]."""
+        first = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+        if self.fused_cross_entropy:
+            loss = vocab_parallel_cross_entropy(logits, labels.t(), first, self.unpadded_vocab_size,
+                                                parallel_state.get_tensor_model_parallel_group())
+        else:
+            loss = cross_entropy_reference(logits, labels.t().contiguous(), first, self.unpadded_vocab_size)
+        return loss.t().contiguous()
 
     def _preprocess(self, input_ids, position_ids, decoder_input=None, **kwargs):
         from_lookup = decoder_input is None and self.pre_process
@@ -145,6 +149,7 @@ def build_model_chunk(
         vp_stage=vp_stage,
         embedding_multiplier=crystal.mup_embeddings_scale,
         unpadded_vocab_size=crystal.vocab_size,
+        fused_cross_entropy=path.fused_cross_entropy,
     )
 
 
