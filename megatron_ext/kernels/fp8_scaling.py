@@ -151,18 +151,16 @@ class ScalingState:
     def quantize(self, x: torch.Tensor, transpose: bool = False):
         """(q, q transposed or None, scale_inv) of a 2-D x, updating the scaling state."""
         x = x.detach()
-        if self.recipe.recipe == "tensorwise":
+        current = None
+        if self.recipe.recipe == "tensorwise":  # this tensor's own amax sets the scale it is cast with
             current = self._reduced(amax(x))
             self.scale = compute_scale(current, self.scale, self.fp8_max, self.recipe.margin)
-            q, qt, _ = quantize(x, self.scale, self.dtype, transpose)
-            self.amax_history = torch.roll(self.amax_history, 1)
-            self.amax_history[0] = current
-            return q, qt, self.scale.reciprocal()
         used = self.scale
-        q, qt, current = quantize(x, used, self.dtype, transpose)
+        q, qt, cast_amax = quantize(x, used, self.dtype, transpose)
         self.amax_history = torch.roll(self.amax_history, 1)
-        self.amax_history[0] = self._reduced(current)
-        self.scale = compute_scale(self.amax_history.max(), used, self.fp8_max, self.recipe.margin)
+        self.amax_history[0] = current if current is not None else self._reduced(cast_amax)
+        if self.recipe.recipe == "delayed":  # the next use's scale, from the history
+            self.scale = compute_scale(self.amax_history.max(), used, self.fp8_max, self.recipe.margin)
         return q, qt, used.reciprocal()
 
     def _reduced(self, current: torch.Tensor) -> torch.Tensor:
