@@ -1,9 +1,10 @@
-"""Launch pretrain_crystal.py under torchrun (real gloo process groups) and read its per-step metrics."""
+"""Run pretrain_crystal.py on local ranks (real gloo process groups) and read its per-step metrics."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,23 +25,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_command(nproc: int, args: list[str], env_extra: dict | None = None) -> tuple[list[str], dict]:
+def _environment(env_extra: dict | None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **(env_extra or {}))
     if "TRITON_INTERPRET" not in (env_extra or {}):
         env.pop("TRITON_INTERPRET", None)  # set by conftest.py for in-process kernel tests only
+    return env
+
+
+def torchrun_command(nproc: int, args: list[str], env_extra: dict | None = None) -> tuple[list[str], dict]:
+    """pretrain_crystal.py under torchrun itself: for the tests of launching, signals and interruptions."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", str(free_port()), str(REPO / "pretrain_crystal.py"), *args]
-    return cmd, env
+    return cmd, _environment(env_extra)
 
 
-def torchrun(nproc: int, args: list[str], timeout: float = 240, check: bool = True,
-             env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    """Run pretrain_crystal.py on nproc local processes; fail fast (timeout) rather than hang."""
-    cmd, env = torchrun_command(nproc, args, env_extra)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return proc
+def train(nproc: int, args: list[str], timeout: float = 240, check: bool = True,
+          env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """Run pretrain_crystal.py on nproc local ranks (fork_launch.py: torchrun's environment, one
+    import for all ranks); fail fast (timeout, the whole process group killed) rather than hang."""
+    cmd = [sys.executable, str(REPO / "tests" / "fork_launch.py"), str(nproc), *args]
+    env = _environment(dict(env_extra or {}, MASTER_PORT=str(free_port())))
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} hung past {timeout}s:\n{stdout[-4000:]}\n{stderr[-8000:]}")
+    done = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{stdout[-4000:]}\n{stderr[-8000:]}")
+    return done
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from distributed_run import REPO, TINY_RUN, read_metrics, torchrun, torchrun_command
+from distributed_run import REPO, TINY_RUN, read_metrics, train, torchrun_command
 
 STEPS = 12
 RUN = TINY_RUN + ["--train-iters", str(STEPS), "--use-distributed-optimizer"]
@@ -22,7 +22,7 @@ def _metrics(path):
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("straight")
-    torchrun(2, RUN + ["--metrics-jsonl", str(tmp / "m.jsonl")])
+    train(2, RUN + ["--metrics-jsonl", str(tmp / "m.jsonl")])
     return _metrics(tmp / "m.jsonl")
 
 
@@ -47,7 +47,7 @@ def test_sigusr1_saves_exits_zero_and_resumes_identically(straight, tmp_path):
     assert "stop requested (SIGUSR1)" in out or "stop requested (signal on another rank)" in out
     stopped = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert 3 <= stopped < STEPS and sorted(_metrics(metrics)) == list(range(1, stopped + 1))
-    torchrun(2, RUN + ["--load", str(ckpt), "--metrics-jsonl", str(tmp_path / "second.jsonl")])
+    train(2, RUN + ["--load", str(ckpt), "--metrics-jsonl", str(tmp_path / "second.jsonl")])
     resumed = _metrics(tmp_path / "second.jsonl")
     assert sorted(resumed) == list(range(stopped + 1, STEPS + 1))
     _same({**_metrics(metrics), **resumed}, straight, range(1, STEPS + 1))
@@ -56,7 +56,7 @@ def test_sigusr1_saves_exits_zero_and_resumes_identically(straight, tmp_path):
 @pytest.mark.timeout(300)
 def test_damaged_and_half_written_checkpoints_are_not_resumed_from(straight, tmp_path):
     ckpt = tmp_path / "ckpt"
-    torchrun(2, RUN + ["--save", str(ckpt), "--save-interval", "2", "--exit-interval", "6", "--keep-last-checkpoints", "2"])
+    train(2, RUN + ["--save", str(ckpt), "--save-interval", "2", "--exit-interval", "6", "--keep-last-checkpoints", "2"])
     assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000004", "iter_0000006"]  # 2 was pruned
     # Damage the latest after it was written, and leave a newer half-written one (as a kill -9 mid-save
     # does: files of iteration 8, no tracker update).
@@ -64,7 +64,7 @@ def test_damaged_and_half_written_checkpoints_are_not_resumed_from(straight, tmp
     half = ckpt / "iter_0000008"
     shutil.copytree(ckpt / "iter_0000004", half)
     (half / ".metadata").unlink()
-    proc = torchrun(2, RUN + ["--load", str(ckpt), "--metrics-jsonl", str(tmp_path / "m.jsonl")])
+    proc = train(2, RUN + ["--load", str(ckpt), "--metrics-jsonl", str(tmp_path / "m.jsonl")])
     assert "skipping a damaged checkpoint" in proc.stdout and "iter_0000006" in proc.stdout
     resumed = _metrics(tmp_path / "m.jsonl")
     assert sorted(resumed) == list(range(5, STEPS + 1))  # from iteration 4, the newest complete one
@@ -74,7 +74,7 @@ def test_damaged_and_half_written_checkpoints_are_not_resumed_from(straight, tmp
 @pytest.mark.timeout(300)
 def test_non_finite_updates_are_skipped_then_the_run_stops(straight, tmp_path):
     metrics = tmp_path / "m.jsonl"
-    proc = torchrun(2, RUN + ["--metrics-jsonl", str(metrics), "--max-skipped-steps", "3"],
+    proc = train(2, RUN + ["--metrics-jsonl", str(metrics), "--max-skipped-steps", "3"],
                     check=False, env_extra={"CRYSTAL_TEST_NAN_ITERS": "3,6,7,8"})
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
@@ -94,12 +94,12 @@ def test_non_finite_updates_are_skipped_then_the_run_stops(straight, tmp_path):
 @pytest.mark.timeout(300)
 def test_a_rank_killed_during_a_save_leaves_the_previous_resume_point(straight, tmp_path):
     ckpt = tmp_path / "ckpt"
-    proc = torchrun(2, RUN + ["--save", str(ckpt), "--save-interval", "4"], check=False,
+    proc = train(2, RUN + ["--save", str(ckpt), "--save-interval", "4"], check=False,
                     env_extra={"CRYSTAL_TEST_KILL_IN_SAVE": "8"})
     assert proc.returncode != 0
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "4"
     assert (ckpt / "iter_0000008").is_dir()  # begun, never finished
-    torchrun(2, RUN + ["--load", str(ckpt), "--metrics-jsonl", str(tmp_path / "m.jsonl")])
+    train(2, RUN + ["--load", str(ckpt), "--metrics-jsonl", str(tmp_path / "m.jsonl")])
     resumed = _metrics(tmp_path / "m.jsonl")
     assert sorted(resumed) == list(range(5, STEPS + 1))
     _same(resumed, straight, range(5, STEPS + 1))
@@ -114,14 +114,14 @@ def test_loss_spikes_are_skipped_and_the_window_survives_a_resume(straight, tmp_
     spiky = RUN + ["--loss-spike-window", "3", "--loss-spike-sigma", "6"]
     env = {"CRYSTAL_TEST_SPIKE_ITERS": "6,10"}
     ckpt = tmp_path / "ckpt"
-    proc = torchrun(2, spiky + ["--save", str(ckpt), "--save-interval", "8", "--metrics-jsonl", str(tmp_path / "a.jsonl")],
+    proc = train(2, spiky + ["--save", str(ckpt), "--save-interval", "8", "--metrics-jsonl", str(tmp_path / "a.jsonl")],
                     env_extra=env)
     assert "iteration 6: loss spike (" in proc.stdout and "mean + 6 sigma of the last 3 steps) (lm loss" in proc.stdout
     first = _metrics(tmp_path / "a.jsonl")
     assert [i for i in first if first[i]["grad_norm"] is None] == [6, 10]
     _same(first, straight, range(1, 6))  # the detector changed nothing before the spike
     assert first[6]["lm_loss"] == straight[6]["lm_loss"]  # the logged loss is the true one
-    torchrun(2, spiky + ["--load", str(ckpt), "--ckpt-step", "8", "--metrics-jsonl", str(tmp_path / "b.jsonl")], env_extra=env)
+    train(2, spiky + ["--load", str(ckpt), "--ckpt-step", "8", "--metrics-jsonl", str(tmp_path / "b.jsonl")], env_extra=env)
     resumed = _metrics(tmp_path / "b.jsonl")
     assert sorted(resumed) == list(range(9, STEPS + 1)) and resumed[10]["grad_norm"] is None
     _same(resumed, first, range(9, STEPS + 1))

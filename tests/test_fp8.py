@@ -11,7 +11,7 @@ error of about 2^-4 / sqrt(3) ~ 3.6% at worst-case alignment, far less on averag
 import pytest
 import torch
 
-from distributed_run import TINY_RUN, read_metrics, torchrun
+from distributed_run import TINY_RUN, read_metrics, train
 from megatron_ext.kernels import fp8_scaling
 from megatron_ext.kernels.fp8_linear import FP8LinearState, _FP8Linear, dequantized_mm, scaled_mm
 from megatron_ext.kernels.fp8_scaling import E4M3, E5M2, FP8Recipe, ScalingState
@@ -169,7 +169,7 @@ def test_selection_errors():
 
 
 def test_fp8_on_cpu_without_emulation_fails_before_any_work():
-    proc = torchrun(1, TINY_RUN + ["--train-iters", "2", "--fp8-format", "hybrid"], check=False, timeout=120)
+    proc = train(1, TINY_RUN + ["--train-iters", "2", "--fp8-format", "hybrid"], check=False, timeout=120)
     assert proc.returncode != 0
     assert "error: --fp8-format hybrid on CPU: FP8 is emulated there, for tests only" in proc.stderr + proc.stdout
 
@@ -190,8 +190,8 @@ def test_fp8_training_tracks_fp32_and_resumes_exactly(tmp_path):
     gives its own losses exactly (at TP 1: within 1e-5): the amax histories and scales come back from the
     checkpoint (_extra_state). A checkpoint trained without FP8 resumes with FP8 (fresh scales)."""
     fp32_ckpt, fp8_ckpt = tmp_path / "fp32_ckpt", tmp_path / "fp8_ckpt"
-    torchrun(2, RUN + ["--metrics-jsonl", str(tmp_path / "fp32.jsonl"), "--save", str(fp32_ckpt), "--save-interval", "4"])
-    out = torchrun(2, RUN + FP8 + ["--metrics-jsonl", str(tmp_path / "fp8.jsonl"), "--save", str(fp8_ckpt),
+    train(2, RUN + ["--metrics-jsonl", str(tmp_path / "fp32.jsonl"), "--save", str(fp32_ckpt), "--save-interval", "4"])
+    out = train(2, RUN + FP8 + ["--metrics-jsonl", str(tmp_path / "fp8.jsonl"), "--save", str(fp8_ckpt),
                                    "--save-interval", "4"])
     assert "fp8: hybrid delayed (amax history 16, margin 0; torch._scaled_mm on CPU" in out.stdout
     fp32, fp8 = _losses(tmp_path / "fp32.jsonl"), _losses(tmp_path / "fp8.jsonl")
@@ -200,14 +200,14 @@ def test_fp8_training_tracks_fp32_and_resumes_exactly(tmp_path):
         assert abs(fp8[i] - fp32[i]) <= 5e-3 * fp32[i], (i, fp8[i], fp32[i])
     assert fp8 != fp32  # FP8 did round something
     assert fp32[STEPS] < fp32[1] - 0.5  # and the run learned
-    torchrun(2, RUN + FP8 + ["--load", str(fp8_ckpt), "--ckpt-step", "4", "--metrics-jsonl", str(tmp_path / "resumed.jsonl")])
+    train(2, RUN + FP8 + ["--load", str(fp8_ckpt), "--ckpt-step", "4", "--metrics-jsonl", str(tmp_path / "resumed.jsonl")])
     assert _losses(tmp_path / "resumed.jsonl") == {i: fp8[i] for i in range(5, STEPS + 1)}
     # At TP 1: the saved scales are every rank's (amaxes reduced over TP x DP), so any layout takes them.
-    torchrun(1, TINY_RUN + ["--train-iters", str(STEPS)] + FP8 + ["--load", str(fp8_ckpt), "--ckpt-step", "4",
+    train(1, TINY_RUN + ["--train-iters", str(STEPS)] + FP8 + ["--load", str(fp8_ckpt), "--ckpt-step", "4",
                                                                "--metrics-jsonl", str(tmp_path / "tp1.jsonl")])
     tp1 = _losses(tmp_path / "tp1.jsonl")
     assert sorted(tp1) == list(range(5, STEPS + 1)) and all(abs(tp1[i] - fp8[i]) <= 1e-5 * fp8[i] for i in tp1)
-    torchrun(2, RUN + FP8 + ["--load", str(fp32_ckpt), "--ckpt-step", "4", "--metrics-jsonl", str(tmp_path / "switched.jsonl")])
+    train(2, RUN + FP8 + ["--load", str(fp32_ckpt), "--ckpt-step", "4", "--metrics-jsonl", str(tmp_path / "switched.jsonl")])
     switched = _losses(tmp_path / "switched.jsonl")
     assert sorted(switched) == list(range(5, STEPS + 1))
     assert all(abs(switched[i] - fp32[i]) <= 5e-3 * fp32[i] for i in switched)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from distributed_run import REPO, TINY_RUN, free_port, layout_flags, read_metrics, torchrun
+from distributed_run import REPO, TINY_RUN, free_port, layout_flags, read_metrics, train
 
 FAKE_SCONTROL = """#!/usr/bin/env bash
 # scontrol show hostnames gpu[001-004]
@@ -77,7 +77,7 @@ def test_sbatch_overrides_and_bad_layout(tmp_path):
 def test_two_nodes_on_one_machine_match_one_node(tmp_path):
     """torchrun --nnodes 2 --node-rank {0,1} (2 processes each, localhost rendezvous) == 4 processes."""
     args = TINY_RUN + layout_flags(tp=2, dist_opt=True) + ["--train-iters", "4"]
-    torchrun(4, args + ["--metrics-jsonl", str(tmp_path / "one.jsonl")])
+    train(4, args + ["--metrics-jsonl", str(tmp_path / "one.jsonl")])
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from distributed_run import TINY_RUN, layout_flags, read_metrics, torchrun
+from distributed_run import TINY_RUN, layout_flags, read_metrics, train
 
 LAYOUTS = {
     "tp1_pp1_dp1": (1, dict()),
@@ -23,7 +23,7 @@ STEPS = 5
 def initial_checkpoint(tmp_path_factory):
     """The initialised weights (one step at lr 0), saved: the common starting point of every layout."""
     ckpt = tmp_path_factory.mktemp("initial")
-    torchrun(1, TINY_RUN + ["--train-iters", "1", "--lr-warmup-iters", "0", "--lr", "0", "--min-lr", "0",
+    train(1, TINY_RUN + ["--train-iters", "1", "--lr-warmup-iters", "0", "--lr", "0", "--min-lr", "0",
                             "--save", str(ckpt)])
     return ckpt
 
@@ -36,7 +36,7 @@ def baseline(initial_checkpoint, tmp_path_factory):
 def _run(name, ckpt, tmp_path_factory):
     nproc, layout = LAYOUTS[name]
     metrics = tmp_path_factory.mktemp(name) / "metrics.jsonl"
-    torchrun(nproc, TINY_RUN + layout_flags(**layout) + [
+    train(nproc, TINY_RUN + layout_flags(**layout) + [
         "--train-iters", str(STEPS), "--load", str(ckpt), "--finetune", "--metrics-jsonl", str(metrics)])
     rows = read_metrics(metrics)
     assert [r["iteration"] for r in rows] == list(range(1, STEPS + 1))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_run import REPO, free_port, read_metrics, torchrun
+from distributed_run import REPO, free_port, read_metrics, train
 from megatron_ext.data.phase_schedule import PhaseSchedule
 from megatron_ext.data.phases_config import (FimSpec, LRSpec, PhaseSpec, PhasesConfig, PhasesConfigError, SourceSpec,
                                              load_phases)
@@ -258,7 +258,7 @@ RUN = ["--model", "crystal-test", "--phases", str(SMALL), "--tokenizer-model", s
 
 def _metrics(nproc, tmp, name, extra):
     path = tmp / f"{name}.jsonl"
-    torchrun(nproc, RUN + ["--data-cache-path", str(tmp / "cache"), "--metrics-jsonl", str(path), *extra])
+    train(nproc, RUN + ["--data-cache-path", str(tmp / "cache"), "--metrics-jsonl", str(path), *extra])
     return {r["iteration"]: r for r in read_metrics(path)}
 
 

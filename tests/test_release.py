@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from distributed_run import REPO, TINY_RUN, layout_flags, read_metrics, torchrun
+from distributed_run import REPO, TINY_RUN, layout_flags, read_metrics, train
 from process_group import run_in_process_group
 
 DEMO = REPO / "data" / "demo"
@@ -37,7 +37,7 @@ def demo_run(tmp, extra):
 def trained(tmp_path_factory):
     """3 steps at TP 2 x PP 2 with the distributed optimizer: weights that are no longer the init."""
     tmp = tmp_path_factory.mktemp("trained")
-    torchrun(4, demo_run(tmp, layout_flags(tp=2, pp=2, dist_opt=True) + ["--train-iters", "3", "--save", str(tmp / "ckpt")]))
+    train(4, demo_run(tmp, layout_flags(tp=2, pp=2, dist_opt=True) + ["--train-iters", "3", "--save", str(tmp / "ckpt")]))
     return tmp / "ckpt"
 
 
@@ -171,7 +171,7 @@ def test_round_trip_is_bitwise_and_trains_at_tp2_pp2(trained, exported, tmp_path
 
     def two_steps(load, name, extra=()):
         metrics = tmp_path / f"{name}.jsonl"
-        torchrun(4, demo_run(tmp_path, layout_flags(tp=2, pp=2) + [
+        train(4, demo_run(tmp_path, layout_flags(tp=2, pp=2) + [
             "--train-iters", "2", "--load", str(load), "--metrics-jsonl", str(metrics), *extra]))
         return read_metrics(metrics)
 
@@ -291,7 +291,7 @@ def test_export_of_an_earlier_iteration_without_distributed_optimizer(tmp_path):
     first, verified, and its weights differ from the latest's (exported unverified: the other tests
     verify latest exports)."""
     ckpt = tmp_path / "ckpt"
-    torchrun(4, demo_run(tmp_path, layout_flags(pp=2) + ["--train-iters", "2", "--save", str(ckpt), "--save-interval", "1"]))
+    train(4, demo_run(tmp_path, layout_flags(pp=2) + ["--train-iters", "2", "--save", str(ckpt), "--save-interval", "1"]))
     outputs = {}
     for step in ("1", None):
         out = tmp_path / f"hf{step}"

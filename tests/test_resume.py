@@ -4,14 +4,14 @@ import math
 
 import pytest
 
-from distributed_run import TINY_RUN, layout_flags, read_metrics, torchrun
+from distributed_run import TINY_RUN, layout_flags, read_metrics, train
 
 STEPS = 10
 
 
 def _train(nproc, layout, tmp, name, extra):
     metrics = tmp / f"{name}.jsonl"
-    torchrun(nproc, TINY_RUN + layout_flags(**layout) + ["--train-iters", str(STEPS), "--metrics-jsonl", str(metrics), *extra])
+    train(nproc, TINY_RUN + layout_flags(**layout) + ["--train-iters", str(STEPS), "--metrics-jsonl", str(metrics), *extra])
     return read_metrics(metrics)
 
 
@@ -52,4 +52,4 @@ def test_resume_continues_identically(straight, first, resume_nproc, resume_layo
 
 def test_resume_with_other_optimizer_kind_is_refused(first):
     with pytest.raises(AssertionError, match="was saved with --use-distributed-optimizer; resume the same way"):
-        torchrun(1, TINY_RUN + ["--train-iters", "8", "--load", str(first[1])])
+        train(1, TINY_RUN + ["--train-iters", "8", "--load", str(first[1])])
