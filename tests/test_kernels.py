@@ -8,6 +8,10 @@ fails to write shows up. Tolerances, relative to the largest magnitude of the ex
 bf16 rounding is at most 2^-8 relative), against the reference run in fp32 on the same bf16 inputs.
 """
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -16,6 +20,7 @@ import torch
 from megatron_ext import cpu_compat
 from megatron_ext.kernels import fp8_scaling, rope, swiglu
 from megatron_ext.kernels.triton_runtime import INTERPRET, runs_on
+from distributed_run import REPO
 from process_group import run_in_process_group
 
 pytestmark = pytest.mark.skipif(not runs_on(torch.empty(0)), reason="needs Triton (its interpreter on CPU): pip install triton")
@@ -203,3 +208,26 @@ def _fused_cross_entropy_against_megatron(seed: int):
 @pytest.mark.timeout(300)
 def test_fused_cross_entropy_matches_megatron_at_tp2():
     run_in_process_group(_fused_cross_entropy_against_megatron, SEED, world_size=2, tp=2, timeout=280)
+
+
+# Largest shared memory one block may ask for (opt-in): A100 163 KiB, H100 227 KiB.
+SHARED_MEMORY = {80: 166912, 90: 232448}
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_every_kernel_compiles_for_the_gpu(arch):
+    """Triton's compiler, not its interpreter: each kernel down to a cubin for A100 (sm_80) and H100 (sm_90),
+    through the modules' own launchers at the Crystal 7B's shapes (FP8 casts on sm_90 only), with its shared
+    memory within the GPU's limit. See compile_for_gpu.py."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "compile_for_gpu.py"), str(arch)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    compiled, defined = lines[:-1], set(lines[-1]["defined"])
+    fp8_only = {"_amax_cast_kernel"}
+    assert {c["kernel"] for c in compiled} == (defined if arch >= 89 else defined - fp8_only)
+    for c in compiled:
+        assert "cubin" in c["stages"], c
+        assert c["shared_bytes"] <= SHARED_MEMORY[arch], c
