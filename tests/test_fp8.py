@@ -16,23 +16,35 @@ from megatron_ext.kernels import fp8_scaling
 from megatron_ext.kernels.fp8_linear import FP8LinearState, _FP8Linear, dequantized_mm, scaled_mm
 from megatron_ext.kernels.fp8_scaling import E4M3, E5M2, FP8Recipe, ScalingState
 from megatron_ext.kernels.selection import KernelPathError, Probes, select
+from process_group import run_in_process_group
 
 
 def _state(recipe="delayed", history=4, margin=0, dtype=E4M3):
     return ScalingState(FP8Recipe("hybrid", recipe, history, margin), dtype, "cpu")
 
 
-def test_delayed_scaling_uses_the_amax_history():
+def _end_step(*states, applied=True):
+    fp8_scaling.update_delayed_scales(list(states), applied)
+
+
+def test_delayed_scaling_uses_the_amax_history_of_steps():
     s = _state(history=3)
-    x = torch.full((4, 4), 2.0)
-    _, _, inv = s.quantize(x)
-    assert inv.item() == 1.0  # the first use has no history: scale 1
-    assert s.amax_history.tolist() == [2.0, 0.0, 0.0] and s.scale.item() == 448.0 / 2.0
-    s.quantize(torch.full((4, 4), 8.0))
+    _, _, inv = s.quantize(torch.full((4, 4), 2.0))
+    assert inv.item() == pytest.approx(2.0 / 448.0)  # the first use has no history: its own amax sets the scale
+    s.quantize(torch.full((4, 4), 8.0))  # later micro-batches of the step: the same scale, their amaxes noted
+    _, _, inv = s.quantize(torch.full((4, 4), 1.0))
+    assert inv.item() == pytest.approx(2.0 / 448.0) and s.amax_history.tolist() == [0.0, 0.0, 0.0]
+    _end_step(s)
+    assert s.amax_history.tolist() == [8.0, 0.0, 0.0] and s.scale.item() == 448.0 / 8.0  # the step's largest
     s.quantize(torch.full((4, 4), 1.0))
-    assert s.amax_history.tolist() == [1.0, 8.0, 2.0] and s.scale.item() == 448.0 / 8.0  # the history's max
-    s.quantize(torch.full((4, 4), 1.0))  # 2.0 rolls out
-    s.quantize(torch.full((4, 4), 1.0))  # 8.0 rolls out
+    _end_step(s)
+    assert s.amax_history.tolist() == [1.0, 8.0, 0.0] and s.scale.item() == 448.0 / 8.0  # the history's max
+    s.quantize(torch.full((4, 4), 100.0))
+    _end_step(s, applied=False)  # a skipped step (or an evaluation) leaves no trace
+    assert s.amax_history.tolist() == [1.0, 8.0, 0.0] and s.scale.item() == 448.0 / 8.0
+    for _ in range(2):  # 8.0 rolls out
+        s.quantize(torch.full((4, 4), 1.0))
+        _end_step(s)
     assert s.amax_history.tolist() == [1.0, 1.0, 1.0] and s.scale.item() == 448.0
 
 
@@ -40,13 +52,18 @@ def test_margin_zero_amax_and_non_finite_amax():
     s = _state(margin=2)
     s.quantize(torch.full((2, 2), 7.0))
     assert s.scale.item() == 448.0 / 7.0 / 4.0
+    _end_step(s)
     before = s.scale.clone()
-    s.quantize(torch.zeros(2, 2))  # the history still holds 7: unchanged
-    assert s.scale.item() == before.item()
+    s.quantize(torch.zeros(2, 2))
+    _end_step(s)
+    assert s.scale.item() == before.item()  # the history still holds 7: unchanged
     fresh = _state(history=1)
     fresh.quantize(torch.zeros(2, 2))
     assert fresh.scale.item() == 1.0  # amax 0 keeps the previous scale
+    _end_step(fresh)
+    assert fresh.scale.item() == 1.0
     fresh.quantize(torch.tensor([[float("inf"), 1.0]]))
+    _end_step(fresh)
     assert fresh.scale.item() == 1.0  # so does an infinite one
 
 
@@ -56,7 +73,10 @@ def test_tensorwise_scaling_uses_the_current_amax_and_saturates():
     q, _, inv = s.quantize(x)
     assert inv.item() == pytest.approx(1000.0 / 57344.0)
     assert q.float()[0, 0].item() * inv.item() == pytest.approx(1000.0)
-    sat = _state("delayed", dtype=E4M3)  # scale 1 on first use: 1000 is beyond e4m3's 448
+    assert s.amax_history[0].item() == 1000.0  # each use enters the history at once
+    sat = _state("delayed", dtype=E4M3)
+    sat.quantize(torch.ones(1, 4))
+    _end_step(sat)  # scale 448, from amax 1: 1000 is far beyond e4m3's range
     q, _, _ = sat.quantize(x)
     assert q.float()[0, 0].item() == 448.0 and not q.float().isnan().any()
 
@@ -65,9 +85,42 @@ def test_scaling_state_round_trips_through_a_state_dict():
     a = _state(history=3)
     for v in (3.0, 5.0):
         a.quantize(torch.full((2, 2), v))
+        _end_step(a)
     b = _state(history=3)
     b.load_state_dict(a.state_dict())
-    assert torch.equal(b.amax_history, a.amax_history) and b.scale.item() == a.scale.item()
+    assert torch.equal(b.amax_history, a.amax_history) and b.scale.item() == a.scale.item() and b.calibrated
+    _, _, inv = b.quantize(torch.full((2, 2), 1.0))
+    assert inv.item() == pytest.approx(5.0 / 448.0)  # calibrated: the history's scale, not the first use's
+
+
+def _amaxes_reduced_once_per_step():
+    """Two tensor-parallel ranks see different amaxes over three micro-batches; no collective runs until
+    the step ends, then one, after which both ranks hold the largest amax and the same scale."""
+    from megatron.core import parallel_state
+
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    group = parallel_state.get_tensor_model_parallel_group()
+    states = [ScalingState(FP8Recipe("hybrid", "delayed", 4, 0), dtype, "cpu", group) for dtype in (E4M3, E5M2)]
+    for s in states:
+        s.quantize(torch.ones(2, 2))  # calibration: the one use that reduces at once
+    calls = []
+    real = torch.distributed.all_reduce
+    torch.distributed.all_reduce = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        for micro_batch in range(3):
+            for i, s in enumerate(states):
+                s.quantize(torch.full((2, 2), float(1 + micro_batch + 10 * rank + 100 * i)))
+        assert calls == []
+        _end_step(*states)
+        assert len(calls) == 1
+    finally:
+        torch.distributed.all_reduce = real
+    assert [s.amax_history[0].item() for s in states] == [13.0, 113.0]
+    assert [s.scale.item() for s in states] == pytest.approx([448.0 / 13.0, 57344.0 / 113.0], rel=1e-6)
+
+
+def test_delayed_amaxes_are_reduced_in_one_all_reduce_per_step():
+    run_in_process_group(_amaxes_reduced_once_per_step, world_size=2, tp=2, timeout=120)
 
 
 def _linear(x, w, mm, recipe="delayed"):
@@ -77,6 +130,7 @@ def _linear(x, w, mm, recipe="delayed"):
         for _ in range(2):
             _FP8Linear.apply(x.detach(), w.detach(), state, False, False, None, mm)
             state.grad_output.quantize(torch.randn(x.shape[0], w.shape[0], generator=g) * 1e-3)
+            fp8_scaling.update_delayed_scales(state.scaling_states(), applied=True)
             state.weight_fp8 = None  # a new step: the weight is cast afresh
     return _FP8Linear.apply(x, w, state, False, False, None, mm)
 
@@ -106,8 +160,8 @@ def test_fp8_linear_scaled_mm_is_the_dequantised_reference_and_tracks_fp32(recip
 
 
 def test_a_weight_is_cast_once_per_step():
-    """Every micro-batch of a step reuses the FP8 weight; refresh_fp8_weights (each step) recasts it."""
-    from megatron_ext.kernels.fp8_linear import _FP8Mixin, refresh_fp8_weights
+    """Every micro-batch of a step reuses the FP8 weight; end_fp8_step (after each step) recasts it."""
+    from megatron_ext.kernels.fp8_linear import _FP8Mixin, end_fp8_step
 
     class Layer(_FP8Mixin, torch.nn.Module):
         pass
@@ -121,7 +175,7 @@ def test_a_weight_is_cast_once_per_step():
     for _ in range(3):
         _FP8Linear.apply(torch.randn(4, 32), w, layer.fp8_state, False, False, None, dequantized_mm)
     assert len(casts) == 1
-    refresh_fp8_weights([torch.nn.ModuleList([layer])])
+    end_fp8_step([torch.nn.ModuleList([layer])], applied=True)
     _FP8Linear.apply(torch.randn(4, 32), w, layer.fp8_state, False, False, None, dequantized_mm)
     assert len(casts) == 2
 

@@ -3,10 +3,10 @@
 Forward y = x W^T and both backward GEMMs (dgrad = dy W, wgrad = dy^T x) run in FP8 through
 ``torch._scaled_mm`` (cuBLASLt on GPU; torch's own kernel on CPU, where the tests run it) with per-tensor
 scales from ``fp8_scaling``. The weights, their gradients, the bias and the optimizer stay in high
-precision. The FP8 copy of a weight (and its transpose) is made at its first use after
-``refresh_fp8_weights`` and reused by every later micro-batch until the next call: the trainer calls it
-whenever the weights may have changed (each training step, each evaluation), as Transformer Engine
-casts weights on the first micro-batch only. The forward saves the FP8 transposes that the backward
+precision. The FP8 copy of a weight (and its transpose) is made at its first use in a step and reused
+by every later micro-batch, as Transformer Engine casts weights on the first micro-batch only;
+``end_fp8_step``, which the trainer calls after each training step and each evaluation, drops it (the
+optimizer may have changed the weight) and ends the step of the delayed scales (one amax all-reduce). The forward saves the FP8 transposes that the backward
 GEMMs need (written by the same cast kernel), not the high-precision input.
 
 Tensor-parallel semantics are those of Megatron-Core's ``linear_with_grad_accumulation_and_async_allreduce``:
@@ -24,7 +24,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import _gather_along_first_dim, _reduce_scatter_along_first_dim
 
-from megatron_ext.kernels.fp8_scaling import FP8Recipe, ScalingState
+from megatron_ext.kernels.fp8_scaling import FP8Recipe, ScalingState, update_delayed_scales
 
 
 class FP8LinearState:
@@ -40,6 +40,9 @@ class FP8LinearState:
         if self.weight_fp8 is None:
             self.weight_fp8 = self.weight.quantize(weight, transpose=True)
         return self.weight_fp8
+
+    def scaling_states(self) -> list[ScalingState]:
+        return [self.input, self.weight, self.grad_output]
 
     def state_dict(self) -> dict:
         return {name: getattr(self, name).state_dict() for name in ("input", "weight", "grad_output")}
@@ -116,12 +119,13 @@ class _FP8Mixin:
             self.fp8_state.load_state_dict(state)
 
 
-def refresh_fp8_weights(model_chunks: list) -> None:
-    """The weights may have changed: the next forward of each FP8 layer casts its weight afresh."""
-    for chunk in model_chunks:
-        for module in chunk.modules():
-            if isinstance(module, _FP8Mixin):
-                module.fp8_state.weight_fp8 = None
+def end_fp8_step(model_chunks: list, applied: bool) -> None:
+    """After a training step (applied: its update was) or an evaluation (applied False): the delayed
+    scales take the step's amaxes or forget them, and each FP8 layer casts its weight afresh next time."""
+    layers = [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, _FP8Mixin)]
+    update_delayed_scales([s for layer in layers for s in layer.fp8_state.scaling_states()], applied)
+    for layer in layers:
+        layer.fp8_state.weight_fp8 = None
 
 
 def fp8_linear_classes(recipe: FP8Recipe, mm=scaled_mm):

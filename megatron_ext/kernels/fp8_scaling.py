@@ -2,16 +2,23 @@
 
 A tensor x is stored as q = fp8(clamp(x * scale, -max, max)) with scale_inv = 1 / scale beside it, so
 that x ~ q * scale_inv. How scale is chosen:
-- ``delayed``: from the largest amax in a history of the last ``amax_history_len`` uses of the tensor,
-  scale = (fp8 max / amax) / 2^margin, updated after each use (the current use's amax goes into the
-  history; the cast itself uses the scale found from earlier uses). No extra pass over the data.
-- ``tensorwise`` (current scaling): from this tensor's own amax: one more read of the data, no stale
-  scale.
-An amax of 0 or a non-finite amax keeps the previous scale. Each amax is the maximum over the group
-given (the tensor- and data-parallel ranks that hold the same layer): every such rank then has the same
-history and scales, as with Transformer Engine's amax reduction, so one saved copy restores all of them,
-at any TP/DP layout. Values beyond the format's range saturate
-(TE's behaviour; torch's own cast would turn them into NaN for e4m3).
+- ``delayed``: from the largest amax in a history of the last ``amax_history_len`` training steps,
+  scale = (fp8 max / amax) / 2^margin. Every use of the tensor in a step (each micro-batch) is cast
+  with the scale found from earlier steps, and only notes its amax; at the step's end
+  ``update_delayed_scales`` reduces the amaxes of all the rank's tensors in one all-reduce and moves
+  each into its history (Transformer Engine reduces once per micro-batch forward and once per backward;
+  a reduction per use would be 256 per micro-batch in the 7B: 32 layers x 4 linears x input and
+  gradient). A step whose update is skipped (non-finite gradients, a loss spike) or an evaluation
+  leaves no trace. The first use of a tensor has no history to go by: it takes the current scale from
+  its own amax, once (Transformer Engine starts from scale 1, at which gradients below e5m2's smallest
+  value, 2^-16, flush to zero until the first update).
+- ``tensorwise`` (current scaling): from this tensor's own amax at every use: one more read of the data
+  and a reduction per use, no stale scale.
+A zero or non-finite amax keeps the previous scale. Each amax is the maximum over the group given (the
+tensor- and data-parallel ranks that hold the same layer): every such rank then has the same history
+and scales, as with Transformer Engine's amax reduction, so one saved copy restores all of them, at any
+TP/DP layout. Values beyond the format's range saturate (TE's behaviour; torch's own cast would turn
+them into NaN for e4m3).
 
 Formats: ``e4m3`` for every tensor, or ``hybrid``: e4m3 forward (activations, weights), e5m2 for the
 gradients (more range, less precision).
@@ -147,29 +154,44 @@ class ScalingState:
         self.fp8_max = torch.finfo(dtype).max
         self.amax_history = torch.zeros(recipe.amax_history_len, dtype=torch.float32, device=device)
         self.scale = torch.ones((), dtype=torch.float32, device=device)
+        self.step_amax = torch.zeros((), dtype=torch.float32, device=device)  # delayed: this step's, not reduced
+        self.calibrated = False  # delayed: a scale has been set from data
 
     def quantize(self, x: torch.Tensor, transpose: bool = False):
         """(q, q transposed or None, scale_inv) of a 2-D x, updating the scaling state."""
         x = x.detach()
         current = None
-        if self.recipe.recipe == "tensorwise":  # this tensor's own amax sets the scale it is cast with
+        if self.recipe.recipe == "tensorwise" or not self.calibrated:
             current = self._reduced(amax(x))
             self.scale = compute_scale(current, self.scale, self.fp8_max, self.recipe.margin)
-        used = self.scale
-        q, qt, cast_amax = quantize(x, used, self.dtype, transpose)
+            self.calibrated = True
+        q, qt, cast_amax = quantize(x, self.scale, self.dtype, transpose)
+        if self.recipe.recipe == "tensorwise":
+            self._push(current)
+        else:
+            self.step_amax = torch.maximum(self.step_amax, cast_amax)
+        return q, qt, self.scale.reciprocal()
+
+    def end_step(self, reduced_amax: torch.Tensor | None) -> None:
+        """Delayed: the step's amax (reduced over the group) into the history and the next scale from it;
+        None forgets the step."""
+        if reduced_amax is not None:
+            self._push(reduced_amax)
+            self.scale = compute_scale(self.amax_history.max(), self.scale, self.fp8_max, self.recipe.margin)
+        self.step_amax = torch.zeros_like(self.step_amax)
+
+    def _push(self, amax_value: torch.Tensor) -> None:
         self.amax_history = torch.roll(self.amax_history, 1)
-        self.amax_history[0] = current if current is not None else self._reduced(cast_amax)
-        if self.recipe.recipe == "delayed":  # the next use's scale, from the history
-            self.scale = compute_scale(self.amax_history.max(), used, self.fp8_max, self.recipe.margin)
-        return q, qt, used.reciprocal()
+        self.amax_history[0] = amax_value
 
     def _reduced(self, current: torch.Tensor) -> torch.Tensor:
-        if self.group is not None and torch.distributed.get_world_size(self.group) > 1:
+        if _spans_ranks(self.group):
             torch.distributed.all_reduce(current, op=torch.distributed.ReduceOp.MAX, group=self.group)
         return current
 
     def state_dict(self) -> dict:
-        return {"amax_history": self.amax_history.cpu(), "scale": self.scale.cpu()}
+        return {"amax_history": self.amax_history.cpu(), "scale": self.scale.cpu(),
+                "calibrated": torch.tensor(self.calibrated)}
 
     def load_state_dict(self, state: dict) -> None:
         history = state["amax_history"].to(self.amax_history.device)
@@ -177,3 +199,25 @@ class ScalingState:
         self.amax_history.zero_()
         self.amax_history[:n] = history[:n]
         self.scale = state["scale"].to(self.scale.device)
+        self.calibrated = bool(state["calibrated"])
+
+
+def _spans_ranks(group) -> bool:
+    return group is not None and torch.distributed.get_world_size(group) > 1
+
+
+def update_delayed_scales(states: list[ScalingState], applied: bool) -> None:
+    """The end of a training step (applied: its update was) or of an evaluation (not applied): the
+    delayed states' amaxes of the step, all reduced in one all-reduce, go into their histories, or are
+    forgotten. Every state given shares one group (this rank's tensor- and data-parallel ranks)."""
+    delayed = [s for s in states if s.recipe.recipe == "delayed"]
+    if not delayed:
+        return
+    reduced = [None] * len(delayed)
+    if applied:
+        amaxes = torch.stack([s.step_amax for s in delayed])
+        if _spans_ranks(delayed[0].group):
+            torch.distributed.all_reduce(amaxes, op=torch.distributed.ReduceOp.MAX, group=delayed[0].group)
+        reduced = amaxes.unbind()
+    for state, value in zip(delayed, reduced):
+        state.end_step(value)

@@ -15,7 +15,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import accelerators, cpu_compat
-from megatron_ext.kernels.fp8_linear import refresh_fp8_weights
+from megatron_ext.kernels.fp8_linear import end_fp8_step
 from megatron_ext.model.crystal_config import CrystalConfig
 from megatron_ext.model.crystal_gpt import ParallelLayout, build_model, padded_vocab_size, transformer_config
 from megatron_ext.training import checkpointing, data_feed, distributed
@@ -145,28 +145,28 @@ class Trainer:
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        refresh_fp8_weights(self.model)
         if self.data_hashes is not None:
             self.data_hashes.clear()  # what evaluation read is not part of the step
         losses = self._run(iterators, forward_only=False, global_batch_size=self.feed.step_batch_size())
         loss, by_source = _reduce_loss(losses)
         skipped = self.guard.check(self.model, loss, self.iteration + 1)
-        grad_norm = None
+        grad_norm, update_successful = None, False
         if not skipped:
             update_successful, grad_norm, _ = self.optimizer.step()
             if update_successful:
                 self.scheduler.step(increment=1)
+        end_fp8_step(self.model, applied=update_successful)
         return loss, by_source, grad_norm, skipped
 
     @torch.no_grad()
     def evaluate(self, eval_round: int) -> tuple[float | None, torch.Tensor | None]:
         for m in self.model:
             m.eval()
-        refresh_fp8_weights(self.model)
         its = self.feed.eval_iterators(len(self.model), eval_round)
         losses = []
         for _ in range(self.args.eval_iters):
             losses.extend(self._run(its, forward_only=True, global_batch_size=self.feed.step_batch_size()))
+        end_fp8_step(self.model, applied=False)
         for m in self.model:
             m.train()
         return _reduce_loss(losses)
