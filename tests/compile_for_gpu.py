@@ -6,7 +6,8 @@ The interpreter that checks the kernels' numbers (test_kernels.py) runs Python, 
 a kernel that is right there can still fail to compile for a GPU (types, layouts, shared memory). Here
 the kernels go through Triton's whole pipeline down to a cubin (Triton's bundled ptxas) for the
 architecture given, launched through the modules' own entry points with the shapes of the Crystal 7B,
-so launcher and kernel signatures are checked together. Nothing runs: Triton's driver is replaced by
+so launcher and kernel signatures are checked together, and ptxas reports each kernel's registers and
+spills. Nothing runs: Triton's driver is replaced by
 one that names the target, and each launch stops after compiling (Triton's warm-up mode). Values
 computed after a launch are garbage and unused.
 """
@@ -15,7 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import triton
@@ -42,13 +47,27 @@ class TargetOnlyDriver:
         return 0
 
 
-def compile_only(compiled: list):
+def register_use(ptx: str, arch: int) -> dict:
+    """Registers per thread and bytes spilled to local memory, from ptxas's report on the kernel's PTX
+    (Triton keeps no such figures without a driver to load the cubin into)."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
+        source.write(ptx)
+        source.flush()
+        report = subprocess.run([str(ptxas), "-v", "--gpu-name", f"sm_{arch}{'a' if arch == 90 else ''}", source.name,
+                                 "-o", os.devnull], capture_output=True, text=True, check=True).stderr
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    return {"registers": int(re.search(r"Used (\d+) registers", report).group(1)),
+            "spill_bytes": int(spills.group(1)) + int(spills.group(2))}
+
+
+def compile_only(compiled: list, arch: int):
     real_run = JITFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
         kernel = real_run(self, *args, grid=grid, warmup=True, **kwargs)
         compiled.append({"kernel": self.fn.__name__, "module": self.fn.__module__, "stages": sorted(kernel.asm),
-                         "shared_bytes": kernel.metadata.shared})
+                         "shared_bytes": kernel.metadata.shared, **register_use(kernel.asm["ptx"], arch)})
         return kernel
 
     JITFunction.run = run
@@ -93,7 +112,7 @@ if __name__ == "__main__":
     arch = int(sys.argv[1])
     driver.set_active(TargetOnlyDriver(arch))
     compiled: list = []
-    compile_only(compiled)
+    compile_only(compiled, arch)
     launch_every_kernel(arch)
     for entry in compiled:
         print(json.dumps(entry))

@@ -218,7 +218,7 @@ SHARED_MEMORY = {80: 166912, 90: 232448}
 def test_every_kernel_compiles_for_the_gpu(arch):
     """Triton's compiler, not its interpreter: each kernel down to a cubin for A100 (sm_80) and H100 (sm_90),
     through the modules' own launchers at the Crystal 7B's shapes (FP8 casts on sm_90 only), with its shared
-    memory within the GPU's limit. See compile_for_gpu.py."""
+    memory within the GPU's limit and no register spills. See compile_for_gpu.py."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "compile_for_gpu.py"), str(arch)], env=env,
@@ -231,3 +231,4 @@ def test_every_kernel_compiles_for_the_gpu(arch):
     for c in compiled:
         assert "cubin" in c["stages"], c
         assert c["shared_bytes"] <= SHARED_MEMORY[arch], c
+        assert c["spill_bytes"] == 0 and c["registers"] <= 255, c  # a spill to local memory costs bandwidth
