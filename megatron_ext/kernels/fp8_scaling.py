@@ -167,22 +167,11 @@ class ScalingState:
             self.calibrated = True
         q, qt, cast_amax = quantize(x, self.scale, self.dtype, transpose)
         if self.recipe.recipe == "tensorwise":
-            self._push(current)
+            self.amax_history = torch.roll(self.amax_history, 1)
+            self.amax_history[0] = current
         else:
             self.step_amax = torch.maximum(self.step_amax, cast_amax)
         return q, qt, self.scale.reciprocal()
-
-    def end_step(self, reduced_amax: torch.Tensor | None) -> None:
-        """Delayed: the step's amax (reduced over the group) into the history and the next scale from it;
-        None forgets the step."""
-        if reduced_amax is not None:
-            self._push(reduced_amax)
-            self.scale = compute_scale(self.amax_history.max(), self.scale, self.fp8_max, self.recipe.margin)
-        self.step_amax = torch.zeros_like(self.step_amax)
-
-    def _push(self, amax_value: torch.Tensor) -> None:
-        self.amax_history = torch.roll(self.amax_history, 1)
-        self.amax_history[0] = amax_value
 
     def _reduced(self, current: torch.Tensor) -> torch.Tensor:
         if _spans_ranks(self.group):
@@ -190,7 +179,9 @@ class ScalingState:
         return current
 
     def state_dict(self) -> dict:
-        return {"amax_history": self.amax_history.cpu(), "scale": self.scale.cpu(),
+        # Copies: the tensors may be views into the rows update_delayed_scales made for all states,
+        # and saving a view saves its whole storage.
+        return {"amax_history": self.amax_history.to("cpu", copy=True), "scale": self.scale.to("cpu", copy=True),
                 "calibrated": torch.tensor(self.calibrated)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -208,16 +199,24 @@ def _spans_ranks(group) -> bool:
 
 def update_delayed_scales(states: list[ScalingState], applied: bool) -> None:
     """The end of a training step (applied: its update was) or of an evaluation (not applied): the
-    delayed states' amaxes of the step, all reduced in one all-reduce, go into their histories, or are
-    forgotten. Every state given shares one group (this rank's tensor- and data-parallel ranks)."""
+    delayed states' amaxes of the step, all reduced in one all-reduce, go into their histories and the
+    next scales come from those, or the step is forgotten. Every state given shares one group (this
+    rank's tensor- and data-parallel ranks) and one recipe. The states' histories and scales are
+    updated together, as rows of one tensor (a few kernel launches, not a few per tensor: the 7B has
+    384 such states)."""
     delayed = [s for s in states if s.recipe.recipe == "delayed"]
     if not delayed:
         return
-    reduced = [None] * len(delayed)
     if applied:
         amaxes = torch.stack([s.step_amax for s in delayed])
         if _spans_ranks(delayed[0].group):
             torch.distributed.all_reduce(amaxes, op=torch.distributed.ReduceOp.MAX, group=delayed[0].group)
-        reduced = amaxes.unbind()
-    for state, value in zip(delayed, reduced):
-        state.end_step(value)
+        histories = torch.roll(torch.stack([s.amax_history for s in delayed]), 1, dims=1)
+        histories[:, 0] = amaxes
+        fp8_max = torch.tensor([s.fp8_max for s in delayed], device=amaxes.device)
+        scales = compute_scale(histories.amax(dim=1), torch.stack([s.scale for s in delayed]), fp8_max,
+                               delayed[0].recipe.margin)
+        for state, history, scale in zip(delayed, histories.unbind(), scales.unbind()):
+            state.amax_history, state.scale = history, scale
+    for state, zero in zip(delayed, torch.zeros(len(delayed), device=delayed[0].step_amax.device).unbind()):
+        state.step_amax = zero
