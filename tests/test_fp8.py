@@ -82,12 +82,15 @@ def test_tensorwise_scaling_uses_the_current_amax_and_saturates():
 
 
 def test_scaling_state_round_trips_through_a_state_dict():
-    a = _state(history=3)
+    a, other = _state(history=3), _state(history=3)
     for v in (3.0, 5.0):
         a.quantize(torch.full((2, 2), v))
-        _end_step(a)
+        other.quantize(torch.full((2, 2), v))
+        _end_step(a, other)  # updated together: their histories are rows of one tensor
+    saved = a.state_dict()
+    assert saved["amax_history"].untyped_storage().nbytes() == 3 * 4  # its own row, not both
     b = _state(history=3)
-    b.load_state_dict(a.state_dict())
+    b.load_state_dict(saved)
     assert torch.equal(b.amax_history, a.amax_history) and b.scale.item() == a.scale.item() and b.calibrated
     _, _, inv = b.quantize(torch.full((2, 2), 1.0))
     assert inv.item() == pytest.approx(5.0 / 448.0)  # calibrated: the history's scale, not the first use's
