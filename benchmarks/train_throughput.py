@@ -100,12 +100,14 @@ def main() -> None:
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if torch.distributed.get_rank() == 0:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-        peak, measured = device_peak_tflops(), measured_matmul_tflops()
+        measured = measured_matmul_tflops()
         print(f"device: {device} x {world} | model: hidden {crystal.hidden_size}, {crystal.num_layers} layers, "
               f"seq {crystal.seq_length}, global batch {args.global_batch_size}")
         for name, (step_time, losses, path) in results.items():
             tflops = flops_per_step / step_time / world / 1e12
-            mfu = f" | MFU {100 * tflops / peak:.1f}% of the {peak:.0f} TFLOP/s bf16 peak" if peak else ""
+            precision = "fp8" if name == "fp8" else "bf16"
+            peak = device_peak_tflops(fp8=name == "fp8")
+            mfu = f" | MFU {100 * tflops / peak:.1f}% of the {peak:.0f} TFLOP/s {precision} peak" if peak else ""
             print(f"{name}: step time {step_time * 1000:.1f} ms | tokens/s/GPU {tokens / step_time / world:,.0f} | "
                   f"TFLOP/s/GPU {tflops:.1f}{mfu}\n  kernel path: {path}")
         if measured:

@@ -8,8 +8,24 @@ import torch
 
 from megatron_ext.model.crystal_config import CrystalConfig
 
-# Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, from the vendors' data sheets.
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+# Dense tensor-core peaks in TFLOP/s (the data sheets' figures without sparsity): device-name fragment,
+# bf16, fp8 (None: no FP8 tensor cores). The first fragment the device's name contains wins, so the
+# PCIe / NVL parts come before the SXM ones.
+PEAK_TFLOPS = [
+    ("H100 PCIe", 756.0, 1513.0), ("H100 NVL", 835.0, 1671.0), ("H200 NVL", 835.0, 1671.0),
+    ("H100", 989.0, 1979.0), ("H200", 989.0, 1979.0), ("A100", 312.0, None), ("L40S", 362.0, 733.0),
+    ("A10G", 70.0, None),
+]
+
+
+def peak_tflops(device_name: str, fp8: bool = False) -> float | None:
+    """The device's dense peak for the precision its GEMMs run in (MFU is measured against it)."""
+    return next(((fp8_peak if fp8 else bf16) for fragment, bf16, fp8_peak in PEAK_TFLOPS if fragment in device_name),
+                None)
+
+
+def device_peak_tflops(fp8: bool = False) -> float | None:
+    return peak_tflops(torch.cuda.get_device_name(), fp8) if torch.cuda.is_available() else None
 
 
 def training_flops_per_token(crystal: CrystalConfig, seq_length: int, padded_vocab: int) -> float:
@@ -18,13 +34,6 @@ def training_flops_per_token(crystal: CrystalConfig, seq_length: int, padded_voc
     h, f, layers = crystal.hidden_size, crystal.ffn_hidden_size, crystal.num_layers
     per_layer = 2 * (4 * h * h + 3 * h * f) + 4 * seq_length * h
     return 3 * (layers * per_layer + 2 * h * padded_vocab)
-
-
-def device_peak_tflops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -40,7 +49,8 @@ class TrainingLogger:
         self.args, self.writer, self.world_size = args, writer, world_size
         self.seq_length = crystal.seq_length
         self.flops_per_token = training_flops_per_token(crystal, crystal.seq_length, padded_vocab)
-        self.peak = device_peak_tflops()
+        self.fp8 = args.kernel_path.fp8 is not None
+        self.peak = device_peak_tflops(self.fp8)
         self._reset(time.perf_counter())
 
     def _reset(self, now: float):
@@ -90,7 +100,7 @@ class TrainingLogger:
             tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
             parts.append(f"TFLOP/s/GPU {tflops:.1f}")
             if self.peak:
-                parts.append(f"MFU {100 * tflops / self.peak:.1f}%")
+                parts.append(f"MFU {100 * tflops / self.peak:.1f}% ({'fp8' if self.fp8 else 'bf16'} peak)")
             if self.writer is not None:
                 self.writer.add_scalar("tflops-per-gpu", tflops, iteration)
         if self.writer is not None:

@@ -1,0 +1,43 @@
+"""The GPU figures of the training log line, with the device substituted: TFLOP/s per GPU from the
+Megatron-LM FLOP count, and MFU against the peak of the precision the GEMMs run in."""
+
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_ext.kernels.selection import Probes, select
+from megatron_ext.training import metrics
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def test_peaks_by_device_and_precision():
+    assert metrics.peak_tflops(H100) == 989.0 and metrics.peak_tflops(H100, fp8=True) == 1979.0
+    assert metrics.peak_tflops("NVIDIA H100 PCIe", fp8=True) == 1513.0  # not the SXM part's
+    assert metrics.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert metrics.peak_tflops("NVIDIA A100-SXM4-80GB", fp8=True) is None  # no FP8 tensor cores
+    assert metrics.peak_tflops("Tesla V100-SXM2-32GB") is None
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_log_line_on_a_gpu(monkeypatch, fp8):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: H100)
+    clock = iter([0.0, 2e-6])  # the logger's start, then the second step's end: 2 us for 2 steps
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    path = select(fp8_format="hybrid" if fp8 else None,
+                  probes=Probes(gpu_name=H100, compute_capability=(9, 0), triton=True))
+    args = SimpleNamespace(log_interval=2, train_iters=4, kernel_path=path)
+    model = SimpleNamespace(hidden_size=64, ffn_hidden_size=128, num_layers=2, seq_length=32)
+    logger = metrics.TrainingLogger(args, model, padded_vocab=256, world_size=2)
+    assert logger.step(1, 5.0, 1e-3, 0.5, consumed_samples=8, global_batch_size=8) is None
+    line = logger.step(2, 4.0, 1e-3, 0.5, consumed_samples=16, global_batch_size=8)
+    # Per token: 3 x (2 layers x (2 (4 h^2 + 3 h f) + 4 s h) + 2 h V) = 638,976 FLOPs; 2 x 8 x 32 tokens in
+    # 2 us over 2 GPUs: 81.79 TFLOP/s each; of 989 (bf16) or 1979 (fp8) TFLOP/s.
+    tflops = 512 / 2e-6 * 638976 / 2 / 1e12
+    assert f"TFLOP/s/GPU {tflops:.1f}" in line
+    mfu = re.search(r"MFU ([\d.]+)% \((\w+) peak\)", line)
+    assert mfu.group(2) == ("fp8" if fp8 else "bf16")
+    assert float(mfu.group(1)) == pytest.approx(100 * tflops / (1979.0 if fp8 else 989.0), abs=0.05)
