@@ -31,7 +31,9 @@ def test_log_line_on_a_gpu(monkeypatch, fp8):
                   probes=Probes(gpu_name=H100, compute_capability=(9, 0), triton=True))
     args = SimpleNamespace(log_interval=2, train_iters=4, kernel_path=path)
     model = SimpleNamespace(hidden_size=64, ffn_hidden_size=128, num_layers=2, seq_length=32)
-    logger = metrics.TrainingLogger(args, model, padded_vocab=256, world_size=2)
+    scalars = {}
+    writer = SimpleNamespace(add_scalar=lambda name, value, step: scalars.__setitem__(name, value))
+    logger = metrics.TrainingLogger(args, model, padded_vocab=256, world_size=2, writer=writer)
     assert logger.step(1, 5.0, 1e-3, 0.5, consumed_samples=8, global_batch_size=8) is None
     line = logger.step(2, 4.0, 1e-3, 0.5, consumed_samples=16, global_batch_size=8)
     # Per token: 3 x (2 layers x (2 (4 h^2 + 3 h f) + 4 s h) + 2 h V) = 638,976 FLOPs; 2 x 8 x 32 tokens in
@@ -41,3 +43,5 @@ def test_log_line_on_a_gpu(monkeypatch, fp8):
     mfu = re.search(r"MFU ([\d.]+)% \((\w+) peak\)", line)
     assert mfu.group(2) == ("fp8" if fp8 else "bf16")
     assert float(mfu.group(1)) == pytest.approx(100 * tflops / (1979.0 if fp8 else 989.0), abs=0.05)
+    assert scalars["tflops-per-gpu"] == pytest.approx(tflops)  # and TensorBoard gets the same figures
+    assert scalars["mfu-percent"] == pytest.approx(float(mfu.group(1)), abs=0.05)

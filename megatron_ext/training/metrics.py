@@ -99,10 +99,13 @@ class TrainingLogger:
         if torch.cuda.is_available():
             tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
             parts.append(f"TFLOP/s/GPU {tflops:.1f}")
-            if self.peak:
-                parts.append(f"MFU {100 * tflops / self.peak:.1f}% ({'fp8' if self.fp8 else 'bf16'} peak)")
+            mfu = 100 * tflops / self.peak if self.peak else None
+            if mfu is not None:
+                parts.append(f"MFU {mfu:.1f}% ({'fp8' if self.fp8 else 'bf16'} peak)")
             if self.writer is not None:
                 self.writer.add_scalar("tflops-per-gpu", tflops, iteration)
+                if mfu is not None:
+                    self.writer.add_scalar("mfu-percent", mfu, iteration)
         if self.writer is not None:
             self.writer.add_scalar("tokens-per-second", tokens_per_s, iteration)
         self._reset(now)
