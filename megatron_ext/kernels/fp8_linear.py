@@ -6,8 +6,9 @@ scales from ``fp8_scaling``. The weights, their gradients, the bias and the opti
 precision. The FP8 copy of a weight (and its transpose) is made at its first use in a step and reused
 by every later micro-batch, as Transformer Engine casts weights on the first micro-batch only;
 ``end_fp8_step``, which the trainer calls after each training step and each evaluation, drops it (the
-optimizer may have changed the weight) and ends the step of the delayed scales (one amax all-reduce). The forward saves the FP8 transposes that the backward
-GEMMs need (written by the same cast kernel), not the high-precision input.
+optimizer may have changed the weight) and ends the step of the delayed scales (one amax all-reduce).
+The forward saves the FP8 transposes that the backward GEMMs need (written by the same cast kernel),
+not the high-precision input.
 
 Tensor-parallel semantics are those of Megatron-Core's ``linear_with_grad_accumulation_and_async_allreduce``:
 with sequence parallelism the column-parallel input is all-gathered along the sequence in the forward
