@@ -105,9 +105,11 @@ def main() -> None:
               f"seq {crystal.seq_length}, global batch {args.global_batch_size}")
         for name, (step_time, losses, path) in results.items():
             tflops = flops_per_step / step_time / world / 1e12
-            precision = "fp8" if name == "fp8" else "bf16"
-            peak = device_peak_tflops(fp8=name == "fp8")
-            mfu = f" | MFU {100 * tflops / peak:.1f}% of the {peak:.0f} TFLOP/s {precision} peak" if peak else ""
+            peak, bf16_peak = device_peak_tflops(fp8=name == "fp8"), device_peak_tflops()
+            mfu = f" | MFU {100 * tflops / peak:.1f}% of the {peak:.0f} TFLOP/s {'fp8' if name == 'fp8' else 'bf16'} peak" \
+                if peak else ""
+            if peak and name == "fp8":
+                mfu += f" ({100 * tflops / bf16_peak:.1f}% of the bf16 peak)"
             print(f"{name}: step time {step_time * 1000:.1f} ms | tokens/s/GPU {tokens / step_time / world:,.0f} | "
                   f"TFLOP/s/GPU {tflops:.1f}{mfu}\n  kernel path: {path}")
         if measured:
