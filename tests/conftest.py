@@ -1,8 +1,12 @@
-"""Triton's interpreter for this test process and the processes it spawns with torch.multiprocessing:
-the project's Triton kernels then run on CPU tensors and are checked against their PyTorch references.
-It must be set before any kernel module is imported (triton.jit reads it when a kernel is defined).
-Training runs started by distributed_run.py drop it: on CPU they take the references."""
+"""Where the project's Triton kernels run in the tests. Without a GPU: in Triton's interpreter, on CPU
+tensors, for this test process and the processes it spawns with torch.multiprocessing (it must be set
+before any kernel module is imported: triton.jit reads it when a kernel is defined). With one: compiled,
+on CUDA tensors (test_kernels.py's DEVICE), so that a GPU machine checks the real kernels against their
+references. Training runs started by distributed_run.py drop it: on CPU they take the references."""
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"

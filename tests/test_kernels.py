@@ -1,5 +1,6 @@
-"""The project's Triton kernels against their PyTorch references (Triton's interpreter on CPU, set up by
-conftest.py), and the fused modules inside a tensor-parallel model against Megatron-Core's own.
+"""The project's Triton kernels against their PyTorch references (in Triton's interpreter on CPU, compiled
+on CUDA where there is a GPU: conftest.py), and the fused modules inside a tensor-parallel model against
+Megatron-Core's own.
 
 Inputs are fresh random draws each run (seeded from the clock, printed on failure); every output buffer a
 kernel allocates is poisoned (all bits set: NaN in every float format) so that an element the kernel
@@ -23,9 +24,14 @@ from megatron_ext.kernels.triton_runtime import INTERPRET, runs_on
 from distributed_run import REPO
 from process_group import run_in_process_group
 
-pytestmark = pytest.mark.skipif(not runs_on(torch.empty(0)), reason="needs Triton (its interpreter on CPU): pip install triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # see conftest.py
+pytestmark = pytest.mark.skipif(not runs_on(torch.empty(0, device=DEVICE)),
+                                reason="needs Triton (its interpreter on CPU): pip install triton")
 
 SEED = int(time.time() * 1000) % 2**31
+# The multi-rank tests run on CPU ranks (gloo): only the interpreter runs the kernels there.
+cpu_ranks = pytest.mark.skipif(not INTERPRET, reason="kernels on CPU ranks need Triton's interpreter; on a GPU "
+                               "machine the single-process tests check them on CUDA")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7}
 _real_empty = torch.empty
 
@@ -62,15 +68,15 @@ def test_rope_kernel_matches_reference(poisoned, dtype, heads, head_dim):
     s, b = 7, 3
     rot_half = head_dim // 8  # Crystal: 25% of the head rotated, in pairs
     # q and k as the strided views of one fused QKV projection, as SelfAttention hands them over.
-    qkv = torch.randn(s, b, heads, 3 * head_dim, generator=g).to(dtype).requires_grad_()
+    qkv = torch.randn(s, b, heads, 3 * head_dim, generator=g).to(DEVICE, dtype).requires_grad_()
     q, k = qkv[..., :head_dim], qkv[..., head_dim:2 * head_dim]
-    angles = torch.rand(s, rot_half, generator=g) * 50
+    angles = (torch.rand(s, rot_half, generator=g) * 50).to(DEVICE)
     fq, fk = rope.fused_rope(q, k, angles)
     up = qkv.detach().float().requires_grad_()
     rq, rk = rope.rope_reference(up[..., :head_dim], angles), rope.rope_reference(up[..., head_dim:2 * head_dim], angles)
     _close(fq, rq, dtype, "rope q")
     _close(fk, rk, dtype, "rope k")
-    gq, gk = torch.randn(fq.shape, generator=g).to(dtype), torch.randn(fk.shape, generator=g).to(dtype)
+    gq, gk = (torch.randn(t.shape, generator=g).to(DEVICE, dtype) for t in (fq, fk))
     (grad,) = torch.autograd.grad((fq * gq).sum() + (fk * gk).sum(), qkv)
     (ref_grad,) = torch.autograd.grad((rq * gq.float()).sum() + (rk * gk.float()).sum(), up)
     _close(grad, ref_grad, dtype, "rope grad")
@@ -97,14 +103,14 @@ def test_rope_reference_is_megatrons_rotation():
 def test_bias_swiglu_kernel_matches_reference(poisoned, dtype, with_bias):
     g = torch.Generator().manual_seed(SEED)
     width = 88  # not a multiple of the block: the masked edges are exercised
-    y = torch.randn(5, 7, 2 * width, generator=g).to(dtype).requires_grad_()
-    bias = (torch.randn(2 * width, generator=g) * 0.5).to(dtype).requires_grad_() if with_bias else None
+    y = torch.randn(5, 7, 2 * width, generator=g).to(DEVICE, dtype).requires_grad_()
+    bias = (torch.randn(2 * width, generator=g) * 0.5).to(DEVICE, dtype).requires_grad_() if with_bias else None
     out = swiglu.bias_swiglu(y, bias)
     y32 = y.detach().float().requires_grad_()
     b32 = bias.detach().float().requires_grad_() if with_bias else None
     want = swiglu.bias_swiglu_reference(y32, b32)
     _close(out, want, dtype, "swiglu")
-    grad_out = torch.randn(out.shape, generator=g).to(dtype)
+    grad_out = torch.randn(out.shape, generator=g).to(DEVICE, dtype)
     got = torch.autograd.grad((out * grad_out).sum(), [y] + ([bias] if with_bias else []))
     ref = torch.autograd.grad((want * grad_out.float()).sum(), [y32] + ([b32] if with_bias else []))
     _close(got[0], ref[0], dtype, "swiglu d(fc1 output)")
@@ -121,8 +127,8 @@ def test_fp8_cast_kernel_is_bitwise_the_reference(poisoned, dtype, source):
     g = torch.Generator().manual_seed(SEED)
     x = torch.randn(37, 50, generator=g) * torch.logspace(-6, 3, 50)  # columns from 1e-6 to 1e3
     x[3, 4], x[5, 6] = 1e6, -1e6  # beyond either format's range once scaled
-    x = x.to(source)
-    scale = torch.tensor(float(torch.rand((), generator=g) * 4 + 0.5))
+    x = x.to(DEVICE, source)
+    scale = torch.tensor(float(torch.rand((), generator=g) * 4 + 0.5), device=DEVICE)
     q, qt, amax = fp8_scaling.quantize(x, scale, dtype, transpose=True)
     rq, rqt, ramax = fp8_scaling.quantize_reference(x, scale, dtype, transpose=True)
     assert q.shape == (48, 64) and qt.shape == (64, 48)
@@ -172,6 +178,7 @@ def _fused_against_plain(seed: int):
         assert err <= 1e-5 * max(scale, 1.0), f"{name}: grad differs by {err} (scale {scale}, seed {seed})"
 
 
+@cpu_ranks
 @pytest.mark.timeout(300)
 def test_fused_modules_match_megatron_local_modules():
     run_in_process_group(_fused_against_plain, SEED, world_size=2, tp=2, timeout=280)  # one seed for both ranks
@@ -205,6 +212,7 @@ def _fused_cross_entropy_against_megatron(seed: int):
             assert got_in.grad[..., vocab - per_rank:].abs().max() == 0  # the padding columns
 
 
+@cpu_ranks
 @pytest.mark.timeout(300)
 def test_fused_cross_entropy_matches_megatron_at_tp2():
     run_in_process_group(_fused_cross_entropy_against_megatron, SEED, world_size=2, tp=2, timeout=280)
