@@ -114,7 +114,15 @@ def test_bias_swiglu_kernel_matches_reference(poisoned, dtype, with_bias):
     got = torch.autograd.grad((out * grad_out).sum(), [y] + ([bias] if with_bias else []))
     ref = torch.autograd.grad((want * grad_out.float()).sum(), [y32] + ([b32] if with_bias else []))
     _close(got[0], ref[0], dtype, "swiglu d(fc1 output)")
-    if with_bias:  # a sum over 35 rows of bf16-rounded terms
+    if with_bias and dtype == torch.bfloat16:
+        # d(bias) sums 35 rows of d(fc1 output), each rounded to bf16 (2^-8 relative) before the sum, and
+        # rounds the sum once more: per element at most 2^-8 (sum of |terms| + |sum|), which can exceed
+        # 2^-7 of the largest element where terms cancel.
+        terms = ref[0].reshape(-1, ref[0].shape[-1]).abs().sum(dim=0)
+        bound = 2**-8 * (terms + ref[1].abs()) * 1.001 + 1e-6
+        err = (got[1].float() - ref[1]).abs()
+        assert (err <= bound).all(), f"swiglu d(bias): error {err.max().item()} beyond the rounding bound (seed {SEED})"
+    elif with_bias:
         _close(got[1], ref[1], dtype, "swiglu d(bias)")
 
 
