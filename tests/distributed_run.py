@@ -25,7 +25,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _environment(env_extra: dict | None) -> dict:
+def subprocess_environment(env_extra: dict | None = None) -> dict:
+    """For a child process that runs the project: single-threaded ops, the repository importable, and
+    Triton's interpreter off unless asked for (kernels compile, or the references run on CPU)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **(env_extra or {}))
     if "TRITON_INTERPRET" not in (env_extra or {}):
         env.pop("TRITON_INTERPRET", None)  # set by conftest.py for in-process kernel tests only
@@ -36,7 +38,7 @@ def torchrun_command(nproc: int, args: list[str], env_extra: dict | None = None)
     """pretrain_crystal.py under torchrun itself: for the tests of launching, signals and interruptions."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", str(free_port()), str(REPO / "pretrain_crystal.py"), *args]
-    return cmd, _environment(env_extra)
+    return cmd, subprocess_environment(env_extra)
 
 
 def train(nproc: int, args: list[str], timeout: float = 240, check: bool = True,
@@ -44,7 +46,7 @@ def train(nproc: int, args: list[str], timeout: float = 240, check: bool = True,
     """Run pretrain_crystal.py on nproc local ranks (fork_launch.py: torchrun's environment, one
     import for all ranks); fail fast (timeout, the whole process group killed) rather than hang."""
     cmd = [sys.executable, str(REPO / "tests" / "fork_launch.py"), str(nproc), *args]
-    env = _environment(dict(env_extra or {}, MASTER_PORT=str(free_port())))
+    env = subprocess_environment(dict(env_extra or {}, MASTER_PORT=str(free_port())))
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:

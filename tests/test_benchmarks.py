@@ -2,18 +2,16 @@
 sessions that have a GPU: it trains, prints every figure, and its bf16-vs-FP8 comparison holds (the
 FP8 run emulated here, as in test_fp8.py)."""
 
-import os
 import re
 import subprocess
 import sys
 
-from distributed_run import REPO, free_port
+from distributed_run import REPO, free_port, subprocess_environment
 
 
 def test_train_throughput_runs_and_compares_fp8():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env = subprocess_environment(dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                                      MASTER_PORT=str(free_port())))
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--model", "crystal-test",
                            "--seq-length", "64", "--iters", "4", "--warmup", "1", "--fp8", "--fp8-cpu-emulation",
                            "--num-workers", "0"], env=env, capture_output=True, text=True, timeout=180)

@@ -10,7 +10,6 @@ bf16 rounding is at most 2^-8 relative), against the reference run in fp32 on th
 """
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import torch
 from megatron_ext import cpu_compat
 from megatron_ext.kernels import fp8_scaling, rope, swiglu
 from megatron_ext.kernels.triton_runtime import INTERPRET, runs_on
-from distributed_run import REPO
+from distributed_run import REPO, subprocess_environment
 from process_group import run_in_process_group
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # see conftest.py
@@ -235,10 +234,8 @@ def test_every_kernel_compiles_for_the_gpu(arch):
     """Triton's compiler, not its interpreter: each kernel down to a cubin for A100 (sm_80) and H100 (sm_90),
     through the modules' own launchers at the Crystal 7B's shapes (FP8 casts on sm_90 only), with its shared
     memory within the GPU's limit and no register spills. See compile_for_gpu.py."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "compile_for_gpu.py"), str(arch)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "compile_for_gpu.py"), str(arch)],
+                          env=subprocess_environment(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     compiled, defined = lines[:-1], set(lines[-1]["defined"])

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from distributed_run import REPO, TINY_RUN, free_port, layout_flags, read_metrics, train
+from distributed_run import REPO, TINY_RUN, free_port, layout_flags, read_metrics, subprocess_environment, train
 
 FAKE_SCONTROL = """#!/usr/bin/env bash
 # scontrol show hostnames gpu[001-004]
@@ -79,7 +79,7 @@ def test_two_nodes_on_one_machine_match_one_node(tmp_path):
     args = TINY_RUN + layout_flags(tp=2, dist_opt=True) + ["--train-iters", "4"]
     train(4, args + ["--metrics-jsonl", str(tmp_path / "one.jsonl")])
     port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    env = subprocess_environment()
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
                                "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
                                str(REPO / "pretrain_crystal.py"), *args,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_run import REPO, free_port, read_metrics, train
+from distributed_run import REPO, read_metrics, torchrun_command, train
 from megatron_ext.data.phase_schedule import PhaseSchedule
 from megatron_ext.data.phases_config import (FimSpec, LRSpec, PhaseSpec, PhasesConfig, PhasesConfigError, SourceSpec,
                                              load_phases)
@@ -279,10 +279,8 @@ def test_phases_switch_inside_one_run(straight):
 
 def _kill_after(checkpoint_iteration, tmp, ckpt):
     """Run with a checkpoint every step and SIGKILL the whole job once `checkpoint_iteration` is saved."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           str(REPO / "pretrain_crystal.py"), *RUN, "--data-cache-path", str(tmp / "cache"),
-           "--save", str(ckpt), "--save-interval", "1"]
+    cmd, env = torchrun_command(2, [*RUN, "--data-cache-path", str(tmp / "cache"), "--save", str(ckpt),
+                                    "--save-interval", "1"])
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     tracker = ckpt / "latest_checkpointed_iteration.txt"
