@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_ext.model.crystal_gpt import padded_vocab_size  # noqa: E402
 from megatron_ext.training import arguments, data_feed, distributed  # noqa: E402
 from megatron_ext.training.loop import Trainer  # noqa: E402
-from megatron_ext.training.metrics import device_peak_tflops, training_flops_per_token  # noqa: E402
+from megatron_ext.training.metrics import device_peak_tflops, mfu_text, training_flops_per_token  # noqa: E402
 
 
 def measured_matmul_tflops(n: int = 8192, reps: int = 10) -> float | None:
@@ -101,15 +101,15 @@ def main() -> None:
     if torch.distributed.get_rank() == 0:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         measured = measured_matmul_tflops()
+        peaks = {p: device_peak_tflops(fp8=p == "fp8") for p in ("bf16", "fp8")}
+        peaks = ", ".join(f"{p} {tflops:.0f}" for p, tflops in peaks.items() if tflops)
         print(f"device: {device} x {world} | model: hidden {crystal.hidden_size}, {crystal.num_layers} layers, "
-              f"seq {crystal.seq_length}, global batch {args.global_batch_size}")
+              f"seq {crystal.seq_length}, global batch {args.global_batch_size}"
+              + (f" | data-sheet peaks (TFLOP/s): {peaks}" if peaks else ""))
         for name, (step_time, losses, path) in results.items():
             tflops = flops_per_step / step_time / world / 1e12
-            peak, bf16_peak = device_peak_tflops(fp8=name == "fp8"), device_peak_tflops()
-            mfu = f" | MFU {100 * tflops / peak:.1f}% of the {peak:.0f} TFLOP/s {'fp8' if name == 'fp8' else 'bf16'} peak" \
-                if peak else ""
-            if peak and name == "fp8":
-                mfu += f" ({100 * tflops / bf16_peak:.1f}% of the bf16 peak)"
+            mfu = mfu_text(tflops, fp8=name == "fp8")
+            mfu = f" | {mfu}" if mfu else ""
             print(f"{name}: step time {step_time * 1000:.1f} ms | tokens/s/GPU {tokens / step_time / world:,.0f} | "
                   f"TFLOP/s/GPU {tflops:.1f}{mfu}\n  kernel path: {path}")
         if measured:

@@ -162,7 +162,7 @@ class ScalingState:
         x = x.detach()
         current = None
         if self.recipe.recipe == "tensorwise" or not self.calibrated:
-            current = self._reduced(amax(x))
+            current = _all_reduce_max(amax(x), self.group)
             self.scale = compute_scale(current, self.scale, self.fp8_max, self.recipe.margin)
             self.calibrated = True
         q, qt, cast_amax = quantize(x, self.scale, self.dtype, transpose)
@@ -172,11 +172,6 @@ class ScalingState:
         else:
             self.step_amax = torch.maximum(self.step_amax, cast_amax)
         return q, qt, self.scale.reciprocal()
-
-    def _reduced(self, current: torch.Tensor) -> torch.Tensor:
-        if _spans_ranks(self.group):
-            torch.distributed.all_reduce(current, op=torch.distributed.ReduceOp.MAX, group=self.group)
-        return current
 
     def state_dict(self) -> dict:
         # Copies: the tensors may be views into the rows update_delayed_scales made for all states,
@@ -193,8 +188,11 @@ class ScalingState:
         self.calibrated = bool(state["calibrated"])
 
 
-def _spans_ranks(group) -> bool:
-    return group is not None and torch.distributed.get_world_size(group) > 1
+def _all_reduce_max(amaxes: torch.Tensor, group) -> torch.Tensor:
+    """In place, the maximum over the group's ranks (none: this rank's own)."""
+    if group is not None and torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(amaxes, op=torch.distributed.ReduceOp.MAX, group=group)
+    return amaxes
 
 
 def update_delayed_scales(states: list[ScalingState], applied: bool) -> None:
@@ -208,9 +206,7 @@ def update_delayed_scales(states: list[ScalingState], applied: bool) -> None:
     if not delayed:
         return
     if applied:
-        amaxes = torch.stack([s.step_amax for s in delayed])
-        if _spans_ranks(delayed[0].group):
-            torch.distributed.all_reduce(amaxes, op=torch.distributed.ReduceOp.MAX, group=delayed[0].group)
+        amaxes = _all_reduce_max(torch.stack([s.step_amax for s in delayed]), delayed[0].group)
         histories = torch.roll(torch.stack([s.amax_history for s in delayed]), 1, dims=1)
         histories[:, 0] = amaxes
         fp8_max = torch.tensor([s.fp8_max for s in delayed], device=amaxes.device)

@@ -28,6 +28,22 @@ def device_peak_tflops(fp8: bool = False) -> float | None:
     return peak_tflops(torch.cuda.get_device_name(), fp8) if torch.cuda.is_available() else None
 
 
+def mfu_percent(tflops: float, fp8: bool = False) -> float | None:
+    peak = device_peak_tflops(fp8)
+    return 100 * tflops / peak if peak else None
+
+
+def mfu_text(tflops: float, fp8: bool) -> str | None:
+    """The MFU against the peak of the GEMMs' precision, named; an FP8 run's against the bf16 peak
+    beside it, as peers quote FP8 runs, so that no denominator is guessed. None: the peak is unknown."""
+    percent = mfu_percent(tflops, fp8)
+    if percent is None:
+        return None
+    if fp8:
+        return f"MFU {percent:.1f}% (fp8 peak; {mfu_percent(tflops):.1f}% of bf16 peak)"
+    return f"MFU {percent:.1f}% (bf16 peak)"
+
+
 def training_flops_per_token(crystal: CrystalConfig, seq_length: int, padded_vocab: int) -> float:
     """Forward + backward matmul FLOPs per token (x3 forward), attention counted without the causal
     halving, as Megatron-LM counts it."""
@@ -50,7 +66,6 @@ class TrainingLogger:
         self.seq_length = crystal.seq_length
         self.flops_per_token = training_flops_per_token(crystal, crystal.seq_length, padded_vocab)
         self.fp8 = args.kernel_path.fp8 is not None
-        self.peak, self.bf16_peak = device_peak_tflops(self.fp8), device_peak_tflops()
         self._reset(time.perf_counter())
 
     def _reset(self, now: float):
@@ -99,13 +114,10 @@ class TrainingLogger:
         if torch.cuda.is_available():
             tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
             parts.append(f"TFLOP/s/GPU {tflops:.1f}")
-            mfu = 100 * tflops / self.peak if self.peak else None
-            if mfu is not None:
-                # Peers quote FP8 runs against the bf16 peak too: both, named, so no denominator is guessed.
-                parts.append(f"MFU {mfu:.1f}% (fp8 peak; {100 * tflops / self.bf16_peak:.1f}% of bf16 peak)"
-                             if self.fp8 else f"MFU {mfu:.1f}% (bf16 peak)")
+            parts.append(mfu_text(tflops, self.fp8))
             if self.writer is not None:
                 self.writer.add_scalar("tflops-per-gpu", tflops, iteration)
+                mfu = mfu_percent(tflops, self.fp8)
                 if mfu is not None:
                     self.writer.add_scalar("mfu-percent", mfu, iteration)
         if self.writer is not None:
