@@ -305,3 +305,32 @@ def test_export_of_an_earlier_iteration_without_distributed_optimizer(tmp_path):
 
         outputs[step] = load_file(out / "model-00001-of-00001.safetensors")
     assert not torch.equal(outputs["1"]["transformer.h.0.attn.c_attn.weight"], outputs[None]["transformer.h.0.attn.c_attn.weight"])
+
+
+@pytest.mark.parametrize("single_file", ["model.safetensors", "pytorch_model.bin"])
+def test_import_of_an_unsharded_directory(exported, single_file, tmp_path):
+    """Most small and community checkpoints are one model.safetensors or pytorch_model.bin without an
+    index: the same tensors as the sharded form, and convert_from_hf.py imports them."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_ext.release.hf_format import read_hf_config
+    from megatron_ext.release.hf_weights import HFWeights
+
+    sharded = exported[0]
+    single = tmp_path / "single"
+    subprocess.run(["cp", "-r", str(sharded), str(single)], check=True)
+    (single / "model.safetensors.index.json").unlink()
+    shard = single / "model-00001-of-00001.safetensors"
+    tensors = load_file(shard)
+    shard.unlink()
+    if single_file.endswith(".safetensors"):
+        save_file(tensors, single / single_file)
+    else:
+        torch.save(tensors, single / single_file)
+    cfg = read_hf_config(str(sharded))
+    reference, got = HFWeights(str(sharded), cfg), HFWeights(str(single), cfg)
+    assert list(got) == list(reference) and len(got) == len(tensors) == 2 + 4 * 14 + 1
+    assert all(torch.equal(got[name], reference[name]) for name in reference)
+    proc = run_tool("convert_from_hf.py", "--input", single, "--save", tmp_path / "imported")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "imported" / "latest_checkpointed_iteration.txt").read_text() == "0"

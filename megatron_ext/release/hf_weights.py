@@ -22,8 +22,8 @@ _IGNORED = re.compile(r"^(lm_head\.weight|transformer\.h\.\d+\.attn\.(bias|maske
 class HFWeights(Mapping):
     def __init__(self, hf_dir: str, cfg):
         self.hf_dir, self.cfg = hf_dir, cfg
+        self._open: dict[str, object] = {}  # before _weight_map, which opens a lone weights file
         self.weight_map = self._weight_map()
-        self._open: dict[str, object] = {}
         expected = {hf_format.HF_PREFIX + n: n for n in hf_format.reference_names(cfg)}
         missing = sorted(set(expected) - set(self.weight_map))
         if missing:
