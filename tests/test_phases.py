@@ -241,6 +241,13 @@ def test_config_errors_name_the_file_and_key(tmp_path):
     with pytest.raises(PhasesConfigError, match=r"sources\.text\.prefixes: /no/such/prefix\.bin does not exist"):
         load_phases(path, 32, 8, 1, has_fim_tokens=True)
 
+    # PyYAML reads 5e-1 (no exponent sign after a dot-less mantissa) as a string: every numeric field takes it.
+    config = load_phases(write(good_sources + "phases:\n  - {tokens: 2e3, blend: {text: 5e-1, code: 15e-1}, "
+                               "lr: {peak: 1e-2, min: 1e-3, warmup_iters: 1, decay_iters: 4}}\n"), 32, 8, 1, False)
+    phase = config.phases[0]
+    assert phase.blend == {"text": 0.25, "code": 0.75} and phase.iters == 8  # ceil(2000 / (8 x 32))
+    assert (phase.lr.peak, phase.lr.min, phase.decay_iters) == (1e-2, 1e-3, 4)
+
     # Through the entry point: one line, before any process group or model.
     proc = subprocess.run([sys.executable, "pretrain_crystal.py", "--model", "crystal-test", "--phases",
                            write(good_sources + "phases:\n  - {iters: 2, blend: {cod: 1}, lr: {peak: 1.0}}\n")],

@@ -168,10 +168,10 @@ def _phase(i: int, raw, where: str, sources: dict, seq_length: int, default_gbs:
         raise PhasesConfigError(f"{where}: a phase of zero length")
 
     blend = _mapping(raw.get("blend"), f"{where}.blend")
-    for source, weight in blend.items():
+    for source in blend:
         if source not in sources:
             raise PhasesConfigError(f"{where}.blend: unknown source {source!r} (sources: {', '.join(sources)})")
-        _number(weight, f"{where}.blend.{source}", low=0.0)
+    blend = {source: float(_number(weight, f"{where}.blend.{source}", low=0.0)) for source, weight in blend.items()}
     total = float(sum(blend.values()))
     if total <= 0:
         raise PhasesConfigError(f"{where}.blend: the weights are all zero")
@@ -200,12 +200,11 @@ def _phase(i: int, raw, where: str, sources: dict, seq_length: int, default_gbs:
         min=float(_number(lr_raw.get("min", 0.0), f"{where}.lr.min", low=0.0, high=peak)),
         warmup_iters=_number(lr_raw.get("warmup_iters", 0), f"{where}.lr.warmup_iters", integer=True, low=0),
         decay_style=lr_raw.get("decay_style", "linear"),
-        decay_iters=lr_raw.get("decay_iters"),
+        decay_iters=None if lr_raw.get("decay_iters") is None else
+        _number(lr_raw["decay_iters"], f"{where}.lr.decay_iters", integer=True, low=1),
     )
     if lr.decay_style not in DECAY_STYLES:
         raise PhasesConfigError(f"{where}.lr.decay_style: {lr.decay_style!r} is not one of {', '.join(DECAY_STYLES)}")
-    if lr.decay_iters is not None:
-        _number(lr.decay_iters, f"{where}.lr.decay_iters", integer=True, low=1)
     if lr.warmup_iters >= (lr.decay_iters or iters) and lr.decay_style != "constant":
         raise PhasesConfigError(f"{where}.lr.warmup_iters: {lr.warmup_iters} must be below the decay length")
     return PhaseSpec(name, iters, gbs, blend, fim, lr)
