@@ -15,6 +15,7 @@ import argparse
 import torch
 
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer import param_group_identifier_keys
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -30,16 +31,29 @@ def is_bias_or_norm(param: torch.nn.Parameter, name: str) -> bool:
 
 
 def mup_param_group_overrides(args: argparse.Namespace, crystal: CrystalConfig) -> dict:
+    """Overrides of Megatron-Core's default group (base lr, weight decay), one per distinct setting.
+
+    Megatron-Core 0.16.1 identifies a group in a checkpoint by (wd_mult, lr_mult, is_expert_parallel,
+    is_decoupled_lr) alone, and its plain optimizer's loader breaks when two groups share that key (it
+    hands both the same saved group). So the hidden matrices get a group of their own only when their
+    lr differs from the base lr: at the muP base width (scale 1, crystal-tiny) they share the default
+    group with the embeddings. lr_mult carries the scale for that identification only; max_lr / min_lr
+    do the scaling (the 0.16.1 scheduler ignores lr_mult).
+    """
     scale = crystal.mup_width_scale
-    # max_lr / min_lr do the scaling. Megatron-Core 0.16.1's scheduler ignores lr_mult, but its
-    # checkpoint loader matches parameter groups by (wd_mult, lr_mult, ...): without lr_mult the hidden
-    # matrices' group is indistinguishable from the embeddings' and a resume would swap their lrs.
-    scaled_lr = {"max_lr": args.lr * scale, "min_lr": args.min_lr * scale, "lr_mult": scale}
+    scaled_lr = {"max_lr": args.lr * scale, "min_lr": args.min_lr * scale, "lr_mult": scale} if scale != 1.0 else {}
     no_decay = {"wd_mult": 0.0, **(scaled_lr if args.mup_scale_bias_lr else {})}
-    return {
-        ParamKey(with_name_predicate=ParamWithNamePredicate("mup_hidden_matrix", is_hidden_matrix)): scaled_lr,
-        ParamKey(with_name_predicate=ParamWithNamePredicate("bias_or_norm", is_bias_or_norm)): no_decay,
-    }
+    overrides = {ParamKey(with_name_predicate=ParamWithNamePredicate("bias_or_norm", is_bias_or_norm)): no_decay}
+    if scaled_lr:
+        overrides[ParamKey(with_name_predicate=ParamWithNamePredicate("mup_hidden_matrix", is_hidden_matrix))] = scaled_lr
+    return overrides
+
+
+def check_group_keys_unique(optimizer) -> None:
+    """Each group's checkpoint identity must be its own (see mup_param_group_overrides)."""
+    keys = [tuple(g.get(k) for k in param_group_identifier_keys) for g in optimizer.param_groups]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"parameter groups share a checkpoint key {param_group_identifier_keys}: {keys}")
 
 
 def build_optimizer(args: argparse.Namespace, crystal: CrystalConfig, model_chunks: list):
@@ -59,6 +73,7 @@ def build_optimizer(args: argparse.Namespace, crystal: CrystalConfig, model_chun
     optimizer = get_megatron_optimizer(
         config, model_chunks, config_overrides=mup_param_group_overrides(args, crystal)
     )
+    check_group_keys_unique(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
