@@ -167,29 +167,61 @@ def test_fim_rate_zero_leaves_documents_untouched():
         assert item["tokens"].tolist() == row[:-1].tolist() and item["loss_mask"].all()
 
 
-def test_fim_layouts_reassemble_the_document():
-    from megatron_ext.data.fim import permute_document
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory):
+    """The demo SentencePiece model as a tokenizers JSON file (transformers' LLaMA conversion, the
+    exported tokenizer's form) with Crystal's special tokens."""
+    from transformers import LlamaTokenizerFast
 
-    dataset = _dataset(rate=1.0)
-    tok, ids = dataset.tokenizer, dataset.fim_ids
-    text = "def area(r):\n    return 3.14159 * r * r\n\nprint(area(2))\n"
+    from megatron_ext.tokenizer.crystal_tokenizer import CRYSTAL_SPECIAL_TOKENS
+
+    tmp = tmp_path_factory.mktemp("tokenizer_json")
+    (tmp / "tokenizer.model").write_bytes(TOKENIZER.read_bytes())
+    fast = LlamaTokenizerFast.from_pretrained(str(tmp), from_slow=True, legacy=False, add_bos_token=False)
+    fast.add_special_tokens({"additional_special_tokens": list(CRYSTAL_SPECIAL_TOKENS)})
+    fast.save_pretrained(str(tmp / "hf"))
+    return tmp / "hf" / "tokenizer.json"
+
+
+FIM_TEXTS = ["def area(r):\n    return 3.14159 * r * r\n\nprint(area(2))\n",
+             "  indented  twice\tand a tab, caf\u00e9 \u2603 \U0001F600 <|fim_prefix|> typed as text\n\n\n"]
+
+
+@pytest.mark.parametrize("form", ["sentencepiece", "tokenizer_json"])
+def test_fim_layouts_reassemble_the_document(form, request):
+    """prefix + middle + suffix, as ids, decode to the document byte for byte (after <|fim_prefix|>, as an
+    infilling prompt starts): no part gains a dummy-prefix space. Decoding the parts one by one, as this
+    test once did, cannot see such a space."""
+    from megatron_ext.data.fim import FimTokenIds, permute_document
+    from megatron_ext.tokenizer import build_tokenizer
+
+    if form == "sentencepiece":
+        tok = build_tokenizer("CrystalTokenizer", str(TOKENIZER))
+    else:
+        tok = build_tokenizer("HuggingFaceTokenizer", str(request.getfixturevalue("tokenizer_json")))
+    ids = FimTokenIds.of(tok)
+    assert ids is not None
     seen = set()
-    for seed in range(40):
-        for spm in (0.0, 1.0):
-            out = permute_document(text, np.random.default_rng(seed), spm, tok, ids)
-            if spm:  # <fim_prefix> <fim_suffix> suffix <fim_middle> prefix middle
-                assert out[:2] == [ids.prefix, ids.suffix]
-                suffix, rest = _split(out[2:], ids.middle)
-                # prefix and middle are encoded apart: find the split that decodes back to the text
-                assert any(tok.decode(rest[:k]) + tok.decode(rest[k:]) + tok.decode(suffix) == text
-                           for k in range(len(rest) + 1))
-            else:  # <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle
-                assert out[0] == ids.prefix
-                prefix, rest = _split(out[1:], ids.suffix)
-                suffix, middle = _split(rest, ids.middle)
-                assert tok.decode(prefix) + tok.decode(middle) + tok.decode(suffix) == text
-            seen.add(spm)
+    for raw in FIM_TEXTS:
+        text = tok.decode(tok.encode(raw))  # what apply_fim decodes a document run to
+        for seed in range(40):
+            for spm in (0.0, 1.0):
+                out = permute_document(text, np.random.default_rng(seed), spm, tok, ids)
+                if spm:  # <fim_prefix> <fim_suffix> suffix <fim_middle> prefix middle
+                    assert out[:2] == [ids.prefix, ids.suffix]
+                    suffix, prefix_middle = _split(out[2:], ids.middle)
+                else:  # <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle
+                    assert out[0] == ids.prefix
+                    prefix, rest = _split(out[1:], ids.suffix)
+                    suffix, middle = _split(rest, ids.middle)
+                    prefix_middle = prefix + middle
+                assert tok.decode([ids.prefix, *prefix_middle, *suffix]) == "<|fim_prefix|>" + text, (seed, spm)
+                seen.add(spm)
     assert seen == {0.0, 1.0}
+    # The demo's 'return 3.14159 * r * r': the parts are pieces of ordinary text, no phantom '▁'.
+    if form == "sentencepiece":
+        assert [tok.sp.IdToPiece(i) for i in tok.encode_after_special("3.14159")][0] == "3"
+        assert [tok.sp.IdToPiece(i) for i in tok.encode_after_special(" * r")] == ["\u2581*", "\u2581r"]
 
 
 def _split(tokens, marker):

@@ -140,6 +140,14 @@ def test_tokenizer_files_encode_as_training_did(exported):
         assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode(text), text
         assert hf.decode(ours.encode(text)) == text
     assert hf.convert_tokens_to_ids(list(CRYSTAL_SPECIAL_TOKENS)) == list(range(8000, 8018))
+    # Infilling: the prompt a user writes for the exported model is the one training's FIM format makes.
+    from megatron_ext.data.fim import FimTokenIds, infilling_prompt
+
+    for prefix, suffix in [("def f(x):\n    return ", " * 2\n"), ("  x = 3.14159", "\n\nprint(x)"), ("", " end")]:
+        prompt = f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
+        ids = hf(prompt, add_special_tokens=False)["input_ids"]
+        assert ids == infilling_prompt(ours, FimTokenIds.of(ours), prefix, suffix), prompt
+        assert hf.decode(ids) == ours.decode(ids) == prompt
 
 
 def test_bf16_export_verifies_and_stores_bf16(trained, tmp_path):

@@ -1,7 +1,9 @@
 """Fill-in-the-middle, online, per document run, as Crystal applied it to code.
 
 With probability fim_rate a document run (its end-of-document token kept outside) is decoded to text,
-cut at two character positions drawn uniformly, and the three parts re-encoded without specials:
+cut at two character positions drawn uniformly, and the three parts re-encoded each as text that follows
+a special token (encode_part: no SentencePiece dummy-prefix space, exactly as the exported Hugging Face
+tokenizer encodes an infilling prompt, so the ids of prefix + middle + suffix decode to the document):
   PSM: <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle
   SPM (probability fim_spm_rate): <fim_prefix> <fim_suffix> suffix <fim_middle> prefix middle
 The row is then cut back to seq_length + 1 tokens, or padded with <fim_pad>, whose positions carry no loss.
@@ -41,9 +43,21 @@ class FimTokenIds:
         return cls(*(ids[t] for t in FIM_TOKENS))
 
 
+def encode_part(tokenizer, text: str) -> list[int]:
+    """A FIM part, in training and in prompts: each part follows a special token."""
+    return tokenizer.encode_after_special(text)
+
+
+def infilling_prompt(tokenizer, ids: FimTokenIds, prefix: str, suffix: str) -> list[int]:
+    """The PSM prompt for infilling with a trained model: the model continues with the middle. The
+    exported Hugging Face tokenizer encodes "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
+    to these ids (tests/test_release.py)."""
+    return [ids.prefix, *encode_part(tokenizer, prefix), ids.suffix, *encode_part(tokenizer, suffix), ids.middle]
+
+
 def permute_document(text: str, rng: np.random.Generator, spm_rate: float, tokenizer, ids: FimTokenIds) -> list[int]:
     lo, hi = sorted(rng.integers(0, len(text) + 1, size=2))
-    prefix, middle, suffix = (tokenizer.encode(part) for part in (text[:lo], text[lo:hi], text[hi:]))
+    prefix, middle, suffix = (encode_part(tokenizer, part) for part in (text[:lo], text[lo:hi], text[hi:]))
     if rng.random() < spm_rate:
         return [ids.prefix, ids.suffix, *suffix, ids.middle, *prefix, *middle]
     return [ids.prefix, *prefix, ids.suffix, *suffix, ids.middle, *middle]

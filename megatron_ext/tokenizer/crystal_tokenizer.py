@@ -8,6 +8,7 @@ document is ordinary text. BOS, EOS (the end-of-document id) and UNK are the mod
 
 from __future__ import annotations
 
+import functools
 import os
 
 CRYSTAL_SPECIAL_TOKENS = (
@@ -55,25 +56,48 @@ class CrystalTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.EncodeAsIds(text)
 
+    @functools.cached_property
+    def _sp_after_special(self):
+        """The same model with add_dummy_prefix off: how Hugging Face's LlamaTokenizer (legacy=False), the
+        exported tokenizer, encodes and decodes the text that follows a special token."""
+        import sentencepiece
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self.sp.serialized_model_proto())
+        proto.normalizer_spec.add_dummy_prefix = False
+        sp = sentencepiece.SentencePieceProcessor()
+        sp.LoadFromSerializedProto(proto.SerializeToString())
+        return sp
+
+    def encode_after_special(self, text: str) -> list[int]:
+        """text as it is encoded right after a special token (no dummy-prefix space): a FIM part."""
+        return self._sp_after_special.EncodeAsIds(text)
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # One thread: preprocess_data parallelises with processes, and SentencePiece's default (every
         # hardware thread per call) would oversubscribe the cores once per worker.
         return self.sp.Encode(texts, out_type=int, num_threads=1)
 
     def decode(self, ids) -> str:
-        """Pieces decode as SentencePiece does; special ids render as their strings; padding ids vanish."""
+        """Pieces decode as SentencePiece does; special ids render as their strings; padding ids vanish.
+        Text after a special token keeps its leading space (it was encoded without a dummy prefix), as
+        the exported Hugging Face tokenizer decodes it."""
         out, run = [], []
+
+        def flush():
+            if run:
+                out.append((self._sp_after_special if out else self.sp).DecodeIds(run))
+                run.clear()
+
         for i in ids:
             i = int(i)
             if i < self.base_vocab_size:
                 run.append(i)
                 continue
-            if run:
-                out.append(self.sp.DecodeIds(run))
-                run = []
+            flush()
             out.append(self._id_to_special.get(i, ""))
-        if run:
-            out.append(self.sp.DecodeIds(run))
+        flush()
         return "".join(out)
 
 
@@ -97,6 +121,9 @@ class HuggingFaceTokenizer:
         if eod is None:
             raise TokenizerError(f"--tokenizer-model {json_path}: no end-of-document token among {self.EOD_CANDIDATES}")
         self.eod = eod
+        added = {t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special}
+        # A special token to encode after (see encode_after_special): a FIM one where there is one.
+        self._special = next((t for t in ("<|fim_prefix|>", *self.EOD_CANDIDATES) if t in added), None)
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     @property
@@ -105,6 +132,14 @@ class HuggingFaceTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_after_special(self, text: str) -> list[int]:
+        """text as it is encoded right after a special token: encoded behind one, which is then dropped
+        (a Metaspace or Prepend normaliser adds its space only where the text starts)."""
+        if self._special is None:
+            return self.encode(text)
+        ids = self.tokenizer.encode(self._special + text, add_special_tokens=False).ids
+        return ids[1:]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
