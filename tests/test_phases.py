@@ -417,3 +417,30 @@ def _check_trace(straight, flags, steps):
 
 def test_data_trace_names_the_documents_of_each_step(straight):
     _check_trace(straight, ["--steps", "3-6"], [3, 4, 5, 6])
+
+
+@pytest.mark.timeout(300)
+def test_moving_the_corpus_keeps_the_stream(tmp_path):
+    """The fingerprint is what the stream depends on, not the files' location: a resume with the corpus
+    copied elsewhere continues the same samples (it once restarted the blending rule, another stream)."""
+    moved = tmp_path / "lustre"
+    moved.mkdir()
+    text = SMALL.read_text()
+    for name in ("text_text_document", "code_text_document"):
+        for ext in (".bin", ".idx"):
+            (moved / (name + ext)).write_bytes((DEMO / (name + ext)).read_bytes())
+        text = text.replace(f"data/demo/{name}", str(moved / name))
+    phases = tmp_path / "moved.yaml"
+    phases.write_text(text)
+    flags = [a if a != str(SMALL) else str(phases) for a in RUN]
+    straight = _metrics(1, tmp_path, "straight", ["--train-iters", "8"])
+    ckpt = tmp_path / "ckpt"
+    _metrics(1, tmp_path, "first", ["--train-iters", "8", "--exit-interval", "3", "--save", str(ckpt)])
+    out = train(1, flags + ["--train-iters", "8", "--load", str(ckpt), "--metrics-jsonl", str(tmp_path / "moved.jsonl"),
+                            "--data-cache-path", str(tmp_path / "cache")])
+    assert "phases file changed" not in out.stdout + out.stderr
+    resumed = read_metrics(tmp_path / "moved.jsonl")
+    assert [r["iteration"] for r in resumed] == list(range(4, 9))
+    for row in resumed:
+        ref = straight[row["iteration"]]
+        assert (row["data_hash"], row["lm_loss"]) == (ref["data_hash"], ref["lm_loss"]), row["iteration"]

@@ -92,11 +92,28 @@ class PhasesConfig:
         return sum(p.iters for p in self.phases)
 
     def fingerprint(self) -> str:
-        """Identifies what the sample stream depends on (not the paths' location on disk)."""
-        described = {"seed": self.seed, "validation_fraction": self.validation_fraction,
-                     "sources": {n: asdict(s) for n, s in self.sources.items()},
-                     "phases": [asdict(p) for p in self.phases]}
+        """Identifies what the sample stream depends on: every source's documents (count and tokens of
+        each of its files, in order), subset and epochs, the seed, the held-out fraction, and each phase's
+        length, batch size, blend and FIM. Not where the files sit (a corpus moved from /scratch to /lustre
+        is the same corpus), nor the lr schedule (which does not change the data)."""
+        sources = {n: {"files": [indexed_file_shape(p) for p in s.prefixes], "subset": s.subset,
+                       "max_epochs": s.max_epochs} for n, s in self.sources.items()}
+        phases = [{k: v for k, v in asdict(p).items() if k != "lr"} for p in self.phases]
+        described = {"seed": self.seed, "validation_fraction": self.validation_fraction, "sources": sources,
+                     "phases": phases}
         return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def indexed_file_shape(prefix: str) -> tuple[int, int]:
+    """(documents, tokens) of an indexed dataset, from its index header and data file size (no scan)."""
+    import warnings
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset = IndexedDataset(prefix)
+    return len(dataset), os.path.getsize(prefix + ".bin") // dataset.index.dtype_size
 
 
 def _number(value, where: str, *, integer: bool = False, low: float | None = None, high: float | None = None,

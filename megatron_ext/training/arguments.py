@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt-step", type=int, help="with --load: resume from this iteration's checkpoint (default: the latest)")
     g.add_argument("--finetune", action="store_true",
                    help="with --load: take the model weights only; optimizer, scheduler and iteration start afresh")
+    g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler", action="store_true",
+                   help="with --load: train on with this run's lr schedule (flags, or the phases file) where it "
+                        "differs from the checkpoint's (refused otherwise)")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler",
+                   action="store_true", help="with --load: keep the checkpoint's lr schedule, whatever the flags say")
     g.add_argument("--save-interval", type=int, help="default: only at the end when --save is given")
     g.add_argument("--keep-last-checkpoints", type=int, help="remove older checkpoints, keeping this many (default: all)")
 
@@ -211,6 +216,8 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
         _require(args.load is not None, "--ckpt-step needs --load")
         _require(os.path.isdir(os.path.join(args.load, f"iter_{args.ckpt_step:07d}")),
                  f"--ckpt-step {args.ckpt_step}: {args.load} has no iter_{args.ckpt_step:07d}")
+    _require(not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
+             "give at most one of --override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler")
     _require(args.keep_last_checkpoints is None or args.keep_last_checkpoints >= 1, "--keep-last-checkpoints must be >= 1")
     _require(args.max_skipped_steps >= 1, "--max-skipped-steps must be >= 1")
     _require(args.loss_spike_window == 0 or args.loss_spike_window >= 2, "--loss-spike-window must be 0 (off) or >= 2")

@@ -6,6 +6,7 @@ import argparse
 import datetime
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -54,9 +55,10 @@ def is_logging_rank() -> bool:
     return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
 
 
-def print_rank_0(message: str) -> None:
+def print_rank_0(message: str, error: bool = False) -> None:
+    """On rank 0; an error goes to stderr, where a user's error is its last line."""
     if torch.distributed.get_rank() == 0:
-        print(message, flush=True)
+        print(message, flush=True, file=sys.stderr if error else sys.stdout)
 
 
 def shutdown() -> None:

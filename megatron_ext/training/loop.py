@@ -18,11 +18,10 @@ from megatron_ext import accelerators, cpu_compat
 from megatron_ext.kernels.fp8_linear import end_fp8_step
 from megatron_ext.model.crystal_config import CrystalConfig
 from megatron_ext.model.crystal_gpt import ParallelLayout, build_model, padded_vocab_size, transformer_config
-from megatron_ext.training import checkpointing, data_feed, distributed
+from megatron_ext.training import checkpointing, data_feed, distributed, phase_lr
 from megatron_ext.training.faults import StopRequest, UpdateGuard
 from megatron_ext.training.metrics import TrainingLogger
 from megatron_ext.training.optimizer import build_optimizer
-from megatron_ext.training.phase_lr import apply_phase
 
 
 def loss_func(loss_mask: torch.Tensor, source_id: torch.Tensor | None, num_sources: int, output_tensor: torch.Tensor):
@@ -110,6 +109,9 @@ class Trainer:
         self.config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
         self.forward_backward = get_forward_backward_func()
         self.iteration = 0
+        # With --phases after a resume inside a phase: the applied updates of that phase so far (the
+        # checkpoint's schedule step count), for the loop's first phase set-up.
+        self.resumed_phase_steps: int | None = None
         self.guard = UpdateGuard(args.max_skipped_steps, device, args.loss_spike_window, args.loss_spike_sigma)
 
     def set_data(self, feed) -> None:
@@ -190,6 +192,7 @@ class Trainer:
         distributed.print_rank_0(f"saved checkpoint {path}")
 
     def load(self) -> None:
+        wanted = phase_lr.saved_schedule(self.scheduler.state_dict())  # the flags' schedule, before the load
         self.iteration, consumed, data_state, guard_state = checkpointing.load_checkpoint(
             self.args.load, self.model, self.optimizer, self.scheduler, self.crystal, self.padded_vocab,
             step=self.args.ckpt_step, weights_only=self.args.finetune,
@@ -199,11 +202,43 @@ class Trainer:
         if note:
             distributed.print_rank_0(f"warning: {note}")
         if self.iteration:
+            self._resume_schedule(wanted, exact_data=note is None)
             distributed.print_rank_0(f"resumed from {self.args.load} at iteration {self.iteration}")
         elif checkpointing.checkpoint_path(self.args.load, self.args.ckpt_step) is None:
             distributed.print_rank_0(f"{self.args.load} holds no checkpoint: starting fresh")
         else:
             distributed.print_rank_0(f"took the weights of {self.args.load}: iteration 0, fresh optimizer and schedule")
+
+
+    def _resume_schedule(self, wanted: dict, exact_data: bool) -> None:
+        """The lr schedule after a resume. A schedule (flags, or the phase in progress in the phases file)
+        that differs from the checkpoint's is refused unless the user chose, as in Megatron-LM: the new one
+        (--override-opt-param-scheduler) or the saved one (--use-checkpoint-opt-param-scheduler). Either
+        way the step count is the checkpoint's: updates applied, skipped ones not counted."""
+        args, scheduler = self.args, self.scheduler
+        saved, steps = phase_lr.saved_schedule(scheduler.state_dict()), scheduler.num_steps
+        if args.phases_config:
+            if not exact_data or self.feed.step_in_phase() == 0:
+                return  # the next step starts a phase (or an edited file's phase): its own schedule from 0
+            index = self.feed.step_phase()
+            wanted = phase_lr.phase_schedule(self.feed.phase, args.weight_decay)
+            names = {k: f"{args.phases}: phases[{index}].{v}" for k, v in phase_lr.PHASE_KEYS.items()}
+            names["start_wd"] = phase_lr.FLAG_NAMES["start_wd"]
+        else:
+            names = phase_lr.FLAG_NAMES
+        changed = phase_lr.differences(saved, wanted, names)
+        if changed and not (args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
+            raise checkpointing.CheckpointError(
+                f"--load {args.load}: the lr schedule differs from the checkpoint's: {'; '.join(changed)}. Pass "
+                f"--override-opt-param-scheduler to go on with the new one from its step {steps}, or "
+                "--use-checkpoint-opt-param-scheduler to keep the saved one")
+        if args.phases_config:
+            self.resumed_phase_steps = steps  # the loop sets the phase up, or keeps the saved schedule
+        elif not args.use_checkpoint_opt_param_scheduler:
+            phase_lr.apply_schedule(scheduler, wanted, steps)
+        if changed:
+            kept = "kept the checkpoint's" if args.use_checkpoint_opt_param_scheduler else "overridden"
+            distributed.print_rank_0(f"lr schedule {kept}: {'; '.join(changed)}")
 
 
 def _describe_path(args: argparse.Namespace) -> str:
@@ -218,7 +253,7 @@ def pretrain(args: argparse.Namespace, crystal: CrystalConfig) -> int:
     try:
         return _train(args, crystal, device)
     except checkpointing.CheckpointError as e:
-        distributed.print_rank_0(f"pretrain_crystal.py: error: {e}")
+        distributed.print_rank_0(f"pretrain_crystal.py: error: {e}", error=True)
         return 2
     finally:
         distributed.shutdown()
@@ -258,7 +293,10 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
             # The switch happens here, inside the job: the next phase's lr schedule from its step 0 (or
             # from the resumed step), its batch size and blend from the next sample on.
             phase = feed.step_phase()
-            apply_phase(trainer.scheduler, feed.phase, feed.step_in_phase())
+            steps, trainer.resumed_phase_steps = trainer.resumed_phase_steps, None
+            if steps is None or not args.use_checkpoint_opt_param_scheduler:
+                phase_lr.apply_phase(trainer.scheduler, feed.phase, feed.step_in_phase() if steps is None else steps,
+                                     args.weight_decay)
             fim = ", ".join(f"{n} rate {f.rate} spm {f.spm_rate}" for n, f in feed.phase.fim.items()) or "none"
             distributed.print_rank_0(f"phase {feed.phase_name} ({phase + 1}/{len(args.phases_config.phases)}) from "
                                      f"iteration {trainer.iteration + 1}: global batch {feed.step_batch_size()}, "
@@ -292,7 +330,7 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
             distributed.print_rank_0(
                 f"pretrain_crystal.py: error: {trainer.guard.consecutive} consecutive steps were skipped (last: "
                 f"{skipped}; --max-skipped-steps {args.max_skipped_steps}); stopping without saving. Resume from "
-                "the last checkpoint, e.g. with a lower --lr or after inspecting the data (tools/data_trace.py)")
+                "the last checkpoint, e.g. with a lower --lr or after inspecting the data (tools/data_trace.py)", error=True)
             return 3
         if args.eval_interval and trainer.iteration % args.eval_interval == 0:
             valid_loss, _ = trainer.evaluate(trainer.iteration // args.eval_interval - 1)
