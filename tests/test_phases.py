@@ -22,7 +22,8 @@ SMALL = REPO / "tests" / "phases_small.yaml"
 
 
 def _config(phases, sources=("a", "b", "c"), prefixes=None):
-    specs = {n: SourceSpec(n, (prefixes or {}).get(n, (f"/nonexistent/{n}",))) for n in sources}
+    # The schedule reads no documents, but the fingerprint reads the files' shapes: any real prefix will do.
+    specs = {n: SourceSpec(n, (prefixes or {}).get(n, (str(DEMO / "text_text_document"),))) for n in sources}
     return PhasesConfig("test.yaml", 7, 0.0, specs, tuple(phases))
 
 
@@ -66,18 +67,33 @@ def test_resuming_the_schedule_continues_it_and_an_edited_file_keeps_positions()
     config = _config([_phase("one", 10, {"a": 0.3, "b": 0.7}), _phase("two", 10, {"a": 0.5, "c": 0.5})])
     straight = PhaseSchedule(config).take(160)
     first = PhaseSchedule(config)
-    head = first.take(50)
-    resumed, note = PhaseSchedule.from_state_dict(config, first.state_dict(), 50)
-    assert note is None and head + resumed.take(110) == straight
+    head = first.take(48)
+    resumed, note = PhaseSchedule.from_state_dict(config, first.state_dict(), 48)
+    assert note is None and head + resumed.take(112) == straight
 
     edited = _config([_phase("one", 10, {"a": 0.9, "b": 0.1}), _phase("two", 10, {"a": 0.5, "c": 0.5})])
-    moved, note = PhaseSchedule.from_state_dict(edited, first.state_dict(), 50)
+    moved, note = PhaseSchedule.from_state_dict(edited, first.state_dict(), 48)
     assert "changed" in note
     rest = moved.take(30)
     for source, name in enumerate("abc"):  # each source continues exactly where the saved run left it
         indices = [r.index for r in rest if r.source == source]
         assert indices == list(range(first.state.positions[name], first.state.positions[name] + len(indices)))
     assert sum(r.source == 0 for r in rest) == 27  # the new weights, from the resume point
+
+
+def test_an_edited_batch_size_of_the_phase_in_progress_is_refused_not_mixed():
+    """Saved after 3 steps of 16 in phase one; the edited file says 32: sample 48 is not a step boundary
+    of it, and continuing would put phase-one and phase-two samples in one global batch."""
+    config = _config([_phase("one", 4, {"a": 1.0}, gbs=16), _phase("two", 4, {"b": 1.0}, gbs=16)])
+    first = PhaseSchedule(config)
+    first.take(48)
+    edited = _config([_phase("one", 4, {"a": 1.0}, gbs=32), _phase("two", 4, {"b": 1.0}, gbs=16)])
+    with pytest.raises(PhasesConfigError, match=r"^test\.yaml: phases\[0\] \('one'\)\.global_batch_size 32: the checkpoint "
+                       r"stands at sample 48 of this phase, not a whole number of its batches"):
+        PhaseSchedule.from_state_dict(edited, first.state_dict(), 48)
+    later = _config([_phase("one", 4, {"a": 1.0}, gbs=16), _phase("two", 4, {"b": 1.0}, gbs=32)])
+    resumed, note = PhaseSchedule.from_state_dict(later, first.state_dict(), 48)  # a later phase's: fine
+    assert "changed" in note and [r.phase for r in resumed.take(16 + 32)] == [0] * 16 + [1] * 32
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megatron_ext.data.phases_config import PhasesConfig
+from megatron_ext.data.phases_config import PhasesConfig, PhasesConfigError
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,13 @@ class PhaseSchedule:
         while s.phase < len(config.phases) and remaining >= config.phases[s.phase].samples:
             remaining -= config.phases[s.phase].samples
             s.phase += 1
+        if s.phase < len(config.phases) and remaining % config.phases[s.phase].global_batch_size:
+            phase = config.phases[s.phase]
+            raise PhasesConfigError(
+                f"{config.path}: phases[{s.phase}] ({phase.name!r}).global_batch_size {phase.global_batch_size}: the "
+                f"checkpoint stands at sample {remaining} of this phase, not a whole number of its batches; keep "
+                "the batch size of the phase in progress (edit later phases), or resume from a checkpoint at a "
+                "step boundary of the new size")
         s.phase_sample = s.segment_start = remaining
         s.positions.update({n: p for n, p in saved["positions"].items() if n in s.positions})
         note = (f"the phases file changed since this checkpoint: continuing in phase "

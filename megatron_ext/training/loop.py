@@ -15,6 +15,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import accelerators, cpu_compat
+from megatron_ext.data.phases_config import PhasesConfigError
 from megatron_ext.kernels.fp8_linear import end_fp8_step
 from megatron_ext.model.crystal_config import CrystalConfig
 from megatron_ext.model.crystal_gpt import ParallelLayout, build_model, padded_vocab_size, transformer_config
@@ -252,7 +253,7 @@ def pretrain(args: argparse.Namespace, crystal: CrystalConfig) -> int:
     device = distributed.initialize(args)
     try:
         return _train(args, crystal, device)
-    except checkpointing.CheckpointError as e:
+    except (checkpointing.CheckpointError, PhasesConfigError) as e:
         distributed.print_rank_0(f"pretrain_crystal.py: error: {e}", error=True)
         return 2
     finally:
