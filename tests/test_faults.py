@@ -125,3 +125,16 @@ def test_loss_spikes_are_skipped_and_the_window_survives_a_resume(straight, tmp_
     resumed = _metrics(tmp_path / "b.jsonl")
     assert sorted(resumed) == list(range(9, STEPS + 1)) and resumed[10]["grad_norm"] is None
     _same(resumed, first, range(9, STEPS + 1))
+
+
+@pytest.mark.timeout(300)
+def test_pruning_after_a_rollback_keeps_the_fallback(tmp_path):
+    """Checkpoints 4, 6, 8 kept; roll back to 4 and save 5: 6 and 8 are abandoned (removed first, never
+    counted), so the three newest at or before the tracker, 4 and 5, stay. Counting 6 and 8 removed 4."""
+    ckpt = tmp_path / "ckpt"
+    train(1, TINY_RUN + ["--train-iters", "8", "--save", str(ckpt), "--save-interval", "2", "--keep-last-checkpoints", "3"])
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000004", "iter_0000006", "iter_0000008"]
+    train(1, TINY_RUN + ["--train-iters", "8", "--load", str(ckpt), "--ckpt-step", "4", "--save", str(ckpt),
+                         "--save-interval", "1", "--exit-interval", "5", "--keep-last-checkpoints", "3"])
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000004", "iter_0000005"]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "5"

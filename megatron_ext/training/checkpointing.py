@@ -105,6 +105,10 @@ def save_checkpoint(root: str, iteration: int, model_chunks, crystal: CrystalCon
     """
     path = iteration_dir(root, iteration)
     if torch.distributed.get_rank() == 0:
+        if iteration in abandoned_iterations(root):  # a rolled-back run's, or a failed save's: not ours to mix with
+            import shutil
+
+            shutil.rmtree(path)
         os.makedirs(path, exist_ok=True)
     torch.distributed.barrier()
     if optimizer is None:
@@ -227,14 +231,23 @@ def checkpoint_path(root: str, step: int | None = None) -> str | None:
                           f"{reasons[0] if reasons else f'{iteration_dir(root, latest)} is missing'}")
 
 
+def abandoned_iterations(root: str) -> list[int]:
+    """Checkpoints newer than the tracker's: left by a run that was rolled back (--ckpt-step), or
+    half-written by a save that failed. No resume reads them."""
+    latest = latest_iteration(root)
+    return [] if latest is None else [it for it in _saved_iterations(root) if it > latest]
+
+
 def prune_checkpoints(root: str, keep: int) -> None:
-    """Remove all but the newest `keep` checkpoints (never the one the tracker names)."""
+    """Keep the newest `keep` checkpoints at or before the tracker's iteration (the last among them is
+    the tracker's own); remove older ones, and first the abandoned ones newer than the tracker, which
+    would otherwise count towards `keep` and push out a rollback's fallback."""
     import shutil
 
     latest = latest_iteration(root)
-    for iteration in _saved_iterations(root)[:-keep]:
-        if iteration != latest:
-            shutil.rmtree(iteration_dir(root, iteration), ignore_errors=True)
+    valid = [it for it in _saved_iterations(root) if latest is None or it <= latest]
+    for iteration in abandoned_iterations(root) + valid[:-keep]:
+        shutil.rmtree(iteration_dir(root, iteration), ignore_errors=True)
 
 
 def read_common_state(path: str) -> dict:
