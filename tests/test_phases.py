@@ -460,3 +460,24 @@ def test_moving_the_corpus_keeps_the_stream(tmp_path):
     for row in resumed:
         ref = straight[row["iteration"]]
         assert (row["data_hash"], row["lm_loss"]) == (ref["data_hash"], ref["lm_loss"]), row["iteration"]
+
+
+@pytest.mark.timeout(300)
+def test_max_epochs_refusal_is_one_line_and_counts_the_run(tmp_path):
+    """The demo's code is 619 samples of 2049 tokens: 100 steps of 8 read 1.29 epochs of it, more than
+    max_epochs 1; a run stopped at 50 steps reads 0.65 and goes ahead."""
+    phases = tmp_path / "epochs.yaml"
+    phases.write_text(f"sources:\n  code: {{prefixes: [{DEMO / 'code_text_document'}], max_epochs: 1}}\n"
+                      "phases:\n  - {name: code, iters: 100, blend: {code: 1}, lr: {peak: 1.0e-3}}\n")
+    flags = ["--model", "crystal-test", "--seq-length", "2048", "--phases", str(phases), "--num-workers", "0",
+             "--tokenizer-model", str(TOKENIZER),
+             "--global-batch-size", "8", "--micro-batch-size", "8"]
+    refused = train(1, flags, check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"pretrain_crystal.py: error: {phases}: sources.code.max_epochs 1: the run's 100 iterations read 1.29 "
+        "epochs of it (619 samples each; all the phases: 1.29)")
+    assert "Traceback" not in refused.stderr
+    train(1, flags + ["--train-iters", "1"])  # 0.01 epochs: trains
+    refused = train(1, flags + ["--train-iters", "78"], check=False)  # 625 samples: just over one epoch
+    assert refused.returncode == 2 and "the run's 78 iterations read 1.01 epochs" in refused.stderr

@@ -15,7 +15,7 @@ import torch
 
 from megatron_ext.data.fim import FimTokenIds, apply_fim
 from megatron_ext.data.phase_schedule import PhaseSchedule, SampleRef
-from megatron_ext.data.phases_config import PhasesConfig
+from megatron_ext.data.phases_config import PhasesConfig, PhasesConfigError
 from megatron_ext.data.source_stream import SourceStream
 
 
@@ -45,18 +45,27 @@ class PhasedDataset(torch.utils.data.Dataset):
         return {"tokens": row[:-1], "labels": row[1:], "loss_mask": torch.from_numpy(loss_mask),
                 "position_ids": self.position_ids, "source_id": torch.tensor(ref.source)}
 
-    def check_epochs(self) -> None:
-        """Refuse a plan that needs more epochs of a source than its max_epochs, before training."""
+    def epochs_read(self, iters: int | None = None) -> dict[str, float]:
+        """Per source, the epochs that the first `iters` iterations (default: all phases) read of it."""
         needed = {name: 0.0 for name in self.config.sources}
+        left = self.config.total_iters if iters is None else iters
         for phase in self.config.phases:
-            for name, weight in phase.blend.items():
-                needed[name] += weight * phase.samples + 1  # the blending rule's slack of one sample
+            steps = min(phase.iters, left)
+            left -= steps
+            for name, weight in phase.blend.items() if steps else ():
+                needed[name] += weight * steps * phase.global_batch_size + 1  # the blending rule's slack of one
+        return {s.spec.name: needed[s.spec.name] / s.samples_per_epoch for s in self.streams}
+
+    def check_epochs(self, train_iters: int) -> None:
+        """Refuse a run that would read more epochs of a source than its max_epochs, before training."""
+        run, whole = self.epochs_read(train_iters), self.epochs_read()
         for stream in self.streams:
             spec = stream.spec
-            epochs = needed[spec.name] / stream.samples_per_epoch
-            if spec.max_epochs is not None and epochs > spec.max_epochs:
-                raise ValueError(f"{self.config.path}: sources.{spec.name}.max_epochs: the phases need {epochs:.2f} "
-                                 f"epochs of it ({stream.samples_per_epoch} samples each), more than {spec.max_epochs}")
+            if spec.max_epochs is not None and run[spec.name] > spec.max_epochs:
+                raise PhasesConfigError(
+                    f"{self.config.path}: sources.{spec.name}.max_epochs {spec.max_epochs}: the run's {train_iters} "
+                    f"iterations read {run[spec.name]:.2f} epochs of it ({stream.samples_per_epoch} samples each; "
+                    f"all the phases: {whole[spec.name]:.2f})")
 
 
 class PhaseBatchSampler(torch.utils.data.Sampler):

@@ -115,7 +115,7 @@ def build_phased_datasets(args: argparse.Namespace, crystal: CrystalConfig):
     config = args.phases_config
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model) if args.tokenizer_model else None
     train = PhasedDataset(config, crystal.seq_length, tokenizer)
-    train.check_epochs()
+    train.check_epochs(args.train_iters)
     valid = PhasedDataset(config, crystal.seq_length, tokenizer, split="valid") if config.validation_fraction else None
     return train, valid
 
