@@ -46,6 +46,7 @@ def test_sigusr1_saves_exits_zero_and_resumes_identically(straight, tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert "stop requested (SIGUSR1)" in out or "stop requested (signal on another rank)" in out
     stopped = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert (ckpt / "stopped_by_signal").read_text() == str(stopped)  # for the SLURM launch's requeue
     assert 3 <= stopped < STEPS and sorted(_metrics(metrics)) == list(range(1, stopped + 1))
     train(2, RUN + ["--load", str(ckpt), "--metrics-jsonl", str(tmp_path / "second.jsonl")])
     resumed = _metrics(tmp_path / "second.jsonl")

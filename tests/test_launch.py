@@ -9,20 +9,77 @@ import pytest
 from distributed_run import REPO, TINY_RUN, free_port, layout_flags, read_metrics, subprocess_environment, train
 
 FAKE_SCONTROL = """#!/usr/bin/env bash
-# scontrol show hostnames gpu[001-004]
+# scontrol show hostnames gpu[001-004]; scontrol requeue JOB is logged to $SCONTROL_LOG
+if [ "$1" = requeue ]; then echo "requeue $2" >> "$SCONTROL_LOG"; exit 0; fi
 printf 'gpu001\\ngpu002\\ngpu003\\ngpu004\\n'
+"""
+# srun: instead of the training, what a job's training ends with (a signal-triggered save writes the
+# marker; tests/test_faults.py checks that pretrain_crystal.py does).
+FAKE_SRUN = """#!/usr/bin/env bash
+if [ "${FAKE_STOPPED_AT:-}" ]; then echo "$FAKE_STOPPED_AT" > "$CKPT_DIR/stopped_by_signal"; fi
 """
 
 
-def _dry_run(tmp_path, script, **env):
+def _slurm_env(tmp_path, **env):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
-    (bin_dir / "scontrol").chmod(0o755)
-    full_env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NUM_NODES="4",
-                    SLURM_JOB_NODELIST="gpu[001-004]", SLURM_JOB_ID="12345", SLURM_SUBMIT_DIR=str(REPO), **env)
-    return subprocess.run(["bash", str(REPO / "examples" / script), "--dry-run"], env=full_env, cwd=tmp_path,
+    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NUM_NODES="4",
+                SLURM_JOB_NODELIST="gpu[001-004]", SLURM_JOB_ID="12345", SLURM_SUBMIT_DIR=str(REPO),
+                SCONTROL_LOG=str(tmp_path / "scontrol.log"), **env)
+
+
+def _dry_run(tmp_path, script, **env):
+    return subprocess.run(["bash", str(REPO / "examples" / script), "--dry-run"], env=_slurm_env(tmp_path, **env),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+
+def _no_slurm_env(**env):
+    """This machine's environment without SLURM: no SLURM_* variables, no scontrol on PATH."""
+    path = [d for d in os.environ["PATH"].split(os.pathsep) if not os.path.exists(os.path.join(d, "scontrol"))]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return dict(base, PATH=os.pathsep.join(path), **env)
+
+
+def test_dry_run_needs_no_slurm(tmp_path):
+    """Where people preview a launch (a laptop, a CI box): placeholder hosts, every command in full, the
+    layout still checked; a real launch there says in one line that it needs an allocation."""
+    script = str(REPO / "examples" / "crystal_7b.sh")
+    proc = subprocess.run(["bash", script], env=_no_slurm_env(DRY_RUN="1", NODES="4", REPO=str(REPO)),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert "4 node(s) x 8 GPUs = 32 ranks: TP 2 x PP 2 x DP 8; rendezvous <first-node>:20000" in proc.stdout
+    nodes = [line for line in proc.stdout.splitlines() if line.startswith("node ")]
+    assert len(nodes) == 4 and all(f"--node-rank {i} --master-addr '<first-node>'" in line or
+                                   f"--node-rank {i} --master-addr <first-node>" in line for i, line in enumerate(nodes))
+    bad = subprocess.run(["bash", script], env=_no_slurm_env(DRY_RUN="1", NODES="4", PP="3", REPO=str(REPO)),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: 4 node(s) x 8 GPUs = 32 is not a multiple of TP x PP = 2 x 3"
+    real = subprocess.run(["bash", script], env=_no_slurm_env(NODES="4", REPO=str(REPO)), cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
+    assert real.returncode == 2 and real.stdout == ""
+    assert real.stderr.strip() == f"error: no scontrol: run inside a SLURM allocation (sbatch {script}), or preview with DRY_RUN=1"
+
+
+@pytest.mark.parametrize("stopped,restarts,requeued", [
+    ("120", "0", True),     # the time-limit signal: saved, requeued
+    ("120", "20", False),   # MAX_REQUEUES (20) already: not forever
+    ("", "0", False),       # finished (or the run ended without a signal): never requeued
+], ids=["signalled", "cap_reached", "finished"])
+def test_a_signal_stopped_job_requeues_itself(tmp_path, stopped, restarts, requeued):
+    ckpt = tmp_path / "ckpt"
+    env = _slurm_env(tmp_path, CKPT_DIR=str(ckpt), FAKE_STOPPED_AT=stopped, SLURM_RESTART_COUNT=restarts)
+    proc = subprocess.run(["bash", str(REPO / "examples" / "crystal_7b.sh")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    log = tmp_path / "scontrol.log"
+    assert (log.read_text() if log.exists() else "") == ("requeue 12345\n" if requeued else "")
+    if requeued:
+        assert "stopped by a signal and saved at iteration 120: requeueing job 12345 (1 of MAX_REQUEUES=20)" in proc.stdout
+    elif stopped:
+        assert "not requeued: 20 requeues already" in proc.stderr
 
 
 SCRIPTS = ["crystal_7b.sh", "crystal_1b.sh", "slurm/launch.sh", "demo.sh"]

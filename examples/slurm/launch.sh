@@ -1,7 +1,10 @@
 # shellcheck shell=bash
 # Shared by examples/crystal_*.sh (sourced, after they set their defaults): derives the launch from SLURM's
 # environment and runs one torchrun per node through srun, all nodes rendezvousing on the first.
-# DRY_RUN=1 (or --dry-run) prints the commands instead of running them.
+# DRY_RUN=1 (or --dry-run) prints the commands instead of running them; it needs no SLURM (placeholder
+# host names where there is no allocation).
+# A job stopped by SLURM's signal before its time limit saves, and then requeues itself (scontrol requeue),
+# at most MAX_REQUEUES times; a job that finished, or failed, is not requeued.
 
 REPO=${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
 # Defaults the recipes share; the calling script sets MODEL, CKPT_DIR, TP, PP, MICRO_BATCH, SAVE_INTERVAL.
@@ -13,16 +16,24 @@ KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS:-3}
 LOG_INTERVAL=${LOG_INTERVAL:-10}
 NODES=${NODES:-${SLURM_JOB_NUM_NODES:-1}}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-NODELIST=${SLURM_JOB_NODELIST:-localhost}
-if [ -z "${MASTER_ADDR:-}" ]; then
-  # Not `| head -n 1`: under pipefail, scontrol dying of SIGPIPE after head exits would fail the job.
-  mapfile -t HOSTS < <(scontrol show hostnames "$NODELIST")
-  MASTER_ADDR=${HOSTS[0]:?"scontrol show hostnames $NODELIST gave no host"}
-fi
-MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+MAX_REQUEUES=${MAX_REQUEUES:-20}
 for arg in "$@"; do
   if [ "$arg" = "--dry-run" ]; then DRY_RUN=1; fi
 done
+if [ "${DRY_RUN:-0}" != "1" ] && ! command -v scontrol >/dev/null; then
+  echo "error: no scontrol: run inside a SLURM allocation (sbatch $0), or preview with DRY_RUN=1" >&2
+  exit 2
+fi
+if [ -z "${MASTER_ADDR:-}" ]; then
+  if [ -n "${SLURM_JOB_NODELIST:-}" ] && command -v scontrol >/dev/null; then
+    # Not `| head -n 1`: under pipefail, scontrol dying of SIGPIPE after head exits would fail the job.
+    mapfile -t HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    MASTER_ADDR=${HOSTS[0]:?"scontrol show hostnames $SLURM_JOB_NODELIST gave no host"}
+  else
+    MASTER_ADDR="<first-node>"   # a dry run outside an allocation: SLURM names the hosts at launch
+  fi
+fi
+MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 
 WORLD=$((NODES * GPUS_PER_NODE))
 if [ $((WORLD % (TP * PP))) -ne 0 ]; then
@@ -70,4 +81,16 @@ if [ "${DRY_RUN:-0}" = "1" ]; then
   exit 0
 fi
 mkdir -p "$CKPT_DIR"   # an empty --load directory starts fresh; a requeued job finds its checkpoints here
+STOP_MARKER="$CKPT_DIR/stopped_by_signal"   # pretrain_crystal.py writes it after a signal-triggered save
+rm -f "$STOP_MARKER"
 "${SRUN[@]}"
+# SLURM's --requeue does not requeue a job that exited 0, which a signal-triggered save does.
+if [ -f "$STOP_MARKER" ]; then
+  if [ "${SLURM_RESTART_COUNT:-0}" -lt "$MAX_REQUEUES" ]; then
+    echo "crystal-megatron: stopped by a signal and saved at iteration $(cat "$STOP_MARKER"): requeueing job" \
+         "${SLURM_JOB_ID:?} ($((${SLURM_RESTART_COUNT:-0} + 1)) of MAX_REQUEUES=$MAX_REQUEUES)"
+    scontrol requeue "$SLURM_JOB_ID"
+  else
+    echo "crystal-megatron: stopped by a signal, not requeued: $MAX_REQUEUES requeues already (MAX_REQUEUES)" >&2
+  fi
+fi

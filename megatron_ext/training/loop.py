@@ -25,6 +25,9 @@ from megatron_ext.training.metrics import TrainingLogger
 from megatron_ext.training.optimizer import build_optimizer
 
 
+STOP_MARKER = "stopped_by_signal"  # in --save: this run stopped on a signal, after saving (holds the iteration)
+
+
 def loss_func(loss_mask: torch.Tensor, source_id: torch.Tensor | None, num_sources: int, output_tensor: torch.Tensor):
     """Summed token loss and token count; the schedule and finalize_model_grads divide by the global
     token count (calculate_per_token_loss). With phases, also [loss, tokens] per source, from each
@@ -288,7 +291,7 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
         os.makedirs(os.path.dirname(os.path.abspath(args.metrics_jsonl)), exist_ok=True)  # as TensorBoard does
         metrics_file = open(args.metrics_jsonl, "a")
 
-    phase = None
+    phase, stopped_by_signal = None, False
     while trainer.iteration < args.train_iters:
         if feed.step_phase() != phase:
             # The switch happens here, inside the job: the next phase's lr schedule from its step 0 (or
@@ -346,9 +349,13 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
         if stop.agreed():
             distributed.print_rank_0(f"stop requested ({stop.signalled or 'signal on another rank'}): saving at "
                                      f"iteration {trainer.iteration} and exiting; a run with the same --load resumes here")
+            stopped_by_signal = True
             break
     if args.save and not (args.save_interval and trainer.iteration % args.save_interval == 0):
         trainer.save()
+    if stopped_by_signal and args.save and torch.distributed.get_rank() == 0:
+        # For the SLURM launch: requeue this job (examples/slurm/launch.sh), which exits 0 here.
+        checkpointing.write_text_atomically(os.path.join(args.save, STOP_MARKER), str(trainer.iteration))
     if writer:
         writer.close()
     if metrics_file:
