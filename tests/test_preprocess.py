@@ -254,3 +254,69 @@ def test_huggingface_tokenizer_json_and_several_keys(tmp_path):
         ds = indexed(tmp_path / f"hf_{key}_document")
         assert [ds[i].tolist() for i in range(len(ds))] == [
             hf.encode(r[key], add_special_tokens=False).ids + [eod] for r in rows]
+
+
+def test_a_lone_surrogate_is_a_counted_skip(tmp_path, tok, tokenizer_model):
+    """JSON can escape a lone surrogate; no tokenizer takes one (it was a TypeError inside a worker)."""
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text("\n".join([json.dumps({"text": "first."}), '{"text": "bad \\ud800 here"}',
+                               json.dumps({"text": "third."})]) + "\n")
+    proc = run_tool("preprocess_data.py", "--input", path, "--tokenizer-model", tokenizer_model,
+                    "--output-prefix", tmp_path / "o", "--append-eod")
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped: lone_surrogate 1" in proc.stdout and f"{path}:2: lone_surrogate (text character 4)" in proc.stdout
+    ds = indexed(tmp_path / "o_text_document")
+    assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode(t) + [tok.eod] for t in ("first.", "third.")]
+    proc = run_tool("preprocess_data.py", "--input", path, "--tokenizer-model", tokenizer_model,
+                    "--output-prefix", tmp_path / "f", "--on-error", "fail")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        f"preprocess_data.py: error: {path}: line 2: lone_surrogate (text character 4); no output written")
+
+
+def _damaged(kind, path):
+    """(a damaged corpus file, records readable before the damage, the reader's exception type)."""
+    lines = [json.dumps({"text": f"document {i} " + "words " * 30}) for i in range(400)]
+    raw = ("\n".join(lines) + "\n").encode()
+    if kind == "gz":
+        data = gzip.compress(raw)
+        path.write_bytes(data[: len(data) // 2])  # cut short, as an interrupted copy
+        return None, "EOFError"
+    if kind == "zst":
+        import zstandard
+
+        path.write_bytes(zstandard.ZstdCompressor().compress(raw)[:4] + b"\x00garbage" * 64)
+        return 0, "ZstdError"
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    pq.write_table(pyarrow.table({"text": [json.loads(line)["text"] for line in lines]}), path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-12] + b"\x00" * 12)  # the footer (its length and magic) overwritten
+    return 0, "ArrowInvalid"
+
+
+@pytest.mark.parametrize("kind", ["gz", "zst", "parquet"])
+def test_a_damaged_file_is_reported_and_the_run_goes_on(tmp_path, tok, tokenizer_model, kind):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    damaged = corpus / {"gz": "a.jsonl.gz", "zst": "a.jsonl.zst", "parquet": "a.parquet"}[kind]
+    before, error = _damaged(kind, damaged)
+    (corpus / "b.jsonl").write_text(json.dumps({"text": "the good file."}) + "\n")
+    proc = run_tool("preprocess_data.py", "--input", corpus, "--tokenizer-model", tokenizer_model,
+                    "--output-prefix", tmp_path / "o", "--append-eod")
+    assert proc.returncode == 0, proc.stderr
+    warning = next(line for line in proc.stderr.splitlines() if "warning" in line)
+    assert warning.startswith(f"preprocess_data.py: warning: {damaged}: unreadable after ") and f"({error}: " in warning
+    read = int(warning.split("unreadable after ")[1].split()[0])
+    assert read == before if before is not None else 0 < read < 400  # a truncated gzip: the lines before the cut
+    assert "damaged files: 1" in proc.stdout and "the records before it are kept" in proc.stdout
+    ds = indexed(tmp_path / "o_text_document")
+    assert len(ds) == read + 1 and ds[len(ds) - 1].tolist() == tok.encode("the good file.") + [tok.eod]
+    if read:
+        assert ds[0].tolist() == tok.encode("document 0 " + "words " * 30) + [tok.eod]
+    proc = run_tool("preprocess_data.py", "--input", corpus, "--tokenizer-model", tokenizer_model,
+                    "--output-prefix", tmp_path / "f", "--on-error", "fail")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"preprocess_data.py: error: {damaged}: unreadable after ") and last.endswith("no output written")
+    assert not list(tmp_path.glob("f_*"))

@@ -2,8 +2,10 @@
 """Tokenise JSONL / Parquet corpora into Megatron-Core indexed datasets ({prefix}_{key}_document.bin/.idx).
 
 Megatron-LM's flags. Beyond them: bad records (malformed JSON, missing or non-string key, invalid UTF-8,
-empty text) are counted per reason and skipped (--on-error skip) or stop the run naming file and line
-(--on-error fail); outputs appear under their final names only when complete; a missing input,
+a lone surrogate, empty text) are counted per reason and skipped (--on-error skip) or stop the run naming
+file and line (--on-error fail). A damaged file (truncated .gz, corrupt .zst or .parquet) is reported in
+one line with the records read before the damage, which are kept; the rest of that file is skipped and the
+run goes on with the other files (--on-error fail: stops there). Outputs appear under their final names only when complete; a missing input,
 unreadable tokenizer or unwritable output directory fails before any worker starts.
 
   python tools/preprocess_data.py --input data/ --output-prefix out/corpus \\
@@ -50,6 +52,7 @@ class Totals:
     input_bytes: int = 0
     skipped: collections.Counter = field(default_factory=collections.Counter)
     examples: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)  # one line per damaged file
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -101,14 +104,24 @@ def _encode_chunk(records: list[tuple[int, bytes | dict]]) -> ChunkResult:
 
 # ---- main side ---------------------------------------------------------------------------------
 
-def _chunks(files: list[str]):
+def _chunks(files: list[str], args: argparse.Namespace, totals: Totals):
     for path in files:
         batch = []
-        for record in corpus_reader.read_records(path):
-            batch.append(record)
-            if len(batch) == CHUNK_RECORDS:
-                yield path, batch
-                batch = []
+        try:
+            for record in corpus_reader.read_records_checked(path):
+                batch.append(record)
+                if len(batch) == CHUNK_RECORDS:
+                    yield path, batch
+                    batch = []
+        except corpus_reader.DamagedFile as e:
+            if args.on_error == "fail":
+                raise PreprocessError(str(e)) from None
+            message = f"{e}: the records before it are kept, the rest of the file is skipped"
+            from tqdm import tqdm
+
+            tqdm.write(f"preprocess_data.py: warning: {message}", file=sys.stderr)  # on its own line, under the bar
+            with totals.lock:
+                totals.damaged.append(message)
         if batch:
             yield path, batch
 
@@ -125,7 +138,7 @@ def _process_partition(files, out_prefixes, args, dtype, totals, progress) -> No
     pool = concurrent.futures.ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(args,))
     try:
         pending = collections.deque()
-        chunks = _chunks(files)
+        chunks = _chunks(files, args, totals)
 
         def drain_one():
             path, future = pending.popleft()
@@ -264,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{seconds:.1f} s, {totals.tokens / seconds:,.0f} tokens/s, {totals.input_bytes / seconds / 2**20:.1f} MB/s")
     for example in totals.examples:
         print(f"  skipped {example}")
+    if totals.damaged:
+        print(f"damaged files: {len(totals.damaged)}")
+        for message in totals.damaged:
+            print(f"  {message}")
     for final in finals.values():
         print(f"wrote {final}.bin/.idx")
     return 0

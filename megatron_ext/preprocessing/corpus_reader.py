@@ -14,7 +14,7 @@ import os
 from typing import Iterator
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
-SKIP_REASONS = ("malformed_json", "missing_key", "non_string", "invalid_utf8", "empty_text")
+SKIP_REASONS = ("malformed_json", "missing_key", "non_string", "invalid_utf8", "lone_surrogate", "empty_text")
 
 
 class InputError(ValueError):
@@ -54,6 +54,27 @@ def _open_binary(path: str) -> io.BufferedIOBase:
 
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
     return open(path, "rb")
+
+
+class DamagedFile(Exception):
+    """A file that cannot be read to its end (truncated or corrupt compression, a broken parquet file)."""
+
+    def __init__(self, path: str, records: int, cause: BaseException):
+        super().__init__(f"{path}: unreadable after {records} records ({type(cause).__name__}: {cause})")
+        self.path, self.records = path, records
+
+
+def read_records_checked(path: str) -> Iterator[tuple[int, bytes | dict]]:
+    """read_records, with any failure of the file's reading (gzip's EOFError, zstandard's ZstdError,
+    pyarrow's ArrowInvalid, an OSError, ...: each library raises its own) as one DamagedFile that names
+    the file and the records read before the damage."""
+    records = 0
+    try:
+        for record in read_records(path):
+            records += 1
+            yield record
+    except Exception as e:  # noqa: BLE001 - see the docstring: every reader error is a damaged file
+        raise DamagedFile(path, records, e) from None
 
 
 def read_records(path: str) -> Iterator[tuple[int, bytes | dict]]:
@@ -97,5 +118,9 @@ def parse_record(payload: bytes | dict, keys: list[str]) -> dict[str, str]:
             raise BadRecord("non_string", f"{key} is {type(value).__name__}")
         if not value.strip():
             raise BadRecord("empty_text", key)
+        try:  # JSON may escape a lone surrogate ("\ud800"), which is no Unicode text and no tokenizer takes
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadRecord("lone_surrogate", f"{key} character {e.start}") from None
         texts[key] = value
     return texts
