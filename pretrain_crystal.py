@@ -4,7 +4,11 @@
 import os
 import sys
 
-from megatron_ext.training.arguments import ArgumentError, build_parser, validate
+from megatron_ext.upstream_warnings import silence
+
+silence()  # before Megatron-Core is imported
+
+from megatron_ext.training.arguments import ArgumentError, build_parser, validate  # noqa: E402
 
 
 def main() -> int:

@@ -11,6 +11,10 @@ model's fp32 size (goal for the export: a small multiple of the largest tensor, 
 
 from __future__ import annotations
 
+from megatron_ext.upstream_warnings import silence
+
+silence()  # before Megatron-Core is imported
+
 import argparse
 import os
 import shutil

@@ -13,6 +13,10 @@ Prints samples/s and start-up seconds for each, and the ratios b/a (goal >= 0.9)
 
 from __future__ import annotations
 
+from megatron_ext.upstream_warnings import silence
+
+silence()  # before Megatron-Core is imported
+
 import argparse
 import os
 import sys

@@ -11,6 +11,10 @@ Shapes are the Crystal 7B's at TP 1, micro batch 1, sequence 2048, bf16:
 
 from __future__ import annotations
 
+from megatron_ext.upstream_warnings import silence
+
+silence()  # before Megatron-Core is imported
+
 import sys
 
 import torch

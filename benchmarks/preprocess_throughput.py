@@ -10,6 +10,10 @@ Prints tokens/s for each and the ratios b/a (goal >= 0.8) and c/b (goal: near N)
 
 from __future__ import annotations
 
+from megatron_ext.upstream_warnings import silence
+
+silence()  # before Megatron-Core is imported
+
 import argparse
 import json
 import os

@@ -25,6 +25,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ext.upstream_warnings import silence  # noqa: E402
+
+silence()  # before Megatron-Core is imported
+
 from megatron_ext.model.crystal_gpt import padded_vocab_size  # noqa: E402
 from megatron_ext.training import arguments, data_feed, distributed  # noqa: E402
 from megatron_ext.training.loop import Trainer  # noqa: E402

@@ -35,8 +35,8 @@ def _rank(rank: int, world_size: int, args: list[str]) -> None:
 
 def launch(world_size: int, args: list[str]) -> int:
     sys.path.insert(0, str(REPO))
+    import pretrain_crystal  # noqa: F401  (first: it silences Megatron-Core's known warnings)
     import megatron_ext.training.loop  # noqa: F401  (the import every rank would otherwise repeat)
-    import pretrain_crystal  # noqa: F401
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if os.getpgrp() != os.getpid():

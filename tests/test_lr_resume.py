@@ -44,6 +44,7 @@ def test_a_changed_schedule_is_refused_unless_chosen(tmp_path):
     longer = TINY_RUN + ["--train-iters", "4", "--load", str(ckpt)]
     _, refused = _run(tmp_path, "refused", longer, check=False)
     assert refused.returncode == 2
+    assert refused.stderr.strip().count("\n") == 0, refused.stderr  # the error alone: no upstream warnings
     assert refused.stderr.strip().splitlines()[-1] == (
         f"pretrain_crystal.py: error: --load {ckpt}: the lr schedule differs from the checkpoint's: --lr-decay-iters "
         "4 (checkpoint: 2). Pass --override-opt-param-scheduler to go on with the new one from its step 2, or "

@@ -18,6 +18,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ext.upstream_warnings import silence  # noqa: E402
+
+silence()  # before Megatron-Core is imported
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 VERIFY_BY_DEFAULT_UP_TO = 2_000_000_000  # parameters; above this --verify holds two copies of a big model
 

@@ -23,6 +23,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ext.upstream_warnings import silence  # noqa: E402
+
+silence()  # before Megatron-Core is imported
+
 
 def _fail(message: str) -> int:
     print(f"data_trace.py: error: {message}", file=sys.stderr)

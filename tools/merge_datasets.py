@@ -14,6 +14,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ext.upstream_warnings import silence  # noqa: E402
+
+silence()  # before Megatron-Core is imported
+
 from megatron_ext.preprocessing import indexed_output  # noqa: E402
 
 

@@ -26,6 +26,10 @@ from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ext.upstream_warnings import silence  # noqa: E402
+
+silence()  # before Megatron-Core is imported
+
 from megatron_ext.preprocessing import corpus_reader, indexed_output  # noqa: E402
 from megatron_ext.preprocessing.corpus_reader import SKIP_REASONS, BadRecord, InputError  # noqa: E402
 from megatron_ext.tokenizer import TokenizerError, build_tokenizer  # noqa: E402
