@@ -139,3 +139,43 @@ def test_pruning_after_a_rollback_keeps_the_fallback(tmp_path):
                          "--save-interval", "1", "--exit-interval", "5", "--keep-last-checkpoints", "3"])
     assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000004", "iter_0000005"]
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "5"
+
+
+def _guard_ranks():
+    """On each of two ranks: one all-reduce per step carries the non-finite verdict, the loss and the stop
+    request; the check allocates nothing near a gradient buffer's size (it was a boolean mask per buffer)."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from megatron_ext.training.faults import UpdateGuard
+
+    rank = torch.distributed.get_rank()
+    grads = torch.randn(2_000_000)  # 8 MB
+    chunk = SimpleNamespace(buffers=[SimpleNamespace(grad_data=grads)], expert_parallel_buffers=[])
+    guard = UpdateGuard(5, torch.device("cpu"), spike_window=2, spike_sigma=3.0)
+    calls = []
+    real = torch.distributed.all_reduce
+    torch.distributed.all_reduce = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    try:
+        verdicts = []
+        for step in range(1, 5):
+            grads[7] = float("nan") if (rank, step) == (1, 2) else 0.0
+            loss = 3.0 if rank == 1 else None  # only the last pipeline stage knows it
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                reason = guard.check([chunk], loss, step, stop_signalled=(rank, step) == (0, 3))
+            largest = max((e.cpu_memory_usage for e in prof.events()), default=0)
+            assert largest < 4096, (step, largest)
+            verdicts.append((reason, guard.stop_agreed))
+    finally:
+        torch.distributed.all_reduce = real
+    assert len(calls) == 4  # one collective per step
+    assert verdicts == [(None, False), ("non-finite gradients", False), (None, True), (None, False)], verdicts
+    assert list(guard.recent) == [3.0, 3.0]  # every rank holds the last stage's losses
+
+
+def test_the_guard_decides_from_sums_in_one_collective_per_step():
+    from process_group import run_in_process_group
+
+    run_in_process_group(_guard_ranks, world_size=2)

@@ -2,10 +2,11 @@
 non-finite update is skipped instead of poisoning the weights.
 
 - SIGUSR1 / SIGTERM (SLURM's warning before a time limit or pre-emption, `--signal=USR1@300`): the
-  handler only raises a flag; after the current step every rank learns whether any rank was signalled
-  (one all-reduce per step), and together they save and exit 0, so the requeued job resumes there.
-- Non-finite gradients (a NaN or inf loss produces them): every rank checks its gradient buffers after
-  the backward pass; if any rank finds one, no rank steps the optimizer or the lr schedule.
+  handler only raises a flag; every rank learns in the step's one verdict all-reduce whether any rank
+  was signalled, and after the step together they save and exit 0, so the requeued job resumes there.
+- Non-finite gradients (a NaN or inf loss produces them): every rank sums each gradient buffer after the
+  backward pass (a NaN or inf anywhere makes the sum non-finite; no mask as large as the buffer); if any
+  rank's is not finite, no rank steps the optimizer or the lr schedule.
 - Loss spikes (optional, --loss-spike-window W): a step whose loss lies above mean + k sigma of the last
   W applied steps' losses is handled the same way, so that one bad batch does not throw the weights off.
 - After --max-skipped-steps skipped steps in a row the run stops with a message rather than spin.
@@ -28,19 +29,15 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class StopRequest:
-    def __init__(self, device: torch.device):
-        self.device, self.signalled = device, None
+    """Remembers a stop signal; UpdateGuard.check tells every rank whether any rank got one."""
+
+    def __init__(self):
+        self.signalled = None
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.signalled = signal.Signals(signum).name
-
-    def agreed(self) -> bool:
-        """True on every rank when any rank has been signalled."""
-        flag = torch.tensor([1 if self.signalled else 0], device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def die_in_save_if_asked(iteration: int) -> None:
@@ -56,9 +53,10 @@ def _test_iterations(variable: str) -> set[int]:
 class UpdateGuard:
     """Decides, identically on every rank, whether a step's update is applied.
 
-    One all-reduce per step carries both verdicts' inputs: whether any rank's gradients are non-finite,
-    and the step's loss (known on the last pipeline stage only), so that every rank keeps the same
-    window of recent losses and reaches the same spike verdict without another collective. The window
+    One all-reduce and one host sync per step carry every input of the verdicts: whether any rank's
+    gradients are non-finite, the step's loss (known on the last pipeline stage only), so that every rank
+    keeps the same window of recent losses and reaches the same spike verdict, and whether any rank got
+    a stop signal (stop_agreed). The window
     and the counters are checkpointed: a resumed run decides as the uninterrupted one would have.
     """
 
@@ -66,31 +64,40 @@ class UpdateGuard:
         self.max_consecutive, self.device, self.spike_sigma = max_consecutive, device, spike_sigma
         self.recent = deque(maxlen=spike_window) if spike_window else None
         self.consecutive, self.total = 0, 0
+        self.stop_agreed = False
         self.poison_at = _test_iterations("CRYSTAL_TEST_NAN_ITERS")
         self.spike_at = _test_iterations("CRYSTAL_TEST_SPIKE_ITERS")
 
-    def check(self, model_chunks: list, loss: float | None, iteration: int) -> str | None:
+    def check(self, model_chunks: list, loss: float | None, iteration: int, stop_signalled: bool = False) -> str | None:
         """Why this step's update must be skipped, or None to apply it (a collective: call on every rank).
-        loss: the step's global loss on the last pipeline stage, None elsewhere."""
+        loss: the step's global loss on the last pipeline stage, None elsewhere. Sets stop_agreed: whether
+        any rank was signalled to stop."""
         buffers = [b.grad_data for m in model_chunks for b in m.buffers + m.expert_parallel_buffers]
         if iteration in self.poison_at:
             buffers[0].view(-1)[0] = float("nan")
-        bad = 0 if all(torch.isfinite(g).all() for g in buffers) else 1
-        seen = -math.inf
+        # One fp32 sum per buffer: a NaN or inf anywhere in a buffer makes its sum non-finite.
+        total = torch.stack([torch.sum(g, dtype=torch.float32) for g in buffers]).sum() if buffers else \
+            torch.zeros((), device=self.device)
+        seen, bad_loss = -math.inf, 0.0
         if loss is not None:
             seen = loss * 10 if iteration in self.spike_at else loss
-            if not math.isfinite(seen):
-                bad, seen = 1, -math.inf
-        verdict = torch.tensor([bad, seen], dtype=torch.float64, device=self.device)
+            if not math.isfinite(seen):  # a NaN or inf loss counts as non-finite gradients
+                seen, bad_loss = -math.inf, 1.0
+        bad = torch.maximum((~torch.isfinite(total)).to(torch.float64), torch.tensor(bad_loss, dtype=torch.float64))
+        verdict = torch.stack([bad.to(total.device),
+                               torch.tensor(seen, dtype=torch.float64, device=total.device),
+                               torch.tensor(1.0 if stop_signalled else 0.0, dtype=torch.float64, device=total.device)])
         torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MAX)
-        reason = "non-finite gradients" if verdict[0].item() else self._spike(verdict[1].item())
+        bad, seen, stop = verdict.tolist()  # the step's one host sync for the guard and the stop request
+        self.stop_agreed = bool(stop)
+        reason = "non-finite gradients" if bad else self._spike(seen)
         if reason:
             self.consecutive += 1
             self.total += 1
         else:
             self.consecutive = 0
             if self.recent is not None:
-                self.recent.append(verdict[1].item())
+                self.recent.append(seen)
         return reason
 
     def _spike(self, loss: float) -> str | None:

@@ -116,6 +116,7 @@ class Trainer:
         # With --phases after a resume inside a phase: the applied updates of that phase so far (the
         # checkpoint's schedule step count), for the loop's first phase set-up.
         self.resumed_phase_steps: int | None = None
+        self.stop = StopRequest()  # before any DataLoader worker forks, so that the workers inherit the handler
         self.guard = UpdateGuard(args.max_skipped_steps, device, args.loss_spike_window, args.loss_spike_sigma)
 
     def set_data(self, feed) -> None:
@@ -155,7 +156,7 @@ class Trainer:
             self.data_hashes.clear()  # what evaluation read is not part of the step
         losses = self._run(iterators, forward_only=False, global_batch_size=self.feed.step_batch_size())
         loss, by_source = _reduce_loss(losses)
-        skipped = self.guard.check(self.model, loss, self.iteration + 1)
+        skipped = self.guard.check(self.model, loss, self.iteration + 1, self.stop.signalled is not None)
         grad_norm, update_successful = None, False
         if not skipped:
             update_successful, grad_norm, _ = self.optimizer.step()
@@ -276,7 +277,6 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
     trainer.set_data(feed)
     if args.load:
         trainer.load()
-    stop = StopRequest(device)  # before the DataLoader workers fork, so that they inherit the handler
     train_its = feed.train_iterators(len(trainer.model), args.train_iters - trainer.iteration)
 
     logging_rank = distributed.is_logging_rank()
@@ -346,8 +346,8 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
             trainer.save()
         if args.exit_interval and trainer.iteration % args.exit_interval == 0:
             break
-        if stop.agreed():
-            distributed.print_rank_0(f"stop requested ({stop.signalled or 'signal on another rank'}): saving at "
+        if trainer.guard.stop_agreed:
+            distributed.print_rank_0(f"stop requested ({trainer.stop.signalled or 'signal on another rank'}): saving at "
                                      f"iteration {trainer.iteration} and exiting; a run with the same --load resumes here")
             stopped_by_signal = True
             break
