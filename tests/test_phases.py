@@ -481,3 +481,30 @@ def test_max_epochs_refusal_is_one_line_and_counts_the_run(tmp_path):
     train(1, flags + ["--train-iters", "1"])  # 0.01 epochs: trains
     refused = train(1, flags + ["--train-iters", "78"], check=False)  # 625 samples: just over one epoch
     assert refused.returncode == 2 and "the run's 78 iterations read 1.01 epochs" in refused.stderr
+
+
+@pytest.mark.timeout(300)
+def test_sources_sharing_files_are_named_and_counted_per_file(tmp_path):
+    """Two sources over the same text file (as crystal.yaml's sp_odd / sp_no_github): a start-up warning
+    names them and the file, and data_state.json counts the documents read per file over both."""
+    text, code = DEMO / "text_text_document", DEMO / "code_text_document"
+    phases = tmp_path / "shared.yaml"
+    phases.write_text(f"sources:\n  prose: {{prefixes: [{text}]}}\n  mixed: {{prefixes: [{text}, {code}]}}\n"
+                      "phases:\n  - {name: p, iters: 1, blend: {prose: 0.5, mixed: 0.5}, lr: {peak: 1.0e-3}}\n")
+    ckpt = tmp_path / "ckpt"
+    run = train(1, ["--model", "crystal-test", "--seq-length", "2048", "--phases", str(phases), "--tokenizer-model",
+                    str(TOKENIZER), "--num-workers", "0", "--global-batch-size", "8", "--micro-batch-size", "8",
+                    "--save", str(ckpt)])
+    warning = next(line for line in run.stdout.splitlines() if line.startswith("warning:"))
+    assert warning == (f"warning: {phases}: sources prose and mixed share 1 file(s) ({os.path.realpath(text)}): each "
+                       "keeps its own read position, so their documents can be read twice; data_state.json counts "
+                       "the documents read per file")
+    import json
+
+    books = json.loads((ckpt / "iter_0000001" / "data_state.json").read_text())
+    prose, mixed = books["sources"]["prose"], books["sources"]["mixed"]
+    assert set(prose["documents_per_file"]) == {str(text)} and set(mixed["documents_per_file"]) == {str(text), str(code)}
+    shared = books["files"][str(text)]
+    assert shared["sources"] == ["prose", "mixed"] and shared["documents_read"] > 0
+    assert shared["documents_read"] == prose["documents_per_file"][str(text)] + mixed["documents_per_file"][str(text)]
+    assert books["files"][str(code)]["documents_read"] == mixed["documents_per_file"][str(code)]

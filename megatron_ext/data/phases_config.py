@@ -104,6 +104,21 @@ class PhasesConfig:
         return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def overlapping_sources(config: PhasesConfig) -> list[str]:
+    """One line per pair of sources that read the same files. Each source keeps its own read position,
+    so a document read through one is read again through the other, and max_epochs cannot see it."""
+    files = {name: {os.path.realpath(p) for p in spec.prefixes} for name, spec in config.sources.items()}
+    names, lines = list(files), []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = sorted(files[a] & files[b])
+            if shared:
+                lines.append(f"{config.path}: sources {a} and {b} share {len(shared)} file(s) ({', '.join(shared)}): "
+                             "each keeps its own read position, so their documents can be read twice; "
+                             "data_state.json counts the documents read per file")
+    return lines
+
+
 def indexed_file_shape(prefix: str) -> tuple[int, int]:
     """(documents, tokens) of an indexed dataset, from its index header and data file size (no scan)."""
     import warnings

@@ -58,6 +58,8 @@ class SourceStream:
         chosen = pool[:n_valid] if split == "valid" else pool[n_valid:]
         self.doc_ids = np.sort(chosen)
         self.doc_lengths = lengths[self.doc_ids]
+        # Documents of the pool in each file (the pool's ids are sorted, the files' ids contiguous).
+        self.pool_docs_per_file = np.diff(np.searchsorted(self.doc_ids, self._first_doc)).tolist()
         self.tokens_per_epoch = int(self.doc_lengths.sum())
         self.samples_per_epoch = max(self.tokens_per_epoch - 1, 0) // seq_length
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -110,5 +112,7 @@ class SourceStream:
         """What the first k samples used: tokens, epochs (fractional), and documents: every document once
         per completed epoch, pro rata within the current one (its samples are read in shuffled order)."""
         epochs = k / self.samples_per_epoch
+        files = {prefix: int(epochs * n) for prefix, n in zip(self.spec.prefixes, self.pool_docs_per_file)}
         return {"samples": k, "tokens": k * self.seq_length, "documents": int(epochs * len(self.doc_ids)),
-                "documents_per_epoch": len(self.doc_ids), "epoch": k // self.samples_per_epoch, "epochs": epochs}
+                "documents_per_epoch": len(self.doc_ids), "epoch": k // self.samples_per_epoch, "epochs": epochs,
+                "documents_per_file": files}

@@ -120,6 +120,12 @@ class PhaseFeed:
         """Per source: samples, tokens, documents and epochs consumed; per phase: the realised mixture."""
         state = self.schedule.state
         sources = {stream.spec.name: stream.consumed(state.positions[stream.spec.name]) for stream in self.train.streams}
+        files: dict[str, dict] = {}  # over all sources: a file two sources read counts both
+        for name, used in sources.items():
+            for prefix, documents in used["documents_per_file"].items():
+                entry = files.setdefault(prefix, {"documents_read": 0, "sources": []})
+                entry["documents_read"] += documents
+                entry["sources"].append(name)
         mixture = {}
         for phase, counts in zip(self.config.phases, state.realised):
             total = sum(counts.values())
@@ -127,7 +133,7 @@ class PhaseFeed:
                 mixture[phase.name] = {"samples": total, "share": {n: c / total for n, c in counts.items()},
                                        "target": phase.blend}
         return {"iteration": iteration, "consumed_samples": self.consumed_samples, "phase": self.phase_name,
-                "phases_file": self.config.path, "seed": self.config.seed, "sources": sources,
+                "phases_file": self.config.path, "seed": self.config.seed, "sources": sources, "files": files,
                 "realised_mixture": mixture, "schedule": self.state_dict()}
 
     def scalars(self) -> dict[str, float]:
@@ -148,4 +154,11 @@ class PhaseFeed:
 
 
 def build(args: argparse.Namespace, crystal: CrystalConfig):
-    return PhaseFeed(args, crystal) if args.phases_config else BlendFeed(args, crystal)
+    if not args.phases_config:
+        return BlendFeed(args, crystal)
+    from megatron_ext.data.phases_config import overlapping_sources
+    from megatron_ext.training.distributed import print_rank_0
+
+    for line in overlapping_sources(args.phases_config):
+        print_rank_0(f"warning: {line}")
+    return PhaseFeed(args, crystal)
