@@ -47,3 +47,26 @@ def test_log_line_on_a_gpu(monkeypatch, fp8):
         assert float(mfu.group(3)) == pytest.approx(100 * tflops / 989.0, abs=0.05)
     assert scalars["tflops-per-gpu"] == pytest.approx(tflops)  # and TensorBoard gets the same figures
     assert scalars["mfu-percent"] == pytest.approx(float(mfu.group(1)), abs=0.05)
+
+
+def test_saves_and_evaluations_stay_out_of_step_time():
+    """Two 100 ms steps with a 2.5 s save between them: 100 ms steps, not 1.35 s; TensorBoard gets the step
+    time and the consumed tokens, as the log line shows them."""
+    clock = iter([0.0, 2.7])  # the window's start; the second step's end (0.1 + 2.5 s save + 0.1)
+    args = SimpleNamespace(log_interval=2, train_iters=10, kernel_path=select(probes=Probes(None, None, False)))
+    model = SimpleNamespace(hidden_size=64, ffn_hidden_size=128, num_layers=2, seq_length=32)
+    scalars = {}
+    writer = SimpleNamespace(add_scalar=lambda name, value, step: scalars.__setitem__(name, value))
+    logger = metrics.TrainingLogger(args, model, padded_vocab=256, world_size=1, writer=writer)
+    real = metrics.time.perf_counter
+    metrics.time.perf_counter = lambda: next(clock)
+    try:
+        logger._reset(metrics.time.perf_counter())
+        assert logger.step(1, 5.0, 1e-3, 0.5, consumed_samples=8, global_batch_size=8) is None
+        logger.exclude(2.5)
+        line = logger.step(2, 4.0, 1e-3, 0.5, consumed_samples=16, global_batch_size=8)
+    finally:
+        metrics.time.perf_counter = real
+    assert "step time 100.0 ms" in line and "tokens/s 2,560" in line and "ETA 0:00:00" in line, line
+    assert scalars["step-time-ms"] == pytest.approx(100.0) and scalars["consumed-tokens"] == 16 * 32
+    assert scalars["tokens-per-second"] == pytest.approx(2560.0)

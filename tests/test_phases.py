@@ -325,9 +325,13 @@ def straight(tmp_path_factory):
 
 def test_phases_switch_inside_one_run(straight):
     assert [straight[i]["phase"] for i in range(1, 11)] == ["text"] * 4 + ["text+code"] * 6
-    assert all(set(straight[i]["source_losses"]) == {"text", "code"} for i in straight)
-    assert all(straight[i]["source_losses"]["code"][1] == 0 for i in range(1, 5))  # no code in phase 1
-    assert all(straight[i]["source_losses"]["code"][1] > 0 for i in range(5, 11))
+    # Per source with tokens in the step: its mean loss, and the tokens under their own name.
+    assert all(set(straight[i]["source_losses"]) == set(straight[i]["source_tokens"]) == {"text"} for i in range(1, 5))
+    assert all(set(straight[i]["source_losses"]) == {"text", "code"} for i in range(5, 11))
+    for row in straight.values():
+        tokens = sum(row["source_tokens"].values())
+        mean = sum(row["source_losses"][n] * t for n, t in row["source_tokens"].items()) / tokens
+        assert mean == pytest.approx(row["lm_loss"], rel=1e-5) and 0 < tokens <= 8 * 32
     losses = [straight[i]["lm_loss"] for i in range(1, 11)]
     assert losses[3] < losses[0]
 

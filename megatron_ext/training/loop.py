@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import json
 import os
+import time
 from functools import partial
 
 import torch
@@ -182,6 +183,7 @@ class Trainer:
         return next(g["lr"] for g in self.optimizer.param_groups if g.get("default_config", True))
 
     def save(self) -> None:
+        started = time.perf_counter()
         tokenizer = None
         if self.args.tokenizer_model:
             tokenizer = {"type": self.args.tokenizer_type, "model": os.path.abspath(self.args.tokenizer_model)}
@@ -194,7 +196,7 @@ class Trainer:
         books = feed.bookkeeping_json(self.iteration) if torch.distributed.get_rank() == 0 else None
         if books:  # what the run has read so far, for people: per source and per phase
             checkpointing.write_text_atomically(os.path.join(path, "data_state.json"), books)
-        distributed.print_rank_0(f"saved checkpoint {path}")
+        distributed.print_rank_0(f"saved checkpoint {path} in {time.perf_counter() - started:.1f} s")
 
     def load(self) -> None:
         wanted = phase_lr.saved_schedule(self.scheduler.state_dict())  # the flags' schedule, before the load
@@ -312,7 +314,7 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
         feed.advance()
         if logging_rank:
             source_losses = ({n: tuple(by_source[i].tolist()) for i, n in enumerate(feed.source_names)}
-                             if by_source is not None else None)
+                             if by_source is not None else None)  # source -> (summed loss, tokens)
             line = logger.step(trainer.iteration, loss, lr, grad_norm, feed.consumed_samples, gbs, phase_name,
                                source_losses)
             if line:
@@ -321,8 +323,10 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
                     writer.add_scalar(tag, value, trainer.iteration)
             if metrics_file:
                 record = {"iteration": trainer.iteration, "lm_loss": loss, "grad_norm": grad_norm, "lr": lr}
-                if phase_name:
-                    record.update(phase=phase_name, source_losses=source_losses)
+                if phase_name:  # per source with tokens in this step: mean loss, and the tokens it is over
+                    record.update(phase=phase_name,
+                                  source_losses={n: total / tokens for n, (total, tokens) in source_losses.items() if tokens},
+                                  source_tokens={n: int(tokens) for n, (_, tokens) in source_losses.items() if tokens})
                 if data_hash is not None:
                     record["data_hash"] = data_hash
                 metrics_file.write(json.dumps(record) + "\n")
@@ -337,13 +341,18 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
                 "the last checkpoint, e.g. with a lower --lr or after inspecting the data (tools/data_trace.py)", error=True)
             return 3
         if args.eval_interval and trainer.iteration % args.eval_interval == 0:
+            started = time.perf_counter()
             valid_loss, _ = trainer.evaluate(trainer.iteration // args.eval_interval - 1)
+            seconds = time.perf_counter() - started
+            logger.exclude(seconds)
             if logging_rank:
-                print(f"validation at iteration {trainer.iteration} | lm loss {valid_loss:.6f}", flush=True)
+                print(f"validation at iteration {trainer.iteration} | lm loss {valid_loss:.6f} | {seconds:.1f} s", flush=True)
                 if writer:
                     writer.add_scalar("validation lm loss", valid_loss, trainer.iteration)
         if args.save and args.save_interval and trainer.iteration % args.save_interval == 0:
+            started = time.perf_counter()
             trainer.save()
+            logger.exclude(time.perf_counter() - started)
         if args.exit_interval and trainer.iteration % args.exit_interval == 0:
             break
         if trainer.guard.stop_agreed:

@@ -1,4 +1,6 @@
 """The training log line and TensorBoard scalars: loss, lr, grad norm, tokens/s, ETA, TFLOP/s and MFU."""
+# The log line's figures go to TensorBoard as: lm loss, lm loss by source/NAME, learning-rate, grad-norm,
+# tokens-per-second, step-time-ms, consumed-tokens, tflops-per-gpu and mfu-percent (on a GPU).
 
 from __future__ import annotations
 
@@ -70,7 +72,13 @@ class TrainingLogger:
 
     def _reset(self, now: float):
         self.window_start, self.steps, self.loss_sum, self.window_tokens = now, 0, 0.0, 0
+        self.excluded = 0.0  # seconds of side work (saves, evaluations) inside the window
         self.source_sums: dict[str, list[float]] = {}
+
+    def exclude(self, seconds: float) -> None:
+        """Side work between steps (a save, an evaluation): reported on its own, and kept out of the step
+        time, tokens/s and ETA, which would otherwise show e.g. 2.5 s steps after a save."""
+        self.excluded += seconds
 
     def step(self, iteration: int, loss: float | None, lr: float, grad_norm: float | None, consumed_samples: int,
              global_batch_size: int, phase: str | None = None,
@@ -95,8 +103,9 @@ class TrainingLogger:
         if iteration % self.args.log_interval and iteration != self.args.train_iters:
             return None
         now = time.perf_counter()
-        step_time = (now - self.window_start) / self.steps
-        tokens_per_s = self.window_tokens / (now - self.window_start)
+        training = max(now - self.window_start - self.excluded, 1e-9)
+        step_time = training / self.steps
+        tokens_per_s = self.window_tokens / training
         eta = step_time * (self.args.train_iters - iteration)
         by_source = " ".join(f"{n} {t / c:.4f}" for n, (t, c) in self.source_sums.items() if c)
         parts = [
@@ -122,5 +131,7 @@ class TrainingLogger:
                     self.writer.add_scalar("mfu-percent", mfu, iteration)
         if self.writer is not None:
             self.writer.add_scalar("tokens-per-second", tokens_per_s, iteration)
+            self.writer.add_scalar("step-time-ms", step_time * 1000, iteration)
+            self.writer.add_scalar("consumed-tokens", consumed_samples * self.seq_length, iteration)
         self._reset(now)
         return " | ".join(p for p in parts if p)
