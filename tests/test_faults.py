@@ -4,12 +4,13 @@ pruned, non-finite updates and loss spikes skipped (and the run stopped after to
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
 import pytest
 
-from distributed_run import REPO, TINY_RUN, read_metrics, train, torchrun_command
+from distributed_run import REPO, TINY_RUN, free_port, read_metrics, subprocess_environment, train, torchrun_command
 
 STEPS = 12
 RUN = TINY_RUN + ["--train-iters", str(STEPS), "--use-distributed-optimizer"]
@@ -179,3 +180,44 @@ def test_the_guard_decides_from_sums_in_one_collective_per_step():
     from process_group import run_in_process_group
 
     run_in_process_group(_guard_ranks, world_size=2)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 5 MB filesystem (tmpfs): one crystal-test checkpoint fits, the next does not. Mounting needs root
+    with CAP_SYS_ADMIN (as on these machines and CI); where it is refused, a file-size limit of 2.5 MB
+    (RLIMIT_FSIZE) makes the same write fail, with EFBIG instead of ENOSPC."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)],
+                             capture_output=True).returncode == 0
+    yield mount, (None if mounted else 2_500_000)
+    if mounted:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.timeout(300)
+def test_a_full_disk_during_a_save_ends_the_job_in_one_line(small_filesystem):
+    import resource
+
+    mount, file_limit = small_filesystem
+    ckpt = mount / "ckpt"
+    flags = TINY_RUN + ["--train-iters", "3", "--save", str(ckpt), "--save-interval", "1"]
+    env = dict(subprocess_environment(), MASTER_PORT=str(free_port()))
+
+    def limit():
+        if file_limit:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "fork_launch.py"), "1", *flags], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=240, preexec_fn=limit)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # One line of ours, the last; above it at most Megatron-Core's writer's own one-line log of the cause.
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain_crystal.py: error:")]
+    assert len(errors) == 1 and errors[0] == proc.stderr.strip().splitlines()[-1]
+    assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
+    assert errors[0].startswith(f"pretrain_crystal.py: error: --save {ckpt}: the save of iteration 2 failed (")
+    assert errors[0].endswith(f"its partial directory is removed; the last complete checkpoint: {ckpt / 'iter_0000001'}")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000001", "latest_checkpointed_iteration.txt"]

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron.core import dist_checkpointing
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
@@ -106,8 +108,6 @@ def save_checkpoint(root: str, iteration: int, model_chunks, crystal: CrystalCon
     path = iteration_dir(root, iteration)
     if torch.distributed.get_rank() == 0:
         if iteration in abandoned_iterations(root):  # a rolled-back run's, or a failed save's: not ours to mix with
-            import shutil
-
             shutil.rmtree(path)
         os.makedirs(path, exist_ok=True)
     torch.distributed.barrier()
@@ -127,7 +127,19 @@ def save_checkpoint(root: str, iteration: int, model_chunks, crystal: CrystalCon
         guard_state=guard_state,
     )
     die_in_save_if_asked(iteration)
-    dist_checkpointing.save(state, path, sharded_strategy=("torch_dist", 1))
+    try:
+        dist_checkpointing.save(state, path, sharded_strategy=("torch_dist", 1))
+    # A failed write (a full disk, a quota) surfaces as any of several types; torch's CheckpointException,
+    # which carries every rank's failure, derives from BaseException.
+    except (Exception, CheckpointException) as e:  # noqa: BLE001
+        latest = latest_iteration(root)
+        if torch.distributed.get_rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        last = iteration_dir(root, latest) if latest is not None else "none"
+        free = shutil.disk_usage(root).free
+        raise CheckpointError(f"--save {root}: the save of iteration {iteration} failed ({save_failure_cause(e)}; "
+                              f"{free:,} bytes free there); its partial directory is removed; the last complete "
+                              f"checkpoint: {last}") from None
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         write_text_atomically(os.path.join(root, TRACKER), str(iteration))
@@ -135,6 +147,23 @@ def save_checkpoint(root: str, iteration: int, model_chunks, crystal: CrystalCon
             prune_checkpoints(root, keep_last)
     torch.distributed.barrier()
     return path
+
+
+def save_failure_cause(error: BaseException) -> str:
+    """The reason a save failed, in one line: the first OSError in the chain (e.g. "[Errno 28] No space
+    left on device"), else the last line of the writer's own failure (torch's CheckpointException holds
+    each rank's)."""
+    failures = getattr(error, "failures", None)
+    if failures:  # rank -> (exception, its traceback text)
+        first = next(iter(failures.values()))
+        error = next((x for x in first if isinstance(x, BaseException)), error) if isinstance(first, tuple) else first
+    link = error
+    while link is not None:
+        if isinstance(link, OSError):
+            return str(link)
+        link = link.__cause__ or link.__context__
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
 
 
 def write_text_atomically(path: str, text: str) -> None:
@@ -242,8 +271,6 @@ def prune_checkpoints(root: str, keep: int) -> None:
     """Keep the newest `keep` checkpoints at or before the tracker's iteration (the last among them is
     the tracker's own); remove older ones, and first the abandoned ones newer than the tracker, which
     would otherwise count towards `keep` and push out a rollback's fallback."""
-    import shutil
-
     latest = latest_iteration(root)
     valid = [it for it in _saved_iterations(root) if latest is None or it <= latest]
     for iteration in abandoned_iterations(root) + valid[:-keep]:
