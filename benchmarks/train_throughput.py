@@ -115,7 +115,8 @@ def main() -> None:
             mfu = mfu_text(tflops, fp8=name == "fp8")
             mfu = f" | {mfu}" if mfu else ""
             print(f"{name}: step time {step_time * 1000:.1f} ms | tokens/s/GPU {tokens / step_time / world:,.0f} | "
-                  f"TFLOP/s/GPU {tflops:.1f}{mfu}\n  kernel path: {path}")
+                  f"TFLOP/s/GPU {tflops:.1f}{mfu}\n  steps {len(losses)} | final loss {losses[-1]:.4f}\n"
+                  f"  kernel path: {path}")
         if measured:
             print(f"baseline: bf16 8192^3 matmul {measured:.0f} TFLOP/s measured in this run")
         if own.fp8:

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from distributed_run import REPO, free_port, subprocess_environment
 
 
@@ -18,8 +20,22 @@ def test_train_throughput_runs_and_compares_fp8():
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
     assert "device: CPU x 1 | model: hidden 64, 4 layers, seq 64, global batch 8" in out
+    runs = {}
     for run in ("fp32", "fp8"):
-        assert re.search(rf"^{run}: step time [\d.]+ ms \| tokens/s/GPU [\d,]+ \| TFLOP/s/GPU [\d.]+$", out, re.M), out
+        figures = re.search(rf"^{run}: step time ([\d.]+) ms \| tokens/s/GPU ([\d,]+) \| TFLOP/s/GPU ([\d.]+)$\n"
+                            rf"  steps (\d+) \| final loss ([\d.]+)$", out, re.M)
+        assert figures, out
+        step_ms, tokens, tflops, steps, final = figures.groups()
+        runs[run] = float(step_ms), float(tokens.replace(",", "")), float(tflops), int(steps), float(final)
+        assert runs[run][0] > 0 and runs[run][2] >= 0  # a tiny model on CPU: TFLOP/s may print as 0.0
+        assert runs[run][1] == pytest.approx(8 * 64 / (runs[run][0] / 1000), rel=0.01)  # 512 tokens a step
+        assert runs[run][3] == 4  # both runs trained every step
     assert "fp8: hybrid delayed" in out and "fp8: off" in out  # each run's kernel path
-    ratio = re.search(r"fp8 / fp32 tokens/s: ([\d.]+)x \| loss curves over 4 steps: max relative difference ([\d.]+)%", out)
-    assert ratio and float(ratio.group(1)) > 0 and float(ratio.group(2)) < 1.0, out
+    compared = re.search(r"^fp8 / fp32 tokens/s: ([\d.]+)x \| loss curves over 4 steps: max relative difference "
+                         r"([\d.]+)% \(final ([\d.]+) vs ([\d.]+)\)$", out, re.M)
+    assert compared, out
+    ratio, worst, fp8_final, fp32_final = map(float, compared.groups())
+    assert ratio == pytest.approx(runs["fp32"][0] / runs["fp8"][0], rel=0.02)  # the printed step times' ratio
+    assert (fp8_final, fp32_final) == (runs["fp8"][4], runs["fp32"][4])
+    assert worst < 0.5  # test_fp8.py's tolerance of emulated FP8 against fp32
+    assert abs(fp8_final - fp32_final) / fp32_final <= worst / 100 + 1e-4
