@@ -25,8 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _rank(rank: int, world_size: int, args: list[str]) -> None:
+    import fault_injection
     import pretrain_crystal
 
+    fault_injection.install(os.environ)  # the faults a test asked for, from outside the training code
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), GROUP_RANK="0")
     sys.argv = [str(REPO / "pretrain_crystal.py"), *args]

@@ -19,7 +19,6 @@ from megatron.core import dist_checkpointing
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_ext.model.crystal_config import CrystalConfig
-from megatron_ext.training.faults import die_in_save_if_asked
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # The distributed optimizer's state in canonical per-parameter form: reshardable to any layout.
@@ -126,7 +125,6 @@ def save_checkpoint(root: str, iteration: int, model_chunks, crystal: CrystalCon
         data_state=data_state,
         guard_state=guard_state,
     )
-    die_in_save_if_asked(iteration)
     try:
         dist_checkpointing.save(state, path, sharded_strategy=("torch_dist", 1))
     # A failed write (a full disk, a quota) surfaces as any of several types; torch's CheckpointException,

@@ -10,16 +10,12 @@ non-finite update is skipped instead of poisoning the weights.
 - Loss spikes (optional, --loss-spike-window W): a step whose loss lies above mean + k sigma of the last
   W applied steps' losses is handled the same way, so that one bad batch does not throw the weights off.
 - After --max-skipped-steps skipped steps in a row the run stops with a message rather than spin.
-Test hooks (environment variables) that exercise the real paths: CRYSTAL_TEST_NAN_ITERS ("3,5,6")
-poisons the gradients of those iterations; CRYSTAL_TEST_SPIKE_ITERS ("7") shows the spike detector ten
-times those iterations' loss; CRYSTAL_TEST_KILL_IN_SAVE=N makes the last rank SIGKILL itself inside the
-save of iteration N, after the other ranks have started writing.
+The tests inject faults from outside (tests/fault_injection.py); nothing here reads a test hook.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import signal
 from collections import deque
 
@@ -40,16 +36,6 @@ class StopRequest:
         self.signalled = signal.Signals(signum).name
 
 
-def die_in_save_if_asked(iteration: int) -> None:
-    if os.environ.get("CRYSTAL_TEST_KILL_IN_SAVE") == str(iteration) and \
-            torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _test_iterations(variable: str) -> set[int]:
-    return {int(x) for x in os.environ.get(variable, "").split(",") if x.strip()}
-
-
 class UpdateGuard:
     """Decides, identically on every rank, whether a step's update is applied.
 
@@ -65,22 +51,18 @@ class UpdateGuard:
         self.recent = deque(maxlen=spike_window) if spike_window else None
         self.consecutive, self.total = 0, 0
         self.stop_agreed = False
-        self.poison_at = _test_iterations("CRYSTAL_TEST_NAN_ITERS")
-        self.spike_at = _test_iterations("CRYSTAL_TEST_SPIKE_ITERS")
 
     def check(self, model_chunks: list, loss: float | None, iteration: int, stop_signalled: bool = False) -> str | None:
         """Why this step's update must be skipped, or None to apply it (a collective: call on every rank).
         loss: the step's global loss on the last pipeline stage, None elsewhere. Sets stop_agreed: whether
         any rank was signalled to stop."""
         buffers = [b.grad_data for m in model_chunks for b in m.buffers + m.expert_parallel_buffers]
-        if iteration in self.poison_at:
-            buffers[0].view(-1)[0] = float("nan")
         # One fp32 sum per buffer: a NaN or inf anywhere in a buffer makes its sum non-finite.
         total = torch.stack([torch.sum(g, dtype=torch.float32) for g in buffers]).sum() if buffers else \
             torch.zeros((), device=self.device)
         seen, bad_loss = -math.inf, 0.0
         if loss is not None:
-            seen = loss * 10 if iteration in self.spike_at else loss
+            seen = loss
             if not math.isfinite(seen):  # a NaN or inf loss counts as non-finite gradients
                 seen, bad_loss = -math.inf, 1.0
         bad = torch.maximum((~torch.isfinite(total)).to(torch.float64), torch.tensor(bad_loss, dtype=torch.float64))

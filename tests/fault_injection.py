@@ -1,0 +1,51 @@
+"""Faults that the tests inject into training ranks, through the real code paths they exercise;
+tests/fork_launch.py installs them in each rank from these environment variables:
+
+- CRYSTAL_TEST_NAN_ITERS="3,5,6": a NaN in the first gradient buffer before the update guard judges
+  those iterations;
+- CRYSTAL_TEST_SPIKE_ITERS="7": the guard is shown ten times those iterations' loss (the logged loss
+  stays the true one);
+- CRYSTAL_TEST_KILL_IN_SAVE=N: the last rank SIGKILLs itself as the save of iteration N begins to write,
+  after the other ranks have started writing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def _iterations(environ, name: str) -> set[int]:
+    return {int(x) for x in environ.get(name, "").split(",") if x.strip()}
+
+
+def install(environ) -> None:
+    import torch
+    from megatron.core import dist_checkpointing
+
+    from megatron_ext.training.faults import UpdateGuard
+
+    poison_at, spike_at = _iterations(environ, "CRYSTAL_TEST_NAN_ITERS"), _iterations(environ, "CRYSTAL_TEST_SPIKE_ITERS")
+    if poison_at or spike_at:
+        check = UpdateGuard.check
+
+        def injected_check(self, model_chunks, loss, iteration, stop_signalled=False):
+            if iteration in poison_at:
+                model_chunks[0].buffers[0].grad_data.view(-1)[0] = float("nan")
+            if iteration in spike_at and loss is not None:
+                loss = loss * 10
+            return check(self, model_chunks, loss, iteration, stop_signalled)
+
+        UpdateGuard.check = injected_check
+
+    kill_in_save = environ.get("CRYSTAL_TEST_KILL_IN_SAVE")
+    if kill_in_save:
+        save = dist_checkpointing.save
+
+        def killing_save(state, path, *args, **kwargs):
+            last = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+            if last and os.path.basename(os.path.normpath(str(path))) == f"iter_{int(kill_in_save):07d}":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return save(state, path, *args, **kwargs)
+
+        dist_checkpointing.save = killing_save
