@@ -57,3 +57,23 @@ def test_cli_fails_fast_with_one_line():
     assert proc.stderr.strip().splitlines()[-1].startswith("pretrain_crystal.py: error: --tensor-model-parallel-size 4")
     assert len(proc.stderr.strip().splitlines()) == 1
     assert time.perf_counter() - start < 30  # no process group, no model: just imports and the check
+
+
+def test_megatron_workarounds_are_explicit_and_version_checked(monkeypatch):
+    """Importing the project patches nothing; apply() patches once, and refuses another Megatron-Core."""
+    probe = ("import megatron_ext.training.checkpointing, megatron_ext.training.loop\n"
+             "from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as D\n"
+             "print(D._set_main_param_and_optimizer_states.__module__)\n"
+             "from megatron_ext import megatron_workarounds; megatron_workarounds.apply()\n"
+             "print(D._set_main_param_and_optimizer_states.__module__)\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["megatron.core.optimizer.distrib_optimizer", "megatron_ext.megatron_workarounds"], out.stderr
+
+    from megatron.core import package_info
+
+    from megatron_ext import megatron_workarounds
+
+    monkeypatch.setattr(package_info, "__version__", "0.17.0")
+    with pytest.raises(megatron_workarounds.UnsupportedMegatronVersion,
+                       match=r"^megatron-core 0\.17\.0 is installed; .* are for 0\.16\.1: pip install megatron-core==0\.16\.1$"):
+        megatron_workarounds.apply()

@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core import dist_checkpointing
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from megatron_ext import megatron_workarounds
 from megatron_ext.model.crystal_config import CrystalConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -31,28 +32,6 @@ class CheckpointError(RuntimeError):
     pass
 
 
-_upstream_set_states = DistributedOptimizer._set_main_param_and_optimizer_states
-
-
-def _set_main_param_and_optimizer_states(self, model_param, tensors):
-    """Megatron-Core 0.16.1 fix: its 'fully_reshardable' loader copies every per-parameter state key,
-    but torch's Adam keeps a per-parameter 'step' that the format does not store (load_state_dict has
-    already restored it from the param groups). Copy only the keys the checkpoint has."""
-    if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-        return _upstream_set_states(self, model_param, tensors)
-    group_index, group_order = self.model_param_group_index_map[model_param]
-    main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-    destination = {"param": main_param, **self.optimizer.state[main_param]}
-    for key, tensor in tensors.items():
-        destination[key].copy_(tensor)
-
-
-DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
-
-
-def _inner_optimizers(optimizer) -> list:
-    """The Megatron optimizers inside a ChainedOptimizer (or the optimizer itself)."""
-    return getattr(optimizer, "chained_optimizers", [optimizer])
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -89,7 +68,7 @@ def _sharded_state_dict(model_chunks: list, optimizer, is_loading: bool) -> dict
 
 
 def _is_distributed(optimizer) -> bool:
-    return any(isinstance(o, DistributedOptimizer) for o in _inner_optimizers(optimizer))
+    return any(isinstance(o, DistributedOptimizer) for o in megatron_workarounds.inner_optimizers(optimizer))
 
 
 def save_checkpoint(root: str, iteration: int, model_chunks, crystal: CrystalConfig, padded_vocab: int,
@@ -169,38 +148,6 @@ def write_text_atomically(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
-
-
-def _materialize_optimizer_state(optimizer) -> None:
-    """Create Adam's state (step, moments) before loading into it.
-
-    Megatron-Core 0.16.1's DistributedOptimizer.state_dict() requires Adam's 'step' to exist when neither
-    apex nor Transformer Engine is installed, and torch creates it only on a first step. A step at lr 0
-    with zero gradients creates it and leaves the parameters as they are; the load overwrites it all.
-    """
-    for opt in _inner_optimizers(optimizer):
-        inner = opt.optimizer
-        if inner.state:
-            continue
-        lrs = [group["lr"] for group in inner.param_groups]
-        for group in inner.param_groups:
-            group["lr"] = 0.0
-            for param in group["params"]:
-                param.grad = torch.zeros_like(param)
-        inner.step()
-        inner.zero_grad()
-        for group, lr in zip(inner.param_groups, lrs):
-            group["lr"] = lr
-
-
-def _unshare_adam_steps(optimizer) -> None:
-    """Megatron-Core 0.16.1 fix: without apex/TE its DistributedOptimizer.load_state_dict gives every
-    parameter's state one shared 'step' tensor, which torch's Adam then increments in place once per
-    parameter, corrupting the bias correction from the first step after a resume."""
-    for opt in _inner_optimizers(optimizer):
-        for state in opt.optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
 
 
 def _saved_iterations(root: str) -> list[int]:
@@ -329,11 +276,12 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, crystal: Crys
         load_model_weights(path, model_chunks)
         optimizer.reload_model_params()
         return 0, 0, None, None
-    _materialize_optimizer_state(optimizer)
+    megatron_workarounds.apply()  # (pretrain applied them at start-up already: this is for other callers)
+    megatron_workarounds.materialize_optimizer_state(optimizer)
     state = dist_checkpointing.load(_sharded_state_dict(model_chunks, optimizer, is_loading=True), path)
     for key, chunk in zip(_model_keys(model_chunks), model_chunks):
         _unwrap(chunk).load_state_dict(state[key])
     optimizer.load_state_dict(state["optimizer"])
-    _unshare_adam_steps(optimizer)
+    megatron_workarounds.unshare_adam_steps(optimizer)
     scheduler.load_state_dict(state["opt_param_scheduler"])
     return state["iteration"], state["consumed_samples"], common.get("data_state"), common.get("guard_state")

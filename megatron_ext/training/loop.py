@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 from functools import partial
 
@@ -15,7 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_ext import accelerators, cpu_compat
+from megatron_ext import accelerators, cpu_compat, megatron_workarounds
 from megatron_ext.data.phases_config import PhasesConfigError
 from megatron_ext.kernels.fp8_linear import end_fp8_step
 from megatron_ext.model.crystal_config import CrystalConfig
@@ -256,6 +257,11 @@ def _describe_path(args: argparse.Namespace) -> str:
 
 def pretrain(args: argparse.Namespace, crystal: CrystalConfig) -> int:
     """Train with arguments already checked by arguments.validate."""
+    try:
+        megatron_workarounds.apply()
+    except megatron_workarounds.UnsupportedMegatronVersion as e:
+        print(f"pretrain_crystal.py: error: {e}", file=sys.stderr)
+        return 2
     device = distributed.initialize(args)
     try:
         return _train(args, crystal, device)

@@ -1,0 +1,90 @@
+"""Workarounds for Megatron-Core 0.16.1, in one place: each names the behaviour of that version it works
+around. apply() installs the patches and is called explicitly at start-up by the code that needs them
+(the training loop); importing this module changes nothing. On another Megatron-Core version apply()
+stops with one line rather than patch code it was not written for.
+
+Elsewhere, by choice rather than patch: the distributed optimizer's checkpoint format (checkpointing.py:
+'fully_reshardable'), parameter groups with distinct checkpoint keys (optimizer.py), and the CPU layer
+(cpu_compat.py, active only without CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_VERSION = "0.16.1"
+_UPSTREAM: dict = {}
+
+
+class UnsupportedMegatronVersion(RuntimeError):
+    pass
+
+
+def check_version() -> None:
+    from megatron.core import package_info
+
+    if package_info.__version__ != SUPPORTED_VERSION:
+        raise UnsupportedMegatronVersion(
+            f"megatron-core {package_info.__version__} is installed; this project's workarounds "
+            f"(megatron_ext/megatron_workarounds.py) are for {SUPPORTED_VERSION}: pip install megatron-core=={SUPPORTED_VERSION}")
+
+
+def apply() -> None:
+    """Check the version and install the patches (once)."""
+    check_version()
+    if _UPSTREAM:
+        return
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    _UPSTREAM["set_states"] = DistributedOptimizer._set_main_param_and_optimizer_states
+    DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+
+
+def inner_optimizers(optimizer) -> list:
+    """The Megatron optimizers inside a ChainedOptimizer (or the optimizer itself)."""
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def _set_main_param_and_optimizer_states(self, model_param, tensors):
+    """Megatron-Core 0.16.1 fix: its 'fully_reshardable' loader copies every per-parameter state key,
+    but torch's Adam keeps a per-parameter 'step' that the format does not store (load_state_dict has
+    already restored it from the param groups). Copy only the keys the checkpoint has."""
+    if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        return _UPSTREAM["set_states"](self, model_param, tensors)
+    group_index, group_order = self.model_param_group_index_map[model_param]
+    main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+    destination = {"param": main_param, **self.optimizer.state[main_param]}
+    for key, tensor in tensors.items():
+        destination[key].copy_(tensor)
+
+
+def materialize_optimizer_state(optimizer) -> None:
+    """Create Adam's state (step, moments) before loading into it.
+
+    Megatron-Core 0.16.1's DistributedOptimizer.state_dict() requires Adam's 'step' to exist when neither
+    apex nor Transformer Engine is installed, and torch creates it only on a first step. A step at lr 0
+    with zero gradients creates it and leaves the parameters as they are; the load overwrites it all.
+    """
+    for opt in inner_optimizers(optimizer):
+        inner = opt.optimizer
+        if inner.state:
+            continue
+        lrs = [group["lr"] for group in inner.param_groups]
+        for group in inner.param_groups:
+            group["lr"] = 0.0
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        inner.step()
+        inner.zero_grad()
+        for group, lr in zip(inner.param_groups, lrs):
+            group["lr"] = lr
+
+
+def unshare_adam_steps(optimizer) -> None:
+    """Megatron-Core 0.16.1 fix: without apex/TE its DistributedOptimizer.load_state_dict gives every
+    parameter's state one shared 'step' tensor, which torch's Adam then increments in place once per
+    parameter, corrupting the bias correction from the first step after a resume."""
+    for opt in inner_optimizers(optimizer):
+        for state in opt.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
