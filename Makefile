@@ -1,4 +1,4 @@
-# make setup: create or update .venv;  make demo: train crystal-tiny on CPU;  make test: the test suite.
+# make setup: create or update .venv;  make demo: train crystal-tiny on CPU;  make test: lint (ruff), then the test suite.
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
@@ -35,6 +35,8 @@ demo: setup
 	bash examples/demo.sh $(DEMO_DIR)
 
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -p no:cacheprovider
 
 clean:

@@ -31,7 +31,9 @@ from megatron_ext.model import get_preset  # noqa: E402
 from megatron_ext.release import hf_export, hf_format  # noqa: E402
 from megatron_ext.release.safetensors_writer import write_sharded  # noqa: E402
 
-IMPORTS = "import megatron_ext.release.hf_export, megatron_ext.release.dist_checkpoint_reader, megatron_ext.release.parity"
+IMPORTS = (
+    "import megatron_ext.release.hf_export, megatron_ext.release.dist_checkpoint_reader, megatron_ext.release.parity"
+)
 
 
 # Runs a script or code in a child and reports the child's own high-water mark (VmHWM belongs to the
@@ -53,8 +55,13 @@ else:
 def peak_rss(args: list[str]) -> tuple[int, float]:
     """(peak resident bytes, seconds) of python running args (a script and its flags, or -c CODE)."""
     start = time.time()
-    proc = subprocess.run([sys.executable, "-c", _WRAPPER, *args], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [sys.executable, "-c", _WRAPPER, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-2000:]}")
     kib = int(proc.stderr.rsplit("PEAK_KIB ", 1)[1].split()[0])
@@ -83,19 +90,27 @@ def main() -> None:
     hf_in, ckpt, hf_out = (os.path.join(args.workdir, d) for d in ("hf_in", "ckpt", "hf_out"))
     model_bytes, largest = write_random_hf(hf_in, cfg)
     mib = 2**20
-    print(f"model: 7B width, {args.layers} layers, {cfg.num_parameters():,} parameters, {model_bytes / mib:,.0f} MiB fp32; "
-          f"largest tensor {largest / mib:,.0f} MiB")
+    print(
+        f"model: 7B width, {args.layers} layers, {cfg.num_parameters():,} parameters, "
+        f"{model_bytes / mib:,.0f} MiB fp32; "
+        f"largest tensor {largest / mib:,.0f} MiB"
+    )
 
     base, _ = peak_rss(["-c", IMPORTS])
     imported, t_import = peak_rss(["tools/convert_from_hf.py", "--input", hf_in, "--save", ckpt])
-    exported, t_export = peak_rss(["tools/convert_to_hf.py", "--load", ckpt, "--output", hf_out, "--dtype", "fp32",
-                                   "--no-verify"])
+    exported, t_export = peak_rss(
+        ["tools/convert_to_hf.py", "--load", ckpt, "--output", hf_out, "--dtype", "fp32", "--no-verify"]
+    )
     print(f"(0) baseline (imports only)       peak {base / mib:8,.0f} MiB")
-    for label, peak, seconds in (("(1) convert_from_hf.py", imported, t_import),
-                                 ("(2) convert_to_hf.py (streaming)", exported, t_export)):
+    for label, peak, seconds in (
+        ("(1) convert_from_hf.py", imported, t_import),
+        ("(2) convert_to_hf.py (streaming)", exported, t_export),
+    ):
         above = peak - base
-        print(f"{label:33s} peak {peak / mib:8,.0f} MiB ({seconds:.1f}s): above baseline {above / mib:,.0f} MiB = "
-              f"{above / largest:.2f} x largest tensor = {above / model_bytes:.2f} x model")
+        print(
+            f"{label:33s} peak {peak / mib:8,.0f} MiB ({seconds:.1f}s): above baseline {above / mib:,.0f} MiB = "
+            f"{above / largest:.2f} x largest tensor = {above / model_bytes:.2f} x model"
+        )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ warnings.filterwarnings("ignore")
 
 from megatron_ext.data.phase_schedule import PhaseSchedule  # noqa: E402
 from megatron_ext.data.phased_dataset import PhasedDataset  # noqa: E402
-from megatron_ext.data.phases_config import FimSpec, LRSpec, PhaseSpec, PhasesConfig, SourceSpec  # noqa: E402
+from megatron_ext.data.phases_config import FimSpec, LRSpec, PhasesConfig, PhaseSpec, SourceSpec  # noqa: E402
 from megatron_ext.tokenizer import CrystalTokenizer  # noqa: E402
 
 
@@ -61,9 +61,18 @@ def megatron_blend(args, cache: str):
     from megatron_ext.training.data import DatasetTokenizerInfo
 
     config = GPTDatasetConfig(
-        random_seed=1234, sequence_length=args.seq_length, blend=(args.prefixes, args.weights), split="100,0,0",
-        path_to_cache=cache, tokenizer=DatasetTokenizerInfo(vocab_size=32032), reset_position_ids=False,
-        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False, mid_level_dataset_surplus=0.005)
+        random_seed=1234,
+        sequence_length=args.seq_length,
+        blend=(args.prefixes, args.weights),
+        split="100,0,0",
+        path_to_cache=cache,
+        tokenizer=DatasetTokenizerInfo(vocab_size=32032),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mid_level_dataset_surplus=0.005,
+    )
     start = time.perf_counter()
     train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [args.samples, 0, 0], lambda: True, config).build()
     train[0]  # start-up ends with the first sample in hand
@@ -93,15 +102,25 @@ def rate(fn, n: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--prefixes", nargs="+", default=[os.path.join(REPO, "data/demo/text_text_document"),
-                                                     os.path.join(REPO, "data/demo/code_text_document")])
+    p.add_argument(
+        "--prefixes",
+        nargs="+",
+        default=[
+            os.path.join(REPO, "data/demo/text_text_document"),
+            os.path.join(REPO, "data/demo/code_text_document"),
+        ],
+    )
     p.add_argument("--weights", nargs="+", type=float, default=[0.6, 0.4])
     p.add_argument("--tokenizer-model", default=os.path.join(REPO, "data/demo/crystal_demo.model"))
     p.add_argument("--samples", type=int, default=20000)
     p.add_argument("--fim-samples", type=int, default=2000, help="FIM re-tokenises: fewer samples suffice")
     p.add_argument("--seq-length", type=int, default=2048)
-    p.add_argument("--synthetic-documents", type=int, default=0,
-                   help="instead of --prefixes: two generated sources of this many random documents each")
+    p.add_argument(
+        "--synthetic-documents",
+        type=int,
+        default=0,
+        help="instead of --prefixes: two generated sources of this many random documents each",
+    )
     args = p.parse_args()
     workdir = tempfile.TemporaryDirectory()
     if args.synthetic_documents:
@@ -125,8 +144,10 @@ def main() -> None:
     print(f"(a) Megatron-Core BlendedDataset  {megatron_rate:9,.0f} samples/s   start-up {megatron_start:6.2f}s")
     print(f"(b) phased dataset, no FIM        {ours_rate:9,.0f} samples/s   start-up {ours_start:6.2f}s")
     print(f"(c) phased dataset, FIM on code   {fim_rate:9,.0f} samples/s")
-    print(f"ratio b/a {ours_rate / megatron_rate:.2f} (goal >= 0.9); start-up b/a {ours_start / megatron_start:.2f} "
-          f"(goal <= 1); FIM c/b {fim_rate / ours_rate:.2f}")
+    print(
+        f"ratio b/a {ours_rate / megatron_rate:.2f} (goal >= 0.9); start-up b/a {ours_start / megatron_start:.2f} "
+        f"(goal <= 1); FIM c/b {fim_rate / ours_rate:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -32,9 +32,23 @@ from megatron_ext.tokenizer import CrystalTokenizer  # noqa: E402
 
 def tool_tokens_per_second(args, workers: int, out_dir: str) -> float:
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", args.input,
-         "--tokenizer-model", args.tokenizer_model, "--output-prefix", os.path.join(out_dir, f"w{workers}"),
-         "--append-eod", "--workers", str(workers)], capture_output=True, text=True, check=True)
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "preprocess_data.py"),
+            "--input",
+            args.input,
+            "--tokenizer-model",
+            args.tokenizer_model,
+            "--output-prefix",
+            os.path.join(out_dir, f"w{workers}"),
+            "--append-eod",
+            "--workers",
+            str(workers),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(re.search(r"([\d,]+) tokens/s", proc.stdout).group(1).replace(",", ""))
 
 
@@ -60,7 +74,9 @@ def main() -> None:
     print(f"corpus: {len(texts):,} documents, {mb:.1f} MB, {n:,} tokens; {os.cpu_count()} cores")
     print(f"(a) raw SentencePiece batch encode, 1 process : {raw:12,.0f} tokens/s")
     print(f"(b) preprocess_data.py, 1 worker              : {one:12,.0f} tokens/s   b/a = {one / raw:.2f}")
-    print(f"(c) preprocess_data.py, {args.workers} workers             : {many:12,.0f} tokens/s   c/b = {many / one:.2f}")
+    print(
+        f"(c) preprocess_data.py, {args.workers} workers             : {many:12,.0f} tokens/s   c/b = {many / one:.2f}"
+    )
 
 
 if __name__ == "__main__":

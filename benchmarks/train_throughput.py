@@ -76,11 +76,27 @@ def main() -> None:
     bench = argparse.ArgumentParser(add_help=False)
     bench.add_argument("--iters", type=int, default=20)
     bench.add_argument("--warmup", type=int, default=5)
-    bench.add_argument("--fp8", action="store_true",
-                       help="also run the same model, seed and data with --fp8-format hybrid and compare")
+    bench.add_argument(
+        "--fp8", action="store_true", help="also run the same model, seed and data with --fp8-format hybrid and compare"
+    )
     own, rest = bench.parse_known_args()
-    defaults = ["--model", "crystal-7b", "--num-layers", "4", "--mock-data", "--micro-batch-size", "1",
-                "--global-batch-size", "8", "--num-workers", "2", "--lr", "1e-4", "--log-interval", "1000000"]
+    defaults = [
+        "--model",
+        "crystal-7b",
+        "--num-layers",
+        "4",
+        "--mock-data",
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "8",
+        "--num-workers",
+        "2",
+        "--lr",
+        "1e-4",
+        "--log-interval",
+        "1000000",
+    ]
     if torch.cuda.is_available():
         defaults.append("--bf16")
     args = arguments.build_parser().parse_args(defaults + rest + ["--train-iters", str(own.iters)])
@@ -89,14 +105,19 @@ def main() -> None:
     runs = {"bf16" if args.bf16 else "fp32": args}
     if own.fp8:
         fp8_args = arguments.build_parser().parse_args(
-            defaults + rest + ["--train-iters", str(own.iters), "--fp8-format", "hybrid"])
+            defaults + rest + ["--train-iters", str(own.iters), "--fp8-format", "hybrid"]
+        )
         arguments.validate(fp8_args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         fp8_args.distributed_backend = args.distributed_backend
         runs["fp8"] = fp8_args
     world = torch.distributed.get_world_size()
     tokens = args.global_batch_size * crystal.seq_length
-    flops_per_step = training_flops_per_token(crystal, crystal.seq_length, padded_vocab_size(
-        crystal.vocab_size, args.make_vocab_size_divisible_by)) * tokens
+    flops_per_step = (
+        training_flops_per_token(
+            crystal, crystal.seq_length, padded_vocab_size(crystal.vocab_size, args.make_vocab_size_divisible_by)
+        )
+        * tokens
+    )
     results = {}
     for name, run_args in runs.items():
         step_time, losses = measure(run_args, crystal, own.iters, own.warmup)
@@ -107,23 +128,30 @@ def main() -> None:
         measured = measured_matmul_tflops()
         peaks = {p: device_peak_tflops(fp8=p == "fp8") for p in ("bf16", "fp8")}
         peaks = ", ".join(f"{p} {tflops:.0f}" for p, tflops in peaks.items() if tflops)
-        print(f"device: {device} x {world} | model: hidden {crystal.hidden_size}, {crystal.num_layers} layers, "
-              f"seq {crystal.seq_length}, global batch {args.global_batch_size}"
-              + (f" | data-sheet peaks (TFLOP/s): {peaks}" if peaks else ""))
+        print(
+            f"device: {device} x {world} | model: hidden {crystal.hidden_size}, {crystal.num_layers} layers, "
+            f"seq {crystal.seq_length}, global batch {args.global_batch_size}"
+            + (f" | data-sheet peaks (TFLOP/s): {peaks}" if peaks else "")
+        )
         for name, (step_time, losses, path) in results.items():
             tflops = flops_per_step / step_time / world / 1e12
             mfu = mfu_text(tflops, fp8=name == "fp8")
             mfu = f" | {mfu}" if mfu else ""
-            print(f"{name}: step time {step_time * 1000:.1f} ms | tokens/s/GPU {tokens / step_time / world:,.0f} | "
-                  f"TFLOP/s/GPU {tflops:.1f}{mfu}\n  steps {len(losses)} | final loss {losses[-1]:.4f}\n"
-                  f"  kernel path: {path}")
+            print(
+                f"{name}: step time {step_time * 1000:.1f} ms | tokens/s/GPU {tokens / step_time / world:,.0f} | "
+                f"TFLOP/s/GPU {tflops:.1f}{mfu}\n  steps {len(losses)} | final loss {losses[-1]:.4f}\n"
+                f"  kernel path: {path}"
+            )
         if measured:
             print(f"baseline: bf16 8192^3 matmul {measured:.0f} TFLOP/s measured in this run")
         if own.fp8:
             (base_time, base_losses, _), (fp8_time, fp8_losses, _) = results.values()
             worst = max(abs(a - b) / abs(b) for a, b in zip(fp8_losses, base_losses))
-            print(f"fp8 / {next(iter(results))} tokens/s: {base_time / fp8_time:.3f}x | loss curves over {own.iters} "
-                  f"steps: max relative difference {100 * worst:.2f}% (final {fp8_losses[-1]:.4f} vs {base_losses[-1]:.4f})")
+            print(
+                f"fp8 / {next(iter(results))} tokens/s: {base_time / fp8_time:.3f}x | loss curves over {own.iters} "
+                f"steps: max relative difference {100 * worst:.2f}% "
+                f"(final {fp8_losses[-1]:.4f} vs {base_losses[-1]:.4f})"
+            )
     distributed.shutdown()
 
 

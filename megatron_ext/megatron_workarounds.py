@@ -26,7 +26,9 @@ def check_version() -> None:
     if package_info.__version__ != SUPPORTED_VERSION:
         raise UnsupportedMegatronVersion(
             f"megatron-core {package_info.__version__} is installed; this project's workarounds "
-            f"(megatron_ext/megatron_workarounds.py) are for {SUPPORTED_VERSION}: pip install megatron-core=={SUPPORTED_VERSION}")
+            f"(megatron_ext/megatron_workarounds.py) are for {SUPPORTED_VERSION}: "
+            f"pip install megatron-core=={SUPPORTED_VERSION}"
+        )
 
 
 def apply() -> None:

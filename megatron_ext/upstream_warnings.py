@@ -23,10 +23,16 @@ KNOWN = (
     (r"`torch\.distributed\.all_gather_into_tensor` is deprecated", FutureWarning, r"torch\.distributed\.c10d_logger"),
     (r"`torch\.distributed\.reduce_scatter_tensor` is deprecated", FutureWarning, r"torch\.distributed\.c10d_logger"),
     # Megatron-Core's DDP reads .grad of a view; the CPU layer forwards every torch call, so it is named.
-    (r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed", UserWarning,
-     r"megatron_ext\.cpu_compat"),
-    (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning,
-     r"(megatron_ext\.cpu_compat|megatron\.core\.)"),
+    (
+        r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+        UserWarning,
+        r"megatron_ext\.cpu_compat",
+    ),
+    (
+        r"Please use DTensor instead and we are deprecating ShardedTensor",
+        FutureWarning,
+        r"(megatron_ext\.cpu_compat|megatron\.core\.)",
+    ),
 )
 # Megatron-Core's GPTDataset logs this for every mock dataset (which has nothing to cache).
 _MOCK_CACHE_NOTE = "Unable to save MockGPTDataset indexes"
@@ -50,7 +56,11 @@ def silence() -> None:
     import torch
 
     if not torch.cuda.is_available():  # a GPU run wants this advice; the CPU has no such setting
-        warnings.filterwarnings("ignore", message=r"When using async grad allreduce it is recommended to set the "
-                                "environment variable CUDA_DEVICE_MAX_CONNECTIONS", category=UserWarning,
-                                module=r"megatron\.core\.tensor_parallel\.layers")
+        warnings.filterwarnings(
+            "ignore",
+            message=r"When using async grad allreduce it is recommended to set the "
+            "environment variable CUDA_DEVICE_MAX_CONNECTIONS",
+            category=UserWarning,
+            module=r"megatron\.core\.tensor_parallel\.layers",
+        )
     _installed = True

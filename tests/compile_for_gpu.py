@@ -54,11 +54,17 @@ def register_use(ptx: str, arch: int) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
         source.write(ptx)
         source.flush()
-        report = subprocess.run([str(ptxas), "-v", "--gpu-name", f"sm_{arch}{'a' if arch == 90 else ''}", source.name,
-                                 "-o", os.devnull], capture_output=True, text=True, check=True).stderr
+        report = subprocess.run(
+            [str(ptxas), "-v", "--gpu-name", f"sm_{arch}{'a' if arch == 90 else ''}", source.name, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    return {"registers": int(re.search(r"Used (\d+) registers", report).group(1)),
-            "spill_bytes": int(spills.group(1)) + int(spills.group(2))}
+    return {
+        "registers": int(re.search(r"Used (\d+) registers", report).group(1)),
+        "spill_bytes": int(spills.group(1)) + int(spills.group(2)),
+    }
 
 
 def compile_only(compiled: list, arch: int):
@@ -66,8 +72,15 @@ def compile_only(compiled: list, arch: int):
 
     def run(self, *args, grid, warmup, **kwargs):
         kernel = real_run(self, *args, grid=grid, warmup=True, **kwargs)
-        compiled.append({"kernel": self.fn.__name__, "module": self.fn.__module__, "stages": sorted(kernel.asm),
-                         "shared_bytes": kernel.metadata.shared, **register_use(kernel.asm["ptx"], arch)})
+        compiled.append(
+            {
+                "kernel": self.fn.__name__,
+                "module": self.fn.__module__,
+                "stages": sorted(kernel.asm),
+                "shared_bytes": kernel.metadata.shared,
+                **register_use(kernel.asm["ptx"], arch),
+            }
+        )
         return kernel
 
     JITFunction.run = run
@@ -81,8 +94,12 @@ def kernel_modules():
 
 def defined_kernels() -> set[str]:
     """Every launchable kernel (helpers called from kernels are compiled inside them)."""
-    return {name for module in kernel_modules() for name, value in vars(module).items()
-            if isinstance(value, JITFunction) and name.endswith("_kernel")}
+    return {
+        name
+        for module in kernel_modules()
+        for name, value in vars(module).items()
+        if isinstance(value, JITFunction) and name.endswith("_kernel")
+    }
 
 
 def launch_every_kernel(arch: int) -> None:

@@ -13,9 +13,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 TINY_RUN = [
-    "--model", "crystal-test", "--mock-data", "--num-workers", "0",
-    "--micro-batch-size", "1", "--global-batch-size", "8", "--lr", "5e-2", "--min-lr", "5e-3",
-    "--lr-warmup-iters", "1", "--log-interval", "1", "--seed", "7",
+    "--model",
+    "crystal-test",
+    "--mock-data",
+    "--num-workers",
+    "0",
+    "--micro-batch-size",
+    "1",
+    "--global-batch-size",
+    "8",
+    "--lr",
+    "5e-2",
+    "--min-lr",
+    "5e-3",
+    "--lr-warmup-iters",
+    "1",
+    "--log-interval",
+    "1",
+    "--seed",
+    "7",
 ]
 
 
@@ -36,19 +52,30 @@ def subprocess_environment(env_extra: dict | None = None) -> dict:
 
 def torchrun_command(nproc: int, args: list[str], env_extra: dict | None = None) -> tuple[list[str], dict]:
     """pretrain_crystal.py under torchrun itself: for the tests of launching, signals and interruptions."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), str(REPO / "pretrain_crystal.py"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+        str(REPO / "pretrain_crystal.py"),
+        *args,
+    ]
     return cmd, subprocess_environment(env_extra)
 
 
-def train(nproc: int, args: list[str], timeout: float = 240, check: bool = True,
-          env_extra: dict | None = None) -> subprocess.CompletedProcess:
+def train(
+    nproc: int, args: list[str], timeout: float = 240, check: bool = True, env_extra: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run pretrain_crystal.py on nproc local ranks (fork_launch.py: torchrun's environment, one
     import for all ranks); fail fast (timeout, the whole process group killed) rather than hang."""
     cmd = [sys.executable, str(REPO / "tests" / "fork_launch.py"), str(nproc), *args]
     env = subprocess_environment(dict(env_extra or {}, MASTER_PORT=str(free_port())))
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -65,8 +92,9 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def layout_flags(tp: int = 1, pp: int = 1, vp_layers: int | None = None, sp: bool = False,
-                 dist_opt: bool = False) -> list[str]:
+def layout_flags(
+    tp: int = 1, pp: int = 1, vp_layers: int | None = None, sp: bool = False, dist_opt: bool = False
+) -> list[str]:
     flags = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
     if vp_layers:
         flags += ["--num-layers-per-virtual-pipeline-stage", str(vp_layers)]

@@ -25,7 +25,10 @@ def install(environ) -> None:
 
     from megatron_ext.training.faults import UpdateGuard
 
-    poison_at, spike_at = _iterations(environ, "CRYSTAL_TEST_NAN_ITERS"), _iterations(environ, "CRYSTAL_TEST_SPIKE_ITERS")
+    poison_at, spike_at = (
+        _iterations(environ, "CRYSTAL_TEST_NAN_ITERS"),
+        _iterations(environ, "CRYSTAL_TEST_SPIKE_ITERS"),
+    )
     if poison_at or spike_at:
         check = UpdateGuard.check
 

@@ -26,11 +26,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _rank(rank: int, world_size: int, args: list[str]) -> None:
     import fault_injection
+
     import pretrain_crystal
 
     fault_injection.install(os.environ)  # the faults a test asked for, from outside the training code
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size), GROUP_RANK="0")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        GROUP_RANK="0",
+    )
     sys.argv = [str(REPO / "pretrain_crystal.py"), *args]
     sys.exit(pretrain_crystal.main())
 
@@ -38,6 +44,8 @@ def _rank(rank: int, world_size: int, args: list[str]) -> None:
 def launch(world_size: int, args: list[str]) -> int:
     sys.path.insert(0, str(REPO))
     import pretrain_crystal  # noqa: F401  (first: it silences Megatron-Core's known warnings)
+
+    # isort: split
     import megatron_ext.training.loop  # noqa: F401  (the import every rank would otherwise repeat)
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -7,7 +7,6 @@ import traceback
 
 import torch
 import torch.multiprocessing as mp
-
 from distributed_run import free_port
 
 
@@ -38,8 +37,9 @@ def run_in_process_group(fn, *args, world_size: int = 1, tp: int = 1, pp: int = 
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, tp, pp, fn, args, errors))
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, tp, pp, fn, args, errors)) for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     for p in procs:

@@ -5,8 +5,8 @@ import sys
 import time
 
 import pytest
-
 from distributed_run import REPO
+
 from megatron_ext.training.arguments import ArgumentError, build_parser, validate
 
 
@@ -15,23 +15,43 @@ def _validate(argv, world_size=1):
     return args, validate(args, world_size)
 
 
-@pytest.mark.parametrize("argv,world_size,message", [
-    (["--model", "crystal-7b", "--tensor-model-parallel-size", "4"], 4,
-     "--tensor-model-parallel-size 4 does not divide the FFN width 10922 (10922 = 2 x 43 x 127: TP must be 1 or 2)"),
-    (["--model", "crystal-tiny", "--tensor-model-parallel-size", "3"], 3,
-     "--tensor-model-parallel-size 3 does not divide the 4 attention heads"),
-    (["--model", "crystal-7b", "--pipeline-model-parallel-size", "3"], 3,
-     "--pipeline-model-parallel-size 3 does not divide the 32 layers"),
-    (["--tensor-model-parallel-size", "2"], 3, "world size 3 is not a multiple of TP x PP = 2 x 1"),
-    (["--global-batch-size", "6", "--micro-batch-size", "2"], 2,
-     "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"),
-    (["--load", "/nonexistent/ckpt"], 1, "--load /nonexistent/ckpt: no such directory"),
-    (["--model", "crystal-13b"], 1, "--model 'crystal-13b' is not a preset"),
-    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"], 2,
-     "--num-layers-per-virtual-pipeline-stage 3 does not divide the 2 layers of a pipeline stage"),
-    (["--data-path", "0.5", "/nonexistent/prefix"], 1, "--data-path: /nonexistent/prefix.bin does not exist"),
-    (["--bf16"], 1, "--bf16 needs a GPU"),
-], ids=["tp_ffn", "tp_heads", "pp_layers", "world", "batch", "load", "preset", "vp", "data", "bf16_on_cpu"])
+@pytest.mark.parametrize(
+    "argv,world_size,message",
+    [
+        (
+            ["--model", "crystal-7b", "--tensor-model-parallel-size", "4"],
+            4,
+            "--tensor-model-parallel-size 4 does not divide the FFN width 10922 "
+            "(10922 = 2 x 43 x 127: TP must be 1 or 2)",
+        ),
+        (
+            ["--model", "crystal-tiny", "--tensor-model-parallel-size", "3"],
+            3,
+            "--tensor-model-parallel-size 3 does not divide the 4 attention heads",
+        ),
+        (
+            ["--model", "crystal-7b", "--pipeline-model-parallel-size", "3"],
+            3,
+            "--pipeline-model-parallel-size 3 does not divide the 32 layers",
+        ),
+        (["--tensor-model-parallel-size", "2"], 3, "world size 3 is not a multiple of TP x PP = 2 x 1"),
+        (
+            ["--global-batch-size", "6", "--micro-batch-size", "2"],
+            2,
+            "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2",
+        ),
+        (["--load", "/nonexistent/ckpt"], 1, "--load /nonexistent/ckpt: no such directory"),
+        (["--model", "crystal-13b"], 1, "--model 'crystal-13b' is not a preset"),
+        (
+            ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"],
+            2,
+            "--num-layers-per-virtual-pipeline-stage 3 does not divide the 2 layers of a pipeline stage",
+        ),
+        (["--data-path", "0.5", "/nonexistent/prefix"], 1, "--data-path: /nonexistent/prefix.bin does not exist"),
+        (["--bf16"], 1, "--bf16 needs a GPU"),
+    ],
+    ids=["tp_ffn", "tp_heads", "pp_layers", "world", "batch", "load", "preset", "vp", "data", "bf16_on_cpu"],
+)
 def test_bad_layout_is_named(argv, world_size, message):
     argv = argv if "--data-path" in argv else argv + ["--mock-data"]
     with pytest.raises(ArgumentError) as err:
@@ -41,18 +61,48 @@ def test_bad_layout_is_named(argv, world_size, message):
 
 
 def test_good_layout_derives_sizes(tmp_path):
-    args, crystal = _validate(["--model", "crystal-7b", "--mock-data", "--tensor-model-parallel-size", "2",
-                               "--pipeline-model-parallel-size", "4", "--num-layers-per-virtual-pipeline-stage", "2",
-                               "--global-batch-size", "2112", "--micro-batch-size", "1", "--load", str(tmp_path)], 528)
+    args, crystal = _validate(
+        [
+            "--model",
+            "crystal-7b",
+            "--mock-data",
+            "--tensor-model-parallel-size",
+            "2",
+            "--pipeline-model-parallel-size",
+            "4",
+            "--num-layers-per-virtual-pipeline-stage",
+            "2",
+            "--global-batch-size",
+            "2112",
+            "--micro-batch-size",
+            "1",
+            "--load",
+            str(tmp_path),
+        ],
+        528,
+    )
     assert (args.data_parallel_size, args.num_microbatches, args.virtual_pipeline_model_parallel_size) == (66, 32, 4)
     assert crystal.num_layers == 32
 
 
 def test_cli_fails_fast_with_one_line():
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(REPO / "pretrain_crystal.py"), "--model", "crystal-7b", "--mock-data",
-                           "--tensor-model-parallel-size", "4"], capture_output=True, text=True, env={"WORLD_SIZE": "4", "PATH": ""},
-                          cwd=REPO, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "pretrain_crystal.py"),
+            "--model",
+            "crystal-7b",
+            "--mock-data",
+            "--tensor-model-parallel-size",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        env={"WORLD_SIZE": "4", "PATH": ""},
+        cwd=REPO,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("pretrain_crystal.py: error: --tensor-model-parallel-size 4")
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -61,19 +111,25 @@ def test_cli_fails_fast_with_one_line():
 
 def test_megatron_workarounds_are_explicit_and_version_checked(monkeypatch):
     """Importing the project patches nothing; apply() patches once, and refuses another Megatron-Core."""
-    probe = ("import megatron_ext.training.checkpointing, megatron_ext.training.loop\n"
-             "from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as D\n"
-             "print(D._set_main_param_and_optimizer_states.__module__)\n"
-             "from megatron_ext import megatron_workarounds; megatron_workarounds.apply()\n"
-             "print(D._set_main_param_and_optimizer_states.__module__)\n")
+    probe = (
+        "import megatron_ext.training.checkpointing, megatron_ext.training.loop\n"
+        "from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as D\n"
+        "print(D._set_main_param_and_optimizer_states.__module__)\n"
+        "from megatron_ext import megatron_workarounds; megatron_workarounds.apply()\n"
+        "print(D._set_main_param_and_optimizer_states.__module__)\n"
+    )
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.stdout.split() == ["megatron.core.optimizer.distrib_optimizer", "megatron_ext.megatron_workarounds"], out.stderr
+    assert out.stdout.split() == ["megatron.core.optimizer.distrib_optimizer", "megatron_ext.megatron_workarounds"], (
+        out.stderr
+    )
 
     from megatron.core import package_info
 
     from megatron_ext import megatron_workarounds
 
     monkeypatch.setattr(package_info, "__version__", "0.17.0")
-    with pytest.raises(megatron_workarounds.UnsupportedMegatronVersion,
-                       match=r"^megatron-core 0\.17\.0 is installed; .* are for 0\.16\.1: pip install megatron-core==0\.16\.1$"):
+    with pytest.raises(
+        megatron_workarounds.UnsupportedMegatronVersion,
+        match=r"^megatron-core 0\.17\.0 is installed; .* are for 0\.16\.1: pip install megatron-core==0\.16\.1$",
+    ):
         megatron_workarounds.apply()

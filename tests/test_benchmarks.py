@@ -7,23 +7,46 @@ import subprocess
 import sys
 
 import pytest
-
 from distributed_run import REPO, free_port, subprocess_environment
 
 
 def test_train_throughput_runs_and_compares_fp8():
-    env = subprocess_environment(dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                                      MASTER_PORT=str(free_port())))
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--model", "crystal-test",
-                           "--seq-length", "64", "--iters", "4", "--warmup", "1", "--fp8", "--fp8-cpu-emulation",
-                           "--num-workers", "0"], env=env, capture_output=True, text=True, timeout=180)
+    env = subprocess_environment(
+        dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "train_throughput.py"),
+            "--model",
+            "crystal-test",
+            "--seq-length",
+            "64",
+            "--iters",
+            "4",
+            "--warmup",
+            "1",
+            "--fp8",
+            "--fp8-cpu-emulation",
+            "--num-workers",
+            "0",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
     assert "device: CPU x 1 | model: hidden 64, 4 layers, seq 64, global batch 8" in out
     runs = {}
     for run in ("fp32", "fp8"):
-        figures = re.search(rf"^{run}: step time ([\d.]+) ms \| tokens/s/GPU ([\d,]+) \| TFLOP/s/GPU ([\d.]+)$\n"
-                            rf"  steps (\d+) \| final loss ([\d.]+)$", out, re.M)
+        figures = re.search(
+            rf"^{run}: step time ([\d.]+) ms \| tokens/s/GPU ([\d,]+) \| TFLOP/s/GPU ([\d.]+)$\n"
+            rf"  steps (\d+) \| final loss ([\d.]+)$",
+            out,
+            re.M,
+        )
         assert figures, out
         step_ms, tokens, tflops, steps, final = figures.groups()
         runs[run] = float(step_ms), float(tokens.replace(",", "")), float(tflops), int(steps), float(final)
@@ -31,8 +54,12 @@ def test_train_throughput_runs_and_compares_fp8():
         assert runs[run][1] == pytest.approx(8 * 64 / (runs[run][0] / 1000), rel=0.01)  # 512 tokens a step
         assert runs[run][3] == 4  # both runs trained every step
     assert "fp8: hybrid delayed" in out and "fp8: off" in out  # each run's kernel path
-    compared = re.search(r"^fp8 / fp32 tokens/s: ([\d.]+)x \| loss curves over 4 steps: max relative difference "
-                         r"([\d.]+)% \(final ([\d.]+) vs ([\d.]+)\)$", out, re.M)
+    compared = re.search(
+        r"^fp8 / fp32 tokens/s: ([\d.]+)x \| loss curves over 4 steps: max relative difference "
+        r"([\d.]+)% \(final ([\d.]+) vs ([\d.]+)\)$",
+        out,
+        re.M,
+    )
     assert compared, out
     ratio, worst, fp8_final, fp32_final = map(float, compared.groups())
     assert ratio == pytest.approx(runs["fp32"][0] / runs["fp8"][0], rel=0.02)  # the printed step times' ratio

@@ -12,12 +12,24 @@ def test_a_tools_error_is_the_only_line_on_stderr(tmp_path):
     cases = {
         "convert_to_hf.py": ["--load", tmp_path / "empty", "--output", tmp_path / "out"],
         "convert_from_hf.py": ["--input", tmp_path / "empty", "--save", tmp_path / "out"],
-        "preprocess_data.py": ["--input", tmp_path / "none.jsonl", "--output-prefix", tmp_path / "o",
-                               "--tokenizer-model", REPO / "data" / "demo" / "crystal_demo.model"],
+        "preprocess_data.py": [
+            "--input",
+            tmp_path / "none.jsonl",
+            "--output-prefix",
+            tmp_path / "o",
+            "--tokenizer-model",
+            REPO / "data" / "demo" / "crystal_demo.model",
+        ],
     }
     for script, args in cases.items():
-        proc = subprocess.run([sys.executable, str(REPO / "tools" / script), *map(str, args)], capture_output=True,
-                              text=True, cwd=REPO, timeout=120, env=subprocess_environment())
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "tools" / script), *map(str, args)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+            env=subprocess_environment(),
+        )
         assert proc.returncode == 2, (script, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), (script, proc.stderr)
@@ -26,9 +38,15 @@ def test_a_tools_error_is_the_only_line_on_stderr(tmp_path):
 def test_training_logs_hold_the_projects_lines(tmp_path):
     """TP 2 with the distributed optimizer, saved, resumed at PP 2: every path that used to warn."""
     ckpt = tmp_path / "ckpt"
-    runs = [train(2, TINY_RUN + layout_flags(tp=2, dist_opt=True) + ["--train-iters", "2", "--save", str(ckpt)]),
-            train(2, TINY_RUN + layout_flags(pp=2, dist_opt=True) + ["--train-iters", "3", "--load", str(ckpt),
-                                                                       "--override-opt-param-scheduler"])]
+    runs = [
+        train(2, TINY_RUN + layout_flags(tp=2, dist_opt=True) + ["--train-iters", "2", "--save", str(ckpt)]),
+        train(
+            2,
+            TINY_RUN
+            + layout_flags(pp=2, dist_opt=True)
+            + ["--train-iters", "3", "--load", str(ckpt), "--override-opt-param-scheduler"],
+        ),
+    ]
     for run in runs:
         assert run.stderr == "", run.stderr[-3000:]
         assert "Unable to save MockGPTDataset" not in run.stdout

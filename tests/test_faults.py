@@ -9,8 +9,7 @@ import time
 
 import psutil
 import pytest
-
-from distributed_run import REPO, TINY_RUN, free_port, read_metrics, subprocess_environment, train, torchrun_command
+from distributed_run import REPO, TINY_RUN, free_port, read_metrics, subprocess_environment, torchrun_command, train
 
 STEPS = 12
 RUN = TINY_RUN + ["--train-iters", str(STEPS), "--use-distributed-optimizer"]
@@ -29,7 +28,11 @@ def straight(tmp_path_factory):
 
 def _same(got: dict, ref: dict, steps):
     for i in steps:
-        assert (got[i]["lm_loss"], got[i]["grad_norm"], got[i]["lr"]) == (ref[i]["lm_loss"], ref[i]["grad_norm"], ref[i]["lr"]), i
+        assert (got[i]["lm_loss"], got[i]["grad_norm"], got[i]["lr"]) == (
+            ref[i]["lm_loss"],
+            ref[i]["grad_norm"],
+            ref[i]["lr"],
+        ), i
 
 
 @pytest.mark.timeout(300)
@@ -41,7 +44,9 @@ def test_sigusr1_saves_exits_zero_and_resumes_identically(straight, tmp_path):
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         assert proc.poll() is None and time.time() < deadline, "training did not get going"
         time.sleep(0.1)
-    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "pretrain_crystal.py" in " ".join(c.cmdline())]
+    workers = [
+        c for c in psutil.Process(proc.pid).children(recursive=True) if "pretrain_crystal.py" in " ".join(c.cmdline())
+    ]
     workers[-1].send_signal(signal.SIGUSR1)  # one rank only: every rank must still stop together
     out, _ = proc.communicate(timeout=200)
     assert proc.returncode == 0, out[-3000:]
@@ -58,7 +63,9 @@ def test_sigusr1_saves_exits_zero_and_resumes_identically(straight, tmp_path):
 @pytest.mark.timeout(300)
 def test_damaged_and_half_written_checkpoints_are_not_resumed_from(straight, tmp_path):
     ckpt = tmp_path / "ckpt"
-    train(2, RUN + ["--save", str(ckpt), "--save-interval", "2", "--exit-interval", "6", "--keep-last-checkpoints", "2"])
+    train(
+        2, RUN + ["--save", str(ckpt), "--save-interval", "2", "--exit-interval", "6", "--keep-last-checkpoints", "2"]
+    )
     assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000004", "iter_0000006"]  # 2 was pruned
     # Damage the latest after it was written, and leave a newer half-written one (as a kill -9 mid-save
     # does: files of iteration 8, no tracker update).
@@ -76,8 +83,12 @@ def test_damaged_and_half_written_checkpoints_are_not_resumed_from(straight, tmp
 @pytest.mark.timeout(300)
 def test_non_finite_updates_are_skipped_then_the_run_stops(straight, tmp_path):
     metrics = tmp_path / "m.jsonl"
-    proc = train(2, RUN + ["--metrics-jsonl", str(metrics), "--max-skipped-steps", "3"],
-                    check=False, env_extra={"CRYSTAL_TEST_NAN_ITERS": "3,6,7,8"})
+    proc = train(
+        2,
+        RUN + ["--metrics-jsonl", str(metrics), "--max-skipped-steps", "3"],
+        check=False,
+        env_extra={"CRYSTAL_TEST_NAN_ITERS": "3,6,7,8"},
+    )
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "iteration 3: non-finite gradients" in out and "update skipped (1 in a row, 1 in all)" in out
@@ -96,8 +107,12 @@ def test_non_finite_updates_are_skipped_then_the_run_stops(straight, tmp_path):
 @pytest.mark.timeout(300)
 def test_a_rank_killed_during_a_save_leaves_the_previous_resume_point(straight, tmp_path):
     ckpt = tmp_path / "ckpt"
-    proc = train(2, RUN + ["--save", str(ckpt), "--save-interval", "4"], check=False,
-                    env_extra={"CRYSTAL_TEST_KILL_IN_SAVE": "8"})
+    proc = train(
+        2,
+        RUN + ["--save", str(ckpt), "--save-interval", "4"],
+        check=False,
+        env_extra={"CRYSTAL_TEST_KILL_IN_SAVE": "8"},
+    )
     assert proc.returncode != 0
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "4"
     # Begun, never finished: removed by a rank that saw the save fail, or left incomplete if none lived to.
@@ -120,14 +135,21 @@ def test_loss_spikes_are_skipped_and_the_window_survives_a_resume(straight, tmp_
     spiky = RUN + ["--loss-spike-window", "3", "--loss-spike-sigma", "6"]
     env = {"CRYSTAL_TEST_SPIKE_ITERS": "6,10"}
     ckpt = tmp_path / "ckpt"
-    proc = train(2, spiky + ["--save", str(ckpt), "--save-interval", "8", "--metrics-jsonl", str(tmp_path / "a.jsonl")],
-                    env_extra=env)
+    proc = train(
+        2,
+        spiky + ["--save", str(ckpt), "--save-interval", "8", "--metrics-jsonl", str(tmp_path / "a.jsonl")],
+        env_extra=env,
+    )
     assert "iteration 6: loss spike (" in proc.stdout and "mean + 6 sigma of the last 3 steps) (lm loss" in proc.stdout
     first = _metrics(tmp_path / "a.jsonl")
     assert [i for i in first if first[i]["grad_norm"] is None] == [6, 10]
     _same(first, straight, range(1, 6))  # the detector changed nothing before the spike
     assert first[6]["lm_loss"] == straight[6]["lm_loss"]  # the logged loss is the true one
-    train(2, spiky + ["--load", str(ckpt), "--ckpt-step", "8", "--metrics-jsonl", str(tmp_path / "b.jsonl")], env_extra=env)
+    train(
+        2,
+        spiky + ["--load", str(ckpt), "--ckpt-step", "8", "--metrics-jsonl", str(tmp_path / "b.jsonl")],
+        env_extra=env,
+    )
     resumed = _metrics(tmp_path / "b.jsonl")
     assert sorted(resumed) == list(range(9, STEPS + 1)) and resumed[10]["grad_norm"] is None
     _same(resumed, first, range(9, STEPS + 1))
@@ -138,10 +160,31 @@ def test_pruning_after_a_rollback_keeps_the_fallback(tmp_path):
     """Checkpoints 4, 6, 8 kept; roll back to 4 and save 5: 6 and 8 are abandoned (removed first, never
     counted), so the three newest at or before the tracker, 4 and 5, stay. Counting 6 and 8 removed 4."""
     ckpt = tmp_path / "ckpt"
-    train(1, TINY_RUN + ["--train-iters", "8", "--save", str(ckpt), "--save-interval", "2", "--keep-last-checkpoints", "3"])
+    train(
+        1,
+        TINY_RUN + ["--train-iters", "8", "--save", str(ckpt), "--save-interval", "2", "--keep-last-checkpoints", "3"],
+    )
     assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000004", "iter_0000006", "iter_0000008"]
-    train(1, TINY_RUN + ["--train-iters", "8", "--load", str(ckpt), "--ckpt-step", "4", "--save", str(ckpt),
-                         "--save-interval", "1", "--exit-interval", "5", "--keep-last-checkpoints", "3"])
+    train(
+        1,
+        TINY_RUN
+        + [
+            "--train-iters",
+            "8",
+            "--load",
+            str(ckpt),
+            "--ckpt-step",
+            "4",
+            "--save",
+            str(ckpt),
+            "--save-interval",
+            "1",
+            "--exit-interval",
+            "5",
+            "--keep-last-checkpoints",
+            "3",
+        ],
+    )
     assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000004", "iter_0000005"]
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "5"
 
@@ -193,8 +236,10 @@ def small_filesystem(tmp_path):
     (RLIMIT_FSIZE) makes the same write fail, with EFBIG instead of ENOSPC."""
     mount = tmp_path / "small"
     mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)],
-                             capture_output=True).returncode == 0
+    mounted = (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)], capture_output=True).returncode
+        == 0
+    )
     yield mount, (None if mounted else 2_500_000)
     if mounted:
         subprocess.run(["umount", str(mount)], check=True)
@@ -214,8 +259,15 @@ def test_a_full_disk_during_a_save_ends_the_job_in_one_line(small_filesystem):
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
 
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "fork_launch.py"), "1", *flags], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=240, preexec_fn=limit)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "fork_launch.py"), "1", *flags],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        preexec_fn=limit,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     # One line of ours, the last; above it at most Megatron-Core's writer's own one-line log of the cause.
@@ -223,5 +275,7 @@ def test_a_full_disk_during_a_save_ends_the_job_in_one_line(small_filesystem):
     assert len(errors) == 1 and errors[0] == proc.stderr.strip().splitlines()[-1]
     assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
     assert errors[0].startswith(f"pretrain_crystal.py: error: --save {ckpt}: the save of iteration 2 failed (")
-    assert errors[0].endswith(f"its partial directory is removed; the last complete checkpoint: {ckpt / 'iter_0000001'}")
+    assert errors[0].endswith(
+        f"its partial directory is removed; the last complete checkpoint: {ckpt / 'iter_0000001'}"
+    )
     assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000001", "latest_checkpointed_iteration.txt"]

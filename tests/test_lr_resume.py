@@ -3,14 +3,28 @@ inside a phase and across a phase switch), and a schedule that differs from the 
 unless the user says which one to keep."""
 
 import pytest
-
 from distributed_run import REPO, TINY_RUN, read_metrics, train
 
 SMALL = REPO / "tests" / "phases_small.yaml"  # phase 'text' steps 1-4, phase 'text+code' steps 5-10
 TOKENIZER = REPO / "data" / "demo" / "crystal_demo.model"
-PHASED = ["--model", "crystal-test", "--phases", str(SMALL), "--tokenizer-model", str(TOKENIZER),
-          "--micro-batch-size", "4", "--global-batch-size", "8", "--num-workers", "0", "--log-interval", "1",
-          "--seed", "7"]
+PHASED = [
+    "--model",
+    "crystal-test",
+    "--phases",
+    str(SMALL),
+    "--tokenizer-model",
+    str(TOKENIZER),
+    "--micro-batch-size",
+    "4",
+    "--global-batch-size",
+    "8",
+    "--num-workers",
+    "0",
+    "--log-interval",
+    "1",
+    "--seed",
+    "7",
+]
 SKIPS = {"CRYSTAL_TEST_NAN_ITERS": "3,7"}  # one skipped update in each phase
 
 
@@ -48,7 +62,8 @@ def test_a_changed_schedule_is_refused_unless_chosen(tmp_path):
     assert refused.stderr.strip().splitlines()[-1] == (
         f"pretrain_crystal.py: error: --load {ckpt}: the lr schedule differs from the checkpoint's: --lr-decay-iters "
         "4 (checkpoint: 2). Pass --override-opt-param-scheduler to go on with the new one from its step 2, or "
-        "--use-checkpoint-opt-param-scheduler to keep the saved one")
+        "--use-checkpoint-opt-param-scheduler to keep the saved one"
+    )
     reference, _ = _run(tmp_path, "reference", TINY_RUN + ["--train-iters", "4"])
     new, _ = _run(tmp_path, "override", longer + ["--override-opt-param-scheduler"])
     assert [new[i]["lr"] for i in (3, 4)] == [reference[i]["lr"] for i in (3, 4)] and new[4]["lr"] > 5e-3
@@ -70,5 +85,7 @@ def test_a_changed_phase_lr_is_refused_unless_chosen(tmp_path):
     straight, _ = _run(tmp_path, "straight", PHASED + cache + ["--train-iters", "7"])
     new, _ = _run(tmp_path, "override", resume + ["--override-opt-param-scheduler"])
     floor = 2.0e-3  # the phase's min: the same decay between a peak of 0.03 instead of 0.02 and it
-    assert new[7]["lr"] == pytest.approx(floor + (straight[7]["lr"] - floor) * (0.03 - floor) / (0.02 - floor), rel=1e-12)
+    assert new[7]["lr"] == pytest.approx(
+        floor + (straight[7]["lr"] - floor) * (0.03 - floor) / (0.02 - floor), rel=1e-12
+    )
     assert new[7]["lm_loss"] == straight[7]["lm_loss"]  # the same data: an lr edit keeps the stream

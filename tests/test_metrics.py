@@ -27,8 +27,9 @@ def test_log_line_on_a_gpu(monkeypatch, fp8):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: H100)
     clock = iter([0.0, 2e-6])  # the logger's start, then the second step's end: 2 us for 2 steps
     monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
-    path = select(fp8_format="hybrid" if fp8 else None,
-                  probes=Probes(gpu_name=H100, compute_capability=(9, 0), triton=True))
+    path = select(
+        fp8_format="hybrid" if fp8 else None, probes=Probes(gpu_name=H100, compute_capability=(9, 0), triton=True)
+    )
     args = SimpleNamespace(log_interval=2, train_iters=4, kernel_path=path)
     model = SimpleNamespace(hidden_size=64, ffn_hidden_size=128, num_layers=2, seq_length=32)
     scalars = {}

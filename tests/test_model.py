@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from process_group import run_in_process_group
 
 from megatron_ext.model import get_preset
-from process_group import run_in_process_group
 
 
 def test_preset_7b_matches_release():
@@ -57,13 +57,19 @@ def _compare_with_reference(sequence_parallel: bool):
     with torch.no_grad():
         for name, p in reference.named_parameters():
             # Non-trivial norms and biases, so that a misplaced bias or gain shows up.
-            p.copy_(torch.randn_like(p) * (0.5 if p.dim() == 2 else 0.2) + (1.0 if "ln" in name and "weight" in name else 0.0))
+            p.copy_(
+                torch.randn_like(p) * (0.5 if p.dim() == 2 else 0.2)
+                + (1.0 if "ln" in name and "weight" in name else 0.0)
+            )
     ids = torch.randint(0, c.vocab_size, (2, c.seq_length))
     expected = reference(ids)
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    config = transformer_config(c, ParallelLayout(tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel),
-                                use_cpu_initialization=True)
+    config = transformer_config(
+        c,
+        ParallelLayout(tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel),
+        use_cpu_initialization=True,
+    )
     padded = padded_vocab_size(c.vocab_size, 128)
     (model,) = build_model(c, config, padded)
     load_reference_weights([model], reference.state_dict(), c, padded)
@@ -154,7 +160,7 @@ def test_reference_rotary_is_interleaved_partial():
     angles = rotary_angles(5, 4, 10000)
     y = apply_interleaved_rotary(x, angles, 4)
     assert torch.equal(y[..., 4:], x[..., 4:])
-    pair = lambda t, i: t[0, 0, :, 2 * i: 2 * i + 2]  # noqa: E731
+    pair = lambda t, i: t[0, 0, :, 2 * i : 2 * i + 2]  # noqa: E731
     for i in range(2):
         theta = angles[:, i]
         expected0 = pair(x, i)[:, 0] * theta.cos() - pair(x, i)[:, 1] * theta.sin()

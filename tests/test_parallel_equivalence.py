@@ -4,7 +4,6 @@ grad norm at every step (relative 1e-5)."""
 import math
 
 import pytest
-
 from distributed_run import TINY_RUN, layout_flags, read_metrics, train
 
 LAYOUTS = {
@@ -23,8 +22,10 @@ STEPS = 5
 def initial_checkpoint(tmp_path_factory):
     """The initialised weights (one step at lr 0), saved: the common starting point of every layout."""
     ckpt = tmp_path_factory.mktemp("initial")
-    train(1, TINY_RUN + ["--train-iters", "1", "--lr-warmup-iters", "0", "--lr", "0", "--min-lr", "0",
-                            "--save", str(ckpt)])
+    train(
+        1,
+        TINY_RUN + ["--train-iters", "1", "--lr-warmup-iters", "0", "--lr", "0", "--min-lr", "0", "--save", str(ckpt)],
+    )
     return ckpt
 
 
@@ -36,8 +37,12 @@ def baseline(initial_checkpoint, tmp_path_factory):
 def _run(name, ckpt, tmp_path_factory):
     nproc, layout = LAYOUTS[name]
     metrics = tmp_path_factory.mktemp(name) / "metrics.jsonl"
-    train(nproc, TINY_RUN + layout_flags(**layout) + [
-        "--train-iters", str(STEPS), "--load", str(ckpt), "--finetune", "--metrics-jsonl", str(metrics)])
+    train(
+        nproc,
+        TINY_RUN
+        + layout_flags(**layout)
+        + ["--train-iters", str(STEPS), "--load", str(ckpt), "--finetune", "--metrics-jsonl", str(metrics)],
+    )
     rows = read_metrics(metrics)
     assert [r["iteration"] for r in rows] == list(range(1, STEPS + 1))
     return rows

@@ -5,16 +5,22 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from distributed_run import REPO, read_metrics, torchrun_command, train
+
 from megatron_ext.data.phase_schedule import PhaseSchedule
-from megatron_ext.data.phases_config import (FimSpec, LRSpec, PhaseSpec, PhasesConfig, PhasesConfigError, SourceSpec,
-                                             load_phases)
+from megatron_ext.data.phases_config import (
+    FimSpec,
+    LRSpec,
+    PhasesConfig,
+    PhasesConfigError,
+    PhaseSpec,
+    SourceSpec,
+    load_phases,
+)
 
 DEMO = REPO / "data" / "demo"
 TOKENIZER = DEMO / "crystal_demo.model"
@@ -49,8 +55,13 @@ def test_blending_is_megatrons_rule_and_within_one_sample():
 
 
 def test_sources_continue_across_phases():
-    config = _config([_phase("one", 10, {"a": 0.5, "b": 0.5}), _phase("two", 5, {"b": 1.0}),
-                      _phase("three", 10, {"a": 0.25, "b": 0.25, "c": 0.5}, gbs=4)])
+    config = _config(
+        [
+            _phase("one", 10, {"a": 0.5, "b": 0.5}),
+            _phase("two", 5, {"b": 1.0}),
+            _phase("three", 10, {"a": 0.25, "b": 0.25, "c": 0.5}, gbs=4),
+        ]
+    )
     schedule = PhaseSchedule(config)
     refs = schedule.take(80 + 40 + 40)
     for source in range(3):
@@ -88,8 +99,11 @@ def test_an_edited_batch_size_of_the_phase_in_progress_is_refused_not_mixed():
     first = PhaseSchedule(config)
     first.take(48)
     edited = _config([_phase("one", 4, {"a": 1.0}, gbs=32), _phase("two", 4, {"b": 1.0}, gbs=16)])
-    with pytest.raises(PhasesConfigError, match=r"^test\.yaml: phases\[0\] \('one'\)\.global_batch_size 32: the checkpoint "
-                       r"stands at sample 48 of this phase, not a whole number of its batches"):
+    with pytest.raises(
+        PhasesConfigError,
+        match=r"^test\.yaml: phases\[0\] \('one'\)\.global_batch_size 32: the checkpoint "
+        r"stands at sample 48 of this phase, not a whole number of its batches",
+    ):
         PhaseSchedule.from_state_dict(edited, first.state_dict(), 48)
     later = _config([_phase("one", 4, {"a": 1.0}, gbs=16), _phase("two", 4, {"b": 1.0}, gbs=32)])
     resumed, note = PhaseSchedule.from_state_dict(later, first.state_dict(), 48)  # a later phase's: fine
@@ -157,8 +171,9 @@ def _dataset(rate, spm=0.5, seq=128):
 
 
 def _load_all(dataset, refs, workers):
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[refs[i:i + 4] for i in range(0, len(refs), 4)],
-                                         num_workers=workers)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=[refs[i : i + 4] for i in range(0, len(refs), 4)], num_workers=workers
+    )
     return torch.cat([b["tokens"] for b in loader]), torch.cat([b["loss_mask"] for b in loader])
 
 
@@ -199,8 +214,10 @@ def tokenizer_json(tmp_path_factory):
     return tmp / "hf" / "tokenizer.json"
 
 
-FIM_TEXTS = ["def area(r):\n    return 3.14159 * r * r\n\nprint(area(2))\n",
-             "  indented  twice\tand a tab, caf\u00e9 \u2603 \U0001F600 <|fim_prefix|> typed as text\n\n\n"]
+FIM_TEXTS = [
+    "def area(r):\n    return 3.14159 * r * r\n\nprint(area(2))\n",
+    "  indented  twice\tand a tab, caf\u00e9 \u2603 \U0001f600 <|fim_prefix|> typed as text\n\n\n",
+]
 
 
 @pytest.mark.parametrize("form", ["sentencepiece", "tokenizer_json"])
@@ -242,7 +259,7 @@ def test_fim_layouts_reassemble_the_document(form, request):
 
 def _split(tokens, marker):
     i = tokens.index(marker)
-    return tokens[:i], tokens[i + 1:]
+    return tokens[:i], tokens[i + 1 :]
 
 
 def test_fim_pads_short_rows_without_loss():
@@ -260,7 +277,7 @@ def test_fim_pads_short_rows_without_loss():
     assert len(out) == len(row) and len(mask) == len(row) - 1
     first_pad = int((out == ids.pad).nonzero()[0][0])
     assert first_pad > 5 and (out[first_pad:] == ids.pad).all() and out[first_pad - 1] == 2  # EOD kept
-    assert mask[: first_pad - 1].all() and not mask[first_pad - 1:].any()  # no loss on padding labels
+    assert mask[: first_pad - 1].all() and not mask[first_pad - 1 :].any()  # no loss on padding labels
 
 
 def test_config_errors_name_the_file_and_key(tmp_path):
@@ -269,16 +286,23 @@ def test_config_errors_name_the_file_and_key(tmp_path):
         path.write_text(text)
         return str(path)
 
-    good_sources = (f"sources:\n  text: {{prefixes: [{DEMO / 'text_text_document'}]}}\n"
-                    f"  code: {{prefixes: [{DEMO / 'code_text_document'}]}}\n")
+    good_sources = (
+        f"sources:\n  text: {{prefixes: [{DEMO / 'text_text_document'}]}}\n"
+        f"  code: {{prefixes: [{DEMO / 'code_text_document'}]}}\n"
+    )
     cases = {
         "phases:\n  - {iters: 1, blend: {cod: 1}, lr: {peak: 1.0}}\n": "phases[0].blend: unknown source 'cod'",
         "phases:\n  - {iters: 1, blend: {text: -1}, lr: {peak: 1.0}}\n": "phases[0].blend.text: -1 must be >= 0.0",
-        "phases:\n  - {iters: 1, blend: {text: 0, code: 0}, lr: {peak: 1.0}}\n": "phases[0].blend: the weights are all zero",
+        "phases:\n  - {iters: 1, blend: {text: 0, code: 0}, lr: {peak: 1.0}}\n": (
+            "phases[0].blend: the weights are all zero"
+        ),
         "phases:\n  - {iters: 0, blend: {text: 1}, lr: {peak: 1.0}}\n": "phases[0]: a phase of zero length",
-        "phases:\n  - {iters: 2, blend: {code: 1}, fim: {code: {fim_rate: 0.5}}, lr: {peak: 1.0}}\n":
-            "phases[0].fim.code.fim_rate: FIM needs a tokenizer with <|fim_prefix|>",
-        "phases:\n  - {iters: 2, blend: {code: 1}, lr: {peak: 1.0, decay_style: cubic}}\n": "decay_style: 'cubic' is not one of",
+        "phases:\n  - {iters: 2, blend: {code: 1}, fim: {code: {fim_rate: 0.5}}, lr: {peak: 1.0}}\n": (
+            "phases[0].fim.code.fim_rate: FIM needs a tokenizer with <|fim_prefix|>"
+        ),
+        "phases:\n  - {iters: 2, blend: {code: 1}, lr: {peak: 1.0, decay_style: cubic}}\n": (
+            "decay_style: 'cubic' is not one of"
+        ),
     }
     for body, message in cases.items():
         path = write(good_sources + body)
@@ -290,25 +314,60 @@ def test_config_errors_name_the_file_and_key(tmp_path):
         load_phases(path, 32, 8, 1, has_fim_tokens=True)
 
     # PyYAML reads 5e-1 (no exponent sign after a dot-less mantissa) as a string: every numeric field takes it.
-    config = load_phases(write(good_sources + "phases:\n  - {tokens: 2e3, blend: {text: 5e-1, code: 15e-1}, "
-                               "lr: {peak: 1e-2, min: 1e-3, warmup_iters: 1, decay_iters: 4}}\n"), 32, 8, 1, False)
+    config = load_phases(
+        write(
+            good_sources + "phases:\n  - {tokens: 2e3, blend: {text: 5e-1, code: 15e-1}, "
+            "lr: {peak: 1e-2, min: 1e-3, warmup_iters: 1, decay_iters: 4}}\n"
+        ),
+        32,
+        8,
+        1,
+        False,
+    )
     phase = config.phases[0]
     assert phase.blend == {"text": 0.25, "code": 0.75} and phase.iters == 8  # ceil(2000 / (8 x 32))
     assert (phase.lr.peak, phase.lr.min, phase.decay_iters) == (1e-2, 1e-3, 4)
 
     # Through the entry point: one line, before any process group or model.
-    proc = subprocess.run([sys.executable, "pretrain_crystal.py", "--model", "crystal-test", "--phases",
-                           write(good_sources + "phases:\n  - {iters: 2, blend: {cod: 1}, lr: {peak: 1.0}}\n")],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "pretrain_crystal.py",
+            "--model",
+            "crystal-test",
+            "--phases",
+            write(good_sources + "phases:\n  - {iters: 2, blend: {cod: 1}, lr: {peak: 1.0}}\n"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "phases[0].blend: unknown source 'cod'" in proc.stderr
 
 
 # --- whole runs ---------------------------------------------------------------------------------------
 
-RUN = ["--model", "crystal-test", "--phases", str(SMALL), "--tokenizer-model", str(TOKENIZER),
-       "--micro-batch-size", "2", "--global-batch-size", "8", "--num-workers", "1", "--log-interval", "1",
-       "--seed", "7", "--log-data-hash"]
+RUN = [
+    "--model",
+    "crystal-test",
+    "--phases",
+    str(SMALL),
+    "--tokenizer-model",
+    str(TOKENIZER),
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "8",
+    "--num-workers",
+    "1",
+    "--log-interval",
+    "1",
+    "--seed",
+    "7",
+    "--log-data-hash",
+]
 
 
 def _metrics(nproc, tmp, name, extra):
@@ -338,15 +397,20 @@ def test_phases_switch_inside_one_run(straight):
 
 def _kill_after(checkpoint_iteration, tmp, ckpt):
     """Run with a checkpoint every step and SIGKILL the whole job once `checkpoint_iteration` is saved."""
-    cmd, env = torchrun_command(2, [*RUN, "--data-cache-path", str(tmp / "cache"), "--save", str(ckpt),
-                                    "--save-interval", "1"])
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd, env = torchrun_command(
+        2, [*RUN, "--data-cache-path", str(tmp / "cache"), "--save", str(ckpt), "--save-interval", "1"]
+    )
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     tracker = ckpt / "latest_checkpointed_iteration.txt"
     deadline = time.time() + 240
     try:
-        while not (tracker.exists() and tracker.read_text().strip().isdigit()
-                   and int(tracker.read_text()) >= checkpoint_iteration):
+        while not (
+            tracker.exists()
+            and tracker.read_text().strip().isdigit()
+            and int(tracker.read_text()) >= checkpoint_iteration
+        ):
             assert proc.poll() is None, "the run ended before it could be killed"
             assert time.time() < deadline, "no checkpoint in time"
             time.sleep(0.2)
@@ -405,7 +469,9 @@ def test_example_recipes_encode_crystal(tmp_path):
             assert one.blend["sp_even_cc"] == pytest.approx(0.5335 / sum(released)) and not one.fim
             assert two.blend == pytest.approx({"sp_odd": 0.372, "starcoder": 0.628})
             assert two.fim == {"starcoder": FimSpec(0.9, 0.5)}
-            assert three.blend["starcoder_python"] == pytest.approx(0.3427 / sum([0.3427, 0.1854, 0.1837, 0.0879, 0.167, 0.033]))
+            assert three.blend["starcoder_python"] == pytest.approx(
+                0.3427 / sum([0.3427, 0.1854, 0.1837, 0.0879, 0.167, 0.033])
+            )
             assert {f.rate for f in three.fim.values()} == {0.3}
         if name == "demo":
             assert config.phases[0].iters <= 60 and config.phases[1].fim["code"].rate > 0
@@ -419,9 +485,25 @@ def _check_trace(straight, flags, steps):
     from megatron_ext.tokenizer import CrystalTokenizer
     from megatron_ext.training.loop import sample_hash
 
-    proc = subprocess.run([sys.executable, "tools/data_trace.py", "--phases", str(SMALL), "--seq-length", "32",
-                           "--global-batch-size", "8", "--seed", "7", *flags],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "tools/data_trace.py",
+            "--phases",
+            str(SMALL),
+            "--seq-length",
+            "32",
+            "--global-batch-size",
+            "8",
+            "--seed",
+            "7",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [line["step"] for line in lines] == steps
@@ -456,8 +538,20 @@ def test_moving_the_corpus_keeps_the_stream(tmp_path):
     straight = _metrics(1, tmp_path, "straight", ["--train-iters", "8"])
     ckpt = tmp_path / "ckpt"
     _metrics(1, tmp_path, "first", ["--train-iters", "8", "--exit-interval", "3", "--save", str(ckpt)])
-    out = train(1, flags + ["--train-iters", "8", "--load", str(ckpt), "--metrics-jsonl", str(tmp_path / "moved.jsonl"),
-                            "--data-cache-path", str(tmp_path / "cache")])
+    out = train(
+        1,
+        flags
+        + [
+            "--train-iters",
+            "8",
+            "--load",
+            str(ckpt),
+            "--metrics-jsonl",
+            str(tmp_path / "moved.jsonl"),
+            "--data-cache-path",
+            str(tmp_path / "cache"),
+        ],
+    )
     assert "phases file changed" not in out.stdout + out.stderr
     resumed = read_metrics(tmp_path / "moved.jsonl")
     assert [r["iteration"] for r in resumed] == list(range(4, 9))
@@ -471,16 +565,32 @@ def test_max_epochs_refusal_is_one_line_and_counts_the_run(tmp_path):
     """The demo's code is 619 samples of 2049 tokens: 100 steps of 8 read 1.29 epochs of it, more than
     max_epochs 1; a run stopped at 50 steps reads 0.65 and goes ahead."""
     phases = tmp_path / "epochs.yaml"
-    phases.write_text(f"sources:\n  code: {{prefixes: [{DEMO / 'code_text_document'}], max_epochs: 1}}\n"
-                      "phases:\n  - {name: code, iters: 100, blend: {code: 1}, lr: {peak: 1.0e-3}}\n")
-    flags = ["--model", "crystal-test", "--seq-length", "2048", "--phases", str(phases), "--num-workers", "0",
-             "--tokenizer-model", str(TOKENIZER),
-             "--global-batch-size", "8", "--micro-batch-size", "8"]
+    phases.write_text(
+        f"sources:\n  code: {{prefixes: [{DEMO / 'code_text_document'}], max_epochs: 1}}\n"
+        "phases:\n  - {name: code, iters: 100, blend: {code: 1}, lr: {peak: 1.0e-3}}\n"
+    )
+    flags = [
+        "--model",
+        "crystal-test",
+        "--seq-length",
+        "2048",
+        "--phases",
+        str(phases),
+        "--num-workers",
+        "0",
+        "--tokenizer-model",
+        str(TOKENIZER),
+        "--global-batch-size",
+        "8",
+        "--micro-batch-size",
+        "8",
+    ]
     refused = train(1, flags, check=False)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1] == (
         f"pretrain_crystal.py: error: {phases}: sources.code.max_epochs 1: the run's 100 iterations read 1.29 "
-        "epochs of it (619 samples each; all the phases: 1.29)")
+        "epochs of it (619 samples each; all the phases: 1.29)"
+    )
     assert "Traceback" not in refused.stderr
     train(1, flags + ["--train-iters", "1"])  # 0.01 epochs: trains
     refused = train(1, flags + ["--train-iters", "78"], check=False)  # 625 samples: just over one epoch
@@ -493,21 +603,46 @@ def test_sources_sharing_files_are_named_and_counted_per_file(tmp_path):
     names them and the file, and data_state.json counts the documents read per file over both."""
     text, code = DEMO / "text_text_document", DEMO / "code_text_document"
     phases = tmp_path / "shared.yaml"
-    phases.write_text(f"sources:\n  prose: {{prefixes: [{text}]}}\n  mixed: {{prefixes: [{text}, {code}]}}\n"
-                      "phases:\n  - {name: p, iters: 1, blend: {prose: 0.5, mixed: 0.5}, lr: {peak: 1.0e-3}}\n")
+    phases.write_text(
+        f"sources:\n  prose: {{prefixes: [{text}]}}\n  mixed: {{prefixes: [{text}, {code}]}}\n"
+        "phases:\n  - {name: p, iters: 1, blend: {prose: 0.5, mixed: 0.5}, lr: {peak: 1.0e-3}}\n"
+    )
     ckpt = tmp_path / "ckpt"
-    run = train(1, ["--model", "crystal-test", "--seq-length", "2048", "--phases", str(phases), "--tokenizer-model",
-                    str(TOKENIZER), "--num-workers", "0", "--global-batch-size", "8", "--micro-batch-size", "8",
-                    "--save", str(ckpt)])
+    run = train(
+        1,
+        [
+            "--model",
+            "crystal-test",
+            "--seq-length",
+            "2048",
+            "--phases",
+            str(phases),
+            "--tokenizer-model",
+            str(TOKENIZER),
+            "--num-workers",
+            "0",
+            "--global-batch-size",
+            "8",
+            "--micro-batch-size",
+            "8",
+            "--save",
+            str(ckpt),
+        ],
+    )
     warning = next(line for line in run.stdout.splitlines() if line.startswith("warning:"))
-    assert warning == (f"warning: {phases}: sources prose and mixed share 1 file(s) ({os.path.realpath(text)}): each "
-                       "keeps its own read position, so their documents can be read twice; data_state.json counts "
-                       "the documents read per file")
+    assert warning == (
+        f"warning: {phases}: sources prose and mixed share 1 file(s) ({os.path.realpath(text)}): each "
+        "keeps its own read position, so their documents can be read twice; data_state.json counts "
+        "the documents read per file"
+    )
     import json
 
     books = json.loads((ckpt / "iter_0000001" / "data_state.json").read_text())
     prose, mixed = books["sources"]["prose"], books["sources"]["mixed"]
-    assert set(prose["documents_per_file"]) == {str(text)} and set(mixed["documents_per_file"]) == {str(text), str(code)}
+    assert set(prose["documents_per_file"]) == {str(text)} and set(mixed["documents_per_file"]) == {
+        str(text),
+        str(code),
+    }
     shared = books["files"][str(text)]
     assert shared["sources"] == ["prose", "mixed"] and shared["documents_read"] > 0
     assert shared["documents_read"] == prose["documents_per_file"][str(text)] + mixed["documents_per_file"][str(text)]

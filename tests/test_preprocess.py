@@ -12,13 +12,30 @@ import warnings
 
 import psutil
 import pytest
-
 from distributed_run import REPO
+
 from megatron_ext.tokenizer import CRYSTAL_SPECIAL_TOKENS, CrystalTokenizer
 
-RELEASED_SPECIALS = ["fim_prefix", "fim_middle", "fim_suffix", "fim_pad", "filename", "gh_stars", "issue_start",
-                     "issue_comment", "issue_closed", "jupyter_start", "jupyter_text", "jupyter_code",
-                     "jupyter_output", "empty_output", "commit_before", "commit_msg", "commit_after", "reponame"]
+RELEASED_SPECIALS = [
+    "fim_prefix",
+    "fim_middle",
+    "fim_suffix",
+    "fim_pad",
+    "filename",
+    "gh_stars",
+    "issue_start",
+    "issue_comment",
+    "issue_closed",
+    "jupyter_start",
+    "jupyter_text",
+    "jupyter_code",
+    "jupyter_output",
+    "empty_output",
+    "commit_before",
+    "commit_msg",
+    "commit_after",
+    "reponame",
+]
 
 DOCS = [
     "Hello world. This is a test. Another sentence here!",
@@ -38,8 +55,13 @@ def indexed(prefix):
 
 
 def run_tool(script, *args, timeout=300):
-    return subprocess.run([sys.executable, str(REPO / "tools" / script), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +71,10 @@ def tokenizer_model(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tok")
     corpus = d / "train.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in list(topics.values())[:150]) +
-                      "".join(json.dumps({"text": t}) + "\n" for t in DOCS))
+    corpus.write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in list(topics.values())[:150])
+        + "".join(json.dumps({"text": t}) + "\n" for t in DOCS)
+    )
     proc = run_tool("train_tokenizer.py", "--input", corpus, "--vocab-size", "1000", "--output-prefix", d / "demo")
     assert proc.returncode == 0, proc.stderr
     return d / "demo.model"
@@ -86,9 +110,21 @@ def test_bad_tokenizer_and_inputs_fail_fast(tmp_path, tokenizer_model):
     good = tmp_path / "in.jsonl"
     good.write_text(json.dumps({"text": "hi"}) + "\n")
     cases = [
-        (["--input", tmp_path / "missing.jsonl", "--tokenizer-model", tokenizer_model, "--output-prefix", tmp_path / "o"],
-         "--input"),
-        (["--input", good, "--tokenizer-model", bad_model, "--output-prefix", tmp_path / "o"], "not a SentencePiece model"),
+        (
+            [
+                "--input",
+                tmp_path / "missing.jsonl",
+                "--tokenizer-model",
+                tokenizer_model,
+                "--output-prefix",
+                tmp_path / "o",
+            ],
+            "--input",
+        ),
+        (
+            ["--input", good, "--tokenizer-model", bad_model, "--output-prefix", tmp_path / "o"],
+            "not a SentencePiece model",
+        ),
         (["--input", good, "--tokenizer-model", tokenizer_model, "--output-prefix", good / "o"], "Not a directory"),
     ]
     for args, message in cases:
@@ -132,8 +168,20 @@ def test_round_trip_preserves_every_document_in_order(tmp_path, tok, tokenizer_m
     inputs = tmp_path / "in"
     inputs.mkdir()
     ordered = write_inputs(inputs, docs, n_files=6)
-    proc = run_tool("preprocess_data.py", "--input", inputs, "--tokenizer-model", tokenizer_model, "--output-prefix",
-                    tmp_path / "out" / "corpus", "--append-eod", "--workers", workers, "--partitions", partitions)
+    proc = run_tool(
+        "preprocess_data.py",
+        "--input",
+        inputs,
+        "--tokenizer-model",
+        tokenizer_model,
+        "--output-prefix",
+        tmp_path / "out" / "corpus",
+        "--append-eod",
+        "--workers",
+        workers,
+        "--partitions",
+        partitions,
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"done: {len(docs):,} documents" in proc.stdout
     ds = indexed(tmp_path / "out" / "corpus_text_document")
@@ -146,21 +194,47 @@ def test_round_trip_preserves_every_document_in_order(tmp_path, tok, tokenizer_m
 
 def test_bad_lines_are_skipped_counted_and_located(tmp_path, tok, tokenizer_model):
     good = [json.dumps({"text": f"good document {i}."}).encode() for i in range(4)]
-    lines = [good[0], b'{"text": "unterminated', json.dumps({"body": "x"}).encode(), good[1],
-             json.dumps({"text": 42}).encode(), b'{"text": "bad \xff utf8"}', json.dumps({"text": "  \n "}).encode(),
-             good[2], b"[1, 2]", good[3]]
+    lines = [
+        good[0],
+        b'{"text": "unterminated',
+        json.dumps({"body": "x"}).encode(),
+        good[1],
+        json.dumps({"text": 42}).encode(),
+        b'{"text": "bad \xff utf8"}',
+        json.dumps({"text": "  \n "}).encode(),
+        good[2],
+        b"[1, 2]",
+        good[3],
+    ]
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    proc = run_tool("preprocess_data.py", "--input", path, "--tokenizer-model", tokenizer_model,
-                    "--output-prefix", tmp_path / "o", "--append-eod")
+    proc = run_tool(
+        "preprocess_data.py",
+        "--input",
+        path,
+        "--tokenizer-model",
+        tokenizer_model,
+        "--output-prefix",
+        tmp_path / "o",
+        "--append-eod",
+    )
     assert proc.returncode == 0, proc.stderr
     assert ("skipped: malformed_json 2, missing_key 1, non_string 1, invalid_utf8 1, empty_text 1") in proc.stdout
     assert f"{path}:2: malformed_json" in proc.stdout and f"{path}:6: invalid_utf8" in proc.stdout
     ds = indexed(tmp_path / "o_text_document")
     assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode(f"good document {i}.") + [tok.eod] for i in range(4)]
 
-    proc = run_tool("preprocess_data.py", "--input", path, "--tokenizer-model", tokenizer_model,
-                    "--output-prefix", tmp_path / "f", "--on-error", "fail")
+    proc = run_tool(
+        "preprocess_data.py",
+        "--input",
+        path,
+        "--tokenizer-model",
+        tokenizer_model,
+        "--output-prefix",
+        tmp_path / "f",
+        "--on-error",
+        "fail",
+    )
     assert proc.returncode == 1
     assert f"{path}: line 2: malformed_json" in proc.stderr
     assert not list(tmp_path.glob("f_*")), list(tmp_path.glob("f*"))
@@ -172,10 +246,25 @@ def test_killed_worker_leaves_no_output(tmp_path, tokenizer_model):
     text = json.dumps({"text": "Some sentence to tokenise again and again. " * 400}) + "\n"
     path.write_text(text * 6000)  # ~100 MB of work: long enough to kill a worker mid-run
     prefix = tmp_path / "out" / "big"
-    proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(path),
-                             "--tokenizer-model", str(tokenizer_model), "--output-prefix", str(prefix),
-                             "--workers", "2", "--append-eod"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "tools" / "preprocess_data.py"),
+            "--input",
+            str(path),
+            "--tokenizer-model",
+            str(tokenizer_model),
+            "--output-prefix",
+            str(prefix),
+            "--workers",
+            "2",
+            "--append-eod",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     main = psutil.Process(proc.pid)
     deadline = time.time() + 60
     workers = []
@@ -199,10 +288,26 @@ def test_split_sentences_keeps_text_and_marks_sentences(tmp_path, tok, tokenizer
     path = tmp_path / "s.jsonl"
     path.write_text(json.dumps({"text": doc}) + "\n")
     env = dict(os.environ, NLTK_DATA=str(tmp_path / "no-nltk-data"))
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(path),
-                           "--tokenizer-model", str(tokenizer_model), "--output-prefix", str(tmp_path / "s"),
-                           "--split-sentences", "--keep-newlines", "--append-eod"],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "preprocess_data.py"),
+            "--input",
+            str(path),
+            "--tokenizer-model",
+            str(tokenizer_model),
+            "--output-prefix",
+            str(tmp_path / "s"),
+            "--split-sentences",
+            "--keep-newlines",
+            "--append-eod",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "untrained Punkt tokenizer" in proc.stderr
     from nltk.tokenize.punkt import PunktSentenceTokenizer
@@ -228,13 +333,16 @@ def test_merge_concatenates_in_order(tmp_path, tok):
         prefixes.append(tmp_path / f"shard{i}_text_document")
         builder = IndexedDatasetBuilder(f"{prefixes[-1]}.bin", dtype=np.int32)
         for j in range(5):
-            builder.add_document(tok.encode(f"shard {i} doc {j}.") + [tok.eod], [len(tok.encode(f"shard {i} doc {j}.")) + 1])
+            builder.add_document(
+                tok.encode(f"shard {i} doc {j}.") + [tok.eod], [len(tok.encode(f"shard {i} doc {j}.")) + 1]
+            )
         builder.finalize(f"{prefixes[-1]}.idx")
     proc = run_tool("merge_datasets.py", "--input", *prefixes, "--output-prefix", tmp_path / "all")
     assert proc.returncode == 0, proc.stderr
     ds = indexed(tmp_path / "all")
     assert [ds[k].tolist() for k in range(len(ds))] == [
-        tok.encode(f"shard {i} doc {j}.") + [tok.eod] for i in range(3) for j in range(5)]
+        tok.encode(f"shard {i} doc {j}.") + [tok.eod] for i in range(3) for j in range(5)
+    ]
     assert len(ds.document_indices) == 16
 
 
@@ -248,32 +356,65 @@ def test_huggingface_tokenizer_json_and_several_keys(tmp_path):
     path = tmp_path / "two_keys.jsonl"
     rows = [{"text": DOCS[i], "code": DOCS[(i + 1) % 5]} for i in range(5)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = run_tool("preprocess_data.py", "--input", path, "--tokenizer-type", "HuggingFaceTokenizer",
-                    "--tokenizer-model", tmp_path / "tokenizer.json", "--json-keys", "text", "code",
-                    "--output-prefix", tmp_path / "hf", "--append-eod")
+    proc = run_tool(
+        "preprocess_data.py",
+        "--input",
+        path,
+        "--tokenizer-type",
+        "HuggingFaceTokenizer",
+        "--tokenizer-model",
+        tmp_path / "tokenizer.json",
+        "--json-keys",
+        "text",
+        "code",
+        "--output-prefix",
+        tmp_path / "hf",
+        "--append-eod",
+    )
     assert proc.returncode == 0, proc.stderr
     eod = hf.token_to_id("</s>")
     for key in ("text", "code"):
         ds = indexed(tmp_path / f"hf_{key}_document")
         assert [ds[i].tolist() for i in range(len(ds))] == [
-            hf.encode(r[key], add_special_tokens=False).ids + [eod] for r in rows]
+            hf.encode(r[key], add_special_tokens=False).ids + [eod] for r in rows
+        ]
 
 
 def test_a_lone_surrogate_is_a_counted_skip(tmp_path, tok, tokenizer_model):
     """JSON can escape a lone surrogate; no tokenizer takes one (it was a TypeError inside a worker)."""
     path = tmp_path / "surrogate.jsonl"
-    path.write_text("\n".join([json.dumps({"text": "first."}), '{"text": "bad \\ud800 here"}',
-                               json.dumps({"text": "third."})]) + "\n")
-    proc = run_tool("preprocess_data.py", "--input", path, "--tokenizer-model", tokenizer_model,
-                    "--output-prefix", tmp_path / "o", "--append-eod")
+    path.write_text(
+        "\n".join([json.dumps({"text": "first."}), '{"text": "bad \\ud800 here"}', json.dumps({"text": "third."})])
+        + "\n"
+    )
+    proc = run_tool(
+        "preprocess_data.py",
+        "--input",
+        path,
+        "--tokenizer-model",
+        tokenizer_model,
+        "--output-prefix",
+        tmp_path / "o",
+        "--append-eod",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "skipped: lone_surrogate 1" in proc.stdout and f"{path}:2: lone_surrogate (text character 4)" in proc.stdout
     ds = indexed(tmp_path / "o_text_document")
     assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode(t) + [tok.eod] for t in ("first.", "third.")]
-    proc = run_tool("preprocess_data.py", "--input", path, "--tokenizer-model", tokenizer_model,
-                    "--output-prefix", tmp_path / "f", "--on-error", "fail")
+    proc = run_tool(
+        "preprocess_data.py",
+        "--input",
+        path,
+        "--tokenizer-model",
+        tokenizer_model,
+        "--output-prefix",
+        tmp_path / "f",
+        "--on-error",
+        "fail",
+    )
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
-        f"preprocess_data.py: error: {path}: line 2: lone_surrogate (text character 4); no output written")
+        f"preprocess_data.py: error: {path}: line 2: lone_surrogate (text character 4); no output written"
+    )
 
 
 def _damaged(kind, path):
@@ -305,8 +446,16 @@ def test_a_damaged_file_is_reported_and_the_run_goes_on(tmp_path, tok, tokenizer
     damaged = corpus / {"gz": "a.jsonl.gz", "zst": "a.jsonl.zst", "parquet": "a.parquet"}[kind]
     before, error = _damaged(kind, damaged)
     (corpus / "b.jsonl").write_text(json.dumps({"text": "the good file."}) + "\n")
-    proc = run_tool("preprocess_data.py", "--input", corpus, "--tokenizer-model", tokenizer_model,
-                    "--output-prefix", tmp_path / "o", "--append-eod")
+    proc = run_tool(
+        "preprocess_data.py",
+        "--input",
+        corpus,
+        "--tokenizer-model",
+        tokenizer_model,
+        "--output-prefix",
+        tmp_path / "o",
+        "--append-eod",
+    )
     assert proc.returncode == 0, proc.stderr
     warning = next(line for line in proc.stderr.splitlines() if "warning" in line)
     assert warning.startswith(f"preprocess_data.py: warning: {damaged}: unreadable after ") and f"({error}: " in warning
@@ -317,9 +466,20 @@ def test_a_damaged_file_is_reported_and_the_run_goes_on(tmp_path, tok, tokenizer
     assert len(ds) == read + 1 and ds[len(ds) - 1].tolist() == tok.encode("the good file.") + [tok.eod]
     if read:
         assert ds[0].tolist() == tok.encode("document 0 " + "words " * 30) + [tok.eod]
-    proc = run_tool("preprocess_data.py", "--input", corpus, "--tokenizer-model", tokenizer_model,
-                    "--output-prefix", tmp_path / "f", "--on-error", "fail")
+    proc = run_tool(
+        "preprocess_data.py",
+        "--input",
+        corpus,
+        "--tokenizer-model",
+        tokenizer_model,
+        "--output-prefix",
+        tmp_path / "f",
+        "--on-error",
+        "fail",
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"preprocess_data.py: error: {damaged}: unreadable after ") and last.endswith("no output written")
+    assert last.startswith(f"preprocess_data.py: error: {damaged}: unreadable after ") and last.endswith(
+        "no output written"
+    )
     assert not list(tmp_path.glob("f_*"))

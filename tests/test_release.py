@@ -10,7 +10,6 @@ import time
 
 import pytest
 import torch
-
 from distributed_run import REPO, TINY_RUN, layout_flags, read_metrics, train
 from process_group import run_in_process_group
 
@@ -21,23 +20,39 @@ TOLERANCE = 1e-4
 
 def run_tool(script, *args, timeout=300, **kwargs):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, str(REPO / "tools" / script), *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO, **kwargs)
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / script), *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        **kwargs,
+    )
 
 
 def demo_run(tmp, extra):
     """crystal-test on the embedded corpus with its tokenizer (vocab 8032, padded 8064)."""
     assert TOKENIZER.is_file(), "the demo corpus is built by `make setup`"
     flags = [a for a in TINY_RUN if a != "--mock-data"]
-    return flags + ["--data-path", str(DEMO / "text_text_document"), "--tokenizer-model", str(TOKENIZER),
-                    "--data-cache-path", str(tmp / "cache"), *extra]
+    return flags + [
+        "--data-path",
+        str(DEMO / "text_text_document"),
+        "--tokenizer-model",
+        str(TOKENIZER),
+        "--data-cache-path",
+        str(tmp / "cache"),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """3 steps at TP 2 x PP 2 with the distributed optimizer: weights that are no longer the init."""
     tmp = tmp_path_factory.mktemp("trained")
-    train(4, demo_run(tmp, layout_flags(tp=2, pp=2, dist_opt=True) + ["--train-iters", "3", "--save", str(tmp / "ckpt")]))
+    train(
+        4, demo_run(tmp, layout_flags(tp=2, pp=2, dist_opt=True) + ["--train-iters", "3", "--save", str(tmp / "ckpt")])
+    )
     return tmp / "ckpt"
 
 
@@ -50,7 +65,7 @@ def exported(trained, tmp_path_factory):
 
 
 def _reported_delta(stdout):
-    line = next(l for l in stdout.splitlines() if l.startswith("verify:"))
+    line = next(text for text in stdout.splitlines() if text.startswith("verify:"))
     return float(line.split("max |delta logits| ")[1].split()[0]), line
 
 
@@ -59,8 +74,16 @@ def test_export_layout_and_builtin_verify(exported):
     delta, line = _reported_delta(stdout)
     assert delta < TOLERANCE and "greedy continuations identical" in line, line
     files = set(os.listdir(out))
-    assert {"config.json", "generation_config.json", "configuration_crystalcoder.py", "modeling_crystalcoder.py",
-            "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model"} <= files
+    assert {
+        "config.json",
+        "generation_config.json",
+        "configuration_crystalcoder.py",
+        "modeling_crystalcoder.py",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+    } <= files
     index = json.loads((out / "model.safetensors.index.json").read_text())
     from safetensors.torch import load_file
 
@@ -109,8 +132,9 @@ def _compare_tp2_megatron_with_hf(ckpt_dir, hf_dir, result_queue):
 
         prompt = ids[:1, :8]
         meg = megatron_greedy(TP2Logits(), prompt, c.vocab_size, 16)
-        gen = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False,
-                          pad_token_id=2)[0].tolist()
+        gen = hf.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False, pad_token_id=2
+        )[0].tolist()
     if parallel_state.get_tensor_model_parallel_rank() == 0:
         result_queue.put((worst, scale, meg, gen))
 
@@ -121,8 +145,9 @@ def test_transformers_load_matches_megatron_at_tp2(trained, exported):
 
     queue = mp.get_context("spawn").SimpleQueue()
     os.environ["HF_HUB_OFFLINE"] = "1"
-    run_in_process_group(_compare_tp2_megatron_with_hf, str(trained), str(exported[0]), queue, world_size=2, tp=2,
-                         timeout=240)
+    run_in_process_group(
+        _compare_tp2_megatron_with_hf, str(trained), str(exported[0]), queue, world_size=2, tp=2, timeout=240
+    )
     worst, scale, meg, gen = queue.get()
     assert worst < TOLERANCE, f"max |delta logits| {worst}"
     assert scale > 0.1  # not a comparison of near-zero logits
@@ -179,8 +204,14 @@ def test_round_trip_is_bitwise_and_trains_at_tp2_pp2(trained, exported, tmp_path
 
     def two_steps(load, name, extra=()):
         metrics = tmp_path / f"{name}.jsonl"
-        train(4, demo_run(tmp_path, layout_flags(tp=2, pp=2) + [
-            "--train-iters", "2", "--load", str(load), "--metrics-jsonl", str(metrics), *extra]))
+        train(
+            4,
+            demo_run(
+                tmp_path,
+                layout_flags(tp=2, pp=2)
+                + ["--train-iters", "2", "--load", str(load), "--metrics-jsonl", str(metrics), *extra],
+            ),
+        )
         return read_metrics(metrics)
 
     from_import = two_steps(imported, "imported")
@@ -200,11 +231,17 @@ def test_7b_config_and_weight_names_match_the_release(tmp_path):
     written = json.loads((tmp_path / "config.json").read_text())
     assert written == release and list(written) == list(release)
 
-    names = {hf_format.to_hf(n, torch.empty(0))[0]: hf_format.reference_shape(n, cfg) for n in hf_format.reference_names(cfg)}
-    per_layer = [f"{m}.{k}" for m in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_fc2", "mlp.c_proj")
-                 for k in ("weight", "bias")]
+    names = {
+        hf_format.to_hf(n, torch.empty(0))[0]: hf_format.reference_shape(n, cfg) for n in hf_format.reference_names(cfg)
+    }
+    per_layer = [
+        f"{m}.{k}"
+        for m in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_fc2", "mlp.c_proj")
+        for k in ("weight", "bias")
+    ]
     expected = {"transformer.wte.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"} | {
-        f"transformer.h.{i}.{p}" for i in range(32) for p in per_layer}
+        f"transformer.h.{i}.{p}" for i in range(32) for p in per_layer
+    }
     assert set(names) == expected
     total = sum(torch.Size(s).numel() for s in names.values())
     assert total == 6_575_278_720  # the release's unique parameters
@@ -237,7 +274,7 @@ def test_bad_inputs_fail_with_one_line(trained, exported, tmp_path, capsys):
         code = mains[script](list(map(str, args)))
         err = capsys.readouterr().err
         assert code == 2, err
-        lines = [l for l in err.splitlines() if "error:" in l]
+        lines = [line for line in err.splitlines() if "error:" in line]
         assert len(lines) == 1, err
         return lines[0]
 
@@ -245,7 +282,9 @@ def test_bad_inputs_fail_with_one_line(trained, exported, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert "no checkpoint" in error("--load", tmp_path / "empty", "--output", out)
     assert "no such directory" in error("--load", tmp_path / "nope", "--output", out)
-    assert "no checkpoint of iteration 99 (found: iter_0000003)" in error("--load", trained, "--ckpt-step", "99", "--output", out)
+    assert "no checkpoint of iteration 99 (found: iter_0000003)" in error(
+        "--load", trained, "--ckpt-step", "99", "--output", out
+    )
     assert "already exists and is not empty" in error("--load", trained, "--output", exported[0])
     fake = tmp_path / "fake"
     (fake / "iter_0000003").mkdir(parents=True)
@@ -261,13 +300,16 @@ def test_bad_inputs_fail_with_one_line(trained, exported, tmp_path, capsys):
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
-    assert "model_type 'gpt2' is not 'crystalcoder'" in error("--input", gpt2, "--save", out, script="convert_from_hf.py")
+    assert "model_type 'gpt2' is not 'crystalcoder'" in error(
+        "--input", gpt2, "--save", out, script="convert_from_hf.py"
+    )
     partial = tmp_path / "partial"
     subprocess.run(["cp", "-r", str(exported[0]), str(partial)], check=True)
     (partial / "model-00001-of-00001.safetensors").unlink()
     assert "which is missing" in error("--input", partial, "--save", out, script="convert_from_hf.py")
-    assert "does not divide the 4 layers" in error("--input", exported[0], "--save", out,
-                                                  "--pipeline-model-parallel-size", "3", script="convert_from_hf.py")
+    assert "does not divide the 4 layers" in error(
+        "--input", exported[0], "--save", out, "--pipeline-model-parallel-size", "3", script="convert_from_hf.py"
+    )
     assert not out.exists()
 
 
@@ -275,9 +317,24 @@ def test_killed_export_leaves_no_final_directory(trained, tmp_path):
     """SIGKILL after the weights are written (during --verify): the target never appears."""
     out = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "convert_to_hf.py"), "--load", str(trained),
-                             "--output", str(out), "--dtype", "fp32", "--verify"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "tools" / "convert_to_hf.py"),
+            "--load",
+            str(trained),
+            "--output",
+            str(out),
+            "--dtype",
+            "fp32",
+            "--verify",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     try:
         for line in proc.stdout:
             if line.startswith("wrote "):
@@ -299,12 +356,22 @@ def test_export_of_an_earlier_iteration_without_distributed_optimizer(tmp_path):
     first, verified, and its weights differ from the latest's (exported unverified: the other tests
     verify latest exports)."""
     ckpt = tmp_path / "ckpt"
-    train(4, demo_run(tmp_path, layout_flags(pp=2) + ["--train-iters", "2", "--save", str(ckpt), "--save-interval", "1"]))
+    train(
+        4, demo_run(tmp_path, layout_flags(pp=2) + ["--train-iters", "2", "--save", str(ckpt), "--save-interval", "1"])
+    )
     outputs = {}
     for step in ("1", None):
         out = tmp_path / f"hf{step}"
-        proc = run_tool("convert_to_hf.py", "--load", ckpt, "--output", out, "--dtype", "fp32",
-                        *(["--ckpt-step", step] if step else ["--no-verify"]))
+        proc = run_tool(
+            "convert_to_hf.py",
+            "--load",
+            ckpt,
+            "--output",
+            out,
+            "--dtype",
+            "fp32",
+            *(["--ckpt-step", step] if step else ["--no-verify"]),
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"(iteration {step or 2})" in proc.stdout
         if step:
@@ -312,7 +379,9 @@ def test_export_of_an_earlier_iteration_without_distributed_optimizer(tmp_path):
         from safetensors.torch import load_file
 
         outputs[step] = load_file(out / "model-00001-of-00001.safetensors")
-    assert not torch.equal(outputs["1"]["transformer.h.0.attn.c_attn.weight"], outputs[None]["transformer.h.0.attn.c_attn.weight"])
+    assert not torch.equal(
+        outputs["1"]["transformer.h.0.attn.c_attn.weight"], outputs[None]["transformer.h.0.attn.c_attn.weight"]
+    )
 
 
 @pytest.mark.parametrize("single_file", ["model.safetensors", "pytorch_model.bin"])

@@ -4,7 +4,6 @@ with either optimizer kind: Megatron's plain one (its default) and the distribut
 import math
 
 import pytest
-
 from distributed_run import TINY_RUN, layout_flags, read_metrics, train
 
 STEPS = 10
@@ -49,11 +48,15 @@ def _assert_continues(straight, got, exact):
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("resume_nproc,resume_layout,exact", [
-    (2, dict(tp=2), True),
-    (2, dict(pp=2), False),
-    (1, dict(), False),
-], ids=["same_layout", "tp2_to_pp2", "tp2_to_single"])
+@pytest.mark.parametrize(
+    "resume_nproc,resume_layout,exact",
+    [
+        (2, dict(tp=2), True),
+        (2, dict(pp=2), False),
+        (1, dict(), False),
+    ],
+    ids=["same_layout", "tp2_to_pp2", "tp2_to_single"],
+)
 def test_resume_continues_identically(straight, first, dist_opt, resume_nproc, resume_layout, exact, tmp_path):
     first, ckpt = first
     second = _train(resume_nproc, dict(resume_layout, dist_opt=dist_opt), tmp_path, "second", ["--load", str(ckpt)])
@@ -88,10 +91,24 @@ def test_plain_optimizer_resumes_the_base_width_preset(tmp_path):
     for nproc, layout in ((1, {}), (8, dict(tp=2, pp=2))):
         name = f"tp{layout.get('tp', 1)}pp{layout.get('pp', 1)}"
         ckpt = tmp_path / f"{name}_ckpt"
-        straight = _train(nproc, layout, tmp_path, f"{name}_straight", ["--save", str(ckpt), "--save-interval", "2"],
-                          run=TINY_PRESET, steps=4)
-        resumed = _train(nproc, layout, tmp_path, f"{name}_resumed", ["--load", str(ckpt), "--ckpt-step", "2"],
-                         run=TINY_PRESET, steps=4)
+        straight = _train(
+            nproc,
+            layout,
+            tmp_path,
+            f"{name}_straight",
+            ["--save", str(ckpt), "--save-interval", "2"],
+            run=TINY_PRESET,
+            steps=4,
+        )
+        resumed = _train(
+            nproc,
+            layout,
+            tmp_path,
+            f"{name}_resumed",
+            ["--load", str(ckpt), "--ckpt-step", "2"],
+            run=TINY_PRESET,
+            steps=4,
+        )
         _assert_continues(straight[2:], resumed, exact=True)
         runs[name] = straight, ckpt
     straight, ckpt = runs["tp2pp2"]

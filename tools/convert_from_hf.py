@@ -31,7 +31,9 @@ def parse_args(argv):
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="as pretrain_crystal.py will use")
-    p.add_argument("--tokenizer-model", help="tokenizer to record in the checkpoint (default: the input's tokenizer.model)")
+    p.add_argument(
+        "--tokenizer-model", help="tokenizer to record in the checkpoint (default: the input's tokenizer.model)"
+    )
     p.add_argument("--tokenizer-type", default="CrystalTokenizer", choices=["CrystalTokenizer", "HuggingFaceTokenizer"])
     return p.parse_args(argv)
 
@@ -45,8 +47,10 @@ def _check_layout(cfg, tp: int, pp: int, divisible_by: int) -> str | None:
     if tp < 1 or pp < 1:
         return "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1"
     if cfg.num_attention_heads % tp or cfg.ffn_hidden_size % tp:
-        return (f"--tensor-model-parallel-size {tp} must divide the {cfg.num_attention_heads} heads and the "
-                f"FFN width {cfg.ffn_hidden_size}")
+        return (
+            f"--tensor-model-parallel-size {tp} must divide the {cfg.num_attention_heads} heads and the "
+            f"FFN width {cfg.ffn_hidden_size}"
+        )
     if divisible_by % tp:
         return f"--tensor-model-parallel-size {tp} does not divide --make-vocab-size-divisible-by {divisible_by}"
     if cfg.num_layers % pp:
@@ -69,8 +73,9 @@ def main(argv=None) -> int:
         weights = HFWeights(args.input, cfg)
     except (OutputExistsError, FormatError) as e:
         return _fail(str(e))
-    problem = _check_layout(cfg, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                            args.make_vocab_size_divisible_by)
+    problem = _check_layout(
+        cfg, args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.make_vocab_size_divisible_by
+    )
     if problem:
         return _fail(problem)
     tokenizer_model = args.tokenizer_model
@@ -84,8 +89,10 @@ def main(argv=None) -> int:
     start = time.time()
     with staged_directory(args.save) as staging:
         path = import_checkpoint(weights, staging, args.make_vocab_size_divisible_by, tokenizer)
-    print(f"wrote {os.path.join(args.save, os.path.basename(path))} in {time.time() - start:.1f}s; train from it with "
-          f"pretrain_crystal.py --load {args.save} (iteration 0, fresh optimizer)")
+    print(
+        f"wrote {os.path.join(args.save, os.path.basename(path))} in {time.time() - start:.1f}s; train from it with "
+        f"pretrain_crystal.py --load {args.save} (iteration 0, fresh optimizer)"
+    )
     return 0
 
 

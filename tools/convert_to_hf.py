@@ -36,9 +36,14 @@ def parse_args(argv):
     p.add_argument("--tokenizer-model", help="tokenizer to ship (default: the one the checkpoint was trained with)")
     p.add_argument("--tokenizer-type", default="CrystalTokenizer", choices=["CrystalTokenizer", "HuggingFaceTokenizer"])
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--verify", dest="verify", action="store_true", default=None,
-                   help=f"compare logits and greedy output with the Megatron model (default on up to "
-                        f"{VERIFY_BY_DEFAULT_UP_TO / 1e9:.0f}B parameters)")
+    g.add_argument(
+        "--verify",
+        dest="verify",
+        action="store_true",
+        default=None,
+        help=f"compare logits and greedy output with the Megatron model (default on up to "
+        f"{VERIFY_BY_DEFAULT_UP_TO / 1e9:.0f}B parameters)",
+    )
     g.add_argument("--no-verify", dest="verify", action="store_false")
     return p.parse_args(argv)
 
@@ -70,10 +75,16 @@ def main(argv=None) -> int:
     if tokenizer_model is None and reader.tokenizer:
         tokenizer_type, tokenizer_model = reader.tokenizer["type"], reader.tokenizer["model"]
     if tokenizer_model is not None and not os.path.isfile(tokenizer_model):
-        return _fail(f"tokenizer {tokenizer_model} (from {'--tokenizer-model' if args.tokenizer_model else reader.path}) does not exist")
+        return _fail(
+            f"tokenizer {tokenizer_model} (from {'--tokenizer-model' if args.tokenizer_model else reader.path}) "
+            "does not exist"
+        )
     verify = args.verify if args.verify is not None else cfg.num_parameters() <= VERIFY_BY_DEFAULT_UP_TO
-    print(f"exporting {reader.path} (iteration {reader.iteration}): {cfg.num_parameters():,} parameters, "
-          f"{cfg.num_layers} layers, vocab {cfg.vocab_size} (padded {reader.padded_vocab}) -> {args.output} ({args.dtype})")
+    print(
+        f"exporting {reader.path} (iteration {reader.iteration}): {cfg.num_parameters():,} parameters, "
+        f"{cfg.num_layers} layers, vocab {cfg.vocab_size} (padded {reader.padded_vocab}) -> {args.output} "
+        f"({args.dtype})"
+    )
 
     start = time.time()
     try:
@@ -82,24 +93,34 @@ def main(argv=None) -> int:
             if tokenizer_model is not None:
                 tokenizer = save_hf_tokenizer(tokenizer_type, tokenizer_model, staging)
             else:
-                print("warning: the checkpoint names no tokenizer (mock data?) and none was given: no tokenizer files written")
+                print(
+                    "warning: the checkpoint names no tokenizer (mock data?) and none was given: "
+                    "no tokenizer files written"
+                )
             hf_export.write_metadata_files(cfg, staging)
             index = hf_export.write_weights(reader, staging, dtype, int(args.max_shard_size_gb * 2**30))
             peak = hf_export.peak_rss_bytes()
             shards = len(set(index["weight_map"].values()))
-            print(f"wrote {len(index['weight_map'])} tensors, {index['metadata']['total_size'] / 2**20:,.1f} MiB "
-                  f"in {shards} shard(s) in {time.time() - start:.1f}s; peak resident memory {peak / 2**20:,.0f} MiB")
+            print(
+                f"wrote {len(index['weight_map'])} tensors, {index['metadata']['total_size'] / 2**20:,.1f} MiB "
+                f"in {shards} shard(s) in {time.time() - start:.1f}s; peak resident memory {peak / 2**20:,.0f} MiB"
+            )
             if verify:
                 report = parity.verify(reader.path, cfg, reader.padded_vocab, staging, dtype, tokenizer)
                 decode = tokenizer.decode if tokenizer is not None else str
                 for meg, hf in zip(report.megatron_greedy, report.hf_greedy):
                     print(f"  greedy  megatron: {decode(meg)!r}\n          hf:       {decode(hf)!r}")
-                print(f"verify: max |delta logits| {report.max_abs_diff:.3e} (tolerance {parity.TOLERANCE:g}, "
-                      f"logits up to {report.logit_scale:.2f}); greedy continuations "
-                      f"{'identical' if report.megatron_greedy == report.hf_greedy else 'DIFFER'}")
+                print(
+                    f"verify: max |delta logits| {report.max_abs_diff:.3e} (tolerance {parity.TOLERANCE:g}, "
+                    f"logits up to {report.logit_scale:.2f}); greedy continuations "
+                    f"{'identical' if report.megatron_greedy == report.hf_greedy else 'DIFFER'}"
+                )
                 if not report.ok:
-                    raise SystemExit(_fail("verification failed: the export does not reproduce the Megatron model; "
-                                           "nothing was written"))
+                    raise SystemExit(
+                        _fail(
+                            "verification failed: the export does not reproduce the Megatron model; nothing was written"
+                        )
+                    )
     except (CheckpointError, TokenizerError) as e:
         return _fail(str(e))
     print(f"done: {args.output}")

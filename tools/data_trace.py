@@ -87,8 +87,15 @@ def main(argv=None) -> int:
             stream = streams[ref.source]
             epoch, position = stream.locate(ref.index)
             _, runs = stream.packed(epoch, position)
-            samples.append({"source": stream.spec.name, "phase_index": ref.phase, "index": ref.index, "epoch": epoch,
-                            "runs": [[r.doc_id, r.doc_offset, r.length] for r in runs]})
+            samples.append(
+                {
+                    "source": stream.spec.name,
+                    "phase_index": ref.phase,
+                    "index": ref.index,
+                    "epoch": epoch,
+                    "runs": [[r.doc_id, r.doc_offset, r.length] for r in runs],
+                }
+            )
         print(json.dumps({"step": step, "phase": config.phases[refs[0].phase].name, "samples": samples}))
     return 0
 

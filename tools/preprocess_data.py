@@ -5,8 +5,9 @@ Megatron-LM's flags. Beyond them: bad records (malformed JSON, missing or non-st
 a lone surrogate, empty text) are counted per reason and skipped (--on-error skip) or stop the run naming
 file and line (--on-error fail). A damaged file (truncated .gz, corrupt .zst or .parquet) is reported in
 one line with the records read before the damage, which are kept; the rest of that file is skipped and the
-run goes on with the other files (--on-error fail: stops there). Outputs appear under their final names only when complete; a missing input,
-unreadable tokenizer or unwritable output directory fails before any worker starts.
+run goes on with the other files (--on-error fail: stops there). Outputs appear under their final names only
+when complete; a missing input, unreadable tokenizer or unwritable output directory fails before any worker
+starts.
 
   python tools/preprocess_data.py --input data/ --output-prefix out/corpus \\
       --tokenizer-model tok.model --append-eod --workers 16
@@ -108,6 +109,7 @@ def _encode_chunk(records: list[tuple[int, bytes | dict]]) -> ChunkResult:
 
 # ---- main side ---------------------------------------------------------------------------------
 
+
 def _chunks(files: list[str], args: argparse.Namespace, totals: Totals):
     for path in files:
         batch = []
@@ -137,7 +139,10 @@ def output_prefixes(args: argparse.Namespace) -> dict[str, str]:
 
 def _process_partition(files, out_prefixes, args, dtype, totals, progress) -> None:
     """Tokenise files with a bounded, ordered stream of tasks over this partition's own workers."""
-    builders = {key: indexed_output.import_megatron_datasets().IndexedDatasetBuilder(indexed_output.bin_path(p), dtype=dtype) for key, p in out_prefixes.items()}
+    builders = {
+        key: indexed_output.import_megatron_datasets().IndexedDatasetBuilder(indexed_output.bin_path(p), dtype=dtype)
+        for key, p in out_prefixes.items()
+    }
     workers = max(1, args.workers // args.partitions)
     pool = concurrent.futures.ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(args,))
     try:
@@ -204,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model or tokenizers .json")
     p.add_argument("--append-eod", action="store_true")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--partitions", type=int, default=1, help="groups of input files tokenised concurrently, then merged")
+    p.add_argument(
+        "--partitions", type=int, default=1, help="groups of input files tokenised concurrently, then merged"
+    )
     p.add_argument("--split-sentences", action="store_true")
     p.add_argument("--keep-newlines", action="store_true", help="with --split-sentences: keep newlines in sentences")
     p.add_argument("--lang", default="english", help="nltk punkt language")
@@ -240,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     finals = output_prefixes(args)
     groups = _partition(files, min(args.partitions, len(files)))
-    parts = [{key: indexed_output.temp_prefix(f"{prefix}.part{i}") for key, prefix in finals.items()}
-             for i in range(len(groups))]
+    parts = [
+        {key: indexed_output.temp_prefix(f"{prefix}.part{i}") for key, prefix in finals.items()}
+        for i in range(len(groups))
+    ]
     totals = Totals()
     bar = tqdm(unit=" docs", desc="tokenising", dynamic_ncols=True, mininterval=1.0)
 
@@ -251,12 +260,16 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(n_docs)
             if bar.n // args.log_interval != before // args.log_interval or bar.n == n_docs:
                 elapsed = time.perf_counter() - start
-                bar.set_postfix_str(f"{totals.tokens / elapsed:,.0f} tok/s, {totals.input_bytes / elapsed / 2**20:.1f} MB/s")
+                bar.set_postfix_str(
+                    f"{totals.tokens / elapsed:,.0f} tok/s, {totals.input_bytes / elapsed / 2**20:.1f} MB/s"
+                )
 
     try:
         with concurrent.futures.ThreadPoolExecutor(len(groups)) as drivers:
-            futures = [drivers.submit(_process_partition, g, part, args, dtype, totals, progress)
-                       for g, part in zip(groups, parts)]
+            futures = [
+                drivers.submit(_process_partition, g, part, args, dtype, totals, progress)
+                for g, part in zip(groups, parts)
+            ]
             for f in futures:
                 f.result()
         for key, final in finals.items():
@@ -266,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
                 indexed_output.merge([part[key] for part in parts], final, dtype)
     except (PreprocessError, concurrent.futures.process.BrokenProcessPool, KeyboardInterrupt) as e:
         bar.close()
-        reason = "a worker died" if isinstance(e, concurrent.futures.process.BrokenProcessPool) else str(e) or "interrupted"
+        reason = (
+            "a worker died" if isinstance(e, concurrent.futures.process.BrokenProcessPool) else str(e) or "interrupted"
+        )
         print(f"preprocess_data.py: error: {reason}; no output written", file=sys.stderr)
         return 1
     finally:
@@ -277,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
 
     seconds = time.perf_counter() - start
     skipped = ", ".join(f"{r} {totals.skipped[r]}" for r in SKIP_REASONS if totals.skipped[r]) or "none"
-    print(f"done: {totals.documents:,} documents, {totals.tokens:,} tokens, skipped: {skipped} | "
-          f"{seconds:.1f} s, {totals.tokens / seconds:,.0f} tokens/s, {totals.input_bytes / seconds / 2**20:.1f} MB/s")
+    print(
+        f"done: {totals.documents:,} documents, {totals.tokens:,} tokens, skipped: {skipped} | "
+        f"{seconds:.1f} s, {totals.tokens / seconds:,.0f} tokens/s, {totals.input_bytes / seconds / 2**20:.1f} MB/s"
+    )
     for example in totals.examples:
         print(f"  skipped {example}")
     if totals.damaged:

@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         remove_extra_whitespaces=False,
         normalization_rule_name="identity",
         character_coverage=0.99995,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
         input_sentence_size=args.max_lines,
         shuffle_input_sentence=True,
         seed_sentencepiece_size=1_000_000,
@@ -71,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     for ext in (".model", ".vocab"):
         os.replace(tmp_prefix + ext, args.output_prefix + ext)
     tok = CrystalTokenizer(args.output_prefix + ".model")
-    print(f"wrote {args.output_prefix}.model: {tok.base_vocab_size} pieces + {len(CRYSTAL_SPECIAL_TOKENS)} "
-          f"Crystal specials at {tok.base_vocab_size}..{tok.base_vocab_size + len(CRYSTAL_SPECIAL_TOKENS) - 1}, "
-          f"padded vocabulary {tok.vocab_size}")
+    print(
+        f"wrote {args.output_prefix}.model: {tok.base_vocab_size} pieces + {len(CRYSTAL_SPECIAL_TOKENS)} "
+        f"Crystal specials at {tok.base_vocab_size}..{tok.base_vocab_size + len(CRYSTAL_SPECIAL_TOKENS) - 1}, "
+        f"padded vocabulary {tok.vocab_size}"
+    )
     return 0
 
 

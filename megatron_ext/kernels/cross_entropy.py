@@ -15,13 +15,14 @@ The muP logit multiplier is not fused here: it is applied to the final norm's ou
 from __future__ import annotations
 
 import torch
-
 from megatron.core import tensor_parallel
 
 from megatron_ext.kernels.triton_runtime import HAVE_TRITON, runs_on
 
 
-def cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, vocab_size: int) -> torch.Tensor:
+def cross_entropy_reference(
+    logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, vocab_size: int
+) -> torch.Tensor:
     """Megatron-Core's vocab-parallel cross-entropy with the columns at or beyond vocab_size (the padding)
     out of the softmax. logits [s, b, V/TP] (this rank's columns from vocab_start), labels [s, b]."""
     per_rank = logits.shape[-1]
@@ -36,8 +37,17 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _row_statistics_kernel(logits_ptr, labels_ptr, max_ptr, sum_ptr, target_ptr, vocab_start, vocab_size,
-                               COLUMNS: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _row_statistics_kernel(
+        logits_ptr,
+        labels_ptr,
+        max_ptr,
+        sum_ptr,
+        target_ptr,
+        vocab_start,
+        vocab_size,
+        COLUMNS: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
         row = tl.program_id(0).to(tl.int64)
         local_label = tl.load(labels_ptr + row) - vocab_start
         running_max = tl.full((), float("-inf"), tl.float32)
@@ -59,8 +69,18 @@ if HAVE_TRITON:
         tl.store(target_ptr + row, target)
 
     @triton.jit
-    def _gradient_kernel(logits_ptr, labels_ptr, max_ptr, sum_ptr, grad_loss_ptr, grad_ptr, columns, vocab_start,
-                         vocab_size, BLOCK_V: tl.constexpr):
+    def _gradient_kernel(
+        logits_ptr,
+        labels_ptr,
+        max_ptr,
+        sum_ptr,
+        grad_loss_ptr,
+        grad_ptr,
+        columns,
+        vocab_start,
+        vocab_size,
+        BLOCK_V: tl.constexpr,
+    ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
         inside = cols < columns
@@ -83,8 +103,9 @@ class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
         rows = logits2d.shape[0]
         stats = torch.empty(3, rows, dtype=torch.float32, device=logits.device)
         row_max, row_sum, target = stats[0], stats[1], stats[2]
-        _row_statistics_kernel[(rows,)](logits2d, labels1d, row_max, row_sum, target, vocab_start, vocab_size,
-                                        COLUMNS=columns, BLOCK_V=_BLOCK_V)
+        _row_statistics_kernel[(rows,)](
+            logits2d, labels1d, row_max, row_sum, target, vocab_start, vocab_size, COLUMNS=columns, BLOCK_V=_BLOCK_V
+        )
         global_max = row_max.clone()
         torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX, group=group)
         row_sum = row_sum * torch.exp(row_max - global_max).nan_to_num_(0.0)  # a rank of padding only: -inf - max
@@ -102,13 +123,23 @@ class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
         rows, columns = logits2d.shape
         grad = torch.empty_like(logits2d)
         _gradient_kernel[(rows, triton.cdiv(columns, _BLOCK_V))](
-            logits2d, labels1d, global_max, global_sum, grad_loss.reshape(-1).float().contiguous(), grad, columns,
-            vocab_start, vocab_size, BLOCK_V=_BLOCK_V)
+            logits2d,
+            labels1d,
+            global_max,
+            global_sum,
+            grad_loss.reshape(-1).float().contiguous(),
+            grad,
+            columns,
+            vocab_start,
+            vocab_size,
+            BLOCK_V=_BLOCK_V,
+        )
         return grad.reshape(shape), None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, vocab_size: int,
-                                 group) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, vocab_size: int, group
+) -> torch.Tensor:
     """Per-token loss [s, b] of logits [s, b, V/TP] (this rank's columns from vocab_start) and labels
     [s, b]; columns at or beyond vocab_size are padding, outside the softmax."""
     if runs_on(logits):

@@ -20,7 +20,6 @@ their output reduction outside, as in Megatron-Core.
 from __future__ import annotations
 
 import torch
-
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import _gather_along_first_dim, _reduce_scatter_along_first_dim
@@ -105,9 +104,20 @@ class _FP8Mixin:
         self.fp8_state = FP8LinearState(recipe, self.weight.device, group)
         self._fp8_mm = mm
 
-    def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
-                      sequence_parallel=False, tp_group=None, **unused):
-        output = _FP8Linear.apply(input, weight, self.fp8_state, sequence_parallel, allreduce_dgrad, tp_group, self._fp8_mm)
+    def _forward_impl(
+        self,
+        input,
+        weight,
+        bias=None,
+        gradient_accumulation_fusion=False,
+        allreduce_dgrad=False,
+        sequence_parallel=False,
+        tp_group=None,
+        **unused,
+    ):
+        output = _FP8Linear.apply(
+            input, weight, self.fp8_state, sequence_parallel, allreduce_dgrad, tp_group, self._fp8_mm
+        )
         return output + bias if bias is not None else output
 
     def get_extra_state(self):

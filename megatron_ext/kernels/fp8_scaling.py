@@ -58,7 +58,7 @@ class FP8Recipe:
 
 
 def compute_scale(amax: torch.Tensor, previous: torch.Tensor, fp8_max: float, margin: int) -> torch.Tensor:
-    scale = (fp8_max / amax) / (2.0 ** margin)
+    scale = (fp8_max / amax) / (2.0**margin)
     keep = (amax <= 0) | ~torch.isfinite(amax) | ~torch.isfinite(scale)
     return torch.where(keep, previous, scale)
 
@@ -93,10 +93,26 @@ if HAVE_TRITON:
         return ((a / step + magic) - magic) * step
 
     @triton.jit
-    def _amax_cast_kernel(x_ptr, q_ptr, qt_ptr, scale_ptr, amax_ptr, rows, cols, stride_r, stride_c,
-                          padded_rows, padded_cols, fp8_max, CAST: tl.constexpr, TRANSPOSE: tl.constexpr,
-                          MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _amax_cast_kernel(
+        x_ptr,
+        q_ptr,
+        qt_ptr,
+        scale_ptr,
+        amax_ptr,
+        rows,
+        cols,
+        stride_r,
+        stride_c,
+        padded_rows,
+        padded_cols,
+        fp8_max,
+        CAST: tl.constexpr,
+        TRANSPOSE: tl.constexpr,
+        MANTISSA_BITS: tl.constexpr,
+        MIN_EXPONENT: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         rows_i = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols_i = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
         r, c = rows_i[:, None], cols_i[None, :]
@@ -125,10 +141,24 @@ if HAVE_TRITON:
         mantissa_bits, min_exponent = _FORMAT_BITS[dtype]
         grid = (triton.cdiv(pr, block_r), triton.cdiv(pc, block_c))
         _amax_cast_kernel[grid](
-            x, q if q is not None else amax, qt if qt is not None else amax, scale if scale is not None else amax, amax,
-            rows, cols, x.stride(0), x.stride(1), pr, pc, torch.finfo(dtype).max,
-            CAST=scale is not None, TRANSPOSE=qt is not None, MANTISSA_BITS=mantissa_bits,
-            MIN_EXPONENT=min_exponent, BLOCK_R=block_r, BLOCK_C=block_c,
+            x,
+            q if q is not None else amax,
+            qt if qt is not None else amax,
+            scale if scale is not None else amax,
+            amax,
+            rows,
+            cols,
+            x.stride(0),
+            x.stride(1),
+            pr,
+            pc,
+            torch.finfo(dtype).max,
+            CAST=scale is not None,
+            TRANSPOSE=qt is not None,
+            MANTISSA_BITS=mantissa_bits,
+            MIN_EXPONENT=min_exponent,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
         )
         return q, qt, amax
 
@@ -176,8 +206,11 @@ class ScalingState:
     def state_dict(self) -> dict:
         # Copies: the tensors may be views into the rows update_delayed_scales made for all states,
         # and saving a view saves its whole storage.
-        return {"amax_history": self.amax_history.to("cpu", copy=True), "scale": self.scale.to("cpu", copy=True),
-                "calibrated": torch.tensor(self.calibrated)}
+        return {
+            "amax_history": self.amax_history.to("cpu", copy=True),
+            "scale": self.scale.to("cpu", copy=True),
+            "calibrated": torch.tensor(self.calibrated),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         history = state["amax_history"].to(self.amax_history.device)
@@ -210,8 +243,9 @@ def update_delayed_scales(states: list[ScalingState], applied: bool) -> None:
         histories = torch.roll(torch.stack([s.amax_history for s in delayed]), 1, dims=1)
         histories[:, 0] = amaxes
         fp8_max = torch.tensor([s.fp8_max for s in delayed], device=amaxes.device)
-        scales = compute_scale(histories.amax(dim=1), torch.stack([s.scale for s in delayed]), fp8_max,
-                               delayed[0].recipe.margin)
+        scales = compute_scale(
+            histories.amax(dim=1), torch.stack([s.scale for s in delayed]), fp8_max, delayed[0].recipe.margin
+        )
         for state, history, scale in zip(delayed, histories.unbind(), scales.unbind()):
             state.amax_history, state.scale = history, scale
     for state, zero in zip(delayed, torch.zeros(len(delayed), device=delayed[0].step_amax.device).unbind()):

@@ -10,7 +10,6 @@ element once and writes it once; the backward is the same rotation by the opposi
 from __future__ import annotations
 
 import torch
-
 from megatron.core.transformer.attention import SelfAttention
 
 from megatron_ext.kernels.triton_runtime import HAVE_TRITON, runs_on
@@ -36,8 +35,20 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rotate_token(x_ptr, out_ptr, heads, s_x, s_out, cos, sin, head_dim, half_rot,
-                      BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _rotate_token(
+        x_ptr,
+        out_ptr,
+        heads,
+        s_x,
+        s_out,
+        cos,
+        sin,
+        head_dim,
+        half_rot,
+        BLOCK_H: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         h = tl.arange(0, BLOCK_H)[:, None]
         p = tl.arange(0, BLOCK_P)[None, :]
         pairs = (h < heads) & (p < half_rot)
@@ -51,19 +62,62 @@ if HAVE_TRITON:
         tl.store(out_ptr + h * s_out + d, tl.load(x_ptr + h * s_x + d, mask=rest), mask=rest)
 
     @triton.jit
-    def _rope_qk_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, angles_ptr, batch, q_heads, k_heads,
-                        qs_s, qs_b, qs_h, ks_s, ks_b, ks_h, head_dim, half_rot, direction,
-                        BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _rope_qk_kernel(
+        q_ptr,
+        k_ptr,
+        q_out_ptr,
+        k_out_ptr,
+        angles_ptr,
+        batch,
+        q_heads,
+        k_heads,
+        qs_s,
+        qs_b,
+        qs_h,
+        ks_s,
+        ks_b,
+        ks_h,
+        head_dim,
+        half_rot,
+        direction,
+        BLOCK_H: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         token = tl.program_id(0).to(tl.int64)  # offsets beyond 2^31 elements at large micro batches
         s, b = token // batch, token % batch
         p = tl.arange(0, BLOCK_P)[None, :]
         angle = tl.load(angles_ptr + s * half_rot + p, mask=p < half_rot, other=0.0)
         cos, sin = tl.cos(angle), direction * tl.sin(angle)
         # Outputs are contiguous [s, b, heads, head_dim].
-        _rotate_token(q_ptr + s * qs_s + b * qs_b, q_out_ptr + token * q_heads * head_dim, q_heads, qs_h, head_dim,
-                      cos, sin, head_dim, half_rot, BLOCK_H, BLOCK_P, BLOCK_D)
-        _rotate_token(k_ptr + s * ks_s + b * ks_b, k_out_ptr + token * k_heads * head_dim, k_heads, ks_h, head_dim,
-                      cos, sin, head_dim, half_rot, BLOCK_H, BLOCK_P, BLOCK_D)
+        _rotate_token(
+            q_ptr + s * qs_s + b * qs_b,
+            q_out_ptr + token * q_heads * head_dim,
+            q_heads,
+            qs_h,
+            head_dim,
+            cos,
+            sin,
+            head_dim,
+            half_rot,
+            BLOCK_H,
+            BLOCK_P,
+            BLOCK_D,
+        )
+        _rotate_token(
+            k_ptr + s * ks_s + b * ks_b,
+            k_out_ptr + token * k_heads * head_dim,
+            k_heads,
+            ks_h,
+            head_dim,
+            cos,
+            sin,
+            head_dim,
+            half_rot,
+            BLOCK_H,
+            BLOCK_P,
+            BLOCK_D,
+        )
 
     def _launch(q: torch.Tensor, k: torch.Tensor, angles: torch.Tensor, direction: float):
         if q.stride(-1) != 1:
@@ -71,12 +125,31 @@ if HAVE_TRITON:
         if k.stride(-1) != 1:
             k = k.contiguous()
         s, b, q_heads, head_dim = q.shape
-        q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        q_out, k_out = (
+            torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device),
+        )
         half_rot = angles.shape[-1]
         _rope_qk_kernel[(s * b,)](
-            q, k, q_out, k_out, angles, b, q_heads, k.shape[2], q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2), head_dim, half_rot, direction,
-            BLOCK_H=triton.next_power_of_2(max(q_heads, k.shape[2])), BLOCK_P=triton.next_power_of_2(half_rot),
+            q,
+            k,
+            q_out,
+            k_out,
+            angles,
+            b,
+            q_heads,
+            k.shape[2],
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            head_dim,
+            half_rot,
+            direction,
+            BLOCK_H=triton.next_power_of_2(max(q_heads, k.shape[2])),
+            BLOCK_P=triton.next_power_of_2(half_rot),
             BLOCK_D=triton.next_power_of_2(head_dim),
         )
         return q_out, k_out

@@ -9,14 +9,14 @@ with Crystal's muP scale 1/head_dim passed as ``scale``.
 from __future__ import annotations
 
 import torch.nn.functional as F
-
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 
 class TorchSDPAttention(DotProductAttention):
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         mask_type = attn_mask_type or self.attn_mask_type
         if packed_seq_params is not None or attention_bias is not None or mask_type != AttnMaskType.causal:
             raise ValueError("TorchSDPAttention covers causal attention over unpacked sequences only")

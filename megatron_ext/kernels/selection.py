@@ -49,8 +49,12 @@ def probe() -> Probes:
             te = "unknown version"
     if not torch.cuda.is_available():
         return Probes(te_version=te, triton=importlib.util.find_spec("triton") is not None)
-    return Probes(te_version=te, gpu_name=torch.cuda.get_device_name(), compute_capability=torch.cuda.get_device_capability(),
-                  triton=importlib.util.find_spec("triton") is not None)
+    return Probes(
+        te_version=te,
+        gpu_name=torch.cuda.get_device_name(),
+        compute_capability=torch.cuda.get_device_capability(),
+        triton=importlib.util.find_spec("triton") is not None,
+    )
 
 
 @dataclass(frozen=True)
@@ -74,28 +78,47 @@ class KernelPath:
         if self.fp8 is None:
             fp8 = "off (bf16/fp32 GEMMs)"
         else:
-            engine = "TE" if self.uses_te else ("torch._scaled_mm" if self.on_gpu else "torch._scaled_mm on CPU: emulated, for tests")
-            fp8 = (f"{self.fp8.format} {self.fp8.recipe} (amax history {self.fp8.amax_history_len}, margin "
-                   f"{self.fp8.margin}; {engine})")
+            engine = (
+                "TE"
+                if self.uses_te
+                else ("torch._scaled_mm" if self.on_gpu else "torch._scaled_mm on CPU: emulated, for tests")
+            )
+            fp8 = (
+                f"{self.fp8.format} {self.fp8.recipe} (amax history {self.fp8.amax_history_len}, margin "
+                f"{self.fp8.margin}; {engine})"
+            )
         on_off = lambda flag: "on" if flag else "off"  # noqa: E731
         layernorm = "fused into the next linear (TE)" if self.uses_te else "torch"
-        return (f"{impl} | attention: {self.attention} | fp8: {fp8} | fused rope (Triton): {on_off(self.fused_rope)} | "
-                f"fused bias+SwiGLU (Triton): {on_off(self.fused_swiglu)} | fused cross-entropy (Triton): "
-                f"{on_off(self.fused_cross_entropy)} | LayerNorm: {layernorm}")
+        return (
+            f"{impl} | attention: {self.attention} | fp8: {fp8} | fused rope (Triton): {on_off(self.fused_rope)} | "
+            f"fused bias+SwiGLU (Triton): {on_off(self.fused_swiglu)} | fused cross-entropy (Triton): "
+            f"{on_off(self.fused_cross_entropy)} | LayerNorm: {layernorm}"
+        )
 
 
-def select(transformer_impl: str = "auto", attention_backend: str = "auto", fp8_format: str | None = None,
-           fp8_recipe: str = "delayed", fp8_amax_history_len: int = 1024, fp8_margin: int = 0,
-           fp8_cpu_emulation: bool = False, probes: Probes | None = None) -> KernelPath:
+def select(
+    transformer_impl: str = "auto",
+    attention_backend: str = "auto",
+    fp8_format: str | None = None,
+    fp8_recipe: str = "delayed",
+    fp8_amax_history_len: int = 1024,
+    fp8_margin: int = 0,
+    fp8_cpu_emulation: bool = False,
+    probes: Probes | None = None,
+) -> KernelPath:
     p = probes if probes is not None else probe()
     gpu = p.gpu_name is not None
     if transformer_impl == "transformer_engine":
         if p.te_version is None:
-            raise KernelPathError("--transformer-impl transformer_engine: Transformer Engine does not import here "
-                                  "(use the NGC container, or --transformer-impl local)")
+            raise KernelPathError(
+                "--transformer-impl transformer_engine: Transformer Engine does not import here "
+                "(use the NGC container, or --transformer-impl local)"
+            )
         if not gpu:
             raise KernelPathError("--transformer-impl transformer_engine needs a GPU; this run has none")
-    use_te = transformer_impl == "transformer_engine" or (transformer_impl == "auto" and p.te_version is not None and gpu)
+    use_te = transformer_impl == "transformer_engine" or (
+        transformer_impl == "auto" and p.te_version is not None and gpu
+    )
 
     recipe = None
     if fp8_format is not None:
@@ -103,14 +126,19 @@ def select(transformer_impl: str = "auto", attention_backend: str = "auto", fp8_
             raise KernelPathError(f"--fp8-format {fp8_format}: choose one of {', '.join(FORMATS)}")
         if gpu and p.compute_capability < FP8_MIN_CAPABILITY:
             major, minor = p.compute_capability
-            raise KernelPathError(f"--fp8-format {fp8_format}: {p.gpu_name} (compute capability {major}.{minor}) has "
-                                  "no FP8 tensor cores (8.9+ needed: H100, H200, L40S); train in bf16 without --fp8-format")
+            raise KernelPathError(
+                f"--fp8-format {fp8_format}: {p.gpu_name} (compute capability {major}.{minor}) has "
+                "no FP8 tensor cores (8.9+ needed: H100, H200, L40S); train in bf16 without --fp8-format"
+            )
         if not gpu and not fp8_cpu_emulation:
-            raise KernelPathError(f"--fp8-format {fp8_format} on CPU: FP8 is emulated there, for tests only; "
-                                  "pass --fp8-cpu-emulation to ask for it")
+            raise KernelPathError(
+                f"--fp8-format {fp8_format} on CPU: FP8 is emulated there, for tests only; "
+                "pass --fp8-cpu-emulation to ask for it"
+            )
         if not use_te and fp8_recipe in TE_ONLY_RECIPES:
-            raise KernelPathError(f"--fp8-recipe {fp8_recipe} needs Transformer Engine; the native path has "
-                                  f"{', '.join(RECIPES)}")
+            raise KernelPathError(
+                f"--fp8-recipe {fp8_recipe} needs Transformer Engine; the native path has {', '.join(RECIPES)}"
+            )
         if fp8_recipe not in RECIPES + TE_ONLY_RECIPES:
             raise KernelPathError(f"--fp8-recipe {fp8_recipe}: choose one of {', '.join(RECIPES + TE_ONLY_RECIPES)}")
         recipe = FP8Recipe(fp8_format, fp8_recipe, fp8_amax_history_len, fp8_margin)
@@ -122,8 +150,10 @@ def select(transformer_impl: str = "auto", attention_backend: str = "auto", fp8_
     elif attention_backend in ("auto", "flash"):
         attention = "torch scaled_dot_product_attention" + (" (flash / memory-efficient kernels)" if gpu else "")
     elif attention_backend == "fused":
-        raise KernelPathError("--attention-backend fused is Transformer Engine's cuDNN attention; not available "
-                              "on the local spec (use auto, flash, unfused or local)")
+        raise KernelPathError(
+            "--attention-backend fused is Transformer Engine's cuDNN attention; not available "
+            "on the local spec (use auto, flash, unfused or local)"
+        )
     else:
         attention = "Megatron-Core DotProductAttention (unfused)"
     triton_kernels = gpu and p.triton

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core.transformer.mlp import MLP
 
 from megatron_ext.kernels.triton_runtime import HAVE_TRITON, runs_on
@@ -39,8 +38,9 @@ if HAVE_TRITON:
         return gate, up
 
     @triton.jit
-    def _swiglu_forward_kernel(y_ptr, b_ptr, out_ptr, rows, width, HAS_BIAS: tl.constexpr,
-                               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _swiglu_forward_kernel(
+        y_ptr, b_ptr, out_ptr, rows, width, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+    ):
         r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
         mask = (r < rows) & (c < width)
@@ -49,8 +49,17 @@ if HAVE_TRITON:
         tl.store(out_ptr + r * width + c, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_backward_kernel(grad_ptr, y_ptr, b_ptr, dy_ptr, rows, width, HAS_BIAS: tl.constexpr,
-                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _swiglu_backward_kernel(
+        grad_ptr,
+        y_ptr,
+        b_ptr,
+        dy_ptr,
+        rows,
+        width,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
         mask = (r < rows) & (c < width)
@@ -76,8 +85,9 @@ class _FusedBiasSwiGLU(torch.autograd.Function):
         rows, width = y2d.shape[0], y2d.shape[1] // 2
         out = torch.empty(rows, width, dtype=y.dtype, device=y.device)
         has_bias = bias is not None
-        _swiglu_forward_kernel[_grid(rows, width)](y2d, bias if has_bias else y2d, out, rows, width, has_bias,
-                                                   BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C)
+        _swiglu_forward_kernel[_grid(rows, width)](
+            y2d, bias if has_bias else y2d, out, rows, width, has_bias, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C
+        )
         ctx.save_for_backward(y2d, bias)
         ctx.shape = y.shape
         return out.reshape(*y.shape[:-1], width)
@@ -88,8 +98,17 @@ class _FusedBiasSwiGLU(torch.autograd.Function):
         rows, width = y2d.shape[0], y2d.shape[1] // 2
         dy = torch.empty_like(y2d)
         has_bias = bias is not None
-        _swiglu_backward_kernel[_grid(rows, width)](grad.contiguous(), y2d, bias if has_bias else y2d, dy, rows, width,
-                                                    has_bias, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C)
+        _swiglu_backward_kernel[_grid(rows, width)](
+            grad.contiguous(),
+            y2d,
+            bias if has_bias else y2d,
+            dy,
+            rows,
+            width,
+            has_bias,
+            BLOCK_R=_BLOCK_R,
+            BLOCK_C=_BLOCK_C,
+        )
         grad_bias = dy.sum(dim=0, dtype=torch.float32).to(bias.dtype) if has_bias else None
         return dy.reshape(ctx.shape), grad_bias
 

@@ -31,9 +31,7 @@ class CrystalConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden size {self.hidden_size} is not divisible by {self.num_attention_heads} heads"
-            )
+            raise ValueError(f"hidden size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
         if self.rotary_dim % 2:
             raise ValueError(f"rotary dim {self.rotary_dim} (head dim x rotary percent) must be even")
 
@@ -83,9 +81,7 @@ class CrystalConfig:
 
 PRESETS: dict[str, CrystalConfig] = {
     # The released CrystalCoder 7B.
-    "crystal-7b": CrystalConfig(
-        hidden_size=4096, num_layers=32, num_attention_heads=32, ffn_hidden_size=10922
-    ),
+    "crystal-7b": CrystalConfig(hidden_size=4096, num_layers=32, num_attention_heads=32, ffn_hidden_size=10922),
     # Same recipe at a quarter of the width, for small clusters (FFN 8/3 x hidden, as the 7B).
     "crystal-1b": CrystalConfig(
         hidden_size=2048,

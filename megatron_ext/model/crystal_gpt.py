@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import AttnBackend
@@ -49,8 +48,12 @@ def transformer_config(
     if path.uses_te:
         te_options["attention_backend"] = AttnBackend[path.attention_backend]
         if path.fp8 is not None:
-            te_options.update(fp8=path.fp8.format, fp8_recipe=path.fp8.recipe, fp8_margin=path.fp8.margin,
-                          fp8_amax_history_len=path.fp8.amax_history_len)
+            te_options.update(
+                fp8=path.fp8.format,
+                fp8_recipe=path.fp8.recipe,
+                fp8_margin=path.fp8.margin,
+                fp8_amax_history_len=path.fp8.amax_history_len,
+            )
     return TransformerConfig(
         num_layers=crystal.num_layers,
         hidden_size=crystal.hidden_size,
@@ -98,8 +101,9 @@ class CrystalGPTModel(GPTModel):
     """GPTModel plus muP's embedding multiplier (applied after the lookup, before the first block), and a
     loss that ignores the vocabulary's padding rows."""
 
-    def __init__(self, *args, embedding_multiplier: float, unpadded_vocab_size: int, fused_cross_entropy: bool = False,
-                 **kwargs):
+    def __init__(
+        self, *args, embedding_multiplier: float, unpadded_vocab_size: int, fused_cross_entropy: bool = False, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.embedding_multiplier = embedding_multiplier
         self.unpadded_vocab_size = unpadded_vocab_size
@@ -112,8 +116,9 @@ class CrystalGPTModel(GPTModel):
         leaves the padding rows without gradient. labels [b, s], logits [s, b, V/TP] -> loss [b, s]."""
         first = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
         if self.fused_cross_entropy:
-            loss = vocab_parallel_cross_entropy(logits, labels.t(), first, self.unpadded_vocab_size,
-                                                parallel_state.get_tensor_model_parallel_group())
+            loss = vocab_parallel_cross_entropy(
+                logits, labels.t(), first, self.unpadded_vocab_size, parallel_state.get_tensor_model_parallel_group()
+            )
         else:
             loss = cross_entropy_reference(logits, labels.t().contiguous(), first, self.unpadded_vocab_size)
         return loss.t().contiguous()

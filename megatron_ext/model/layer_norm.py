@@ -10,7 +10,6 @@ gradients are partial sums: tagging them ``sequence_parallel`` makes Megatron-Co
 from __future__ import annotations
 
 import torch
-
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 

@@ -32,7 +32,9 @@ from megatron_ext.kernels.swiglu import FusedSwiGLUMLP
 from megatron_ext.model.layer_norm import CrystalLayerNorm
 
 # Megatron-Core's own modules, unfused: the reference path (release parity, model tests).
-PLAIN_LOCAL = KernelPath(transformer_impl="local", attention="Megatron-Core DotProductAttention (unfused)", on_gpu=False)
+PLAIN_LOCAL = KernelPath(
+    transformer_impl="local", attention="Megatron-Core DotProductAttention (unfused)", on_gpu=False
+)
 
 
 def _te_modules():
@@ -54,8 +56,10 @@ def crystal_layer_spec(path: KernelPath = PLAIN_LOCAL) -> ModuleSpec:
         norm = IdentityOp
         # The fused norms' parameters are saved under the local spec's names, so that checkpoints (and
         # the release tools reading them) are the same whichever path trained them.
-        keys_map = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
-                    "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
+        keys_map = {
+            "self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+            "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm.",
+        }
     else:
         column, row = fp8_linear_classes(path.fp8) if path.fp8 else (ColumnParallelLinear, RowParallelLinear)
         core_attention = TorchSDPAttention if path.attention.startswith("torch") else DotProductAttention
@@ -94,7 +98,5 @@ def crystal_block_spec(
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(
         layer_specs=[crystal_layer_spec(path)] * num_layers,
-        layer_norm=ModuleSpec(
-            module=CrystalLayerNorm, params={"output_multiplier": output_multiplier}
-        ),
+        layer_norm=ModuleSpec(module=CrystalLayerNorm, params={"output_multiplier": output_multiplier}),
     )

@@ -11,7 +11,6 @@ Vocabulary rows are zero-padded up to Megatron's padded size.
 from __future__ import annotations
 
 import torch
-
 from megatron.core import parallel_state
 
 from megatron_ext.model.crystal_config import CrystalConfig

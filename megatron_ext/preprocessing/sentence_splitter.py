@@ -22,7 +22,8 @@ def load_punkt(lang: str):
             continue
     return PunktSentenceTokenizer(), (
         f"warning: nltk punkt data for {lang!r} is not installed (set NLTK_DATA); "
-        "splitting sentences with an untrained Punkt tokenizer")
+        "splitting sentences with an untrained Punkt tokenizer"
+    )
 
 
 def split_sentences(tokenizer, text: str, keep_newlines: bool) -> list[str]:

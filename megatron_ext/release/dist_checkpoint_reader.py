@@ -62,7 +62,9 @@ class DistCheckpointReader:
             raise CheckpointError(f"--load {root}: no such directory")
         path = root if os.path.isfile(os.path.join(root, "metadata.json")) else checkpoint_path(root, step)
         if path is None:
-            raise CheckpointError(f"--load {root}: no checkpoint (no latest_checkpointed_iteration.txt, no iter_* given)")
+            raise CheckpointError(
+                f"--load {root}: no checkpoint (no latest_checkpointed_iteration.txt, no iter_* given)"
+            )
         self.path = path
         common = read_common_state(path)
         self.iteration = common.get("iteration")
@@ -90,12 +92,18 @@ class DistCheckpointReader:
         c = self.crystal
         h, f, layers = c.hidden_size, c.ffn_hidden_size, c.num_layers
         per_layer = {
-            "input_layernorm.weight": (h,), "input_layernorm.bias": (h,),
-            "self_attention.linear_qkv.weight": (3 * h, h), "self_attention.linear_qkv.bias": (3 * h,),
-            "self_attention.linear_proj.weight": (h, h), "self_attention.linear_proj.bias": (h,),
-            "pre_mlp_layernorm.weight": (h,), "pre_mlp_layernorm.bias": (h,),
-            "mlp.linear_fc1.weight": (2 * f, h), "mlp.linear_fc1.bias": (2 * f,),
-            "mlp.linear_fc2.weight": (h, f), "mlp.linear_fc2.bias": (h,),
+            "input_layernorm.weight": (h,),
+            "input_layernorm.bias": (h,),
+            "self_attention.linear_qkv.weight": (3 * h, h),
+            "self_attention.linear_qkv.bias": (3 * h,),
+            "self_attention.linear_proj.weight": (h, h),
+            "self_attention.linear_proj.bias": (h,),
+            "pre_mlp_layernorm.weight": (h,),
+            "pre_mlp_layernorm.bias": (h,),
+            "mlp.linear_fc1.weight": (2 * f, h),
+            "mlp.linear_fc1.bias": (2 * f,),
+            "mlp.linear_fc2.weight": (h, f),
+            "mlp.linear_fc2.bias": (h,),
         }
         shapes = {LAYER_PREFIX + k: (layers, *s) for k, s in per_layer.items()}
         shapes["decoder.final_layernorm.weight"] = shapes["decoder.final_layernorm.bias"] = (h,)

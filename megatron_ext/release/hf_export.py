@@ -37,8 +37,9 @@ def write_metadata_files(cfg, directory: str) -> None:
         shutil.copy(os.path.join(hf_format.MODELING_DIR, name), os.path.join(directory, name))
 
 
-def write_weights(reader: DistCheckpointReader, directory: str, dtype: torch.dtype, max_shard_bytes: int,
-                  show_progress: bool = True) -> dict:
+def write_weights(
+    reader: DistCheckpointReader, directory: str, dtype: torch.dtype, max_shard_bytes: int, show_progress: bool = True
+) -> dict:
     """Stream every tensor of the checkpoint into sharded safetensors; returns the index."""
     cfg = reader.crystal
     names = hf_format.reference_names(cfg)

@@ -75,8 +75,12 @@ def crystal_config_from_hf(config: dict, where: str) -> CrystalConfig:
     """The model config of a CrystalCoder config.json; rejects anything not Crystal-shaped."""
     if config.get("model_type") != "crystalcoder":
         raise FormatError(f"{where}: model_type {config.get('model_type')!r} is not 'crystalcoder'")
-    fixed = {"activation_function": "swiglu", "position_embedding_type": "rotary", "tie_word_embeddings": True,
-             "mup_scale_qk_dot_by_d": True}
+    fixed = {
+        "activation_function": "swiglu",
+        "position_embedding_type": "rotary",
+        "tie_word_embeddings": True,
+        "mup_scale_qk_dot_by_d": True,
+    }
     for key, expected in fixed.items():
         if config.get(key, expected) != expected:
             raise FormatError(f"{where}: {key} = {config[key]!r}; Crystal needs {expected!r}")
@@ -128,8 +132,13 @@ def reference_shape(name: str, cfg: CrystalConfig) -> tuple[int, ...]:
     if name == "wte.weight":
         return (cfg.vocab_size, h)
     part, kind = name.rsplit(".", 1)
-    out_in = {"attn.c_attn": (3 * h, h), "attn.c_proj": (h, h), "mlp.c_fc": (f, h), "mlp.c_fc2": (f, h),
-              "mlp.c_proj": (h, f)}
+    out_in = {
+        "attn.c_attn": (3 * h, h),
+        "attn.c_proj": (h, h),
+        "mlp.c_fc": (f, h),
+        "mlp.c_fc2": (f, h),
+        "mlp.c_proj": (h, f),
+    }
     for suffix, shape in out_in.items():
         if part.endswith(suffix):
             return shape if kind == "weight" else shape[:1]

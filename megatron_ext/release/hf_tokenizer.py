@@ -27,8 +27,10 @@ def save_hf_tokenizer(tokenizer_type: str, model_path: str, directory: str):
         hf.add_special_tokens({"additional_special_tokens": list(CRYSTAL_SPECIAL_TOKENS)})
         ids = hf.convert_tokens_to_ids(list(CRYSTAL_SPECIAL_TOKENS))
         if ids != [tokenizer.special_tokens[t] for t in CRYSTAL_SPECIAL_TOKENS]:
-            raise TokenizerError(f"{model_path}: the converted tokenizer puts the special tokens at {ids[:3]}..., "
-                                 f"training used {tokenizer.base_vocab_size}...")
+            raise TokenizerError(
+                f"{model_path}: the converted tokenizer puts the special tokens at {ids[:3]}..., "
+                f"training used {tokenizer.base_vocab_size}..."
+            )
         shutil.copy(model_path, os.path.join(directory, "tokenizer.model"))
     else:
         from transformers import PreTrainedTokenizerFast

@@ -36,7 +36,9 @@ class HFWeights(Mapping):
             shape = tuple(self._shape(hf_format.HF_PREFIX + name))
             want = hf_format.hf_shape(name, cfg)
             if shape != want:
-                raise FormatError(f"{hf_dir}: {hf_format.HF_PREFIX + name} has shape {shape}, config.json implies {want}")
+                raise FormatError(
+                    f"{hf_dir}: {hf_format.HF_PREFIX + name} has shape {shape}, config.json implies {want}"
+                )
 
     def _weight_map(self) -> dict[str, str]:
         for index in _INDEX_FILES:

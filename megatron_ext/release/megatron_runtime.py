@@ -29,7 +29,8 @@ def single_process():
 
 def build_model(crystal: CrystalConfig, padded_vocab: int, device: torch.device):
     """The fp32 model, weights left uninitialised (they are loaded next)."""
-    from megatron_ext.model.crystal_gpt import build_model as build_chunks, transformer_config
+    from megatron_ext.model.crystal_gpt import build_model as build_chunks
+    from megatron_ext.model.crystal_gpt import transformer_config
 
     config = transformer_config(crystal, use_cpu_initialization=True, perform_initialization=False)
     (model,) = build_chunks(crystal, config, padded_vocab)

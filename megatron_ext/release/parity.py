@@ -55,12 +55,17 @@ def compare(megatron_model, hf_model, crystal, prompt_ids: list[torch.Tensor], n
         scale = max(scale, expected.abs().max().item())
         new = min(new_tokens, crystal.seq_length - ids.shape[1])
         meg_gen.append(megatron_greedy(megatron_model, ids, crystal.vocab_size, new))
-        hf_gen.append(hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                        do_sample=False, pad_token_id=EOS_ID)[0].tolist())
+        hf_gen.append(
+            hf_model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False, pad_token_id=EOS_ID
+            )[0].tolist()
+        )
     return ParityReport(max_diff, scale, meg_gen, hf_gen)
 
 
-def verify(checkpoint_path: str, crystal, padded_vocab: int, hf_dir: str, dtype: torch.dtype, tokenizer=None) -> ParityReport:
+def verify(
+    checkpoint_path: str, crystal, padded_vocab: int, hf_dir: str, dtype: torch.dtype, tokenizer=None
+) -> ParityReport:
     """Load both models on this machine and compare them. A bf16 export is compared with the Megatron
     weights rounded to bf16, so that both sides hold the same numbers and the fp32 tolerance applies."""
     from transformers import AutoModelForCausalLM

@@ -42,8 +42,14 @@ def _header(shard: list, dtype: str) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_sharded(directory: str, entries: list[tuple[str, tuple[int, ...]]], tensors, dtype: torch.dtype,
-                  max_shard_bytes: int, progress=None) -> dict:
+def write_sharded(
+    directory: str,
+    entries: list[tuple[str, tuple[int, ...]]],
+    tensors,
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+    progress=None,
+) -> dict:
     """Write the tensors (an iterator of (name, tensor) in the order of entries) as
     model-0000i-of-0000n.safetensors files and the index; returns the index."""
     shards = _plan_shards(entries, torch.tensor([], dtype=dtype).element_size(), max_shard_bytes)

@@ -12,10 +12,24 @@ import functools
 import os
 
 CRYSTAL_SPECIAL_TOKENS = (
-    "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|filename|>", "<|gh_stars|>",
-    "<|issue_start|>", "<|issue_comment|>", "<|issue_closed|>", "<|jupyter_start|>", "<|jupyter_text|>",
-    "<|jupyter_code|>", "<|jupyter_output|>", "<|empty_output|>", "<|commit_before|>", "<|commit_msg|>",
-    "<|commit_after|>", "<|reponame|>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|filename|>",
+    "<|gh_stars|>",
+    "<|issue_start|>",
+    "<|issue_comment|>",
+    "<|issue_closed|>",
+    "<|jupyter_start|>",
+    "<|jupyter_text|>",
+    "<|jupyter_code|>",
+    "<|jupyter_output|>",
+    "<|empty_output|>",
+    "<|commit_before|>",
+    "<|commit_msg|>",
+    "<|commit_after|>",
+    "<|reponame|>",
 )
 VOCAB_PAD_MULTIPLE = 32
 

@@ -24,46 +24,69 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain Crystal on Megatron-Core (tensor, pipeline and data parallel).",
     )
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="crystal-tiny", help="preset name (crystal-7b, crystal-1b, crystal-tiny, crystal-test)")
+    g.add_argument(
+        "--model", default="crystal-tiny", help="preset name (crystal-7b, crystal-1b, crystal-tiny, crystal-test)"
+    )
     g.add_argument("--num-layers", type=int, help="override the preset")
     g.add_argument("--hidden-size", type=int, help="override the preset")
     g.add_argument("--num-attention-heads", type=int, help="override the preset")
     g.add_argument("--ffn-hidden-size", type=int, help="override the preset")
     g.add_argument("--seq-length", type=int, help="override the preset's sequence length")
     g.add_argument("--vocab-size", type=int, help="override the preset (before padding)")
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                   help="pad the vocabulary to a multiple of this, the same at every TP size (32032 -> 32128)")
-    g.add_argument("--mup-scale-bias-lr", action="store_true",
-                   help="also scale the lr of biases and norms by the muP width scale (LLM360's Megatron port did)")
+    g.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=128,
+        help="pad the vocabulary to a multiple of this, the same at every TP size (32032 -> 32128)",
+    )
+    g.add_argument(
+        "--mup-scale-bias-lr",
+        action="store_true",
+        help="also scale the lr of biases and norms by the muP width scale (LLM360's Megatron port did)",
+    )
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int,
-                   help="layers per model chunk; enables the interleaved 1F1B schedule")
+    g.add_argument(
+        "--num-layers-per-virtual-pipeline-stage",
+        type=int,
+        help="layers per model chunk; enables the interleaved 1F1B schedule",
+    )
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
-    g.add_argument("--distributed-backend", choices=["nccl", "gloo"],
-                   help="default: nccl with CUDA, gloo without")
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"], help="default: nccl with CUDA, gloo without")
 
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, default=8)
-    g.add_argument("--train-iters", type=int, help="default: the phases' total with --phases, else 100; "
-                   "fewer stops the run early")
-    g.add_argument("--exit-interval", type=int,
-                   help="stop (saving first, with --save) once the iteration is a multiple of this")
-    g.add_argument("--max-skipped-steps", type=int, default=5,
-                   help="stop after this many consecutive steps whose gradients were not finite (each is skipped)")
-    g.add_argument("--loss-spike-window", type=int, default=0,
-                   help="skip the update of a step whose loss exceeds mean + k sigma of the last this many applied "
-                        "steps (0: off); such steps count towards --max-skipped-steps")
+    g.add_argument(
+        "--train-iters", type=int, help="default: the phases' total with --phases, else 100; fewer stops the run early"
+    )
+    g.add_argument(
+        "--exit-interval", type=int, help="stop (saving first, with --save) once the iteration is a multiple of this"
+    )
+    g.add_argument(
+        "--max-skipped-steps",
+        type=int,
+        default=5,
+        help="stop after this many consecutive steps whose gradients were not finite (each is skipped)",
+    )
+    g.add_argument(
+        "--loss-spike-window",
+        type=int,
+        default=0,
+        help="skip the update of a step whose loss exceeds mean + k sigma of the last this many applied "
+        "steps (0: off); such steps count towards --max-skipped-steps",
+    )
     g.add_argument("--loss-spike-sigma", type=float, default=6.0, help="k of --loss-spike-window")
     g.add_argument("--lr", type=float, default=1.2e-2, help="base (muP) learning rate; Crystal phase 1: 0.012")
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-decay-iters", type=int, help="default: --train-iters")
-    g.add_argument("--lr-decay-style", default="linear", choices=["constant", "linear", "cosine", "inverse-square-root"])
+    g.add_argument(
+        "--lr-decay-style", default="linear", choices=["constant", "linear", "cosine", "inverse-square-root"]
+    )
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
@@ -73,27 +96,47 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
 
     g = p.add_argument_group("kernels (megatron_ext/kernels/selection.py)")
-    g.add_argument("--transformer-impl", choices=("auto", "transformer_engine", "local"), default="auto",
-                   help="auto: Transformer Engine's layers when TE imports and a GPU is present, else the local spec "
-                        "with this project's kernels")
-    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
-                   help="local spec: auto/flash = torch SDPA, unfused/local = Megatron-Core's DotProductAttention; "
-                        "TE: passed to TE")
-    g.add_argument("--fp8-format", choices=FORMATS, help="train the linear layers in FP8 (H100-class GPUs); "
-                   "hybrid: e4m3 forward, e5m2 gradients")
-    g.add_argument("--fp8-recipe", choices=RECIPES + TE_ONLY_RECIPES, default="delayed",
-                   help="delayed: scales from an amax history; tensorwise: from the current amax (mxfp8 and "
-                        "blockwise: TE only)")
+    g.add_argument(
+        "--transformer-impl",
+        choices=("auto", "transformer_engine", "local"),
+        default="auto",
+        help="auto: Transformer Engine's layers when TE imports and a GPU is present, else the local spec "
+        "with this project's kernels",
+    )
+    g.add_argument(
+        "--attention-backend",
+        choices=ATTENTION_BACKENDS,
+        default="auto",
+        help="local spec: auto/flash = torch SDPA, unfused/local = Megatron-Core's DotProductAttention; "
+        "TE: passed to TE",
+    )
+    g.add_argument(
+        "--fp8-format",
+        choices=FORMATS,
+        help="train the linear layers in FP8 (H100-class GPUs); hybrid: e4m3 forward, e5m2 gradients",
+    )
+    g.add_argument(
+        "--fp8-recipe",
+        choices=RECIPES + TE_ONLY_RECIPES,
+        default="delayed",
+        help="delayed: scales from an amax history; tensorwise: from the current amax (mxfp8 and blockwise: TE only)",
+    )
     g.add_argument("--fp8-amax-history-len", type=int, default=1024)
     g.add_argument("--fp8-margin", type=int, default=0, help="scale down by 2^margin below the largest representable")
-    g.add_argument("--fp8-cpu-emulation", action="store_true",
-                   help="allow --fp8-format on CPU (torch._scaled_mm's CPU kernel): for tests, not for speed")
+    g.add_argument(
+        "--fp8-cpu-emulation",
+        action="store_true",
+        help="allow --fp8-format on CPU (torch._scaled_mm's CPU kernel): for tests, not for speed",
+    )
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", help="Megatron blend: [w1] prefix1 [w2 prefix2 ...]")
     g.add_argument("--mock-data", action="store_true", help="Megatron-Core's MockGPTDataset instead of --data-path")
-    g.add_argument("--phases", help="phases file (YAML): sources, and phases with their blend, FIM rates, lr "
-                   "schedule and batch size; replaces --data-path and the --lr* flags")
+    g.add_argument(
+        "--phases",
+        help="phases file (YAML): sources, and phases with their blend, FIM rates, lr "
+        "schedule and batch size; replaces --data-path and the --lr* flags",
+    )
     g.add_argument("--tokenizer-type", default="CrystalTokenizer", choices=["CrystalTokenizer", "HuggingFaceTokenizer"])
     g.add_argument("--tokenizer-model", help="SentencePiece .model (or tokenizers .json); sets the vocabulary size")
     g.add_argument("--split", default="969,30,1", help="train,valid,test split of --data-path documents")
@@ -103,16 +146,31 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", help="checkpoint directory")
     g.add_argument("--load", help="checkpoint directory to resume from (an empty directory starts fresh)")
-    g.add_argument("--ckpt-step", type=int, help="with --load: resume from this iteration's checkpoint (default: the latest)")
-    g.add_argument("--finetune", action="store_true",
-                   help="with --load: take the model weights only; optimizer, scheduler and iteration start afresh")
-    g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler", action="store_true",
-                   help="with --load: train on with this run's lr schedule (flags, or the phases file) where it "
-                        "differs from the checkpoint's (refused otherwise)")
-    g.add_argument("--use-checkpoint-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler",
-                   action="store_true", help="with --load: keep the checkpoint's lr schedule, whatever the flags say")
+    g.add_argument(
+        "--ckpt-step", type=int, help="with --load: resume from this iteration's checkpoint (default: the latest)"
+    )
+    g.add_argument(
+        "--finetune",
+        action="store_true",
+        help="with --load: take the model weights only; optimizer, scheduler and iteration start afresh",
+    )
+    g.add_argument(
+        "--override-opt-param-scheduler",
+        "--override-opt_param-scheduler",
+        action="store_true",
+        help="with --load: train on with this run's lr schedule (flags, or the phases file) where it "
+        "differs from the checkpoint's (refused otherwise)",
+    )
+    g.add_argument(
+        "--use-checkpoint-opt-param-scheduler",
+        "--use-checkpoint-opt_param-scheduler",
+        action="store_true",
+        help="with --load: keep the checkpoint's lr schedule, whatever the flags say",
+    )
     g.add_argument("--save-interval", type=int, help="default: only at the end when --save is given")
-    g.add_argument("--keep-last-checkpoints", type=int, help="remove older checkpoints, keeping this many (default: all)")
+    g.add_argument(
+        "--keep-last-checkpoints", type=int, help="remove older checkpoints, keeping this many (default: all)"
+    )
 
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=0, help="0: no evaluation")
@@ -120,9 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir")
     g.add_argument("--metrics-jsonl", help="append one JSON line per step (loss, grad norm, lr) to this file")
-    g.add_argument("--log-data-hash", action="store_true",
-                   help="add a hash of each step's input tokens to --metrics-jsonl: the same whatever the layout, "
-                        "so two runs (or a run and its resumption) can be shown to read the same data")
+    g.add_argument(
+        "--log-data-hash",
+        action="store_true",
+        help="add a hash of each step's input tokens to --metrics-jsonl: the same whatever the layout, "
+        "so two runs (or a run and its resumption) can be shown to read the same data",
+    )
     return p
 
 
@@ -154,18 +215,25 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
         raise ArgumentError(str(e)) from None
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     _require(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
-    _require(crystal.num_attention_heads % tp == 0,
-             f"--tensor-model-parallel-size {tp} does not divide the {crystal.num_attention_heads} attention heads")
-    _require(crystal.ffn_hidden_size % tp == 0,
-             f"--tensor-model-parallel-size {tp} does not divide the FFN width {crystal.ffn_hidden_size}"
-             + (" (10922 = 2 x 43 x 127: TP must be 1 or 2)" if crystal.ffn_hidden_size == 10922 else ""))
-    _require(crystal.num_layers % pp == 0,
-             f"--pipeline-model-parallel-size {pp} does not divide the {crystal.num_layers} layers")
-    _require(world_size % (tp * pp) == 0,
-             f"world size {world_size} is not a multiple of TP x PP = {tp} x {pp}")
-    _require(args.make_vocab_size_divisible_by >= 1 and args.make_vocab_size_divisible_by % tp == 0,
-             f"--tensor-model-parallel-size {tp} does not divide --make-vocab-size-divisible-by "
-             f"{args.make_vocab_size_divisible_by}, so the padded vocabulary would not split evenly")
+    _require(
+        crystal.num_attention_heads % tp == 0,
+        f"--tensor-model-parallel-size {tp} does not divide the {crystal.num_attention_heads} attention heads",
+    )
+    _require(
+        crystal.ffn_hidden_size % tp == 0,
+        f"--tensor-model-parallel-size {tp} does not divide the FFN width {crystal.ffn_hidden_size}"
+        + (" (10922 = 2 x 43 x 127: TP must be 1 or 2)" if crystal.ffn_hidden_size == 10922 else ""),
+    )
+    _require(
+        crystal.num_layers % pp == 0,
+        f"--pipeline-model-parallel-size {pp} does not divide the {crystal.num_layers} layers",
+    )
+    _require(world_size % (tp * pp) == 0, f"world size {world_size} is not a multiple of TP x PP = {tp} x {pp}")
+    _require(
+        args.make_vocab_size_divisible_by >= 1 and args.make_vocab_size_divisible_by % tp == 0,
+        f"--tensor-model-parallel-size {tp} does not divide --make-vocab-size-divisible-by "
+        f"{args.make_vocab_size_divisible_by}, so the padded vocabulary would not split evenly",
+    )
     dp = world_size // (tp * pp)
     args.data_parallel_size = dp
 
@@ -174,20 +242,30 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
         per_stage = crystal.num_layers // pp
         vp_layers = args.num_layers_per_virtual_pipeline_stage
         _require(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
-        _require(vp_layers >= 1 and per_stage % vp_layers == 0,
-                 f"--num-layers-per-virtual-pipeline-stage {vp_layers} does not divide the {per_stage} layers of a pipeline stage")
+        _require(
+            vp_layers >= 1 and per_stage % vp_layers == 0,
+            f"--num-layers-per-virtual-pipeline-stage {vp_layers} does not divide the {per_stage} layers of a "
+            "pipeline stage",
+        )
         args.virtual_pipeline_model_parallel_size = per_stage // vp_layers
 
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # as in Megatron-LM: nothing to split the sequence across
 
     _require(args.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
-    _require(sum(map(bool, (args.data_path, args.mock_data, args.phases))) == 1,
-             "give exactly one of --data-path, --mock-data and --phases")
+    _require(
+        sum(map(bool, (args.data_path, args.mock_data, args.phases))) == 1,
+        "give exactly one of --data-path, --mock-data and --phases",
+    )
     args.phases_config = _load_phases(args, crystal) if args.phases else None
-    batch_sizes = ([(f"{args.phases}: phases[{i}].global_batch_size", p.global_batch_size)
-                    for i, p in enumerate(args.phases_config.phases)] if args.phases_config
-                   else [("--global-batch-size", args.global_batch_size)])
+    batch_sizes = (
+        [
+            (f"{args.phases}: phases[{i}].global_batch_size", p.global_batch_size)
+            for i, p in enumerate(args.phases_config.phases)
+        ]
+        if args.phases_config
+        else [("--global-batch-size", args.global_batch_size)]
+    )
     for where, gbs in batch_sizes:
         _check_batch(args, where, gbs, dp, pp)
     args.global_batch_size = batch_sizes[0][1]
@@ -196,16 +274,22 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
     if args.phases_config:
         total = args.phases_config.total_iters
         args.train_iters = total if args.train_iters is None else args.train_iters
-        _require(args.train_iters <= total, f"--train-iters {args.train_iters} is beyond the phases' {total} iterations")
-        _require(not args.eval_interval or args.phases_config.validation_fraction > 0,
-                 f"--eval-interval with --phases needs validation_fraction > 0 in {args.phases}")
+        _require(
+            args.train_iters <= total, f"--train-iters {args.train_iters} is beyond the phases' {total} iterations"
+        )
+        _require(
+            not args.eval_interval or args.phases_config.validation_fraction > 0,
+            f"--eval-interval with --phases needs validation_fraction > 0 in {args.phases}",
+        )
     elif args.train_iters is None:
         args.train_iters = 100
     _require(args.train_iters >= 1, "--train-iters must be >= 1")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
-    _require(0 <= args.lr_warmup_iters < args.lr_decay_iters,
-             f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay length {args.lr_decay_iters}")
+    _require(
+        0 <= args.lr_warmup_iters < args.lr_decay_iters,
+        f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay length {args.lr_decay_iters}",
+    )
     _require(0 <= args.min_lr <= args.lr, f"--min-lr {args.min_lr} must lie in [0, --lr {args.lr}]")
 
     if args.data_path:
@@ -214,11 +298,17 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
         _require(os.path.isdir(args.load), f"--load {args.load}: no such directory")
     if args.ckpt_step is not None:
         _require(args.load is not None, "--ckpt-step needs --load")
-        _require(os.path.isdir(os.path.join(args.load, f"iter_{args.ckpt_step:07d}")),
-                 f"--ckpt-step {args.ckpt_step}: {args.load} has no iter_{args.ckpt_step:07d}")
-    _require(not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
-             "give at most one of --override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler")
-    _require(args.keep_last_checkpoints is None or args.keep_last_checkpoints >= 1, "--keep-last-checkpoints must be >= 1")
+        _require(
+            os.path.isdir(os.path.join(args.load, f"iter_{args.ckpt_step:07d}")),
+            f"--ckpt-step {args.ckpt_step}: {args.load} has no iter_{args.ckpt_step:07d}",
+        )
+    _require(
+        not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
+        "give at most one of --override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler",
+    )
+    _require(
+        args.keep_last_checkpoints is None or args.keep_last_checkpoints >= 1, "--keep-last-checkpoints must be >= 1"
+    )
     _require(args.max_skipped_steps >= 1, "--max-skipped-steps must be >= 1")
     _require(args.loss_spike_window == 0 or args.loss_spike_window >= 2, "--loss-spike-window must be 0 (off) or >= 2")
     _require(args.loss_spike_sigma > 0, "--loss-spike-sigma must be > 0")
@@ -233,8 +323,15 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
     _require(args.fp8_amax_history_len >= 1, "--fp8-amax-history-len must be >= 1")
     _require(args.fp8_margin >= 0, "--fp8-margin must be >= 0")
     try:
-        args.kernel_path = select(args.transformer_impl, args.attention_backend, args.fp8_format, args.fp8_recipe,
-                                  args.fp8_amax_history_len, args.fp8_margin, args.fp8_cpu_emulation)
+        args.kernel_path = select(
+            args.transformer_impl,
+            args.attention_backend,
+            args.fp8_format,
+            args.fp8_recipe,
+            args.fp8_amax_history_len,
+            args.fp8_margin,
+            args.fp8_cpu_emulation,
+        )
     except KernelPathError as e:
         raise ArgumentError(str(e)) from None
     return crystal
@@ -243,12 +340,15 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
 def _check_batch(args: argparse.Namespace, where: str, gbs: int, dp: int, pp: int) -> None:
     mbs = args.micro_batch_size
     _require(gbs >= 1, f"{where} must be >= 1")
-    _require(gbs % (mbs * dp) == 0,
-             f"{where} {gbs} is not divisible by --micro-batch-size {mbs} x data-parallel size {dp}")
+    _require(
+        gbs % (mbs * dp) == 0, f"{where} {gbs} is not divisible by --micro-batch-size {mbs} x data-parallel size {dp}"
+    )
     if args.virtual_pipeline_model_parallel_size:
-        _require((gbs // (mbs * dp)) % pp == 0,
-                 f"the interleaved schedule needs the {gbs // (mbs * dp)} micro-batches per step ({where}) "
-                 f"to be a multiple of PP {pp}")
+        _require(
+            (gbs // (mbs * dp)) % pp == 0,
+            f"the interleaved schedule needs the {gbs // (mbs * dp)} micro-batches per step ({where}) "
+            f"to be a multiple of PP {pp}",
+        )
 
 
 def _load_phases(args: argparse.Namespace, crystal: CrystalConfig):
@@ -262,8 +362,13 @@ def _load_phases(args: argparse.Namespace, crystal: CrystalConfig):
 
         tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
     try:
-        config = load_phases(args.phases, crystal.seq_length, args.global_batch_size, args.seed,
-                             has_fim_tokens=tokenizer is not None and FimTokenIds.of(tokenizer) is not None)
+        config = load_phases(
+            args.phases,
+            crystal.seq_length,
+            args.global_batch_size,
+            args.seed,
+            has_fim_tokens=tokenizer is not None and FimTokenIds.of(tokenizer) is not None,
+        )
     except PhasesConfigError as e:
         raise ArgumentError(str(e)) from None
     first = config.phases[0].lr

@@ -13,10 +13,9 @@ import os
 import shutil
 
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
-
 from megatron.core import dist_checkpointing
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ext import megatron_workarounds
 from megatron_ext.model.crystal_config import CrystalConfig
@@ -30,8 +29,6 @@ _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 class CheckpointError(RuntimeError):
     pass
-
-
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -71,10 +68,20 @@ def _is_distributed(optimizer) -> bool:
     return any(isinstance(o, DistributedOptimizer) for o in megatron_workarounds.inner_optimizers(optimizer))
 
 
-def save_checkpoint(root: str, iteration: int, model_chunks, crystal: CrystalConfig, padded_vocab: int,
-                    optimizer=None, scheduler=None, consumed_samples: int = 0, tokenizer: dict | None = None,
-                    data_state: dict | None = None, guard_state: dict | None = None,
-                    keep_last: int | None = None) -> str:
+def save_checkpoint(
+    root: str,
+    iteration: int,
+    model_chunks,
+    crystal: CrystalConfig,
+    padded_vocab: int,
+    optimizer=None,
+    scheduler=None,
+    consumed_samples: int = 0,
+    tokenizer: dict | None = None,
+    data_state: dict | None = None,
+    guard_state: dict | None = None,
+    keep_last: int | None = None,
+) -> str:
     """Write DIR/iter_N and then the tracker. Without an optimizer (an imported release) only the weights
     are stored, and a run that loads them starts at iteration 0 with a fresh optimizer.
 
@@ -114,9 +121,11 @@ def save_checkpoint(root: str, iteration: int, model_chunks, crystal: CrystalCon
             shutil.rmtree(path, ignore_errors=True)
         last = iteration_dir(root, latest) if latest is not None else "none"
         free = shutil.disk_usage(root).free
-        raise CheckpointError(f"--save {root}: the save of iteration {iteration} failed ({save_failure_cause(e)}; "
-                              f"{free:,} bytes free there); its partial directory is removed; the last complete "
-                              f"checkpoint: {last}") from None
+        raise CheckpointError(
+            f"--save {root}: the save of iteration {iteration} failed ({save_failure_cause(e)}; "
+            f"{free:,} bytes free there); its partial directory is removed; the last complete "
+            f"checkpoint: {last}"
+        ) from None
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         write_text_atomically(os.path.join(root, TRACKER), str(iteration))
@@ -161,7 +170,11 @@ def incomplete_reason(path: str, tensors: str = "all") -> str | None:
 
     for name in ("metadata.json", "common.pt", ".metadata"):
         if not os.path.isfile(os.path.join(path, name)):
-            return f"{path} is not a dist checkpoint (no {name})" if name == "metadata.json" else f"{path}: {name} is missing"
+            return (
+                f"{path} is not a dist checkpoint (no {name})"
+                if name == "metadata.json"
+                else f"{path}: {name} is missing"
+            )
     try:
         metadata = FileSystemReader(path).read_metadata()
     except Exception as e:  # a truncated or garbled .metadata raises whatever its unpickling hits
@@ -201,8 +214,10 @@ def checkpoint_path(root: str, step: int | None = None) -> str | None:
             return path
         print(f"warning: skipping a damaged checkpoint: {reason}", flush=True)
         reasons.append(reason)
-    raise CheckpointError(f"no complete checkpoint at or before iteration {latest}: "
-                          f"{reasons[0] if reasons else f'{iteration_dir(root, latest)} is missing'}")
+    raise CheckpointError(
+        f"no complete checkpoint at or before iteration {latest}: "
+        f"{reasons[0] if reasons else f'{iteration_dir(root, latest)} is missing'}"
+    )
 
 
 def abandoned_iterations(root: str) -> list[int]:
@@ -238,13 +253,18 @@ def read_common_state(path: str) -> dict:
 def check_model_matches(path: str, common: dict, crystal: CrystalConfig, padded_vocab: int) -> None:
     saved = CrystalConfig(**common["model_config"])
     if saved != crystal:
-        diff = {f.name: (getattr(saved, f.name), getattr(crystal, f.name))
-                for f in dataclasses.fields(CrystalConfig) if getattr(saved, f.name) != getattr(crystal, f.name)}
+        diff = {
+            f.name: (getattr(saved, f.name), getattr(crystal, f.name))
+            for f in dataclasses.fields(CrystalConfig)
+            if getattr(saved, f.name) != getattr(crystal, f.name)
+        }
         raise CheckpointError(f"{path} holds a different model: (saved, requested) = {diff}")
     saved_padded = common.get("padded_vocab_size", padded_vocab)
     if saved_padded != padded_vocab:
-        raise CheckpointError(f"{path} has a vocabulary padded to {saved_padded} rows, this run pads to {padded_vocab}: "
-                              "set --make-vocab-size-divisible-by as when it was saved")
+        raise CheckpointError(
+            f"{path} has a vocabulary padded to {saved_padded} rows, this run pads to {padded_vocab}: "
+            "set --make-vocab-size-divisible-by as when it was saved"
+        )
 
 
 def load_model_weights(path: str, model_chunks) -> None:
@@ -254,11 +274,20 @@ def load_model_weights(path: str, model_chunks) -> None:
         _unwrap(chunk).load_state_dict(state[key])
 
 
-def load_checkpoint(root: str, model_chunks, optimizer, scheduler, crystal: CrystalConfig, padded_vocab: int,
-                    step: int | None = None, weights_only: bool = False) -> tuple[int, int, dict | None, dict | None]:
+def load_checkpoint(
+    root: str,
+    model_chunks,
+    optimizer,
+    scheduler,
+    crystal: CrystalConfig,
+    padded_vocab: int,
+    step: int | None = None,
+    weights_only: bool = False,
+) -> tuple[int, int, dict | None, dict | None]:
     """Resume from the checkpoint of iteration step (default: the latest) under root.
 
-    Returns (iteration, consumed samples, data state, guard state); (0, 0, None, None) when root has no checkpoint yet or
+    Returns (iteration, consumed samples, data state, guard state); (0, 0, None, None) when root has no
+    checkpoint yet or
     when only weights are taken: with weights_only (--finetune), or from a checkpoint that has no
     optimizer state.
     """
@@ -271,7 +300,8 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, crystal: Crys
     if not weights_only and common["use_distributed_optimizer"] != _is_distributed(optimizer):
         raise CheckpointError(
             f"{path} was saved {'with' if common['use_distributed_optimizer'] else 'without'} "
-            "--use-distributed-optimizer; resume the same way, or pass --finetune to take the weights only")
+            "--use-distributed-optimizer; resume the same way, or pass --finetune to take the weights only"
+        )
     if weights_only:
         load_model_weights(path, model_chunks)
         optimizer.reload_model_params()

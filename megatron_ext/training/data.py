@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-
 from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
@@ -51,8 +50,11 @@ def build_datasets(args: argparse.Namespace, crystal: CrystalConfig):
         blend=parse_blend(args.data_path) if args.data_path else None,
         split=args.split,
         path_to_cache=args.data_cache_path,
-        tokenizer=(build_tokenizer(args.tokenizer_type, args.tokenizer_model) if args.tokenizer_model
-                   else DatasetTokenizerInfo(vocab_size=crystal.vocab_size)),
+        tokenizer=(
+            build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+            if args.tokenizer_model
+            else DatasetTokenizerInfo(vocab_size=crystal.vocab_size)
+        ),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
@@ -124,6 +126,11 @@ def phased_micro_batches(dataset, schedule, steps: int, args: argparse.Namespace
     """This rank's micro-batches for `steps` steps, walking a copy of the phase schedule."""
     from megatron_ext.data.phased_dataset import PhaseBatchSampler
 
-    sampler = PhaseBatchSampler(schedule, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
-                                parallel_state.get_data_parallel_world_size(), steps)
+    sampler = PhaseBatchSampler(
+        schedule,
+        args.micro_batch_size,
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
+        steps,
+    )
     return _load(dataset, sampler, args)

@@ -119,7 +119,9 @@ class PhaseFeed:
     def bookkeeping(self, iteration: int) -> dict:
         """Per source: samples, tokens, documents and epochs consumed; per phase: the realised mixture."""
         state = self.schedule.state
-        sources = {stream.spec.name: stream.consumed(state.positions[stream.spec.name]) for stream in self.train.streams}
+        sources = {
+            stream.spec.name: stream.consumed(state.positions[stream.spec.name]) for stream in self.train.streams
+        }
         files: dict[str, dict] = {}  # over all sources: a file two sources read counts both
         for name, used in sources.items():
             for prefix, documents in used["documents_per_file"].items():
@@ -130,11 +132,22 @@ class PhaseFeed:
         for phase, counts in zip(self.config.phases, state.realised):
             total = sum(counts.values())
             if total:
-                mixture[phase.name] = {"samples": total, "share": {n: c / total for n, c in counts.items()},
-                                       "target": phase.blend}
-        return {"iteration": iteration, "consumed_samples": self.consumed_samples, "phase": self.phase_name,
-                "phases_file": self.config.path, "seed": self.config.seed, "sources": sources, "files": files,
-                "realised_mixture": mixture, "schedule": self.state_dict()}
+                mixture[phase.name] = {
+                    "samples": total,
+                    "share": {n: c / total for n, c in counts.items()},
+                    "target": phase.blend,
+                }
+        return {
+            "iteration": iteration,
+            "consumed_samples": self.consumed_samples,
+            "phase": self.phase_name,
+            "phases_file": self.config.path,
+            "seed": self.config.seed,
+            "sources": sources,
+            "files": files,
+            "realised_mixture": mixture,
+            "schedule": self.state_dict(),
+        }
 
     def scalars(self) -> dict[str, float]:
         """For TensorBoard: the phase, each source's tokens and epochs read, the current phase's mixture."""

@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import torch
-
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 

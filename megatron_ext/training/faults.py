@@ -58,17 +58,24 @@ class UpdateGuard:
         any rank was signalled to stop."""
         buffers = [b.grad_data for m in model_chunks for b in m.buffers + m.expert_parallel_buffers]
         # One fp32 sum per buffer: a NaN or inf anywhere in a buffer makes its sum non-finite.
-        total = torch.stack([torch.sum(g, dtype=torch.float32) for g in buffers]).sum() if buffers else \
-            torch.zeros((), device=self.device)
+        total = (
+            torch.stack([torch.sum(g, dtype=torch.float32) for g in buffers]).sum()
+            if buffers
+            else torch.zeros((), device=self.device)
+        )
         seen, bad_loss = -math.inf, 0.0
         if loss is not None:
             seen = loss
             if not math.isfinite(seen):  # a NaN or inf loss counts as non-finite gradients
                 seen, bad_loss = -math.inf, 1.0
         bad = torch.maximum((~torch.isfinite(total)).to(torch.float64), torch.tensor(bad_loss, dtype=torch.float64))
-        verdict = torch.stack([bad.to(total.device),
-                               torch.tensor(seen, dtype=torch.float64, device=total.device),
-                               torch.tensor(1.0 if stop_signalled else 0.0, dtype=torch.float64, device=total.device)])
+        verdict = torch.stack(
+            [
+                bad.to(total.device),
+                torch.tensor(seen, dtype=torch.float64, device=total.device),
+                torch.tensor(1.0 if stop_signalled else 0.0, dtype=torch.float64, device=total.device),
+            ]
+        )
         torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MAX)
         bad, seen, stop = verdict.tolist()  # the step's one host sync for the guard and the stop request
         self.stop_agreed = bool(stop)
@@ -89,7 +96,10 @@ class UpdateGuard:
         sigma = math.sqrt(sum((x - mean) ** 2 for x in self.recent) / len(self.recent))
         limit = mean + self.spike_sigma * sigma
         if sigma > 0 and loss > limit:
-            return f"loss spike ({loss:.4f} > {limit:.4f}, mean + {self.spike_sigma:g} sigma of the last {len(self.recent)} steps)"
+            return (
+                f"loss spike ({loss:.4f} > {limit:.4f}, mean + {self.spike_sigma:g} sigma of the last "
+                f"{len(self.recent)} steps)"
+            )
         return None
 
     @property
@@ -104,4 +114,4 @@ class UpdateGuard:
             return
         self.consecutive, self.total = state["consecutive"], state["total"]
         if self.recent is not None:
-            self.recent.extend(state["recent"][-self.recent.maxlen:])
+            self.recent.extend(state["recent"][-self.recent.maxlen :])

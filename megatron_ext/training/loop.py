@@ -11,7 +11,6 @@ import time
 from functools import partial
 
 import torch
-
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -25,7 +24,6 @@ from megatron_ext.training import checkpointing, data_feed, distributed, phase_l
 from megatron_ext.training.faults import StopRequest, UpdateGuard
 from megatron_ext.training.metrics import TrainingLogger
 from megatron_ext.training.optimizer import build_optimizer
-
 
 STOP_MARKER = "stopped_by_signal"  # in --save: this run stopped on a signal, after saving (holds the iteration)
 
@@ -41,7 +39,9 @@ def loss_func(loss_mask: torch.Tensor, source_id: torch.Tensor | None, num_sourc
     report = {"lm loss": torch.stack([loss.detach(), mask.sum()])}
     if source_id is not None:
         per_sample = torch.stack((masked.detach().sum(dim=1), mask.sum(dim=1)), dim=1)
-        report["source loss"] = torch.zeros(num_sources, 2, device=per_sample.device).index_add_(0, source_id, per_sample)
+        report["source loss"] = torch.zeros(num_sources, 2, device=per_sample.device).index_add_(
+            0, source_id, per_sample
+        )
     return loss, num_tokens, report
 
 
@@ -190,9 +190,18 @@ class Trainer:
             tokenizer = {"type": self.args.tokenizer_type, "model": os.path.abspath(self.args.tokenizer_model)}
         feed = self.feed
         path = checkpointing.save_checkpoint(
-            self.args.save, self.iteration, self.model, self.crystal, self.padded_vocab, self.optimizer,
-            self.scheduler, feed.consumed_samples, tokenizer, data_state=feed.state_dict(),
-            guard_state=self.guard.state_dict(), keep_last=self.args.keep_last_checkpoints,
+            self.args.save,
+            self.iteration,
+            self.model,
+            self.crystal,
+            self.padded_vocab,
+            self.optimizer,
+            self.scheduler,
+            feed.consumed_samples,
+            tokenizer,
+            data_state=feed.state_dict(),
+            guard_state=self.guard.state_dict(),
+            keep_last=self.args.keep_last_checkpoints,
         )
         books = feed.bookkeeping_json(self.iteration) if torch.distributed.get_rank() == 0 else None
         if books:  # what the run has read so far, for people: per source and per phase
@@ -202,8 +211,14 @@ class Trainer:
     def load(self) -> None:
         wanted = phase_lr.saved_schedule(self.scheduler.state_dict())  # the flags' schedule, before the load
         self.iteration, consumed, data_state, guard_state = checkpointing.load_checkpoint(
-            self.args.load, self.model, self.optimizer, self.scheduler, self.crystal, self.padded_vocab,
-            step=self.args.ckpt_step, weights_only=self.args.finetune,
+            self.args.load,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.crystal,
+            self.padded_vocab,
+            step=self.args.ckpt_step,
+            weights_only=self.args.finetune,
         )
         self.guard.load_state_dict(guard_state)
         note = self.feed.load_state_dict(data_state, consumed)
@@ -216,7 +231,6 @@ class Trainer:
             distributed.print_rank_0(f"{self.args.load} holds no checkpoint: starting fresh")
         else:
             distributed.print_rank_0(f"took the weights of {self.args.load}: iteration 0, fresh optimizer and schedule")
-
 
     def _resume_schedule(self, wanted: dict, exact_data: bool) -> None:
         """The lr schedule after a resume. A schedule (flags, or the phase in progress in the phases file)
@@ -239,7 +253,8 @@ class Trainer:
             raise checkpointing.CheckpointError(
                 f"--load {args.load}: the lr schedule differs from the checkpoint's: {'; '.join(changed)}. Pass "
                 f"--override-opt-param-scheduler to go on with the new one from its step {steps}, or "
-                "--use-checkpoint-opt-param-scheduler to keep the saved one")
+                "--use-checkpoint-opt-param-scheduler to keep the saved one"
+            )
         if args.phases_config:
             self.resumed_phase_steps = steps  # the loop sets the phase up, or keeps the saved schedule
         elif not args.use_checkpoint_opt_param_scheduler:
@@ -251,8 +266,10 @@ class Trainer:
 
 def _describe_path(args: argparse.Namespace) -> str:
     device = "CPU (Megatron-Core CPU compatibility layer)" if cpu_compat.is_active() else torch.cuda.get_device_name()
-    return (f"kernel path: {args.kernel_path.describe()}\ndevice: {device}; backend: {args.distributed_backend}; "
-            f"precision: {'bf16' if args.bf16 else 'fp32'}; optional accelerators: {accelerators.found()}")
+    return (
+        f"kernel path: {args.kernel_path.describe()}\ndevice: {device}; backend: {args.distributed_backend}; "
+        f"precision: {'bf16' if args.bf16 else 'fp32'}; optional accelerators: {accelerators.found()}"
+    )
 
 
 def pretrain(args: argparse.Namespace, crystal: CrystalConfig) -> int:
@@ -307,22 +324,29 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
             phase = feed.step_phase()
             steps, trainer.resumed_phase_steps = trainer.resumed_phase_steps, None
             if steps is None or not args.use_checkpoint_opt_param_scheduler:
-                phase_lr.apply_phase(trainer.scheduler, feed.phase, feed.step_in_phase() if steps is None else steps,
-                                     args.weight_decay)
+                phase_lr.apply_phase(
+                    trainer.scheduler, feed.phase, feed.step_in_phase() if steps is None else steps, args.weight_decay
+                )
             fim = ", ".join(f"{n} rate {f.rate} spm {f.spm_rate}" for n, f in feed.phase.fim.items()) or "none"
-            distributed.print_rank_0(f"phase {feed.phase_name} ({phase + 1}/{len(args.phases_config.phases)}) from "
-                                     f"iteration {trainer.iteration + 1}: global batch {feed.step_batch_size()}, "
-                                     f"blend {feed.phase.blend}, FIM {fim}")
+            distributed.print_rank_0(
+                f"phase {feed.phase_name} ({phase + 1}/{len(args.phases_config.phases)}) from "
+                f"iteration {trainer.iteration + 1}: global batch {feed.step_batch_size()}, "
+                f"blend {feed.phase.blend}, FIM {fim}"
+            )
         lr, gbs, phase_name = trainer.current_lr(), feed.step_batch_size(), feed.phase_name
         loss, by_source, grad_norm, skipped = trainer.train_step(train_its)
         data_hash = trainer.step_data_hash()
         trainer.iteration += 1
         feed.advance()
         if logging_rank:
-            source_losses = ({n: tuple(by_source[i].tolist()) for i, n in enumerate(feed.source_names)}
-                             if by_source is not None else None)  # source -> (summed loss, tokens)
-            line = logger.step(trainer.iteration, loss, lr, grad_norm, feed.consumed_samples, gbs, phase_name,
-                               source_losses)
+            source_losses = (
+                {n: tuple(by_source[i].tolist()) for i, n in enumerate(feed.source_names)}
+                if by_source is not None
+                else None
+            )  # source -> (summed loss, tokens)
+            line = logger.step(
+                trainer.iteration, loss, lr, grad_norm, feed.consumed_samples, gbs, phase_name, source_losses
+            )
             if line:
                 print(line, flush=True)
                 for tag, value in feed.scalars().items() if writer else ():
@@ -330,21 +354,28 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
             if metrics_file:
                 record = {"iteration": trainer.iteration, "lm_loss": loss, "grad_norm": grad_norm, "lr": lr}
                 if phase_name:  # per source with tokens in this step: mean loss, and the tokens it is over
-                    record.update(phase=phase_name,
-                                  source_losses={n: total / tokens for n, (total, tokens) in source_losses.items() if tokens},
-                                  source_tokens={n: int(tokens) for n, (_, tokens) in source_losses.items() if tokens})
+                    record.update(
+                        phase=phase_name,
+                        source_losses={n: total / tokens for n, (total, tokens) in source_losses.items() if tokens},
+                        source_tokens={n: int(tokens) for n, (_, tokens) in source_losses.items() if tokens},
+                    )
                 if data_hash is not None:
                     record["data_hash"] = data_hash
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
         if skipped and logging_rank:
-            print(f"iteration {trainer.iteration}: {skipped} (lm loss {loss}): update skipped "
-                  f"({trainer.guard.consecutive} in a row, {trainer.guard.total} in all)", flush=True)
+            print(
+                f"iteration {trainer.iteration}: {skipped} (lm loss {loss}): update skipped "
+                f"({trainer.guard.consecutive} in a row, {trainer.guard.total} in all)",
+                flush=True,
+            )
         if trainer.guard.exhausted:
             distributed.print_rank_0(
                 f"pretrain_crystal.py: error: {trainer.guard.consecutive} consecutive steps were skipped (last: "
                 f"{skipped}; --max-skipped-steps {args.max_skipped_steps}); stopping without saving. Resume from "
-                "the last checkpoint, e.g. with a lower --lr or after inspecting the data (tools/data_trace.py)", error=True)
+                "the last checkpoint, e.g. with a lower --lr or after inspecting the data (tools/data_trace.py)",
+                error=True,
+            )
             return 3
         if args.eval_interval and trainer.iteration % args.eval_interval == 0:
             started = time.perf_counter()
@@ -352,7 +383,10 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
             seconds = time.perf_counter() - started
             logger.exclude(seconds)
             if logging_rank:
-                print(f"validation at iteration {trainer.iteration} | lm loss {valid_loss:.6f} | {seconds:.1f} s", flush=True)
+                print(
+                    f"validation at iteration {trainer.iteration} | lm loss {valid_loss:.6f} | {seconds:.1f} s",
+                    flush=True,
+                )
                 if writer:
                     writer.add_scalar("validation lm loss", valid_loss, trainer.iteration)
         if args.save and args.save_interval and trainer.iteration % args.save_interval == 0:
@@ -362,8 +396,10 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
         if args.exit_interval and trainer.iteration % args.exit_interval == 0:
             break
         if trainer.guard.stop_agreed:
-            distributed.print_rank_0(f"stop requested ({trainer.stop.signalled or 'signal on another rank'}): saving at "
-                                     f"iteration {trainer.iteration} and exiting; a run with the same --load resumes here")
+            distributed.print_rank_0(
+                f"stop requested ({trainer.stop.signalled or 'signal on another rank'}): saving at "
+                f"iteration {trainer.iteration} and exiting; a run with the same --load resumes here"
+            )
             stopped_by_signal = True
             break
     if args.save and not (args.save_interval and trainer.iteration % args.save_interval == 0):

@@ -14,16 +14,22 @@ from megatron_ext.model.crystal_config import CrystalConfig
 # bf16, fp8 (None: no FP8 tensor cores). The first fragment the device's name contains wins, so the
 # PCIe / NVL parts come before the SXM ones.
 PEAK_TFLOPS = [
-    ("H100 PCIe", 756.0, 1513.0), ("H100 NVL", 835.0, 1671.0), ("H200 NVL", 835.0, 1671.0),
-    ("H100", 989.0, 1979.0), ("H200", 989.0, 1979.0), ("A100", 312.0, None), ("L40S", 362.0, 733.0),
+    ("H100 PCIe", 756.0, 1513.0),
+    ("H100 NVL", 835.0, 1671.0),
+    ("H200 NVL", 835.0, 1671.0),
+    ("H100", 989.0, 1979.0),
+    ("H200", 989.0, 1979.0),
+    ("A100", 312.0, None),
+    ("L40S", 362.0, 733.0),
     ("A10G", 70.0, None),
 ]
 
 
 def peak_tflops(device_name: str, fp8: bool = False) -> float | None:
     """The device's dense peak for the precision its GEMMs run in (MFU is measured against it)."""
-    return next(((fp8_peak if fp8 else bf16) for fragment, bf16, fp8_peak in PEAK_TFLOPS if fragment in device_name),
-                None)
+    return next(
+        ((fp8_peak if fp8 else bf16) for fragment, bf16, fp8_peak in PEAK_TFLOPS if fragment in device_name), None
+    )
 
 
 def device_peak_tflops(fp8: bool = False) -> float | None:
@@ -80,9 +86,17 @@ class TrainingLogger:
         time, tokens/s and ETA, which would otherwise show e.g. 2.5 s steps after a save."""
         self.excluded += seconds
 
-    def step(self, iteration: int, loss: float | None, lr: float, grad_norm: float | None, consumed_samples: int,
-             global_batch_size: int, phase: str | None = None,
-             source_losses: dict[str, tuple[float, float]] | None = None) -> str | None:
+    def step(
+        self,
+        iteration: int,
+        loss: float | None,
+        lr: float,
+        grad_norm: float | None,
+        consumed_samples: int,
+        global_batch_size: int,
+        phase: str | None = None,
+        source_losses: dict[str, tuple[float, float]] | None = None,
+    ) -> str | None:
         """source_losses: source -> (summed loss, tokens) of this step's samples from it."""
         self.steps += 1
         self.window_tokens += global_batch_size * self.seq_length

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer import param_group_identifier_keys
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
@@ -45,7 +44,9 @@ def mup_param_group_overrides(args: argparse.Namespace, crystal: CrystalConfig) 
     no_decay = {"wd_mult": 0.0, **(scaled_lr if args.mup_scale_bias_lr else {})}
     overrides = {ParamKey(with_name_predicate=ParamWithNamePredicate("bias_or_norm", is_bias_or_norm)): no_decay}
     if scaled_lr:
-        overrides[ParamKey(with_name_predicate=ParamWithNamePredicate("mup_hidden_matrix", is_hidden_matrix))] = scaled_lr
+        overrides[ParamKey(with_name_predicate=ParamWithNamePredicate("mup_hidden_matrix", is_hidden_matrix))] = (
+            scaled_lr
+        )
     return overrides
 
 
@@ -70,9 +71,7 @@ def build_optimizer(args: argparse.Namespace, crystal: CrystalConfig, model_chun
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(
-        config, model_chunks, config_overrides=mup_param_group_overrides(args, crystal)
-    )
+    optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=mup_param_group_overrides(args, crystal))
     check_group_keys_unique(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,

@@ -11,16 +11,33 @@ from __future__ import annotations
 
 from megatron_ext.data.phases_config import PhaseSpec
 
-FLAG_NAMES = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
-              "lr_decay_steps": "--lr-decay-iters", "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay"}
-PHASE_KEYS = {"max_lr": "lr.peak", "min_lr": "lr.min", "lr_warmup_steps": "lr.warmup_iters",
-              "lr_decay_steps": "lr.decay_iters", "lr_decay_style": "lr.decay_style"}
+FLAG_NAMES = {
+    "max_lr": "--lr",
+    "min_lr": "--min-lr",
+    "lr_warmup_steps": "--lr-warmup-iters",
+    "lr_decay_steps": "--lr-decay-iters",
+    "lr_decay_style": "--lr-decay-style",
+    "start_wd": "--weight-decay",
+}
+PHASE_KEYS = {
+    "max_lr": "lr.peak",
+    "min_lr": "lr.min",
+    "lr_warmup_steps": "lr.warmup_iters",
+    "lr_decay_steps": "lr.decay_iters",
+    "lr_decay_style": "lr.decay_style",
+}
 
 
 def phase_schedule(phase: PhaseSpec, weight_decay: float) -> dict:
     lr = phase.lr
-    return {"max_lr": lr.peak, "min_lr": lr.min, "lr_warmup_steps": lr.warmup_iters,
-            "lr_decay_steps": phase.decay_iters, "lr_decay_style": lr.decay_style, "start_wd": weight_decay}
+    return {
+        "max_lr": lr.peak,
+        "min_lr": lr.min,
+        "lr_warmup_steps": lr.warmup_iters,
+        "lr_decay_steps": phase.decay_iters,
+        "lr_decay_style": lr.decay_style,
+        "start_wd": weight_decay,
+    }
 
 
 def apply_schedule(scheduler, schedule: dict, num_steps: int) -> None:

@@ -122,8 +122,17 @@ class CrystalCoderModel(CrystalCoderPreTrainedModel):
     def set_input_embeddings(self, value):
         self.wte = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
-                cache=None, past_key_values=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        use_cache=None,
+        cache=None,
+        past_key_values=None,
+        **kwargs,
+    ):
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
@@ -135,7 +144,8 @@ class CrystalCoderModel(CrystalCoderPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past, past + s, device=inputs_embeds.device).expand(b, -1)
         inv_freq = 1.0 / (
-            self.config.rotary_base ** (torch.arange(0, self.config.rotary_dim, 2, dtype=torch.float64) / self.config.rotary_dim)
+            self.config.rotary_base
+            ** (torch.arange(0, self.config.rotary_dim, 2, dtype=torch.float64) / self.config.rotary_dim)
         )
         angles = position_ids.to(torch.float64)[:, None, :, None] * inv_freq.to(inputs_embeds.device)
         cos, sin = angles.cos().to(inputs_embeds.dtype), angles.sin().to(inputs_embeds.dtype)
@@ -168,11 +178,27 @@ class CrystalCoderLMHeadModel(CrystalCoderPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return None
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
-                use_cache=None, cache=None, past_key_values=None, logits_to_keep=0, **kwargs):
-        out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               inputs_embeds=inputs_embeds, use_cache=use_cache,
-                               cache=cache if cache is not None else past_key_values)
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        cache=None,
+        past_key_values=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        out = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            cache=cache if cache is not None else past_key_values,
+        )
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
