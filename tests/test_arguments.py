@@ -5,7 +5,7 @@ import sys
 import time
 
 import pytest
-from distributed_run import REPO
+from helpers.distributed_run import REPO
 
 from megatron_ext.training.arguments import ArgumentError, build_parser, validate
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from distributed_run import REPO, free_port, subprocess_environment
+from helpers.distributed_run import REPO, free_port, subprocess_environment
 
 
 def test_train_throughput_runs_and_compares_fp8():

@@ -4,7 +4,7 @@ known upstream warnings (Megatron-Core's import-time TE/Apex notes, torch's depr
 import subprocess
 import sys
 
-from distributed_run import REPO, TINY_RUN, layout_flags, subprocess_environment, train
+from helpers.distributed_run import REPO, TINY_RUN, layout_flags, subprocess_environment, train
 
 
 def test_a_tools_error_is_the_only_line_on_stderr(tmp_path):

@@ -9,7 +9,15 @@ import time
 
 import psutil
 import pytest
-from distributed_run import REPO, TINY_RUN, free_port, read_metrics, subprocess_environment, torchrun_command, train
+from helpers.distributed_run import (
+    REPO,
+    TINY_RUN,
+    free_port,
+    read_metrics,
+    subprocess_environment,
+    torchrun_command,
+    train,
+)
 
 STEPS = 12
 RUN = TINY_RUN + ["--train-iters", str(STEPS), "--use-distributed-optimizer"]
@@ -224,7 +232,7 @@ def _guard_ranks():
 
 
 def test_the_guard_decides_from_sums_in_one_collective_per_step():
-    from process_group import run_in_process_group
+    from helpers.process_group import run_in_process_group
 
     run_in_process_group(_guard_ranks, world_size=2)
 
@@ -260,7 +268,7 @@ def test_a_full_disk_during_a_save_ends_the_job_in_one_line(small_filesystem):
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
 
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "fork_launch.py"), "1", *flags],
+        [sys.executable, str(REPO / "tests" / "helpers" / "fork_launch.py"), "1", *flags],
         env=env,
         cwd=REPO,
         capture_output=True,

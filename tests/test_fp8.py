@@ -10,8 +10,8 @@ error of about 2^-4 / sqrt(3) ~ 3.6% at worst-case alignment, far less on averag
 
 import pytest
 import torch
-from distributed_run import TINY_RUN, read_metrics, train
-from process_group import run_in_process_group
+from helpers.distributed_run import TINY_RUN, read_metrics, train
+from helpers.process_group import run_in_process_group
 
 from megatron_ext.kernels import fp8_scaling
 from megatron_ext.kernels.fp8_linear import FP8LinearState, _FP8Linear, dequantized_mm, scaled_mm

@@ -16,8 +16,8 @@ import time
 
 import pytest
 import torch
-from distributed_run import REPO, subprocess_environment
-from process_group import run_in_process_group
+from helpers.distributed_run import REPO, subprocess_environment
+from helpers.process_group import run_in_process_group
 
 from megatron_ext import cpu_compat
 from megatron_ext.kernels import fp8_scaling, rope, swiglu
@@ -247,7 +247,7 @@ def test_every_kernel_compiles_for_the_gpu(arch):
     through the modules' own launchers at the Crystal 7B's shapes (FP8 casts on sm_90 only), with its shared
     memory within the GPU's limit and no register spills. See compile_for_gpu.py."""
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "compile_for_gpu.py"), str(arch)],
+        [sys.executable, str(REPO / "tests" / "helpers" / "compile_for_gpu.py"), str(arch)],
         env=subprocess_environment(),
         capture_output=True,
         text=True,

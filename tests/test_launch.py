@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from distributed_run import REPO, TINY_RUN, free_port, layout_flags, read_metrics, subprocess_environment, train
+from helpers.distributed_run import REPO, TINY_RUN, free_port, layout_flags, read_metrics, subprocess_environment, train
 
 FAKE_SCONTROL = """#!/usr/bin/env bash
 # scontrol show hostnames gpu[001-004]; scontrol requeue JOB is logged to $SCONTROL_LOG

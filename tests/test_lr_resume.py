@@ -3,9 +3,9 @@ inside a phase and across a phase switch), and a schedule that differs from the 
 unless the user says which one to keep."""
 
 import pytest
-from distributed_run import REPO, TINY_RUN, read_metrics, train
+from helpers.distributed_run import REPO, TINY_RUN, read_metrics, train
 
-SMALL = REPO / "tests" / "phases_small.yaml"  # phase 'text' steps 1-4, phase 'text+code' steps 5-10
+SMALL = REPO / "tests" / "data" / "phases_small.yaml"  # phase 'text' steps 1-4, phase 'text+code' steps 5-10
 TOKENIZER = REPO / "data" / "demo" / "crystal_demo.model"
 PHASED = [
     "--model",

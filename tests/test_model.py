@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from process_group import run_in_process_group
+from helpers.process_group import run_in_process_group
 
 from megatron_ext.model import get_preset
 

@@ -4,7 +4,7 @@ grad norm at every step (relative 1e-5)."""
 import math
 
 import pytest
-from distributed_run import TINY_RUN, layout_flags, read_metrics, train
+from helpers.distributed_run import TINY_RUN, layout_flags, read_metrics, train
 
 LAYOUTS = {
     "tp1_pp1_dp1": (1, dict()),

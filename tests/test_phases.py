@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from distributed_run import REPO, read_metrics, torchrun_command, train
+from helpers.distributed_run import REPO, read_metrics, torchrun_command, train
 
 from megatron_ext.data.phase_schedule import PhaseSchedule
 from megatron_ext.data.phases_config import (
@@ -24,7 +24,7 @@ from megatron_ext.data.phases_config import (
 
 DEMO = REPO / "data" / "demo"
 TOKENIZER = DEMO / "crystal_demo.model"
-SMALL = REPO / "tests" / "phases_small.yaml"
+SMALL = REPO / "tests" / "data" / "phases_small.yaml"
 
 
 def _config(phases, sources=("a", "b", "c"), prefixes=None):

@@ -12,7 +12,7 @@ import warnings
 
 import psutil
 import pytest
-from distributed_run import REPO
+from helpers.distributed_run import REPO
 
 from megatron_ext.tokenizer import CRYSTAL_SPECIAL_TOKENS, CrystalTokenizer
 

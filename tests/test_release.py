@@ -10,8 +10,8 @@ import time
 
 import pytest
 import torch
-from distributed_run import REPO, TINY_RUN, layout_flags, read_metrics, train
-from process_group import run_in_process_group
+from helpers.distributed_run import REPO, TINY_RUN, layout_flags, read_metrics, train
+from helpers.process_group import run_in_process_group
 
 DEMO = REPO / "data" / "demo"
 TOKENIZER = DEMO / "crystal_demo.model"

@@ -4,7 +4,7 @@ with either optimizer kind: Megatron's plain one (its default) and the distribut
 import math
 
 import pytest
-from distributed_run import TINY_RUN, layout_flags, read_metrics, train
+from helpers.distributed_run import TINY_RUN, layout_flags, read_metrics, train
 
 STEPS = 10
 

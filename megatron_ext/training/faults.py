@@ -10,7 +10,7 @@ non-finite update is skipped instead of poisoning the weights.
 - Loss spikes (optional, --loss-spike-window W): a step whose loss lies above mean + k sigma of the last
   W applied steps' losses is handled the same way, so that one bad batch does not throw the weights off.
 - After --max-skipped-steps skipped steps in a row the run stops with a message rather than spin.
-The tests inject faults from outside (tests/fault_injection.py); nothing here reads a test hook.
+The tests inject faults from outside (tests/helpers/fault_injection.py); nothing here reads a test hook.
 """
 
 from __future__ import annotations

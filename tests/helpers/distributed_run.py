@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 TINY_RUN = [
     "--model",
@@ -71,7 +71,7 @@ def train(
 ) -> subprocess.CompletedProcess:
     """Run pretrain_crystal.py on nproc local ranks (fork_launch.py: torchrun's environment, one
     import for all ranks); fail fast (timeout, the whole process group killed) rather than hang."""
-    cmd = [sys.executable, str(REPO / "tests" / "fork_launch.py"), str(nproc), *args]
+    cmd = [sys.executable, str(REPO / "tests" / "helpers" / "fork_launch.py"), str(nproc), *args]
     env = subprocess_environment(dict(env_extra or {}, MASTER_PORT=str(free_port())))
     proc = subprocess.Popen(
         cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True

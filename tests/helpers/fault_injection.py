@@ -1,5 +1,5 @@
 """Faults that the tests inject into training ranks, through the real code paths they exercise;
-tests/fork_launch.py installs them in each rank from these environment variables:
+tests/helpers/fork_launch.py installs them in each rank from these environment variables:
 
 - CRYSTAL_TEST_NAN_ITERS="3,5,6": a NaN in the first gradient buffer before the update guard judges
   those iterations;

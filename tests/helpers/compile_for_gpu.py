@@ -1,5 +1,5 @@
 """Compile every Triton kernel of megatron_ext.kernels for a real GPU target, on a machine without one:
-`python tests/compile_for_gpu.py 90` (H100) or `80` (A100) prints one JSON line per kernel compiled,
+`python tests/helpers/compile_for_gpu.py 90` (H100) or `80` (A100) prints one JSON line per kernel compiled,
 then one that lists every kernel the modules define.
 
 The interpreter that checks the kernels' numbers (test_kernels.py) runs Python, not Triton's compiler:

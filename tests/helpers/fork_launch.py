@@ -1,4 +1,4 @@
-"""What torchrun does for one node, with the imports paid once: `python tests/fork_launch.py N ARGS...`
+"""What torchrun does for one node, with the imports paid once: `python tests/helpers/fork_launch.py N ARGS...`
 runs pretrain_crystal.py ARGS on N local ranks.
 
 Each torchrun worker is a fresh interpreter that spends ~6 s of CPU importing torch and Megatron-Core
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _rank(rank: int, world_size: int, args: list[str]) -> None:

@@ -7,7 +7,8 @@ import traceback
 
 import torch
 import torch.multiprocessing as mp
-from distributed_run import free_port
+
+from helpers.distributed_run import free_port
 
 
 def _worker(rank, world_size, port, tp, pp, fn, args, errors):
