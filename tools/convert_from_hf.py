@@ -23,6 +23,8 @@ from megatron_ext.upstream_warnings import silence  # noqa: E402
 
 silence()  # before Megatron-Core is imported
 
+from megatron_ext.tokenizer import add_tokenizer_type_argument  # noqa: E402
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -34,7 +36,7 @@ def parse_args(argv):
     p.add_argument(
         "--tokenizer-model", help="tokenizer to record in the checkpoint (default: the input's tokenizer.model)"
     )
-    p.add_argument("--tokenizer-type", default="CrystalTokenizer", choices=["CrystalTokenizer", "HuggingFaceTokenizer"])
+    add_tokenizer_type_argument(p)
     return p.parse_args(argv)
 
 

@@ -22,6 +22,8 @@ from megatron_ext.upstream_warnings import silence  # noqa: E402
 
 silence()  # before Megatron-Core is imported
 
+from megatron_ext.tokenizer import add_tokenizer_type_argument  # noqa: E402
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 VERIFY_BY_DEFAULT_UP_TO = 2_000_000_000  # parameters; above this --verify holds two copies of a big model
 
@@ -34,7 +36,7 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the stored weights")
     p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="safetensors shard size")
     p.add_argument("--tokenizer-model", help="tokenizer to ship (default: the one the checkpoint was trained with)")
-    p.add_argument("--tokenizer-type", default="CrystalTokenizer", choices=["CrystalTokenizer", "HuggingFaceTokenizer"])
+    add_tokenizer_type_argument(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--verify",

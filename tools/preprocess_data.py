@@ -33,7 +33,7 @@ silence()  # before Megatron-Core is imported
 
 from megatron_ext.preprocessing import corpus_reader, indexed_output  # noqa: E402
 from megatron_ext.preprocessing.corpus_reader import SKIP_REASONS, BadRecord, InputError  # noqa: E402
-from megatron_ext.tokenizer import TokenizerError, build_tokenizer  # noqa: E402
+from megatron_ext.tokenizer import TokenizerError, add_tokenizer_type_argument, build_tokenizer  # noqa: E402
 
 CHUNK_RECORDS = 256  # records per task: large enough to amortise pickling, small enough to stream
 
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="a file, a glob or a directory of .jsonl[.gz|.zst] / .parquet")
     p.add_argument("--json-keys", nargs="+", default=["text"])
     p.add_argument("--output-prefix", required=True)
-    p.add_argument("--tokenizer-type", default="CrystalTokenizer", choices=["CrystalTokenizer", "HuggingFaceTokenizer"])
+    add_tokenizer_type_argument(p)
     p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model or tokenizers .json")
     p.add_argument("--append-eod", action="store_true")
     p.add_argument("--workers", type=int, default=1)

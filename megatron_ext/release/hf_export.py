@@ -13,8 +13,9 @@ from tqdm import tqdm
 from megatron_ext.release import hf_format
 from megatron_ext.release.dist_checkpoint_reader import DistCheckpointReader
 from megatron_ext.release.safetensors_writer import write_sharded
+from megatron_ext.tokenizer import BOS_ID, EOD_ID
 
-GENERATION_CONFIG = {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2}
+GENERATION_CONFIG = {"_from_model_config": True, "bos_token_id": BOS_ID, "eos_token_id": EOD_ID}
 
 
 def peak_rss_bytes() -> int:

@@ -12,6 +12,7 @@ import json
 import os
 
 from megatron_ext.model.crystal_config import CrystalConfig
+from megatron_ext.tokenizer import BOS_ID, EOD_ID
 
 HF_PREFIX = "transformer."
 MODELING_DIR = os.path.join(os.path.dirname(__file__), "hf_modeling")
@@ -39,8 +40,8 @@ _RELEASE_TEMPLATE = {
     "embd_pdrop": 0.0,
     "model_type": "crystalcoder",
     "use_cache": True,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
+    "bos_token_id": BOS_ID,
+    "eos_token_id": EOD_ID,
     "auto_map": {
         "AutoConfig": "configuration_crystalcoder.CrystalCoderConfig",
         "AutoModel": "modeling_crystalcoder.CrystalCoderModel",

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from megatron_ext.release import megatron_runtime
+from megatron_ext.tokenizer import EOD_ID
 
-EOS_ID = 2  # the release's eos_token_id (LLaMA's </s>)
 TOLERANCE = 1e-4  # max |delta logits|, both models computing in fp32 on the same weights
 _PROMPTS = ("def fibonacci(n):\n    ", "The capital of France is", "import numpy as np\n\nclass ")
 
@@ -40,7 +40,7 @@ def megatron_greedy(model, ids: torch.Tensor, vocab_size: int, new_tokens: int) 
     for _ in range(new_tokens):
         next_id = megatron_runtime.logits(model, ids, vocab_size)[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat((ids, next_id), dim=1)
-        if next_id.item() == EOS_ID:
+        if next_id.item() == EOD_ID:
             break
     return ids[0].tolist()
 
@@ -57,7 +57,7 @@ def compare(megatron_model, hf_model, crystal, prompt_ids: list[torch.Tensor], n
         meg_gen.append(megatron_greedy(megatron_model, ids, crystal.vocab_size, new))
         hf_gen.append(
             hf_model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False, pad_token_id=EOS_ID
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False, pad_token_id=EOD_ID
             )[0].tolist()
         )
     return ParityReport(max_diff, scale, meg_gen, hf_gen)

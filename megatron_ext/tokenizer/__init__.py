@@ -1,11 +1,23 @@
 """Tokenizers: Crystal's (LLaMA SentencePiece + StarCoder-style specials) and Hugging Face JSON."""
 
 from megatron_ext.tokenizer.crystal_tokenizer import (
+    BOS_ID,
     CRYSTAL_SPECIAL_TOKENS,
+    EOD_ID,
     CrystalTokenizer,
     HuggingFaceTokenizer,
     TokenizerError,
+    add_tokenizer_type_argument,
     build_tokenizer,
 )
 
-__all__ = ["CRYSTAL_SPECIAL_TOKENS", "CrystalTokenizer", "HuggingFaceTokenizer", "TokenizerError", "build_tokenizer"]
+__all__ = [
+    "BOS_ID",
+    "CRYSTAL_SPECIAL_TOKENS",
+    "EOD_ID",
+    "CrystalTokenizer",
+    "HuggingFaceTokenizer",
+    "TokenizerError",
+    "add_tokenizer_type_argument",
+    "build_tokenizer",
+]

@@ -32,6 +32,8 @@ CRYSTAL_SPECIAL_TOKENS = (
     "<|reponame|>",
 )
 VOCAB_PAD_MULTIPLE = 32
+# LLaMA's ids, which Crystal keeps: BOS, and EOS, which ends every document (the release's eos_token_id).
+BOS_ID, EOD_ID = 1, 2
 
 
 class TokenizerError(ValueError):
@@ -163,6 +165,11 @@ class HuggingFaceTokenizer:
 
 
 TOKENIZER_TYPES = {"CrystalTokenizer": CrystalTokenizer, "HuggingFaceTokenizer": HuggingFaceTokenizer}
+
+
+def add_tokenizer_type_argument(parser) -> None:
+    """--tokenizer-type, the same in every command line."""
+    parser.add_argument("--tokenizer-type", default="CrystalTokenizer", choices=list(TOKENIZER_TYPES))
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str):

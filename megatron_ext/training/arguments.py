@@ -12,6 +12,7 @@ import os
 from megatron_ext.kernels.fp8_scaling import FORMATS, RECIPES
 from megatron_ext.kernels.selection import ATTENTION_BACKENDS, TE_ONLY_RECIPES, KernelPathError, select
 from megatron_ext.model.crystal_config import CrystalConfig, get_preset
+from megatron_ext.tokenizer import add_tokenizer_type_argument
 
 
 class ArgumentError(ValueError):
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="phases file (YAML): sources, and phases with their blend, FIM rates, lr "
         "schedule and batch size; replaces --data-path and the --lr* flags",
     )
-    g.add_argument("--tokenizer-type", default="CrystalTokenizer", choices=["CrystalTokenizer", "HuggingFaceTokenizer"])
+    add_tokenizer_type_argument(g)
     g.add_argument("--tokenizer-model", help="SentencePiece .model (or tokenizers .json); sets the vocabulary size")
     g.add_argument("--split", default="969,30,1", help="train,valid,test split of --data-path documents")
     g.add_argument("--data-cache-path", help="where Megatron-Core caches the dataset indices")

@@ -18,11 +18,8 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_ext.model.crystal_config import CrystalConfig
-from megatron_ext.tokenizer import build_tokenizer
+from megatron_ext.tokenizer import EOD_ID, build_tokenizer
 from megatron_ext.training.arguments import parse_blend
-
-# Crystal's (LLaMA's) end-of-document id.
-EOD_ID = 2
 
 
 @dataclass(frozen=True)
