@@ -133,3 +133,21 @@ def test_megatron_workarounds_are_explicit_and_version_checked(monkeypatch):
         match=r"^megatron-core 0\.17\.0 is installed; .* are for 0\.16\.1: pip install megatron-core==0\.16\.1$",
     ):
         megatron_workarounds.apply()
+
+
+def test_an_lr_flag_with_phases_is_an_error_not_dropped():
+    """The phases file sets the lr schedule; an --lr* flag beside it used to be replaced silently."""
+    phases = str(REPO / "tests" / "data" / "phases_small.yaml")
+    tokenizer = str(REPO / "data" / "demo" / "crystal_demo.model")
+    base = ["--model", "crystal-test", "--phases", phases, "--tokenizer-model", tokenizer]
+    for flag, value in (("--lr", "0.01"), ("--min-lr", "0.001"), ("--lr-decay-style", "cosine")):
+        with pytest.raises(ArgumentError) as e:
+            _validate(base + [flag, value])
+        assert str(e.value) == (
+            f"{flag} {float(value) if flag != '--lr-decay-style' else value}: with --phases {phases} the phases file "
+            "sets the lr schedule (each phase's lr: peak, min, warmup_iters, decay_iters, decay_style); drop the flag"
+        )
+    args, _ = _validate(base)
+    assert (args.lr, args.min_lr, args.lr_decay_style) == (5.0e-2, 5.0e-3, "cosine")  # the first phase's
+    args, _ = _validate(["--model", "crystal-test", "--mock-data"])
+    assert (args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_style) == (1.2e-2, 0.0, 0, "linear")

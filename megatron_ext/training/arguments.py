@@ -81,12 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         "steps (0: off); such steps count towards --max-skipped-steps",
     )
     g.add_argument("--loss-spike-sigma", type=float, default=6.0, help="k of --loss-spike-window")
-    g.add_argument("--lr", type=float, default=1.2e-2, help="base (muP) learning rate; Crystal phase 1: 0.012")
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    # The lr flags default to None so that a flag given with --phases (whose file sets the schedule) is seen.
+    g.add_argument("--lr", type=float, help="base (muP) learning rate (default 0.012, Crystal's phase 1)")
+    g.add_argument("--min-lr", type=float, help="default 0")
+    g.add_argument("--lr-warmup-iters", type=int, help="default 0")
     g.add_argument("--lr-decay-iters", type=int, help="default: --train-iters")
     g.add_argument(
-        "--lr-decay-style", default="linear", choices=["constant", "linear", "cosine", "inverse-square-root"]
+        "--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"], help="default linear"
     )
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--adam-beta1", type=float, default=0.9)
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--phases",
         help="phases file (YAML): sources, and phases with their blend, FIM rates, lr "
-        "schedule and batch size; replaces --data-path and the --lr* flags",
+        "schedule and batch size; instead of --data-path, and the --lr* flags are refused beside it",
     )
     add_tokenizer_type_argument(g)
     g.add_argument("--tokenizer-model", help="SentencePiece .model (or tokenizers .json); sets the vocabulary size")
@@ -186,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
         "so two runs (or a run and its resumption) can be shown to read the same data",
     )
     return p
+
+
+LR_FLAGS = {
+    "lr": "--lr",
+    "min_lr": "--min-lr",
+    "lr_warmup_iters": "--lr-warmup-iters",
+    "lr_decay_iters": "--lr-decay-iters",
+    "lr_decay_style": "--lr-decay-style",
+}
+LR_DEFAULTS = {"lr": 1.2e-2, "min_lr": 0.0, "lr_warmup_iters": 0, "lr_decay_style": "linear"}
 
 
 def model_config(args: argparse.Namespace) -> CrystalConfig:
@@ -258,6 +269,15 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
         sum(map(bool, (args.data_path, args.mock_data, args.phases))) == 1,
         "give exactly one of --data-path, --mock-data and --phases",
     )
+    given = [f"{flag} {getattr(args, key)}" for key, flag in LR_FLAGS.items() if getattr(args, key) is not None]
+    _require(
+        not (args.phases and given),
+        f"{given[0] if given else ''}: with --phases {args.phases} the phases file sets the lr schedule (each phase's "
+        "lr: peak, min, warmup_iters, decay_iters, decay_style); drop the flag",
+    )
+    for key, value in LR_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     args.phases_config = _load_phases(args, crystal) if args.phases else None
     batch_sizes = (
         [
