@@ -17,6 +17,7 @@ What it changes, once per process:
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -88,6 +89,15 @@ def activate() -> bool:
         return True
     if torch.cuda.is_available():
         return False
+    # Megatron-Core's advice for GPUs (set CUDA_DEVICE_MAX_CONNECTIONS=1 for async TP all-reduce) has
+    # nothing to act on here.
+    warnings.filterwarnings(
+        "ignore",
+        message="When using async grad allreduce it is recommended to set the environment variable "
+        "CUDA_DEVICE_MAX_CONNECTIONS",
+        category=UserWarning,
+        module=r"megatron\.core\.tensor_parallel\.layers",
+    )
 
     cuda = torch.cuda
     cuda.current_device = lambda: "cpu"

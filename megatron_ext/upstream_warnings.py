@@ -5,7 +5,8 @@ lines) and torch repeats deprecation notices that Megatron-Core's own calls trig
 error ended up under them. The start-up report already names the path taken (kernel path, optional
 accelerators), so each of these is dropped, matched by its message and the module it is attributed to:
 any other warning, from these modules too, still shows. Each entry point calls silence() before it
-imports Megatron-Core (the warnings are raised at import).
+imports Megatron-Core (the warnings are raised at import); it imports nothing heavy, so that a tool's
+input errors stay fast. The CPU layer (cpu_compat.activate) drops the GPU-only advice on its own.
 """
 
 from __future__ import annotations
@@ -53,14 +54,4 @@ def silence() -> None:
     for message, category, module in KNOWN:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
     logging.getLogger("megatron.core.datasets.gpt_dataset").addFilter(_DropMockCacheNote())
-    import torch
-
-    if not torch.cuda.is_available():  # a GPU run wants this advice; the CPU has no such setting
-        warnings.filterwarnings(
-            "ignore",
-            message=r"When using async grad allreduce it is recommended to set the "
-            "environment variable CUDA_DEVICE_MAX_CONNECTIONS",
-            category=UserWarning,
-            module=r"megatron\.core\.tensor_parallel\.layers",
-        )
     _installed = True

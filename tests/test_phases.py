@@ -647,3 +647,27 @@ def test_sources_sharing_files_are_named_and_counted_per_file(tmp_path):
     assert shared["sources"] == ["prose", "mixed"] and shared["documents_read"] > 0
     assert shared["documents_read"] == prose["documents_per_file"][str(text)] + mixed["documents_per_file"][str(text)]
     assert books["files"][str(code)]["documents_read"] == mixed["documents_per_file"][str(code)]
+
+
+@pytest.mark.timeout(300)
+def test_a_checkpoint_of_the_layout_before_the_state_registry_resumes(tmp_path):
+    """Checkpoints written before the stateful parts were saved by name kept the data stream and the update
+    guard under keys of their own (consumed_samples, data_state, guard_state): rewritten into that layout,
+    a checkpoint still resumes the same stream and losses."""
+    straight = _metrics(1, tmp_path, "straight", ["--train-iters", "7"])
+    ckpt = tmp_path / "ckpt"
+    _metrics(1, tmp_path, "first", ["--train-iters", "7", "--exit-interval", "5", "--save", str(ckpt)])
+    common_path = ckpt / "iter_0000005" / "common.pt"
+    common = torch.load(common_path, weights_only=False)
+    data, guard = common.pop("data"), common.pop("update_guard")
+    del common["parts"]
+    common.update(consumed_samples=data["consumed_samples"], data_state=data["schedule"], guard_state=guard)
+    torch.save(common, common_path)
+    resumed = _metrics(1, tmp_path, "resumed", ["--train-iters", "7", "--load", str(ckpt)])
+    assert sorted(resumed) == [6, 7]
+    for i in (6, 7):
+        assert (resumed[i]["data_hash"], resumed[i]["lm_loss"], resumed[i]["lr"]) == (
+            straight[i]["data_hash"],
+            straight[i]["lm_loss"],
+            straight[i]["lr"],
+        )

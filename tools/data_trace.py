@@ -59,16 +59,17 @@ def main(argv=None) -> int:
         return _fail(str(e))
     schedule, done = PhaseSchedule(config), 0
     if args.load:
-        from megatron_ext.training.checkpointing import CheckpointError, checkpoint_path, read_common_state
+        from megatron_ext.training.checkpointing import CheckpointError, checkpoint_path, read_common_state, saved_part
 
         try:
             path = checkpoint_path(args.load, args.ckpt_step)
             common = read_common_state(path) if path else None
         except CheckpointError as e:
             return _fail(str(e))
-        if not common or not common.get("data_state"):
+        data = saved_part(common, "data") if common else None
+        if not data or not data["schedule"]:
             return _fail(f"--load {args.load}: no checkpoint with a phase schedule")
-        schedule, note = PhaseSchedule.from_state_dict(config, common["data_state"], common["consumed_samples"])
+        schedule, note = PhaseSchedule.from_state_dict(config, data["schedule"], data["consumed_samples"])
         if note:
             print(f"warning: {note}", file=sys.stderr)
         done = common["iteration"]

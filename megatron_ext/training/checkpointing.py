@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from collections.abc import Mapping
+from typing import Protocol
 
 import torch
 from megatron.core import dist_checkpointing
@@ -21,6 +23,16 @@ from megatron_ext import megatron_workarounds
 from megatron_ext.model.crystal_config import CrystalConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
+
+
+class Stateful(Protocol):
+    """A part of a run that a checkpoint saves and restores by name."""
+
+    def state_dict(self) -> dict | None: ...
+
+    def load_state_dict(self, state: dict | None) -> None: ...
+
+
 # The distributed optimizer's state in canonical per-parameter form: reshardable to any layout.
 # ('fully_sharded_model_space', Megatron-Core 0.16.1's default, relies on flattened ranges that its own
 # dist_checkpointing no longer accepts.)
@@ -76,18 +88,16 @@ def save_checkpoint(
     padded_vocab: int,
     optimizer=None,
     scheduler=None,
-    consumed_samples: int = 0,
+    parts: Mapping[str, Stateful] | None = None,
     tokenizer: dict | None = None,
-    data_state: dict | None = None,
-    guard_state: dict | None = None,
     keep_last: int | None = None,
 ) -> str:
     """Write DIR/iter_N and then the tracker. Without an optimizer (an imported release) only the weights
     are stored, and a run that loads them starts at iteration 0 with a fresh optimizer.
 
+    parts: the run's other stateful parts by name (the data feed, the update guard, ...), each stored
+    under its name: adding one to the training touches only that part and the line registering it.
     tokenizer: {"type", "model"} as trained with, so that the release tools can find it.
-    data_state: where the data stream stands (the phase schedule's state), to resume it exactly.
-    guard_state: the update guard's loss window and skip counters.
     keep_last: afterwards remove all but the newest keep_last checkpoints.
     """
     path = iteration_dir(root, iteration)
@@ -103,14 +113,14 @@ def save_checkpoint(
         state.update(opt_param_scheduler=scheduler.state_dict(), use_distributed_optimizer=_is_distributed(optimizer))
     state.update(
         iteration=iteration,
-        consumed_samples=consumed_samples,
         model_config=dataclasses.asdict(crystal),
         padded_vocab_size=padded_vocab,
         tokenizer=tokenizer,
         has_optimizer=optimizer is not None,
-        data_state=data_state,
-        guard_state=guard_state,
+        parts=sorted(parts or {}),
     )
+    for name, part in (parts or {}).items():
+        state[name] = part.state_dict()
     try:
         dist_checkpointing.save(state, path, sharded_strategy=("torch_dist", 1))
     # A failed write (a full disk, a quota) surfaces as any of several types; torch's CheckpointException,
@@ -283,17 +293,17 @@ def load_checkpoint(
     padded_vocab: int,
     step: int | None = None,
     weights_only: bool = False,
-) -> tuple[int, int, dict | None, dict | None]:
-    """Resume from the checkpoint of iteration step (default: the latest) under root.
+    parts: Mapping[str, Stateful] | None = None,
+) -> int:
+    """Resume from the checkpoint of iteration step (default: the latest) under root: the model, the
+    optimizer, the scheduler and every part by its name (a part the checkpoint lacks gets None).
 
-    Returns (iteration, consumed samples, data state, guard state); (0, 0, None, None) when root has no
-    checkpoint yet or
-    when only weights are taken: with weights_only (--finetune), or from a checkpoint that has no
-    optimizer state.
+    Returns the iteration; 0, with the parts untouched, when root has no checkpoint yet or when only
+    weights are taken: with weights_only (--finetune), or from a checkpoint that has no optimizer state.
     """
     path = checkpoint_path(root, step)
     if path is None:
-        return 0, 0, None, None
+        return 0
     common = read_common_state(path)
     check_model_matches(path, common, crystal, padded_vocab)
     weights_only = weights_only or not common.get("has_optimizer", True)
@@ -305,7 +315,7 @@ def load_checkpoint(
     if weights_only:
         load_model_weights(path, model_chunks)
         optimizer.reload_model_params()
-        return 0, 0, None, None
+        return 0
     megatron_workarounds.apply()  # (pretrain applied them at start-up already: this is for other callers)
     megatron_workarounds.materialize_optimizer_state(optimizer)
     state = dist_checkpointing.load(_sharded_state_dict(model_chunks, optimizer, is_loading=True), path)
@@ -314,4 +324,19 @@ def load_checkpoint(
     optimizer.load_state_dict(state["optimizer"])
     megatron_workarounds.unshare_adam_steps(optimizer)
     scheduler.load_state_dict(state["opt_param_scheduler"])
-    return state["iteration"], state["consumed_samples"], common.get("data_state"), common.get("guard_state")
+    for name, part in (parts or {}).items():
+        part.load_state_dict(saved_part(common, name))
+    return state["iteration"]
+
+
+def saved_part(common: dict, name: str):
+    """The saved state of a part, from a checkpoint's common state; None if it has none. Checkpoints
+    written before parts were saved by name kept the data stream and the update guard under keys of
+    their own (consumed_samples, data_state, guard_state)."""
+    if name in common.get("parts", ()):
+        return common[name]
+    if name == "data":
+        return {"consumed_samples": common.get("consumed_samples", 0), "schedule": common.get("data_state")}
+    if name == "update_guard":
+        return common.get("guard_state")
+    return None

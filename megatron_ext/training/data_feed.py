@@ -42,12 +42,14 @@ class BlendFeed:
     def advance(self) -> None:
         self.consumed_samples += self.args.global_batch_size
 
-    def state_dict(self) -> dict | None:
-        return None
+    resume_note = None
 
-    def load_state_dict(self, saved: dict | None, consumed_samples: int) -> str | None:
-        self.consumed_samples = consumed_samples
-        return None
+    def state_dict(self) -> dict:
+        """Megatron's datasets resume from the consumed sample count alone."""
+        return {"consumed_samples": self.consumed_samples, "schedule": None}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.consumed_samples = state["consumed_samples"] if state else 0
 
     def bookkeeping_json(self, iteration: int) -> str | None:
         """A plain blend keeps no per-source books: Megatron's datasets know only consumed samples."""
@@ -63,6 +65,7 @@ class PhaseFeed:
         self.schedule = PhaseSchedule(self.config)
         self.source_names = self.config.source_names
         self.consumed_samples = 0
+        self.resume_note: str | None = None
 
     def step_phase(self) -> int:
         """The phase of the step about to run (the last phase once all are done)."""
@@ -105,16 +108,18 @@ class PhaseFeed:
         self.consumed_samples += gbs
 
     def state_dict(self) -> dict:
-        return self.schedule.state_dict()
+        return {"consumed_samples": self.consumed_samples, "schedule": self.schedule.state_dict()}
 
-    def load_state_dict(self, saved: dict | None, consumed_samples: int) -> str | None:
+    def load_state_dict(self, state: dict | None) -> None:
+        """The saved stream; resume_note says what changed when the phases file was edited since."""
         from megatron_ext.data.phase_schedule import PhaseSchedule
 
-        self.consumed_samples = consumed_samples
-        if saved is None:  # weights only (--finetune, an imported release): the phases start from the top
-            return None
-        self.schedule, note = PhaseSchedule.from_state_dict(self.config, saved, consumed_samples)
-        return note
+        self.consumed_samples = state["consumed_samples"] if state else 0
+        if not state or state["schedule"] is None:  # a blend's checkpoint: the phases start from the top
+            return
+        self.schedule, self.resume_note = PhaseSchedule.from_state_dict(
+            self.config, state["schedule"], self.consumed_samples
+        )
 
     def bookkeeping(self, iteration: int) -> dict:
         """Per source: samples, tokens, documents and epochs consumed; per phase: the realised mixture."""
@@ -146,7 +151,7 @@ class PhaseFeed:
             "sources": sources,
             "files": files,
             "realised_mixture": mixture,
-            "schedule": self.state_dict(),
+            "schedule": self.schedule.state_dict(),
         }
 
     def scalars(self) -> dict[str, float]:

@@ -183,6 +183,10 @@ class Trainer:
     def current_lr(self) -> float:
         return next(g["lr"] for g in self.optimizer.param_groups if g.get("default_config", True))
 
+    def stateful_parts(self) -> dict:
+        """Everything besides the model, optimizer and scheduler that a checkpoint saves, by name."""
+        return {"data": self.feed, "update_guard": self.guard}
+
     def save(self) -> None:
         started = time.perf_counter()
         tokenizer = None
@@ -197,10 +201,8 @@ class Trainer:
             self.padded_vocab,
             self.optimizer,
             self.scheduler,
-            feed.consumed_samples,
-            tokenizer,
-            data_state=feed.state_dict(),
-            guard_state=self.guard.state_dict(),
+            parts=self.stateful_parts(),
+            tokenizer=tokenizer,
             keep_last=self.args.keep_last_checkpoints,
         )
         books = feed.bookkeeping_json(self.iteration) if torch.distributed.get_rank() == 0 else None
@@ -210,7 +212,7 @@ class Trainer:
 
     def load(self) -> None:
         wanted = phase_lr.saved_schedule(self.scheduler.state_dict())  # the flags' schedule, before the load
-        self.iteration, consumed, data_state, guard_state = checkpointing.load_checkpoint(
+        self.iteration = checkpointing.load_checkpoint(
             self.args.load,
             self.model,
             self.optimizer,
@@ -219,9 +221,9 @@ class Trainer:
             self.padded_vocab,
             step=self.args.ckpt_step,
             weights_only=self.args.finetune,
+            parts=self.stateful_parts(),
         )
-        self.guard.load_state_dict(guard_state)
-        note = self.feed.load_state_dict(data_state, consumed)
+        note = self.feed.resume_note
         if note:
             distributed.print_rank_0(f"warning: {note}")
         if self.iteration:
