@@ -1,5 +1,6 @@
 """Phases: exact blending, per-source positions across phases and epochs, FIM, validation, kill + resume."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -415,8 +416,19 @@ def _kill_after(checkpoint_iteration, tmp, ckpt):
             assert time.time() < deadline, "no checkpoint in time"
             time.sleep(0.2)
     finally:
+        # torchrun starts each worker in a session of its own: killing torchrun's group alone left the
+        # workers training on (and saving into ckpt) while the test resumed from it.
+        import psutil
+
+        tree = psutil.Process(proc.pid).children(recursive=True)
         os.killpg(proc.pid, signal.SIGKILL)
+        for child in tree:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGKILL)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
         proc.wait()
+        psutil.wait_procs(tree, timeout=30)
 
 
 @pytest.mark.timeout(600)

@@ -29,11 +29,16 @@ class StopRequest:
 
     def __init__(self):
         self.signalled = None
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     def _handle(self, signum, frame) -> None:
         self.signalled = signal.Signals(signum).name
+
+    def close(self) -> None:
+        """Give the signals back to the handlers they had before the run."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 class UpdateGuard:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 import time
@@ -21,11 +20,9 @@ from megatron_ext.kernels.fp8_linear import end_fp8_step
 from megatron_ext.model.crystal_config import CrystalConfig
 from megatron_ext.model.crystal_gpt import ParallelLayout, build_model, padded_vocab_size, transformer_config
 from megatron_ext.training import checkpointing, data_feed, distributed, phase_lr
+from megatron_ext.training.callbacks import StepResult, build_callbacks
 from megatron_ext.training.faults import StopRequest, UpdateGuard
-from megatron_ext.training.metrics import TrainingLogger
 from megatron_ext.training.optimizer import build_optimizer
-
-STOP_MARKER = "stopped_by_signal"  # in --save: this run stopped on a signal, after saving (holds the iteration)
 
 
 def loss_func(loss_mask: torch.Tensor, source_id: torch.Tensor | None, num_sources: int, output_tensor: torch.Tensor):
@@ -306,71 +303,32 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
         trainer.load()
     train_its = feed.train_iterators(len(trainer.model), args.train_iters - trainer.iteration)
 
-    logging_rank = distributed.is_logging_rank()
-    writer = None
-    if logging_rank and args.tensorboard_dir:
-        from torch.utils.tensorboard import SummaryWriter
+    callbacks = build_callbacks(args, crystal, trainer)
+    try:
+        return _loop(args, trainer, feed, train_its, callbacks)
+    finally:
+        for callback in callbacks:
+            callback.close()
+        trainer.stop.close()
 
-        writer = SummaryWriter(args.tensorboard_dir)
-    logger = TrainingLogger(args, crystal, trainer.padded_vocab, torch.distributed.get_world_size(), writer)
-    metrics_file = None
-    if logging_rank and args.metrics_jsonl:
-        os.makedirs(os.path.dirname(os.path.abspath(args.metrics_jsonl)), exist_ok=True)  # as TensorBoard does
-        metrics_file = open(args.metrics_jsonl, "a")
 
+def _loop(args: argparse.Namespace, trainer: Trainer, feed, train_its: list, callbacks: list) -> int:
     phase, stopped_by_signal = None, False
     while trainer.iteration < args.train_iters:
         if feed.step_phase() != phase:
-            # The switch happens here, inside the job: the next phase's lr schedule from its step 0 (or
-            # from the resumed step), its batch size and blend from the next sample on.
             phase = feed.step_phase()
-            steps, trainer.resumed_phase_steps = trainer.resumed_phase_steps, None
-            if steps is None or not args.use_checkpoint_opt_param_scheduler:
-                phase_lr.apply_phase(
-                    trainer.scheduler, feed.phase, feed.step_in_phase() if steps is None else steps, args.weight_decay
-                )
-            fim = ", ".join(f"{n} rate {f.rate} spm {f.spm_rate}" for n, f in feed.phase.fim.items()) or "none"
-            distributed.print_rank_0(
-                f"phase {feed.phase_name} ({phase + 1}/{len(args.phases_config.phases)}) from "
-                f"iteration {trainer.iteration + 1}: global batch {feed.step_batch_size()}, "
-                f"blend {feed.phase.blend}, FIM {fim}"
-            )
+            _enter_phase(args, trainer, feed, phase)
         lr, gbs, phase_name = trainer.current_lr(), feed.step_batch_size(), feed.phase_name
         loss, by_source, grad_norm, skipped = trainer.train_step(train_its)
         data_hash = trainer.step_data_hash()
         trainer.iteration += 1
         feed.advance()
-        if logging_rank:
-            source_losses = (
-                {n: tuple(by_source[i].tolist()) for i, n in enumerate(feed.source_names)}
-                if by_source is not None
-                else None
-            )  # source -> (summed loss, tokens)
-            line = logger.step(
-                trainer.iteration, loss, lr, grad_norm, feed.consumed_samples, gbs, phase_name, source_losses
-            )
-            if line:
-                print(line, flush=True)
-                for tag, value in feed.scalars().items() if writer else ():
-                    writer.add_scalar(tag, value, trainer.iteration)
-            if metrics_file:
-                record = {"iteration": trainer.iteration, "lm_loss": loss, "grad_norm": grad_norm, "lr": lr}
-                if phase_name:  # per source with tokens in this step: mean loss, and the tokens it is over
-                    record.update(
-                        phase=phase_name,
-                        source_losses={n: total / tokens for n, (total, tokens) in source_losses.items() if tokens},
-                        source_tokens={n: int(tokens) for n, (_, tokens) in source_losses.items() if tokens},
-                    )
-                if data_hash is not None:
-                    record["data_hash"] = data_hash
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-        if skipped and logging_rank:
-            print(
-                f"iteration {trainer.iteration}: {skipped} (lm loss {loss}): update skipped "
-                f"({trainer.guard.consecutive} in a row, {trainer.guard.total} in all)",
-                flush=True,
-            )
+        source_losses = None
+        if by_source is not None:
+            source_losses = {n: tuple(by_source[i].tolist()) for i, n in enumerate(feed.source_names)}
+        step = StepResult(trainer.iteration, loss, lr, grad_norm, skipped, gbs, phase_name, source_losses, data_hash)
+        for callback in callbacks:
+            callback.post_step(trainer, step)
         if trainer.guard.exhausted:
             distributed.print_rank_0(
                 f"pretrain_crystal.py: error: {trainer.guard.consecutive} consecutive steps were skipped (last: "
@@ -379,22 +337,6 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
                 error=True,
             )
             return 3
-        if args.eval_interval and trainer.iteration % args.eval_interval == 0:
-            started = time.perf_counter()
-            valid_loss, _ = trainer.evaluate(trainer.iteration // args.eval_interval - 1)
-            seconds = time.perf_counter() - started
-            logger.exclude(seconds)
-            if logging_rank:
-                print(
-                    f"validation at iteration {trainer.iteration} | lm loss {valid_loss:.6f} | {seconds:.1f} s",
-                    flush=True,
-                )
-                if writer:
-                    writer.add_scalar("validation lm loss", valid_loss, trainer.iteration)
-        if args.save and args.save_interval and trainer.iteration % args.save_interval == 0:
-            started = time.perf_counter()
-            trainer.save()
-            logger.exclude(time.perf_counter() - started)
         if args.exit_interval and trainer.iteration % args.exit_interval == 0:
             break
         if trainer.guard.stop_agreed:
@@ -404,13 +346,22 @@ def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.devic
             )
             stopped_by_signal = True
             break
-    if args.save and not (args.save_interval and trainer.iteration % args.save_interval == 0):
-        trainer.save()
-    if stopped_by_signal and args.save and torch.distributed.get_rank() == 0:
-        # For the SLURM launch: requeue this job (examples/slurm/launch.sh), which exits 0 here.
-        checkpointing.write_text_atomically(os.path.join(args.save, STOP_MARKER), str(trainer.iteration))
-    if writer:
-        writer.close()
-    if metrics_file:
-        metrics_file.close()
+    for callback in callbacks:
+        callback.post_train(trainer, stopped_by_signal)
     return 0
+
+
+def _enter_phase(args: argparse.Namespace, trainer: Trainer, feed, phase: int) -> None:
+    """The switch happens here, inside the job: the next phase's lr schedule from its step 0 (or from the
+    resumed step), its batch size and blend from the next sample on."""
+    steps, trainer.resumed_phase_steps = trainer.resumed_phase_steps, None
+    if steps is None or not args.use_checkpoint_opt_param_scheduler:
+        phase_lr.apply_phase(
+            trainer.scheduler, feed.phase, feed.step_in_phase() if steps is None else steps, args.weight_decay
+        )
+    fim = ", ".join(f"{n} rate {f.rate} spm {f.spm_rate}" for n, f in feed.phase.fim.items()) or "none"
+    distributed.print_rank_0(
+        f"phase {feed.phase_name} ({phase + 1}/{len(args.phases_config.phases)}) from "
+        f"iteration {trainer.iteration + 1}: global batch {feed.step_batch_size()}, "
+        f"blend {feed.phase.blend}, FIM {fim}"
+    )

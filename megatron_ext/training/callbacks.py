@@ -1,0 +1,155 @@
+"""Side work of the training loop as callbacks: metrics (log line, TensorBoard, --metrics-jsonl),
+evaluation, checkpoint saving. The loop calls post_step after every step, post_train when it ends
+normally (not after a fatal error), and close on every callback however it ends (a `finally`), so files
+and writers are closed even when a step raises. OLMo-core's Callback is the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron_ext.training import checkpointing, distributed
+from megatron_ext.training.metrics import TrainingLogger
+
+STOP_MARKER = "stopped_by_signal"  # in --save: this run stopped on a signal, after saving (holds the iteration)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    iteration: int  # the step just taken, from 1
+    loss: float | None  # the global loss, on the last pipeline stage (None elsewhere)
+    lr: float
+    grad_norm: float | None  # None: the update was skipped
+    skipped: str | None  # why the update was skipped
+    global_batch_size: int
+    phase_name: str | None
+    source_losses: dict[str, tuple[float, float]] | None  # source -> (summed loss, tokens), with --phases
+    data_hash: int | None
+
+
+class Callback:
+    def post_step(self, trainer, step: StepResult) -> None:
+        pass
+
+    def post_train(self, trainer, stopped_by_signal: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MetricsCallback(Callback):
+    """The log line and TensorBoard on the logging rank (the last, which holds the loss), one JSON line
+    per step, skip reports. Side work (saves, evaluations) reports its time through exclude()."""
+
+    def __init__(self, args, crystal, trainer):
+        self.args, self.feed = args, trainer.feed
+        self.logging_rank = distributed.is_logging_rank()
+        self.writer = None
+        if self.logging_rank and args.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(args.tensorboard_dir)
+        self.logger = TrainingLogger(
+            args, crystal, trainer.padded_vocab, torch.distributed.get_world_size(), self.writer
+        )
+        self.jsonl = None
+        if self.logging_rank and args.metrics_jsonl:
+            os.makedirs(os.path.dirname(os.path.abspath(args.metrics_jsonl)), exist_ok=True)  # as TensorBoard does
+            self.jsonl = open(args.metrics_jsonl, "a")  # noqa: SIM115 - closed in close()
+
+    def exclude(self, seconds: float) -> None:
+        self.logger.exclude(seconds)
+
+    def post_step(self, trainer, step: StepResult) -> None:
+        if not self.logging_rank:
+            return
+        feed, it = self.feed, step.iteration
+        line = self.logger.step(
+            it, step.loss, step.lr, step.grad_norm, feed.consumed_samples, step.global_batch_size, step.phase_name,
+            step.source_losses,
+        )  # fmt: skip
+        if line:
+            print(line, flush=True)
+            for tag, value in feed.scalars().items() if self.writer else ():
+                self.writer.add_scalar(tag, value, it)
+        if self.jsonl:
+            record = {"iteration": it, "lm_loss": step.loss, "grad_norm": step.grad_norm, "lr": step.lr}
+            if step.phase_name:  # per source with tokens in this step: mean loss, and the tokens it is over
+                present = {n: (total, tokens) for n, (total, tokens) in step.source_losses.items() if tokens}
+                record.update(
+                    phase=step.phase_name,
+                    source_losses={n: total / tokens for n, (total, tokens) in present.items()},
+                    source_tokens={n: int(tokens) for n, (_, tokens) in present.items()},
+                )
+            if step.data_hash is not None:
+                record["data_hash"] = step.data_hash
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if step.skipped:
+            print(
+                f"iteration {it}: {step.skipped} (lm loss {step.loss}): update skipped "
+                f"({trainer.guard.consecutive} in a row, {trainer.guard.total} in all)",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        if self.jsonl:
+            self.jsonl.close()
+
+
+class EvaluationCallback(Callback):
+    def __init__(self, args, metrics: MetricsCallback):
+        self.interval, self.metrics = args.eval_interval, metrics
+
+    def post_step(self, trainer, step: StepResult) -> None:
+        if step.iteration % self.interval or trainer.guard.exhausted:  # a run stopping on skips: no side work
+            return
+        started = time.perf_counter()
+        valid_loss, _ = trainer.evaluate(step.iteration // self.interval - 1)
+        seconds = time.perf_counter() - started
+        self.metrics.exclude(seconds)
+        if self.metrics.logging_rank:
+            print(f"validation at iteration {step.iteration} | lm loss {valid_loss:.6f} | {seconds:.1f} s", flush=True)
+            if self.metrics.writer:
+                self.metrics.writer.add_scalar("validation lm loss", valid_loss, step.iteration)
+
+
+class CheckpointCallback(Callback):
+    """Saves every --save-interval steps and at the end of the run; after a stop signal, also leaves the
+    marker that the SLURM launch script requeues on (examples/slurm/launch.sh: the job exits 0 here)."""
+
+    def __init__(self, args, metrics: MetricsCallback):
+        self.args, self.metrics = args, metrics
+
+    def _due(self, iteration: int) -> bool:
+        return bool(self.args.save_interval) and iteration % self.args.save_interval == 0
+
+    def post_step(self, trainer, step: StepResult) -> None:
+        if self._due(step.iteration) and not trainer.guard.exhausted:  # stopping on skips: without saving
+            started = time.perf_counter()
+            trainer.save()
+            self.metrics.exclude(time.perf_counter() - started)
+
+    def post_train(self, trainer, stopped_by_signal: bool) -> None:
+        if not self._due(trainer.iteration):
+            trainer.save()
+        if stopped_by_signal and torch.distributed.get_rank() == 0:
+            checkpointing.write_text_atomically(os.path.join(self.args.save, STOP_MARKER), str(trainer.iteration))
+
+
+def build_callbacks(args, crystal, trainer) -> list[Callback]:
+    metrics = MetricsCallback(args, crystal, trainer)
+    callbacks: list[Callback] = [metrics]
+    if args.eval_interval:
+        callbacks.append(EvaluationCallback(args, metrics))
+    if args.save:
+        callbacks.append(CheckpointCallback(args, metrics))
+    return callbacks
