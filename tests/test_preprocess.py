@@ -64,6 +64,14 @@ def run_tool(script, *args, timeout=300):
     )
 
 
+def preprocess(inputs, tokenizer_model, output_prefix, *flags):
+    """preprocess_data.py over inputs with the given tokenizer into output_prefix."""
+    return run_tool(
+        "preprocess_data.py", "--input", inputs, "--tokenizer-model", tokenizer_model, "--output-prefix", output_prefix,
+        *flags,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def tokenizer_model(tmp_path_factory):
     """A demo-style tokenizer trained here on the Python reference manual (seconds)."""
@@ -168,13 +176,9 @@ def test_round_trip_preserves_every_document_in_order(tmp_path, tok, tokenizer_m
     inputs = tmp_path / "in"
     inputs.mkdir()
     ordered = write_inputs(inputs, docs, n_files=6)
-    proc = run_tool(
-        "preprocess_data.py",
-        "--input",
+    proc = preprocess(
         inputs,
-        "--tokenizer-model",
         tokenizer_model,
-        "--output-prefix",
         tmp_path / "out" / "corpus",
         "--append-eod",
         "--workers",
@@ -208,33 +212,14 @@ def test_bad_lines_are_skipped_counted_and_located(tmp_path, tok, tokenizer_mode
     ]
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    proc = run_tool(
-        "preprocess_data.py",
-        "--input",
-        path,
-        "--tokenizer-model",
-        tokenizer_model,
-        "--output-prefix",
-        tmp_path / "o",
-        "--append-eod",
-    )
+    proc = preprocess(path, tokenizer_model, tmp_path / "o", "--append-eod")
     assert proc.returncode == 0, proc.stderr
     assert ("skipped: malformed_json 2, missing_key 1, non_string 1, invalid_utf8 1, empty_text 1") in proc.stdout
     assert f"{path}:2: malformed_json" in proc.stdout and f"{path}:6: invalid_utf8" in proc.stdout
     ds = indexed(tmp_path / "o_text_document")
     assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode(f"good document {i}.") + [tok.eod] for i in range(4)]
 
-    proc = run_tool(
-        "preprocess_data.py",
-        "--input",
-        path,
-        "--tokenizer-model",
-        tokenizer_model,
-        "--output-prefix",
-        tmp_path / "f",
-        "--on-error",
-        "fail",
-    )
+    proc = preprocess(path, tokenizer_model, tmp_path / "f", "--on-error", "fail")
     assert proc.returncode == 1
     assert f"{path}: line 2: malformed_json" in proc.stderr
     assert not list(tmp_path.glob("f_*")), list(tmp_path.glob("f*"))
@@ -387,31 +372,12 @@ def test_a_lone_surrogate_is_a_counted_skip(tmp_path, tok, tokenizer_model):
         "\n".join([json.dumps({"text": "first."}), '{"text": "bad \\ud800 here"}', json.dumps({"text": "third."})])
         + "\n"
     )
-    proc = run_tool(
-        "preprocess_data.py",
-        "--input",
-        path,
-        "--tokenizer-model",
-        tokenizer_model,
-        "--output-prefix",
-        tmp_path / "o",
-        "--append-eod",
-    )
+    proc = preprocess(path, tokenizer_model, tmp_path / "o", "--append-eod")
     assert proc.returncode == 0, proc.stderr
     assert "skipped: lone_surrogate 1" in proc.stdout and f"{path}:2: lone_surrogate (text character 4)" in proc.stdout
     ds = indexed(tmp_path / "o_text_document")
     assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode(t) + [tok.eod] for t in ("first.", "third.")]
-    proc = run_tool(
-        "preprocess_data.py",
-        "--input",
-        path,
-        "--tokenizer-model",
-        tokenizer_model,
-        "--output-prefix",
-        tmp_path / "f",
-        "--on-error",
-        "fail",
-    )
+    proc = preprocess(path, tokenizer_model, tmp_path / "f", "--on-error", "fail")
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
         f"preprocess_data.py: error: {path}: line 2: lone_surrogate (text character 4); no output written"
     )
@@ -446,16 +412,7 @@ def test_a_damaged_file_is_reported_and_the_run_goes_on(tmp_path, tok, tokenizer
     damaged = corpus / {"gz": "a.jsonl.gz", "zst": "a.jsonl.zst", "parquet": "a.parquet"}[kind]
     before, error = _damaged(kind, damaged)
     (corpus / "b.jsonl").write_text(json.dumps({"text": "the good file."}) + "\n")
-    proc = run_tool(
-        "preprocess_data.py",
-        "--input",
-        corpus,
-        "--tokenizer-model",
-        tokenizer_model,
-        "--output-prefix",
-        tmp_path / "o",
-        "--append-eod",
-    )
+    proc = preprocess(corpus, tokenizer_model, tmp_path / "o", "--append-eod")
     assert proc.returncode == 0, proc.stderr
     warning = next(line for line in proc.stderr.splitlines() if "warning" in line)
     assert warning.startswith(f"preprocess_data.py: warning: {damaged}: unreadable after ") and f"({error}: " in warning
@@ -466,17 +423,7 @@ def test_a_damaged_file_is_reported_and_the_run_goes_on(tmp_path, tok, tokenizer
     assert len(ds) == read + 1 and ds[len(ds) - 1].tolist() == tok.encode("the good file.") + [tok.eod]
     if read:
         assert ds[0].tolist() == tok.encode("document 0 " + "words " * 30) + [tok.eod]
-    proc = run_tool(
-        "preprocess_data.py",
-        "--input",
-        corpus,
-        "--tokenizer-model",
-        tokenizer_model,
-        "--output-prefix",
-        tmp_path / "f",
-        "--on-error",
-        "fail",
-    )
+    proc = preprocess(corpus, tokenizer_model, tmp_path / "f", "--on-error", "fail")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"preprocess_data.py: error: {damaged}: unreadable after ") and last.endswith(
