@@ -19,6 +19,7 @@ and the key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -26,6 +27,8 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import yaml
+
+from megatron_ext.data.indexed_files import file_shape
 
 DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 
@@ -92,11 +95,15 @@ class PhasesConfig:
         return sum(p.iters for p in self.phases)
 
     def fingerprint(self) -> str:
+        return self._fingerprint
+
+    @functools.cached_property  # reads every source file's index header: once per loaded file
+    def _fingerprint(self) -> str:
         """Identifies what the sample stream depends on: every source's documents (count and tokens of
         each of its files, in order), subset and epochs, the seed, the held-out fraction, and each phase's
         length, batch size, blend and FIM. Not where the files sit (a corpus moved from /scratch to /lustre
         is the same corpus), nor the lr schedule (which does not change the data)."""
-        sources = {n: {"files": [indexed_file_shape(p) for p in s.prefixes], "subset": s.subset,
+        sources = {n: {"files": [file_shape(p) for p in s.prefixes], "subset": s.subset,
                        "max_epochs": s.max_epochs} for n, s in self.sources.items()}
         phases = [{k: v for k, v in asdict(p).items() if k != "lr"} for p in self.phases]
         described = {"seed": self.seed, "validation_fraction": self.validation_fraction, "sources": sources,
@@ -117,18 +124,6 @@ def overlapping_sources(config: PhasesConfig) -> list[str]:
                              "each keeps its own read position, so their documents can be read twice; "
                              "data_state.json counts the documents read per file")
     return lines
-
-
-def indexed_file_shape(prefix: str) -> tuple[int, int]:
-    """(documents, tokens) of an indexed dataset, from its index header and data file size (no scan)."""
-    import warnings
-
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dataset = IndexedDataset(prefix)
-    return len(dataset), os.path.getsize(prefix + ".bin") // dataset.index.dtype_size
 
 
 def _number(value, where: str, *, integer: bool = False, low: float | None = None, high: float | None = None,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_ext.data.indexed_files import open_indexed
 from megatron_ext.data.phases_config import SourceSpec
 
 _POOL_STREAM, _EPOCH_STREAM = 0, 1
@@ -44,12 +45,8 @@ class Segment:
 class SourceStream:
     def __init__(self, spec: SourceSpec, seq_length: int, seed: int, validation_fraction: float = 0.0,
                  split: str = "train"):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
         self.spec, self.seq_length, self.seed, self.key = spec, seq_length, seed, source_key(spec.name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.datasets = [IndexedDataset(prefix) for prefix in spec.prefixes]
+        self.datasets = [open_indexed(prefix) for prefix in spec.prefixes]
         lengths = np.concatenate([ds.sequence_lengths for ds in self.datasets]).astype(np.int64)
         self._first_doc = np.cumsum([0] + [len(ds) for ds in self.datasets])
         pool = np.random.default_rng([seed, self.key, _POOL_STREAM]).permutation(len(lengths))

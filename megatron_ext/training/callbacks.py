@@ -134,9 +134,7 @@ class CheckpointCallback(Callback):
 
     def post_step(self, trainer, step: StepResult) -> None:
         if self._due(step.iteration) and not trainer.guard.exhausted:  # stopping on skips: without saving
-            started = time.perf_counter()
-            trainer.save()
-            self.metrics.exclude(time.perf_counter() - started)
+            self.metrics.exclude(trainer.save())
 
     def post_train(self, trainer, stopped_by_signal: bool) -> None:
         if not self._due(trainer.iteration):

@@ -73,10 +73,9 @@ class UpdateGuard:
             seen = loss
             if not math.isfinite(seen):  # a NaN or inf loss counts as non-finite gradients
                 seen, bad_loss = -math.inf, 1.0
-        bad = torch.maximum((~torch.isfinite(total)).to(torch.float64), torch.tensor(bad_loss, dtype=torch.float64))
         verdict = torch.stack(
             [
-                bad.to(total.device),
+                (~torch.isfinite(total)).to(torch.float64).clamp(min=bad_loss),
                 torch.tensor(seen, dtype=torch.float64, device=total.device),
                 torch.tensor(1.0 if stop_signalled else 0.0, dtype=torch.float64, device=total.device),
             ]

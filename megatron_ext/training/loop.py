@@ -184,7 +184,8 @@ class Trainer:
         """Everything besides the model, optimizer and scheduler that a checkpoint saves, by name."""
         return {"data": self.feed, "update_guard": self.guard}
 
-    def save(self) -> None:
+    def save(self) -> float:
+        """Save a checkpoint; returns the seconds it took."""
         started = time.perf_counter()
         tokenizer = None
         if self.args.tokenizer_model:
@@ -205,7 +206,9 @@ class Trainer:
         books = feed.bookkeeping_json(self.iteration) if torch.distributed.get_rank() == 0 else None
         if books:  # what the run has read so far, for people: per source and per phase
             checkpointing.write_text_atomically(os.path.join(path, "data_state.json"), books)
-        distributed.print_rank_0(f"saved checkpoint {path} in {time.perf_counter() - started:.1f} s")
+        seconds = time.perf_counter() - started
+        distributed.print_rank_0(f"saved checkpoint {path} in {seconds:.1f} s")
+        return seconds
 
     def load(self) -> None:
         wanted = phase_lr.saved_schedule(self.scheduler.state_dict())  # the flags' schedule, before the load
