@@ -15,13 +15,13 @@ def main() -> int:
     args = build_parser().parse_args()
     try:
         # Before Megatron-Core is imported or a process group exists: a bad layout costs a second.
-        crystal = validate(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        run = validate(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ArgumentError as e:
         print(f"pretrain_crystal.py: error: {e}", file=sys.stderr)
         return 2
     from megatron_ext.training.loop import pretrain
 
-    return pretrain(args, crystal)
+    return pretrain(run)
 
 
 # The guard matters: dist_checkpointing's writers spawn processes that re-import this file.

@@ -29,7 +29,6 @@ from megatron_ext.upstream_warnings import silence  # noqa: E402
 
 silence()  # before Megatron-Core is imported
 
-from megatron_ext.model.crystal_gpt import padded_vocab_size  # noqa: E402
 from megatron_ext.training import arguments, data_feed, distributed  # noqa: E402
 from megatron_ext.training.loop import Trainer  # noqa: E402
 from megatron_ext.training.metrics import device_peak_tflops, mfu_text, training_flops_per_token  # noqa: E402
@@ -50,10 +49,10 @@ def measured_matmul_tflops(n: int = 8192, reps: int = 10) -> float | None:
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
 
 
-def measure(args, crystal, iters: int, warmup: int) -> tuple[float, list[float]]:
+def measure(run, iters: int, warmup: int) -> tuple[float, list[float]]:
     """(steady-state step time, loss of every step) of a fresh model on the same seed and data."""
-    trainer = Trainer(args, crystal, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    feed = data_feed.build(args, crystal)
+    trainer = Trainer(run, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    feed = data_feed.build(run)
     trainer.set_data(feed)
     its = feed.train_iterators(len(trainer.model), iters)
     losses = []
@@ -99,29 +98,23 @@ def main() -> None:
     ]
     if torch.cuda.is_available():
         defaults.append("--bf16")
-    args = arguments.build_parser().parse_args(defaults + rest + ["--train-iters", str(own.iters)])
-    crystal = arguments.validate(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    distributed.initialize(args)
-    runs = {"bf16" if args.bf16 else "fp32": args}
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    argv = defaults + rest + ["--train-iters", str(own.iters)]
+    run = arguments.validate(arguments.build_parser().parse_args(argv), world_size)
+    crystal = run.crystal
+    distributed.initialize(run)
+    runs = {"bf16" if run.kernels.bf16 else "fp32": run}
     if own.fp8:
-        fp8_args = arguments.build_parser().parse_args(
-            defaults + rest + ["--train-iters", str(own.iters), "--fp8-format", "hybrid"]
+        runs["fp8"] = arguments.validate(
+            arguments.build_parser().parse_args(argv + ["--fp8-format", "hybrid"]), world_size
         )
-        arguments.validate(fp8_args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-        fp8_args.distributed_backend = args.distributed_backend
-        runs["fp8"] = fp8_args
     world = torch.distributed.get_world_size()
-    tokens = args.global_batch_size * crystal.seq_length
-    flops_per_step = (
-        training_flops_per_token(
-            crystal, crystal.seq_length, padded_vocab_size(crystal.vocab_size, args.make_vocab_size_divisible_by)
-        )
-        * tokens
-    )
+    tokens = run.optimizer.global_batch_size * crystal.seq_length
+    flops_per_step = training_flops_per_token(crystal, crystal.seq_length, run.model.padded_vocab) * tokens
     results = {}
-    for name, run_args in runs.items():
-        step_time, losses = measure(run_args, crystal, own.iters, own.warmup)
-        results[name] = (step_time, losses, run_args.kernel_path.describe())
+    for name, each in runs.items():
+        step_time, losses = measure(each, own.iters, own.warmup)
+        results[name] = (step_time, losses, each.kernels.path.describe())
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if torch.distributed.get_rank() == 0:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
@@ -130,7 +123,7 @@ def main() -> None:
         peaks = ", ".join(f"{p} {tflops:.0f}" for p, tflops in peaks.items() if tflops)
         print(
             f"device: {device} x {world} | model: hidden {crystal.hidden_size}, {crystal.num_layers} layers, "
-            f"seq {crystal.seq_length}, global batch {args.global_batch_size}"
+            f"seq {crystal.seq_length}, global batch {run.optimizer.global_batch_size}"
             + (f" | data-sheet peaks (TFLOP/s): {peaks}" if peaks else "")
         )
         for name, (step_time, losses, path) in results.items():

@@ -11,8 +11,7 @@ from megatron_ext.training.arguments import ArgumentError, build_parser, validat
 
 
 def _validate(argv, world_size=1):
-    args = build_parser().parse_args(argv)
-    return args, validate(args, world_size)
+    return validate(build_parser().parse_args(argv), world_size)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +60,7 @@ def test_bad_layout_is_named(argv, world_size, message):
 
 
 def test_good_layout_derives_sizes(tmp_path):
-    args, crystal = _validate(
+    run = _validate(
         [
             "--model",
             "crystal-7b",
@@ -81,8 +80,10 @@ def test_good_layout_derives_sizes(tmp_path):
         ],
         528,
     )
-    assert (args.data_parallel_size, args.num_microbatches, args.virtual_pipeline_model_parallel_size) == (66, 32, 4)
-    assert crystal.num_layers == 32
+    layout = run.layout
+    assert (layout.data_parallel_size, layout.virtual_pipeline_model_parallel_size) == (66, 4)
+    assert layout.num_microbatches(run.optimizer.global_batch_size) == 32
+    assert run.crystal.num_layers == 32
 
 
 def test_cli_fails_fast_with_one_line():
@@ -147,7 +148,7 @@ def test_an_lr_flag_with_phases_is_an_error_not_dropped():
             f"{flag} {float(value) if flag != '--lr-decay-style' else value}: with --phases {phases} the phases file "
             "sets the lr schedule (each phase's lr: peak, min, warmup_iters, decay_iters, decay_style); drop the flag"
         )
-    args, _ = _validate(base)
-    assert (args.lr, args.min_lr, args.lr_decay_style) == (5.0e-2, 5.0e-3, "cosine")  # the first phase's
-    args, _ = _validate(["--model", "crystal-test", "--mock-data"])
-    assert (args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_style) == (1.2e-2, 0.0, 0, "linear")
+    opt = _validate(base).optimizer
+    assert (opt.lr, opt.min_lr, opt.lr_decay_style) == (5.0e-2, 5.0e-3, "cosine")  # the first phase's
+    opt = _validate(["--model", "crystal-test", "--mock-data"]).optimizer
+    assert (opt.lr, opt.min_lr, opt.lr_warmup_iters, opt.lr_decay_style) == (1.2e-2, 0.0, 0, "linear")

@@ -30,11 +30,12 @@ def test_log_line_on_a_gpu(monkeypatch, fp8):
     path = select(
         fp8_format="hybrid" if fp8 else None, probes=Probes(gpu_name=H100, compute_capability=(9, 0), triton=True)
     )
-    args = SimpleNamespace(log_interval=2, train_iters=4, kernel_path=path)
     model = SimpleNamespace(hidden_size=64, ffn_hidden_size=128, num_layers=2, seq_length=32)
     scalars = {}
     writer = SimpleNamespace(add_scalar=lambda name, value, step: scalars.__setitem__(name, value))
-    logger = metrics.TrainingLogger(args, model, padded_vocab=256, world_size=2, writer=writer)
+    logger = metrics.TrainingLogger(
+        model, padded_vocab=256, world_size=2, log_interval=2, train_iters=4, fp8=path.fp8 is not None, writer=writer
+    )
     assert logger.step(1, 5.0, 1e-3, 0.5, consumed_samples=8, global_batch_size=8) is None
     line = logger.step(2, 4.0, 1e-3, 0.5, consumed_samples=16, global_batch_size=8)
     # Per token: 3 x (2 layers x (2 (4 h^2 + 3 h f) + 4 s h) + 2 h V) = 638,976 FLOPs; 2 x 8 x 32 tokens in
@@ -54,11 +55,12 @@ def test_saves_and_evaluations_stay_out_of_step_time():
     """Two 100 ms steps with a 2.5 s save between them: 100 ms steps, not 1.35 s; TensorBoard gets the step
     time and the consumed tokens, as the log line shows them."""
     clock = iter([0.0, 2.7])  # the window's start; the second step's end (0.1 + 2.5 s save + 0.1)
-    args = SimpleNamespace(log_interval=2, train_iters=10, kernel_path=select(probes=Probes(None, None, False)))
     model = SimpleNamespace(hidden_size=64, ffn_hidden_size=128, num_layers=2, seq_length=32)
     scalars = {}
     writer = SimpleNamespace(add_scalar=lambda name, value, step: scalars.__setitem__(name, value))
-    logger = metrics.TrainingLogger(args, model, padded_vocab=256, world_size=1, writer=writer)
+    logger = metrics.TrainingLogger(
+        model, padded_vocab=256, world_size=1, log_interval=2, train_iters=10, fp8=False, writer=writer
+    )
     real = metrics.time.perf_counter
     metrics.time.perf_counter = lambda: next(clock)
     try:

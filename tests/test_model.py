@@ -122,12 +122,13 @@ def _check_param_groups(scale_bias_lr: bool):
     from megatron_ext.training.optimizer import build_optimizer
 
     argv = ["--model", "crystal-tiny", "--mock-data", "--lr", "0.012", "--min-lr", "0.0012"]
-    args = build_parser().parse_args(argv + (["--mup-scale-bias-lr"] if scale_bias_lr else []))
-    c = validate(args, world_size=1).replace(mup_width_scale=0.0625)
+    run = validate(build_parser().parse_args(argv + (["--mup-scale-bias-lr"] if scale_bias_lr else [])), world_size=1)
+    c = run.crystal.replace(mup_width_scale=0.0625)
+    run = run.replace(model={"crystal": c})
     config = transformer_config(c, use_cpu_initialization=True)
     (chunk,) = build_model(c, config, c.vocab_size)
     model = [DistributedDataParallel(config, DistributedDataParallelConfig(), chunk)]
-    optimizer, _ = build_optimizer(args, c, model)
+    optimizer, _ = build_optimizer(run, model)
     group_of = {}
     for group in optimizer.param_groups:
         for p in group["params"]:

@@ -13,6 +13,17 @@ from megatron_ext.kernels.fp8_scaling import FORMATS, RECIPES
 from megatron_ext.kernels.selection import ATTENTION_BACKENDS, TE_ONLY_RECIPES, KernelPathError, select
 from megatron_ext.model.crystal_config import CrystalConfig, get_preset
 from megatron_ext.tokenizer import add_tokenizer_type_argument
+from megatron_ext.training.run_config import (
+    CheckpointSection,
+    DataSection,
+    KernelSection,
+    LayoutSection,
+    LoggingSection,
+    ModelSection,
+    OptimizerSection,
+    RunConfig,
+    section,
+)
 
 
 class ArgumentError(ValueError):
@@ -215,14 +226,18 @@ def _require(condition: bool, message: str) -> None:
         raise ArgumentError(message)
 
 
-def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
-    """Check the layout against the model and world size; fill derived values. Returns the model config."""
+def validate(args: argparse.Namespace, world_size: int) -> RunConfig:
+    """Check the flags against the model, the phases file and the world size; returns the run's typed,
+    frozen configuration (the Namespace is not changed and goes no further)."""
+    tokenizer = None
     try:
         crystal = model_config(args)
-        if args.tokenizer_model and args.vocab_size is None:
+        if args.tokenizer_model:
             from megatron_ext.tokenizer import build_tokenizer
 
-            crystal = crystal.replace(vocab_size=build_tokenizer(args.tokenizer_type, args.tokenizer_model).vocab_size)
+            tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+            if args.vocab_size is None:
+                crystal = crystal.replace(vocab_size=tokenizer.vocab_size)
     except ValueError as e:  # includes TokenizerError
         raise ArgumentError(str(e)) from None
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -247,9 +262,8 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
         f"{args.make_vocab_size_divisible_by}, so the padded vocabulary would not split evenly",
     )
     dp = world_size // (tp * pp)
-    args.data_parallel_size = dp
 
-    args.virtual_pipeline_model_parallel_size = None
+    vp = None
     if args.num_layers_per_virtual_pipeline_stage is not None:
         per_stage = crystal.num_layers // pp
         vp_layers = args.num_layers_per_virtual_pipeline_stage
@@ -259,10 +273,7 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
             f"--num-layers-per-virtual-pipeline-stage {vp_layers} does not divide the {per_stage} layers of a "
             "pipeline stage",
         )
-        args.virtual_pipeline_model_parallel_size = per_stage // vp_layers
-
-    if args.sequence_parallel and tp == 1:
-        args.sequence_parallel = False  # as in Megatron-LM: nothing to split the sequence across
+        vp = per_stage // vp_layers
 
     _require(args.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
     _require(
@@ -275,43 +286,49 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
         f"{given[0] if given else ''}: with --phases {args.phases} the phases file sets the lr schedule (each phase's "
         "lr: peak, min, warmup_iters, decay_iters, decay_style); drop the flag",
     )
-    for key, value in LR_DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.phases_config = _load_phases(args, crystal) if args.phases else None
+    schedule = {key: getattr(args, key) for key in LR_FLAGS}
+    phases = _load_phases(args, crystal, tokenizer) if args.phases else None
+    if phases:
+        first = phases.phases[0]
+        schedule.update(
+            lr=first.lr.peak,
+            min_lr=first.lr.min,
+            lr_warmup_iters=first.lr.warmup_iters,
+            lr_decay_style=first.lr.decay_style,
+            lr_decay_iters=first.decay_iters,
+        )
+    else:
+        schedule.update({key: value for key, value in LR_DEFAULTS.items() if schedule[key] is None})
     batch_sizes = (
-        [
-            (f"{args.phases}: phases[{i}].global_batch_size", p.global_batch_size)
-            for i, p in enumerate(args.phases_config.phases)
-        ]
-        if args.phases_config
+        [(f"{args.phases}: phases[{i}].global_batch_size", p.global_batch_size) for i, p in enumerate(phases.phases)]
+        if phases
         else [("--global-batch-size", args.global_batch_size)]
     )
     for where, gbs in batch_sizes:
-        _check_batch(args, where, gbs, dp, pp)
-    args.global_batch_size = batch_sizes[0][1]
-    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+        _check_batch(args.micro_batch_size, vp, where, gbs, dp, pp)
 
-    if args.phases_config:
-        total = args.phases_config.total_iters
-        args.train_iters = total if args.train_iters is None else args.train_iters
+    train_iters = args.train_iters
+    if phases:
+        total = phases.total_iters
+        train_iters = total if train_iters is None else train_iters
+        _require(train_iters <= total, f"--train-iters {train_iters} is beyond the phases' {total} iterations")
         _require(
-            args.train_iters <= total, f"--train-iters {args.train_iters} is beyond the phases' {total} iterations"
-        )
-        _require(
-            not args.eval_interval or args.phases_config.validation_fraction > 0,
+            not args.eval_interval or phases.validation_fraction > 0,
             f"--eval-interval with --phases needs validation_fraction > 0 in {args.phases}",
         )
-    elif args.train_iters is None:
-        args.train_iters = 100
-    _require(args.train_iters >= 1, "--train-iters must be >= 1")
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
+    elif train_iters is None:
+        train_iters = 100
+    _require(train_iters >= 1, "--train-iters must be >= 1")
+    if schedule["lr_decay_iters"] is None:
+        schedule["lr_decay_iters"] = train_iters
     _require(
-        0 <= args.lr_warmup_iters < args.lr_decay_iters,
-        f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay length {args.lr_decay_iters}",
+        0 <= schedule["lr_warmup_iters"] < schedule["lr_decay_iters"],
+        f"--lr-warmup-iters {schedule['lr_warmup_iters']} must be below the decay length {schedule['lr_decay_iters']}",
     )
-    _require(0 <= args.min_lr <= args.lr, f"--min-lr {args.min_lr} must lie in [0, --lr {args.lr}]")
+    _require(
+        0 <= schedule["min_lr"] <= schedule["lr"],
+        f"--min-lr {schedule['min_lr']} must lie in [0, --lr {schedule['lr']}]",
+    )
 
     if args.data_path:
         validate_blend(args.data_path)
@@ -339,12 +356,10 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
     import torch
 
     _require(not args.bf16 or torch.cuda.is_available(), "--bf16 needs a GPU; CPU runs train in fp32")
-    if args.distributed_backend is None:
-        args.distributed_backend = "nccl" if torch.cuda.is_available() else "gloo"
     _require(args.fp8_amax_history_len >= 1, "--fp8-amax-history-len must be >= 1")
     _require(args.fp8_margin >= 0, "--fp8-margin must be >= 0")
     try:
-        args.kernel_path = select(
+        kernel_path = select(
             args.transformer_impl,
             args.attention_backend,
             args.fp8_format,
@@ -355,16 +370,38 @@ def validate(args: argparse.Namespace, world_size: int) -> CrystalConfig:
         )
     except KernelPathError as e:
         raise ArgumentError(str(e)) from None
-    return crystal
+    return RunConfig(
+        model=section(ModelSection, args, crystal=crystal),
+        layout=section(
+            LayoutSection,
+            args,
+            virtual_pipeline_model_parallel_size=vp,
+            data_parallel_size=dp,
+            sequence_parallel=args.sequence_parallel and tp > 1,  # as in Megatron-LM: nothing to split at TP 1
+            distributed_backend=args.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+        ),
+        optimizer=section(
+            OptimizerSection, args, train_iters=train_iters, global_batch_size=batch_sizes[0][1], **schedule
+        ),
+        data=section(
+            DataSection,
+            args,
+            data_path=tuple(args.data_path) if args.data_path else None,
+            phases_config=phases,
+            tokenizer=tokenizer,
+        ),
+        checkpoint=section(CheckpointSection, args),
+        logging=section(LoggingSection, args),
+        kernels=KernelSection(bf16=args.bf16, path=kernel_path),
+    )
 
 
-def _check_batch(args: argparse.Namespace, where: str, gbs: int, dp: int, pp: int) -> None:
-    mbs = args.micro_batch_size
+def _check_batch(mbs: int, vp: int | None, where: str, gbs: int, dp: int, pp: int) -> None:
     _require(gbs >= 1, f"{where} must be >= 1")
     _require(
         gbs % (mbs * dp) == 0, f"{where} {gbs} is not divisible by --micro-batch-size {mbs} x data-parallel size {dp}"
     )
-    if args.virtual_pipeline_model_parallel_size:
+    if vp:
         _require(
             (gbs // (mbs * dp)) % pp == 0,
             f"the interleaved schedule needs the {gbs // (mbs * dp)} micro-batches per step ({where}) "
@@ -372,18 +409,13 @@ def _check_batch(args: argparse.Namespace, where: str, gbs: int, dp: int, pp: in
         )
 
 
-def _load_phases(args: argparse.Namespace, crystal: CrystalConfig):
-    """The phases file, checked; its first phase's lr fills the --lr flags the optimizer is built with."""
+def _load_phases(args: argparse.Namespace, crystal: CrystalConfig, tokenizer):
+    """The phases file, checked against the model, the flags and the tokenizer (FIM needs its tokens)."""
     from megatron_ext.data.fim import FimTokenIds
     from megatron_ext.data.phases_config import PhasesConfigError, load_phases
 
-    tokenizer = None
-    if args.tokenizer_model:
-        from megatron_ext.tokenizer import build_tokenizer
-
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
     try:
-        config = load_phases(
+        return load_phases(
             args.phases,
             crystal.seq_length,
             args.global_batch_size,
@@ -392,10 +424,6 @@ def _load_phases(args: argparse.Namespace, crystal: CrystalConfig):
         )
     except PhasesConfigError as e:
         raise ArgumentError(str(e)) from None
-    first = config.phases[0].lr
-    args.lr, args.min_lr, args.lr_warmup_iters = first.peak, first.min, first.warmup_iters
-    args.lr_decay_style, args.lr_decay_iters = first.decay_style, config.phases[0].decay_iters
-    return config
 
 
 def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:

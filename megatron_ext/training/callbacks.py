@@ -15,6 +15,7 @@ import torch
 
 from megatron_ext.training import checkpointing, distributed
 from megatron_ext.training.metrics import TrainingLogger
+from megatron_ext.training.run_config import CheckpointSection, RunConfig
 
 STOP_MARKER = "stopped_by_signal"  # in --save: this run stopped on a signal, after saving (holds the iteration)
 
@@ -47,21 +48,27 @@ class MetricsCallback(Callback):
     """The log line and TensorBoard on the logging rank (the last, which holds the loss), one JSON line
     per step, skip reports. Side work (saves, evaluations) reports its time through exclude()."""
 
-    def __init__(self, args, crystal, trainer):
-        self.args, self.feed = args, trainer.feed
+    def __init__(self, run: RunConfig, trainer):
+        self.feed, logging = trainer.feed, run.logging
         self.logging_rank = distributed.is_logging_rank()
         self.writer = None
-        if self.logging_rank and args.tensorboard_dir:
+        if self.logging_rank and logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(args.tensorboard_dir)
+            self.writer = SummaryWriter(logging.tensorboard_dir)
         self.logger = TrainingLogger(
-            args, crystal, trainer.padded_vocab, torch.distributed.get_world_size(), self.writer
+            run.crystal,
+            trainer.padded_vocab,
+            torch.distributed.get_world_size(),
+            logging.log_interval,
+            run.optimizer.train_iters,
+            fp8=run.kernels.path.fp8 is not None,
+            writer=self.writer,
         )
         self.jsonl = None
-        if self.logging_rank and args.metrics_jsonl:
-            os.makedirs(os.path.dirname(os.path.abspath(args.metrics_jsonl)), exist_ok=True)  # as TensorBoard does
-            self.jsonl = open(args.metrics_jsonl, "a")  # noqa: SIM115 - closed in close()
+        if self.logging_rank and logging.metrics_jsonl:
+            os.makedirs(os.path.dirname(os.path.abspath(logging.metrics_jsonl)), exist_ok=True)  # as TensorBoard does
+            self.jsonl = open(logging.metrics_jsonl, "a")  # noqa: SIM115 - closed in close()
 
     def exclude(self, seconds: float) -> None:
         self.logger.exclude(seconds)
@@ -106,8 +113,8 @@ class MetricsCallback(Callback):
 
 
 class EvaluationCallback(Callback):
-    def __init__(self, args, metrics: MetricsCallback):
-        self.interval, self.metrics = args.eval_interval, metrics
+    def __init__(self, interval: int, metrics: MetricsCallback):
+        self.interval, self.metrics = interval, metrics
 
     def post_step(self, trainer, step: StepResult) -> None:
         if step.iteration % self.interval or trainer.guard.exhausted:  # a run stopping on skips: no side work
@@ -126,11 +133,11 @@ class CheckpointCallback(Callback):
     """Saves every --save-interval steps and at the end of the run; after a stop signal, also leaves the
     marker that the SLURM launch script requeues on (examples/slurm/launch.sh: the job exits 0 here)."""
 
-    def __init__(self, args, metrics: MetricsCallback):
-        self.args, self.metrics = args, metrics
+    def __init__(self, checkpoint: CheckpointSection, metrics: MetricsCallback):
+        self.save_dir, self.interval, self.metrics = checkpoint.save, checkpoint.save_interval, metrics
 
     def _due(self, iteration: int) -> bool:
-        return bool(self.args.save_interval) and iteration % self.args.save_interval == 0
+        return bool(self.interval) and iteration % self.interval == 0
 
     def post_step(self, trainer, step: StepResult) -> None:
         if self._due(step.iteration) and not trainer.guard.exhausted:  # stopping on skips: without saving
@@ -140,14 +147,14 @@ class CheckpointCallback(Callback):
         if not self._due(trainer.iteration):
             trainer.save()
         if stopped_by_signal and torch.distributed.get_rank() == 0:
-            checkpointing.write_text_atomically(os.path.join(self.args.save, STOP_MARKER), str(trainer.iteration))
+            checkpointing.write_text_atomically(os.path.join(self.save_dir, STOP_MARKER), str(trainer.iteration))
 
 
-def build_callbacks(args, crystal, trainer) -> list[Callback]:
-    metrics = MetricsCallback(args, crystal, trainer)
+def build_callbacks(run: RunConfig, trainer) -> list[Callback]:
+    metrics = MetricsCallback(run, trainer)
     callbacks: list[Callback] = [metrics]
-    if args.eval_interval:
-        callbacks.append(EvaluationCallback(args, metrics))
-    if args.save:
-        callbacks.append(CheckpointCallback(args, metrics))
+    if run.logging.eval_interval:
+        callbacks.append(EvaluationCallback(run.logging.eval_interval, metrics))
+    if run.checkpoint.save:
+        callbacks.append(CheckpointCallback(run.checkpoint, metrics))
     return callbacks

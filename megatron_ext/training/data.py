@@ -8,7 +8,6 @@ the number of samples consumed.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -17,9 +16,9 @@ from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-from megatron_ext.model.crystal_config import CrystalConfig
-from megatron_ext.tokenizer import EOD_ID, build_tokenizer
+from megatron_ext.tokenizer import EOD_ID
 from megatron_ext.training.arguments import parse_blend
+from megatron_ext.training.run_config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -36,29 +35,26 @@ class DatasetTokenizerInfo:
         return {"class": type(self).__name__, "vocab_size": self.vocab_size, "eod": self.eod}
 
 
-def build_datasets(args: argparse.Namespace, crystal: CrystalConfig):
+def build_datasets(run: RunConfig):
     """Returns (train, valid) GPTDatasets sized for the whole run."""
-    train_samples = args.train_iters * args.global_batch_size
-    eval_runs = args.train_iters // args.eval_interval + 1 if args.eval_interval else 0
-    valid_samples = eval_runs * args.eval_iters * args.global_batch_size
+    opt, logging, data = run.optimizer, run.logging, run.data
+    train_samples = opt.train_iters * opt.global_batch_size
+    eval_runs = opt.train_iters // logging.eval_interval + 1 if logging.eval_interval else 0
+    valid_samples = eval_runs * logging.eval_iters * opt.global_batch_size
     config = GPTDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=crystal.seq_length,
-        blend=parse_blend(args.data_path) if args.data_path else None,
-        split=args.split,
-        path_to_cache=args.data_cache_path,
-        tokenizer=(
-            build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-            if args.tokenizer_model
-            else DatasetTokenizerInfo(vocab_size=crystal.vocab_size)
-        ),
+        random_seed=opt.seed,
+        sequence_length=run.crystal.seq_length,
+        blend=parse_blend(list(data.data_path)) if data.data_path else None,
+        split=data.split,
+        path_to_cache=data.data_cache_path,
+        tokenizer=data.tokenizer or DatasetTokenizerInfo(vocab_size=run.crystal.vocab_size),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
         mid_level_dataset_surplus=0.005,
     )
-    cls = MockGPTDataset if args.mock_data else GPTDataset
+    cls = MockGPTDataset if data.mock_data else GPTDataset
     train, valid, _ = BlendedMegatronDatasetBuilder(
         cls, [train_samples, valid_samples, 0], lambda: True, config
     ).build()
@@ -82,52 +78,51 @@ class MicroBatchSampler(torch.utils.data.Sampler):
         return (self.total - self.consumed) // (self.mbs * self.dp_size)
 
 
-def micro_batches(dataset, consumed_samples: int, args: argparse.Namespace) -> Iterator[dict]:
+def micro_batches(dataset, consumed_samples: int, run: RunConfig) -> Iterator[dict]:
     """This rank's micro-batches from sample `consumed_samples` on (empty without a dataset)."""
     if dataset is None or len(dataset) == 0:
         return iter(())
     sampler = MicroBatchSampler(
         len(dataset),
         consumed_samples,
-        args.micro_batch_size,
+        run.layout.micro_batch_size,
         parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size(),
     )
-    return _load(dataset, sampler, args)
+    return _load(dataset, sampler, run.data.num_workers)
 
 
-def _load(dataset, batch_sampler, args: argparse.Namespace) -> Iterator[dict]:
+def _load(dataset, batch_sampler, num_workers: int) -> Iterator[dict]:
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batch_sampler,
-        num_workers=args.num_workers,
+        num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=args.num_workers > 0,
+        persistent_workers=num_workers > 0,
     )
     return iter(loader)
 
 
-def build_phased_datasets(args: argparse.Namespace, crystal: CrystalConfig):
+def build_phased_datasets(run: RunConfig):
     """(train, valid) PhasedDatasets of the --phases file; valid is None without held-out documents."""
     from megatron_ext.data.phased_dataset import PhasedDataset
 
-    config = args.phases_config
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model) if args.tokenizer_model else None
-    train = PhasedDataset(config, crystal.seq_length, tokenizer)
-    train.check_epochs(args.train_iters)
-    valid = PhasedDataset(config, crystal.seq_length, tokenizer, split="valid") if config.validation_fraction else None
+    config, tokenizer, seq_length = run.data.phases_config, run.data.tokenizer, run.crystal.seq_length
+    train = PhasedDataset(config, seq_length, tokenizer)
+    train.check_epochs(run.optimizer.train_iters)
+    valid = PhasedDataset(config, seq_length, tokenizer, split="valid") if config.validation_fraction else None
     return train, valid
 
 
-def phased_micro_batches(dataset, schedule, steps: int, args: argparse.Namespace) -> Iterator[dict]:
+def phased_micro_batches(dataset, schedule, steps: int, run: RunConfig) -> Iterator[dict]:
     """This rank's micro-batches for `steps` steps, walking a copy of the phase schedule."""
     from megatron_ext.data.phased_dataset import PhaseBatchSampler
 
     sampler = PhaseBatchSampler(
         schedule,
-        args.micro_batch_size,
+        run.layout.micro_batch_size,
         parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size(),
         steps,
     )
-    return _load(dataset, sampler, args)
+    return _load(dataset, sampler, run.data.num_workers)

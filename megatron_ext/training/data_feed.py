@@ -7,11 +7,10 @@ Both keep Megatron's sample order, so the samples of a step do not depend on the
 
 from __future__ import annotations
 
-import argparse
 import json
 
-from megatron_ext.model.crystal_config import CrystalConfig
 from megatron_ext.training import data
+from megatron_ext.training.run_config import RunConfig
 
 
 class BlendFeed:
@@ -21,26 +20,26 @@ class BlendFeed:
     def scalars(self) -> dict[str, float]:
         return {}
 
-    def __init__(self, args: argparse.Namespace, crystal: CrystalConfig):
-        self.args = args
-        self.train, self.valid = data.build_datasets(args, crystal)
+    def __init__(self, run: RunConfig):
+        self.run = run
+        self.train, self.valid = data.build_datasets(run)
         self.consumed_samples = 0
 
     def step_batch_size(self) -> int:
-        return self.args.global_batch_size
+        return self.run.optimizer.global_batch_size
 
     def step_phase(self) -> int | None:
         return None
 
     def train_iterators(self, chunks: int, steps: int) -> list:
-        return [data.micro_batches(self.train, self.consumed_samples, self.args) for _ in range(chunks)]
+        return [data.micro_batches(self.train, self.consumed_samples, self.run) for _ in range(chunks)]
 
     def eval_iterators(self, chunks: int, eval_round: int) -> list:
-        consumed = eval_round * self.args.eval_iters * self.args.global_batch_size
-        return [data.micro_batches(self.valid, consumed, self.args) for _ in range(chunks)]
+        consumed = eval_round * self.run.logging.eval_iters * self.step_batch_size()
+        return [data.micro_batches(self.valid, consumed, self.run) for _ in range(chunks)]
 
     def advance(self) -> None:
-        self.consumed_samples += self.args.global_batch_size
+        self.consumed_samples += self.step_batch_size()
 
     resume_note = None
 
@@ -57,11 +56,11 @@ class BlendFeed:
 
 
 class PhaseFeed:
-    def __init__(self, args: argparse.Namespace, crystal: CrystalConfig):
+    def __init__(self, run: RunConfig):
         from megatron_ext.data.phase_schedule import PhaseSchedule
 
-        self.args, self.config = args, args.phases_config
-        self.train, self.valid = data.build_phased_datasets(args, crystal)
+        self.run, self.config = run, run.data.phases_config
+        self.train, self.valid = data.build_phased_datasets(run)
         self.schedule = PhaseSchedule(self.config)
         self.source_names = self.config.source_names
         self.consumed_samples = 0
@@ -89,7 +88,7 @@ class PhaseFeed:
         return self.config.phases[self.step_phase()].global_batch_size
 
     def train_iterators(self, chunks: int, steps: int) -> list:
-        return [data.phased_micro_batches(self.train, self.schedule, steps, self.args) for _ in range(chunks)]
+        return [data.phased_micro_batches(self.train, self.schedule, steps, self.run) for _ in range(chunks)]
 
     def eval_iterators(self, chunks: int, eval_round: int) -> list:
         """The same held-out samples at every evaluation of a phase: that phase's blend over the
@@ -98,7 +97,8 @@ class PhaseFeed:
 
         schedule = PhaseSchedule(self.config)
         schedule.state.phase = self.step_phase()
-        return [data.phased_micro_batches(self.valid, schedule, self.args.eval_iters, self.args) for _ in range(chunks)]
+        steps = self.run.logging.eval_iters
+        return [data.phased_micro_batches(self.valid, schedule, steps, self.run) for _ in range(chunks)]
 
     def advance(self) -> None:
         """After a step. This schedule is the run's record (checkpoints, phase switches); the samplers
@@ -171,12 +171,12 @@ class PhaseFeed:
         return json.dumps(self.bookkeeping(iteration), indent=2)
 
 
-def build(args: argparse.Namespace, crystal: CrystalConfig):
-    if not args.phases_config:
-        return BlendFeed(args, crystal)
+def build(run: RunConfig):
+    if not run.data.phases_config:
+        return BlendFeed(run)
     from megatron_ext.data.phases_config import overlapping_sources
     from megatron_ext.training.distributed import print_rank_0
 
-    for line in overlapping_sources(args.phases_config):
+    for line in overlapping_sources(run.data.phases_config):
         print_rank_0(f"warning: {line}")
-    return PhaseFeed(args, crystal)
+    return PhaseFeed(run)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import random
@@ -14,9 +13,10 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_ext import cpu_compat
+from megatron_ext.training.run_config import RunConfig
 
 
-def initialize(args: argparse.Namespace) -> torch.device:
+def initialize(run: RunConfig) -> torch.device:
     """Start the process group and Megatron's parallel state; returns this rank's device."""
     if cpu_compat.activate():
         device = torch.device("cpu")
@@ -27,18 +27,18 @@ def initialize(args: argparse.Namespace) -> torch.device:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     torch.distributed.init_process_group(
-        backend=args.distributed_backend,
+        backend=run.layout.distributed_backend,
         rank=int(os.environ.get("RANK", "0")),
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
         timeout=datetime.timedelta(minutes=10),
     )
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        tensor_model_parallel_size=run.layout.tensor_model_parallel_size,
+        pipeline_model_parallel_size=run.layout.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=run.layout.virtual_pipeline_model_parallel_size,
     )
     # Different pipeline stages hold different layers and must not initialise them identically.
-    seed = args.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    seed = run.optimizer.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

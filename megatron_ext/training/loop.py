@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import sys
@@ -17,12 +16,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_ext import accelerators, cpu_compat, megatron_workarounds
 from megatron_ext.data.phases_config import PhasesConfigError
 from megatron_ext.kernels.fp8_linear import end_fp8_step
-from megatron_ext.model.crystal_config import CrystalConfig
-from megatron_ext.model.crystal_gpt import ParallelLayout, build_model, padded_vocab_size, transformer_config
+from megatron_ext.model.crystal_gpt import build_model, transformer_config
 from megatron_ext.training import checkpointing, data_feed, distributed, phase_lr
 from megatron_ext.training.callbacks import StepResult, build_callbacks
 from megatron_ext.training.faults import StopRequest, UpdateGuard
 from megatron_ext.training.optimizer import build_optimizer
+from megatron_ext.training.run_config import RunConfig
 
 
 def loss_func(loss_mask: torch.Tensor, source_id: torch.Tensor | None, num_sources: int, output_tensor: torch.Tensor):
@@ -81,31 +80,30 @@ def _reduce_loss(losses_reduced: list[dict]) -> tuple[float | None, torch.Tensor
 
 
 class Trainer:
-    def __init__(self, args: argparse.Namespace, crystal: CrystalConfig, device: torch.device):
-        self.args, self.crystal, self.device = args, crystal, device
-        layout = ParallelLayout(
-            tensor_model_parallel_size=args.tensor_model_parallel_size,
-            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
-            sequence_parallel=args.sequence_parallel,
-        )
+    def __init__(self, run: RunConfig, device: torch.device):
+        self.run, self.crystal, self.device = run, run.crystal, device
+        kernels = run.kernels
         self.config = transformer_config(
-            crystal, layout, bf16=args.bf16, use_cpu_initialization=device.type == "cpu", path=args.kernel_path
+            self.crystal,
+            run.layout.model_layout(),
+            bf16=kernels.bf16,
+            use_cpu_initialization=device.type == "cpu",
+            path=kernels.path,
         )
-        self.padded_vocab = padded_vocab_size(crystal.vocab_size, args.make_vocab_size_divisible_by)
-        chunks = [c.to(device) for c in build_model(crystal, self.config, self.padded_vocab, args.kernel_path)]
+        self.padded_vocab = run.model.padded_vocab
+        chunks = [c.to(device) for c in build_model(self.crystal, self.config, self.padded_vocab, kernels.path)]
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer
+            grad_reduce_in_fp32=True, use_distributed_optimizer=run.layout.use_distributed_optimizer
         )
         self.model = [
             DistributedDataParallel(self.config, ddp_config, chunk, disable_bucketing=i > 0)
             for i, chunk in enumerate(chunks)
         ]
-        self.optimizer, self.scheduler = build_optimizer(args, crystal, self.model)
+        self.optimizer, self.scheduler = build_optimizer(run, self.model)
         # gloo pairs point-to-point messages per peer in posting order. With PP=2 the previous and next
         # stage are one peer, and the batched exchange of the interleaved schedule would pair an
         # activation with a gradient; the unbatched path orders by rank parity and splits directions.
-        self.config.batch_p2p_comm = args.distributed_backend != "gloo"
+        self.config.batch_p2p_comm = run.layout.distributed_backend != "gloo"
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.grad_scale_func = self.optimizer.scale_loss
         no_sync = [m.no_sync for m in self.model]
@@ -116,11 +114,12 @@ class Trainer:
         # checkpoint's schedule step count), for the loop's first phase set-up.
         self.resumed_phase_steps: int | None = None
         self.stop = StopRequest()  # before any DataLoader worker forks, so that the workers inherit the handler
-        self.guard = UpdateGuard(args.max_skipped_steps, device, args.loss_spike_window, args.loss_spike_sigma)
+        opt = run.optimizer
+        self.guard = UpdateGuard(opt.max_skipped_steps, device, opt.loss_spike_window, opt.loss_spike_sigma)
 
     def set_data(self, feed) -> None:
         self.feed = feed
-        self.data_hashes = [] if self.args.log_data_hash else None
+        self.data_hashes = [] if self.run.logging.log_data_hash else None
         self.forward_step = make_forward_step(self.device, len(feed.source_names), self.data_hashes)
 
     def step_data_hash(self) -> int | None:
@@ -138,9 +137,9 @@ class Trainer:
             forward_step_func=self.forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.model,
-            num_microbatches=global_batch_size // (self.args.micro_batch_size * self.args.data_parallel_size),
+            num_microbatches=self.run.layout.num_microbatches(global_batch_size),
             seq_length=self.crystal.seq_length,
-            micro_batch_size=self.args.micro_batch_size,
+            micro_batch_size=self.run.layout.micro_batch_size,
             forward_only=forward_only,
         )
 
@@ -170,7 +169,7 @@ class Trainer:
             m.eval()
         its = self.feed.eval_iterators(len(self.model), eval_round)
         losses = []
-        for _ in range(self.args.eval_iters):
+        for _ in range(self.run.logging.eval_iters):
             losses.extend(self._run(its, forward_only=True, global_batch_size=self.feed.step_batch_size()))
         end_fp8_step(self.model, applied=False)
         for m in self.model:
@@ -187,12 +186,12 @@ class Trainer:
     def save(self) -> float:
         """Save a checkpoint; returns the seconds it took."""
         started = time.perf_counter()
-        tokenizer = None
-        if self.args.tokenizer_model:
-            tokenizer = {"type": self.args.tokenizer_type, "model": os.path.abspath(self.args.tokenizer_model)}
+        data, tokenizer = self.run.data, None
+        if data.tokenizer_model:
+            tokenizer = {"type": data.tokenizer_type, "model": os.path.abspath(data.tokenizer_model)}
         feed = self.feed
         path = checkpointing.save_checkpoint(
-            self.args.save,
+            self.run.checkpoint.save,
             self.iteration,
             self.model,
             self.crystal,
@@ -201,7 +200,7 @@ class Trainer:
             self.scheduler,
             parts=self.stateful_parts(),
             tokenizer=tokenizer,
-            keep_last=self.args.keep_last_checkpoints,
+            keep_last=self.run.checkpoint.keep_last_checkpoints,
         )
         books = feed.bookkeeping_json(self.iteration) if torch.distributed.get_rank() == 0 else None
         if books:  # what the run has read so far, for people: per source and per phase
@@ -212,15 +211,16 @@ class Trainer:
 
     def load(self) -> None:
         wanted = phase_lr.saved_schedule(self.scheduler.state_dict())  # the flags' schedule, before the load
+        ckpt = self.run.checkpoint
         self.iteration = checkpointing.load_checkpoint(
-            self.args.load,
+            ckpt.load,
             self.model,
             self.optimizer,
             self.scheduler,
             self.crystal,
             self.padded_vocab,
-            step=self.args.ckpt_step,
-            weights_only=self.args.finetune,
+            step=ckpt.ckpt_step,
+            weights_only=ckpt.finetune,
             parts=self.stateful_parts(),
         )
         note = self.feed.resume_note
@@ -228,62 +228,62 @@ class Trainer:
             distributed.print_rank_0(f"warning: {note}")
         if self.iteration:
             self._resume_schedule(wanted, exact_data=note is None)
-            distributed.print_rank_0(f"resumed from {self.args.load} at iteration {self.iteration}")
-        elif checkpointing.checkpoint_path(self.args.load, self.args.ckpt_step) is None:
-            distributed.print_rank_0(f"{self.args.load} holds no checkpoint: starting fresh")
+            distributed.print_rank_0(f"resumed from {ckpt.load} at iteration {self.iteration}")
+        elif checkpointing.checkpoint_path(ckpt.load, ckpt.ckpt_step) is None:
+            distributed.print_rank_0(f"{ckpt.load} holds no checkpoint: starting fresh")
         else:
-            distributed.print_rank_0(f"took the weights of {self.args.load}: iteration 0, fresh optimizer and schedule")
+            distributed.print_rank_0(f"took the weights of {ckpt.load}: iteration 0, fresh optimizer and schedule")
 
     def _resume_schedule(self, wanted: dict, exact_data: bool) -> None:
         """The lr schedule after a resume. A schedule (flags, or the phase in progress in the phases file)
         that differs from the checkpoint's is refused unless the user chose, as in Megatron-LM: the new one
         (--override-opt-param-scheduler) or the saved one (--use-checkpoint-opt-param-scheduler). Either
         way the step count is the checkpoint's: updates applied, skipped ones not counted."""
-        args, scheduler = self.args, self.scheduler
+        ckpt, scheduler, phases = self.run.checkpoint, self.scheduler, self.run.data.phases
         saved, steps = phase_lr.saved_schedule(scheduler.state_dict()), scheduler.num_steps
-        if args.phases_config:
+        if phases:
             if not exact_data or self.feed.step_in_phase() == 0:
                 return  # the next step starts a phase (or an edited file's phase): its own schedule from 0
             index = self.feed.step_phase()
-            wanted = phase_lr.phase_schedule(self.feed.phase, args.weight_decay)
-            names = {k: f"{args.phases}: phases[{index}].{v}" for k, v in phase_lr.PHASE_KEYS.items()}
+            wanted = phase_lr.phase_schedule(self.feed.phase, self.run.optimizer.weight_decay)
+            names = {k: f"{phases}: phases[{index}].{v}" for k, v in phase_lr.PHASE_KEYS.items()}
             names["start_wd"] = phase_lr.FLAG_NAMES["start_wd"]
         else:
             names = phase_lr.FLAG_NAMES
         changed = phase_lr.differences(saved, wanted, names)
-        if changed and not (args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
+        if changed and not (ckpt.override_opt_param_scheduler or ckpt.use_checkpoint_opt_param_scheduler):
             raise checkpointing.CheckpointError(
-                f"--load {args.load}: the lr schedule differs from the checkpoint's: {'; '.join(changed)}. Pass "
+                f"--load {ckpt.load}: the lr schedule differs from the checkpoint's: {'; '.join(changed)}. Pass "
                 f"--override-opt-param-scheduler to go on with the new one from its step {steps}, or "
                 "--use-checkpoint-opt-param-scheduler to keep the saved one"
             )
-        if args.phases_config:
+        if phases:
             self.resumed_phase_steps = steps  # the loop sets the phase up, or keeps the saved schedule
-        elif not args.use_checkpoint_opt_param_scheduler:
+        elif not ckpt.use_checkpoint_opt_param_scheduler:
             phase_lr.apply_schedule(scheduler, wanted, steps)
         if changed:
-            kept = "kept the checkpoint's" if args.use_checkpoint_opt_param_scheduler else "overridden"
+            kept = "kept the checkpoint's" if ckpt.use_checkpoint_opt_param_scheduler else "overridden"
             distributed.print_rank_0(f"lr schedule {kept}: {'; '.join(changed)}")
 
 
-def _describe_path(args: argparse.Namespace) -> str:
+def _describe_path(run: RunConfig) -> str:
     device = "CPU (Megatron-Core CPU compatibility layer)" if cpu_compat.is_active() else torch.cuda.get_device_name()
     return (
-        f"kernel path: {args.kernel_path.describe()}\ndevice: {device}; backend: {args.distributed_backend}; "
-        f"precision: {'bf16' if args.bf16 else 'fp32'}; optional accelerators: {accelerators.found()}"
+        f"kernel path: {run.kernels.path.describe()}\ndevice: {device}; backend: {run.layout.distributed_backend}; "
+        f"precision: {'bf16' if run.kernels.bf16 else 'fp32'}; optional accelerators: {accelerators.found()}"
     )
 
 
-def pretrain(args: argparse.Namespace, crystal: CrystalConfig) -> int:
-    """Train with arguments already checked by arguments.validate."""
+def pretrain(run: RunConfig) -> int:
+    """Train with the configuration arguments.validate returned."""
     try:
         megatron_workarounds.apply()
     except megatron_workarounds.UnsupportedMegatronVersion as e:
         print(f"pretrain_crystal.py: error: {e}", file=sys.stderr)
         return 2
-    device = distributed.initialize(args)
+    device = distributed.initialize(run)
     try:
-        return _train(args, crystal, device)
+        return _train(run, device)
     except (checkpointing.CheckpointError, PhasesConfigError) as e:
         distributed.print_rank_0(f"pretrain_crystal.py: error: {e}", error=True)
         return 2
@@ -291,36 +291,40 @@ def pretrain(args: argparse.Namespace, crystal: CrystalConfig) -> int:
         distributed.shutdown()
 
 
-def _train(args: argparse.Namespace, crystal: CrystalConfig, device: torch.device) -> int:
-    trainer = Trainer(args, crystal, device)
+def _train(run: RunConfig, device: torch.device) -> int:
+    trainer = Trainer(run, device)
+    layout, opt = run.layout, run.optimizer
     distributed.print_rank_0(
-        f"model {args.model}: {crystal.num_parameters():,} parameters | TP {args.tensor_model_parallel_size} "
-        f"PP {args.pipeline_model_parallel_size} VP {args.virtual_pipeline_model_parallel_size or 1} "
-        f"DP {args.data_parallel_size} SP {args.sequence_parallel} dist-opt {args.use_distributed_optimizer} | "
-        f"{args.num_microbatches} micro-batches of {args.micro_batch_size} per step"
+        f"model {run.model.model}: {run.crystal.num_parameters():,} parameters | "
+        f"TP {layout.tensor_model_parallel_size} PP {layout.pipeline_model_parallel_size} "
+        f"VP {layout.virtual_pipeline_model_parallel_size or 1} "
+        f"DP {layout.data_parallel_size} SP {layout.sequence_parallel} dist-opt {layout.use_distributed_optimizer} | "
+        f"{layout.num_microbatches(opt.global_batch_size)} micro-batches of {layout.micro_batch_size} per step"
+        + (" (phase 1's batch)" if run.data.phases else "")
     )
-    distributed.print_rank_0(_describe_path(args))
-    feed = data_feed.build(args, crystal)
+    distributed.print_rank_0(_describe_path(run))
+    feed = data_feed.build(run)
     trainer.set_data(feed)
-    if args.load:
+    if run.checkpoint.load:
         trainer.load()
-    train_its = feed.train_iterators(len(trainer.model), args.train_iters - trainer.iteration)
+    train_its = feed.train_iterators(len(trainer.model), opt.train_iters - trainer.iteration)
 
-    callbacks = build_callbacks(args, crystal, trainer)
+    callbacks = build_callbacks(run, trainer)
     try:
-        return _loop(args, trainer, feed, train_its, callbacks)
+        return _loop(run, trainer, feed, train_its, callbacks)
     finally:
         for callback in callbacks:
             callback.close()
         trainer.stop.close()
 
 
-def _loop(args: argparse.Namespace, trainer: Trainer, feed, train_its: list, callbacks: list) -> int:
+def _loop(run: RunConfig, trainer: Trainer, feed, train_its: list, callbacks: list) -> int:
     phase, stopped_by_signal = None, False
-    while trainer.iteration < args.train_iters:
+    opt = run.optimizer
+    while trainer.iteration < opt.train_iters:
         if feed.step_phase() != phase:
             phase = feed.step_phase()
-            _enter_phase(args, trainer, feed, phase)
+            _enter_phase(run, trainer, feed, phase)
         lr, gbs, phase_name = trainer.current_lr(), feed.step_batch_size(), feed.phase_name
         loss, by_source, grad_norm, skipped = trainer.train_step(train_its)
         data_hash = trainer.step_data_hash()
@@ -335,12 +339,12 @@ def _loop(args: argparse.Namespace, trainer: Trainer, feed, train_its: list, cal
         if trainer.guard.exhausted:
             distributed.print_rank_0(
                 f"pretrain_crystal.py: error: {trainer.guard.consecutive} consecutive steps were skipped (last: "
-                f"{skipped}; --max-skipped-steps {args.max_skipped_steps}); stopping without saving. Resume from "
+                f"{skipped}; --max-skipped-steps {opt.max_skipped_steps}); stopping without saving. Resume from "
                 "the last checkpoint, e.g. with a lower --lr or after inspecting the data (tools/data_trace.py)",
                 error=True,
             )
             return 3
-        if args.exit_interval and trainer.iteration % args.exit_interval == 0:
+        if opt.exit_interval and trainer.iteration % opt.exit_interval == 0:
             break
         if trainer.guard.stop_agreed:
             distributed.print_rank_0(
@@ -354,17 +358,17 @@ def _loop(args: argparse.Namespace, trainer: Trainer, feed, train_its: list, cal
     return 0
 
 
-def _enter_phase(args: argparse.Namespace, trainer: Trainer, feed, phase: int) -> None:
+def _enter_phase(run: RunConfig, trainer: Trainer, feed, phase: int) -> None:
     """The switch happens here, inside the job: the next phase's lr schedule from its step 0 (or from the
     resumed step), its batch size and blend from the next sample on."""
     steps, trainer.resumed_phase_steps = trainer.resumed_phase_steps, None
-    if steps is None or not args.use_checkpoint_opt_param_scheduler:
+    if steps is None or not run.checkpoint.use_checkpoint_opt_param_scheduler:
         phase_lr.apply_phase(
-            trainer.scheduler, feed.phase, feed.step_in_phase() if steps is None else steps, args.weight_decay
+            trainer.scheduler, feed.phase, feed.step_in_phase() if steps is None else steps, run.optimizer.weight_decay
         )
     fim = ", ".join(f"{n} rate {f.rate} spm {f.spm_rate}" for n, f in feed.phase.fim.items()) or "none"
     distributed.print_rank_0(
-        f"phase {feed.phase_name} ({phase + 1}/{len(args.phases_config.phases)}) from "
+        f"phase {feed.phase_name} ({phase + 1}/{len(run.data.phases_config.phases)}) from "
         f"iteration {trainer.iteration + 1}: global batch {feed.step_batch_size()}, "
         f"blend {feed.phase.blend}, FIM {fim}"
     )

@@ -69,11 +69,20 @@ class TrainingLogger:
     """Accumulates per-step values and prints one line every log interval (on the last rank, which
     holds the loss)."""
 
-    def __init__(self, args, crystal: CrystalConfig, padded_vocab: int, world_size: int, writer=None):
-        self.args, self.writer, self.world_size = args, writer, world_size
+    def __init__(
+        self,
+        crystal: CrystalConfig,
+        padded_vocab: int,
+        world_size: int,
+        log_interval: int,
+        train_iters: int,
+        fp8: bool,
+        writer=None,
+    ):
+        self.writer, self.world_size = writer, world_size
+        self.log_interval, self.train_iters, self.fp8 = log_interval, train_iters, fp8
         self.seq_length = crystal.seq_length
         self.flops_per_token = training_flops_per_token(crystal, crystal.seq_length, padded_vocab)
-        self.fp8 = args.kernel_path.fp8 is not None
         self._reset(time.perf_counter())
 
     def _reset(self, now: float):
@@ -114,16 +123,16 @@ class TrainingLogger:
             for name, (total, tokens) in (source_losses or {}).items():
                 if tokens:
                     self.writer.add_scalar(f"lm loss by source/{name}", total / tokens, iteration)
-        if iteration % self.args.log_interval and iteration != self.args.train_iters:
+        if iteration % self.log_interval and iteration != self.train_iters:
             return None
         now = time.perf_counter()
         training = max(now - self.window_start - self.excluded, 1e-9)
         step_time = training / self.steps
         tokens_per_s = self.window_tokens / training
-        eta = step_time * (self.args.train_iters - iteration)
+        eta = step_time * (self.train_iters - iteration)
         by_source = " ".join(f"{n} {t / c:.4f}" for n, (t, c) in self.source_sums.items() if c)
         parts = [
-            f"iteration {iteration:>7d}/{self.args.train_iters}",
+            f"iteration {iteration:>7d}/{self.train_iters}",
             f"phase {phase}" if phase else None,
             f"consumed tokens {consumed_samples * self.seq_length:,}",
             f"lm loss {self.loss_sum / self.steps:.6f}" if loss is not None else None,

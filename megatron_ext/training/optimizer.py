@@ -10,15 +10,13 @@ so the width scale is applied by scaling both.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer import param_group_identifier_keys
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_ext.model.crystal_config import CrystalConfig
+from megatron_ext.training.run_config import RunConfig
 
 
 def is_hidden_matrix(param: torch.nn.Parameter, name: str) -> bool:
@@ -29,7 +27,7 @@ def is_bias_or_norm(param: torch.nn.Parameter, name: str) -> bool:
     return param.dim() == 1
 
 
-def mup_param_group_overrides(args: argparse.Namespace, crystal: CrystalConfig) -> dict:
+def mup_param_group_overrides(run: RunConfig) -> dict:
     """Overrides of Megatron-Core's default group (base lr, weight decay), one per distinct setting.
 
     Megatron-Core 0.16.1 identifies a group in a checkpoint by (wd_mult, lr_mult, is_expert_parallel,
@@ -39,9 +37,9 @@ def mup_param_group_overrides(args: argparse.Namespace, crystal: CrystalConfig) 
     group with the embeddings. lr_mult carries the scale for that identification only; max_lr / min_lr
     do the scaling (the 0.16.1 scheduler ignores lr_mult).
     """
-    scale = crystal.mup_width_scale
-    scaled_lr = {"max_lr": args.lr * scale, "min_lr": args.min_lr * scale, "lr_mult": scale} if scale != 1.0 else {}
-    no_decay = {"wd_mult": 0.0, **(scaled_lr if args.mup_scale_bias_lr else {})}
+    scale, opt = run.crystal.mup_width_scale, run.optimizer
+    scaled_lr = {"max_lr": opt.lr * scale, "min_lr": opt.min_lr * scale, "lr_mult": scale} if scale != 1.0 else {}
+    no_decay = {"wd_mult": 0.0, **(scaled_lr if run.model.mup_scale_bias_lr else {})}
     overrides = {ParamKey(with_name_predicate=ParamWithNamePredicate("bias_or_norm", is_bias_or_norm)): no_decay}
     if scaled_lr:
         overrides[ParamKey(with_name_predicate=ParamWithNamePredicate("mup_hidden_matrix", is_hidden_matrix))] = (
@@ -57,33 +55,34 @@ def check_group_keys_unique(optimizer) -> None:
         raise ValueError(f"parameter groups share a checkpoint key {param_group_identifier_keys}: {keys}")
 
 
-def build_optimizer(args: argparse.Namespace, crystal: CrystalConfig, model_chunks: list):
+def build_optimizer(run: RunConfig, model_chunks: list):
+    opt, bf16 = run.optimizer, run.kernels.bf16
     config = OptimizerConfig(
         optimizer="adam",
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad,
-        bf16=args.bf16,
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-        use_distributed_optimizer=args.use_distributed_optimizer,
+        lr=opt.lr,
+        min_lr=opt.min_lr,
+        weight_decay=opt.weight_decay,
+        adam_beta1=opt.adam_beta1,
+        adam_beta2=opt.adam_beta2,
+        adam_eps=opt.adam_eps,
+        clip_grad=opt.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=run.layout.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=mup_param_group_overrides(args, crystal))
+    optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=mup_param_group_overrides(run))
     check_group_keys_unique(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.lr_decay_iters,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
+        max_lr=opt.lr,
+        min_lr=opt.min_lr,
+        lr_warmup_steps=opt.lr_warmup_iters,
+        lr_decay_steps=opt.lr_decay_iters,
+        lr_decay_style=opt.lr_decay_style,
+        start_wd=opt.weight_decay,
+        end_wd=opt.weight_decay,
+        wd_incr_steps=opt.train_iters,
         wd_incr_style="constant",
     )
     return optimizer, scheduler
