@@ -19,7 +19,7 @@ OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc-per-node "$NPROC" --master-port "${
   --micro-batch-size 4 --global-batch-size 8 \
   --use-distributed-optimizer \
   --train-iters "$TRAIN_ITERS" \
-  --eval-interval 100 --eval-iters 2 --log-interval 20 \
+  --eval-interval 100 --eval-samples-per-source 32 --log-interval 20 \
   --save "$RUN_DIR/checkpoints" --save-interval 150 \
   --tensorboard-dir "$RUN_DIR/tensorboard" --metrics-jsonl "$RUN_DIR/metrics.jsonl"
 

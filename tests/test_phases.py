@@ -1,6 +1,7 @@
 """Phases: exact blending, per-source positions across phases and epochs, FIM, validation, kill + resume."""
 
 import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers.distributed_run import REPO, read_metrics, torchrun_command, train
+from helpers.distributed_run import REPO, layout_flags, read_metrics, torchrun_command, train
 
 from megatron_ext.data.phase_schedule import PhaseSchedule
 from megatron_ext.data.phases_config import (
@@ -380,7 +381,68 @@ def _metrics(nproc, tmp, name, extra):
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("straight")
-    return _metrics(2, tmp, "straight", ["--eval-interval", "5", "--eval-iters", "1"])
+    evaluation = [
+        "--eval-interval",
+        "5",
+        "--eval-samples-per-source",
+        "6",
+        "--eval-results-jsonl",
+        str(tmp / "eval.jsonl"),
+    ]
+    metrics = _metrics(2, tmp, "straight", evaluation)
+    metrics["eval"] = read_metrics(tmp / "eval.jsonl")
+    return metrics
+
+
+def test_validation_is_per_source_in_bits_per_byte(straight):
+    """Each source on its own held-out samples, the same ones at every evaluation: loss and bits per byte
+    (with the standard error over samples), one record per figure."""
+    records = straight["eval"]
+    assert {(r["iteration"], r["task"], r["metric"]) for r in records} == {
+        (i, task, metric)
+        for i in (5, 10)
+        for task, metric in [("valid", "loss"), ("valid/text", "loss"), ("valid/text", "bpb"),
+                             ("valid/code", "loss"), ("valid/code", "bpb")]
+    }  # fmt: skip
+    by = {(r["iteration"], r["task"], r["metric"]): r for r in records}
+    for task in ("valid/text", "valid/code"):
+        assert by[5, task, "loss"]["n"] == by[10, task, "loss"]["n"] == 6 * 32  # tokens: the same samples
+        assert by[5, task, "bpb"]["n"] == 6 and 0 < by[5, task, "bpb"]["stderr"] < by[5, task, "bpb"]["value"]
+        # Nats per token to bits per byte: the demo tokenizer's pieces average 2 to 5 bytes.
+        ratio = by[5, task, "loss"]["value"] / math.log(2) / by[5, task, "bpb"]["value"]
+        assert 2 < ratio < 5, ratio
+        assert by[10, task, "bpb"]["value"] < by[5, task, "bpb"]["value"]  # trained on: better on held-out text
+    assert {r["phase"] for r in records if r["iteration"] == 5} == {"text+code"}
+    assert all(r["run"] and r["tokens"] == r["iteration"] * 8 * 32 for r in records)
+
+
+@pytest.mark.timeout(600)
+def test_validation_is_the_same_at_every_layout(tmp_path):
+    """The per-source validation of the same weights at (TP, PP, DP) = (1, 1, 1) and (2, 2, 2): within 1e-5.
+    The 8-rank run resumes the single-process run's checkpoint of step 1, trains step 2 and evaluates."""
+    ckpt, one, eight = tmp_path / "ckpt", tmp_path / "one.jsonl", tmp_path / "eight.jsonl"
+    common = [*RUN, "--data-cache-path", str(tmp_path / "cache"), "--train-iters", "2", "--eval-interval", "1"]
+    common += ["--eval-samples-per-source", "4"]
+    train(1, [*common, "--save", str(ckpt), "--save-interval", "1", "--eval-results-jsonl", str(one)])
+    train(
+        8,
+        [
+            *common,
+            *layout_flags(tp=2, pp=2),
+            "--load",
+            str(ckpt),
+            "--ckpt-step",
+            "1",
+            "--eval-results-jsonl",
+            str(eight),
+        ],
+        timeout=500,
+    )
+    want = {(r["task"], r["metric"]): r["value"] for r in read_metrics(one) if r["iteration"] == 2}
+    got = {(r["task"], r["metric"]): r["value"] for r in read_metrics(eight)}
+    assert set(got) == set(want) and len(want) == 5
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-5), key
 
 
 def test_phases_switch_inside_one_run(straight):
@@ -388,7 +450,9 @@ def test_phases_switch_inside_one_run(straight):
     # Per source with tokens in the step: its mean loss, and the tokens under their own name.
     assert all(set(straight[i]["source_losses"]) == set(straight[i]["source_tokens"]) == {"text"} for i in range(1, 5))
     assert all(set(straight[i]["source_losses"]) == {"text", "code"} for i in range(5, 11))
-    for row in straight.values():
+    for i, row in straight.items():
+        if i == "eval":
+            continue
         tokens = sum(row["source_tokens"].values())
         mean = sum(row["source_losses"][n] * t for n, t in row["source_tokens"].items()) / tokens
         assert mean == pytest.approx(row["lm_loss"], rel=1e-5) and 0 < tokens <= 8 * 32

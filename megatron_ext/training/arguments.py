@@ -187,7 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=0, help="0: no evaluation")
-    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument(
+        "--eval-iters", type=int, help="with --data-path / --mock-data: validation batches per evaluation (default 10)"
+    )
+    g.add_argument(
+        "--eval-samples-per-source",
+        type=int,
+        help="with --phases: held-out samples of each source per evaluation, the same ones every time (default 32)",
+    )
+    g.add_argument("--run-name", help="the run's name in evaluation records (default: the directory holding --save)")
+    g.add_argument(
+        "--eval-results-jsonl",
+        help="append every evaluation figure here, one JSON record each (default: eval_results.jsonl in --save)",
+    )
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir")
     g.add_argument("--metrics-jsonl", help="append one JSON line per step (loss, grad norm, lr) to this file")
@@ -316,8 +328,25 @@ def validate(args: argparse.Namespace, world_size: int) -> RunConfig:
             not args.eval_interval or phases.validation_fraction > 0,
             f"--eval-interval with --phases needs validation_fraction > 0 in {args.phases}",
         )
-    elif train_iters is None:
-        train_iters = 100
+        _require(
+            not args.eval_interval or tokenizer is not None,
+            "--eval-interval with --phases needs --tokenizer-model: bits per byte count the bytes of each token",
+        )
+        _require(
+            args.eval_iters is None,
+            f"--eval-iters {args.eval_iters}: with --phases each source is evaluated on its own held-out "
+            "samples; set how many with --eval-samples-per-source",
+        )
+        _require(
+            args.eval_samples_per_source is None or args.eval_samples_per_source >= 1,
+            "--eval-samples-per-source must be >= 1",
+        )
+    else:
+        _require(
+            args.eval_samples_per_source is None,
+            "--eval-samples-per-source needs --phases (its sources); a blend's validation takes --eval-iters",
+        )
+        train_iters = 100 if train_iters is None else train_iters
     _require(train_iters >= 1, "--train-iters must be >= 1")
     if schedule["lr_decay_iters"] is None:
         schedule["lr_decay_iters"] = train_iters
@@ -391,7 +420,15 @@ def validate(args: argparse.Namespace, world_size: int) -> RunConfig:
             tokenizer=tokenizer,
         ),
         checkpoint=section(CheckpointSection, args),
-        logging=section(LoggingSection, args),
+        logging=section(
+            LoggingSection,
+            args,
+            eval_iters=10 if args.eval_iters is None else args.eval_iters,
+            eval_samples_per_source=args.eval_samples_per_source or 32,
+            eval_results_jsonl=args.eval_results_jsonl
+            or (os.path.join(args.save, "eval_results.jsonl") if args.save and args.eval_interval else None),
+            run_name=args.run_name or os.path.basename(os.path.dirname(os.path.abspath(args.save or "run/x"))),
+        ),
         kernels=KernelSection(bf16=args.bf16, path=kernel_path),
     )
 

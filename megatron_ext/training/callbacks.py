@@ -113,20 +113,57 @@ class MetricsCallback(Callback):
 
 
 class EvaluationCallback(Callback):
-    def __init__(self, interval: int, metrics: MetricsCallback):
-        self.interval, self.metrics = interval, metrics
+    """Validation every --eval-interval steps: the log line (with its cost against the training time since
+    the last one), TensorBoard (eval/<task>/<metric>) and one record per figure in --eval-results-jsonl."""
+
+    def __init__(self, run: RunConfig, metrics: MetricsCallback):
+        self.interval, self.metrics, self.seq_length = run.logging.eval_interval, metrics, run.crystal.seq_length
+        self.run_name = run.logging.run_name
+        self.results = None
+        if metrics.logging_rank and run.logging.eval_results_jsonl:
+            os.makedirs(os.path.dirname(os.path.abspath(run.logging.eval_results_jsonl)), exist_ok=True)
+            self.results = open(run.logging.eval_results_jsonl, "a")  # noqa: SIM115 - closed in close()
+        self.since = time.perf_counter()
 
     def post_step(self, trainer, step: StepResult) -> None:
         if step.iteration % self.interval or trainer.guard.exhausted:  # a run stopping on skips: no side work
             return
         started = time.perf_counter()
-        valid_loss, _ = trainer.evaluate(step.iteration // self.interval - 1)
+        valid_loss, by_source = trainer.evaluate(step.iteration // self.interval - 1)
         seconds = time.perf_counter() - started
+        trained, self.since = max(started - self.since, 1e-9), time.perf_counter()
         self.metrics.exclude(seconds)
-        if self.metrics.logging_rank:
-            print(f"validation at iteration {step.iteration} | lm loss {valid_loss:.6f} | {seconds:.1f} s", flush=True)
-            if self.metrics.writer:
-                self.metrics.writer.add_scalar("validation lm loss", valid_loss, step.iteration)
+        if not self.metrics.logging_rank:
+            return
+        parts = [f"validation at iteration {step.iteration}", f"lm loss {valid_loss:.6f}"]
+        parts += [f"{n} loss {v['loss']:.4f} bpb {v['bpb']:.4f}" for n, v in (by_source or {}).items()]
+        parts.append(
+            f"{seconds:.1f} s ({100 * seconds / trained:.1f}% of the {trained:.1f} s of training since the last)"
+        )
+        print(" | ".join(parts), flush=True)
+        figures = [("valid", "loss", valid_loss, None, None)]
+        for name, v in (by_source or {}).items():
+            figures.append((f"valid/{name}", "loss", v["loss"], v["tokens"], None))
+            figures.append((f"valid/{name}", "bpb", v["bpb"], v["samples"], v["bpb_stderr"]))
+        writer = self.metrics.writer
+        if writer:
+            writer.add_scalar("validation lm loss", valid_loss, step.iteration)
+            for task, metric, value, _, _ in figures[1:]:
+                writer.add_scalar(f"eval/{task}/{metric}", value, step.iteration)
+            writer.add_scalar("eval/seconds", seconds, step.iteration)
+        if self.results:
+            tokens = trainer.feed.consumed_samples * self.seq_length
+            for task, metric, value, n, stderr in figures:
+                record = {
+                    "run": self.run_name, "phase": step.phase_name, "iteration": step.iteration, "tokens": tokens,
+                    "checkpoint": None, "task": task, "metric": metric, "value": value, "n": n, "stderr": stderr,
+                }  # fmt: skip
+                self.results.write(json.dumps(record) + "\n")
+            self.results.flush()
+
+    def close(self) -> None:
+        if self.results:
+            self.results.close()
 
 
 class CheckpointCallback(Callback):
@@ -154,7 +191,7 @@ def build_callbacks(run: RunConfig, trainer) -> list[Callback]:
     metrics = MetricsCallback(run, trainer)
     callbacks: list[Callback] = [metrics]
     if run.logging.eval_interval:
-        callbacks.append(EvaluationCallback(run.logging.eval_interval, metrics))
+        callbacks.append(EvaluationCallback(run, metrics))
     if run.checkpoint.save:
         callbacks.append(CheckpointCallback(run.checkpoint, metrics))
     return callbacks

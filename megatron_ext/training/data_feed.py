@@ -8,9 +8,33 @@ Both keep Megatron's sample order, so the samples of a step do not depend on the
 from __future__ import annotations
 
 import json
+from typing import Protocol, runtime_checkable
 
 from megatron_ext.training import data
 from megatron_ext.training.run_config import RunConfig
+
+
+@runtime_checkable
+class DataFeed(Protocol):
+    """What the trainer, the loop and the callbacks ask of a run's data, whichever kind. A checkpoint
+    stores it by name ("data") through state_dict / load_state_dict."""
+
+    consumed_samples: int
+    source_names: list[str]  # sources with their own loss (empty for a plain blend)
+    phase_name: str | None
+    resume_note: str | None  # what changed since the checkpoint, when a resume could not be exact
+
+    def step_batch_size(self) -> int: ...
+    def step_phase(self) -> int | None: ...
+    def train_iterators(self, chunks: int, steps: int) -> list: ...
+    def eval_iterators(self, chunks: int, eval_round: int) -> tuple[list, int, int]:
+        """(iterators, one per model chunk; steps; global batch size of each step) of an evaluation."""
+
+    def advance(self) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict | None) -> None: ...
+    def bookkeeping_json(self, iteration: int) -> str | None: ...
+    def scalars(self) -> dict[str, float]: ...
 
 
 class BlendFeed:
@@ -34,9 +58,11 @@ class BlendFeed:
     def train_iterators(self, chunks: int, steps: int) -> list:
         return [data.micro_batches(self.train, self.consumed_samples, self.run) for _ in range(chunks)]
 
-    def eval_iterators(self, chunks: int, eval_round: int) -> list:
-        consumed = eval_round * self.run.logging.eval_iters * self.step_batch_size()
-        return [data.micro_batches(self.valid, consumed, self.run) for _ in range(chunks)]
+    def eval_iterators(self, chunks: int, eval_round: int) -> tuple[list, int, int]:
+        """Megatron's validation: --eval-iters further batches of the validation split each time."""
+        steps, batch = self.run.logging.eval_iters, self.step_batch_size()
+        consumed = eval_round * steps * batch
+        return [data.micro_batches(self.valid, consumed, self.run) for _ in range(chunks)], steps, batch
 
     def advance(self) -> None:
         self.consumed_samples += self.step_batch_size()
@@ -65,6 +91,7 @@ class PhaseFeed:
         self.source_names = self.config.source_names
         self.consumed_samples = 0
         self.resume_note: str | None = None
+        self._validation = None  # built at the first evaluation
 
     def step_phase(self) -> int:
         """The phase of the step about to run (the last phase once all are done)."""
@@ -90,15 +117,19 @@ class PhaseFeed:
     def train_iterators(self, chunks: int, steps: int) -> list:
         return [data.phased_micro_batches(self.train, self.schedule, steps, self.run) for _ in range(chunks)]
 
-    def eval_iterators(self, chunks: int, eval_round: int) -> list:
-        """The same held-out samples at every evaluation of a phase: that phase's blend over the
-        validation documents, from their start."""
-        from megatron_ext.data.phase_schedule import PhaseSchedule
+    def eval_iterators(self, chunks: int, eval_round: int) -> tuple[list, int, int]:
+        """Every source on the same held-out samples at every evaluation (evaluation/validation.py), in
+        batches of the run's first global batch size (the layout accepts it)."""
+        if self._validation is None:
+            from megatron_ext.evaluation.token_bytes import token_bytes
+            from megatron_ext.evaluation.validation import SourceValidationSet
 
-        schedule = PhaseSchedule(self.config)
-        schedule.state.phase = self.step_phase()
-        steps = self.run.logging.eval_iters
-        return [data.phased_micro_batches(self.valid, schedule, steps, self.run) for _ in range(chunks)]
+            table = token_bytes(self.run.data.tokenizer, self.run.model.padded_vocab)
+            self._validation = SourceValidationSet(
+                self.valid, self.run.logging.eval_samples_per_source, self.run.optimizer.global_batch_size, table
+            )
+        its = [data.micro_batches(self._validation, 0, self.run) for _ in range(chunks)]
+        return its, self._validation.steps, self._validation.batch_size
 
     def advance(self) -> None:
         """After a step. This schedule is the run's record (checkpoints, phase switches); the samplers
@@ -171,7 +202,7 @@ class PhaseFeed:
         return json.dumps(self.bookkeeping(iteration), indent=2)
 
 
-def build(run: RunConfig):
+def build(run: RunConfig) -> DataFeed:
     if not run.data.phases_config:
         return BlendFeed(run)
     from megatron_ext.data.phases_config import overlapping_sources

@@ -15,6 +15,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import accelerators, cpu_compat, megatron_workarounds
 from megatron_ext.data.phases_config import PhasesConfigError
+from megatron_ext.evaluation import validation
 from megatron_ext.kernels.fp8_linear import end_fp8_step
 from megatron_ext.model.crystal_gpt import build_model, transformer_config
 from megatron_ext.training import checkpointing, data_feed, distributed, phase_lr
@@ -24,16 +25,27 @@ from megatron_ext.training.optimizer import build_optimizer
 from megatron_ext.training.run_config import RunConfig
 
 
-def loss_func(loss_mask: torch.Tensor, source_id: torch.Tensor | None, num_sources: int, output_tensor: torch.Tensor):
+def loss_func(
+    loss_mask: torch.Tensor,
+    source_id: torch.Tensor | None,
+    num_sources: int,
+    label_bytes: torch.Tensor | None,
+    output_tensor: torch.Tensor,
+):
     """Summed token loss and token count; the schedule and finalize_model_grads divide by the global
     token count (calculate_per_token_loss). With phases, also [loss, tokens] per source, from each
-    sample's source id."""
+    sample's source id; in a validation per source (label_bytes given), its columns per source."""
     mask = loss_mask.float()
     masked = output_tensor.float() * mask  # [micro batch, sequence]
     loss = masked.sum()
     num_tokens = mask.sum().to(torch.int)
     report = {"lm loss": torch.stack([loss.detach(), mask.sum()])}
-    if source_id is not None:
+    if label_bytes is not None:
+        columns = validation.sample_columns(output_tensor.detach(), mask, label_bytes)
+        report["source validation"] = torch.zeros(num_sources, validation.COLUMNS, device=columns.device).index_add_(
+            0, source_id, columns
+        )
+    elif source_id is not None:
         per_sample = torch.stack((masked.detach().sum(dim=1), mask.sum(dim=1)), dim=1)
         report["source loss"] = torch.zeros(num_sources, 2, device=per_sample.device).index_add_(
             0, source_id, per_sample
@@ -59,22 +71,23 @@ def make_forward_step(device: torch.device, num_sources: int = 0, data_hashes: l
             batch[k].to(device, non_blocking=True) for k in ("tokens", "labels", "loss_mask", "position_ids")
         )
         source_id = batch["source_id"].to(device) if "source_id" in batch else None
+        label_bytes = batch["label_bytes"].to(device) if "label_bytes" in batch else None
         output = model(tokens, position_ids, None, labels=labels)
-        return output, partial(loss_func, loss_mask, source_id, num_sources)
+        return output, partial(loss_func, loss_mask, source_id, num_sources, label_bytes)
 
     return forward_step
 
 
-def _reduce_loss(losses_reduced: list[dict]) -> tuple[float | None, torch.Tensor | None]:
+def _reduce_loss(losses_reduced: list[dict], key: str = "source loss") -> tuple[float | None, torch.Tensor | None]:
     """Global per-token loss on the last pipeline stage (None elsewhere), and with phases the global
-    [loss sum, tokens] per source."""
+    per-source report under `key` ([loss sum, tokens] of training; a validation's columns)."""
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None, None
     total = torch.stack([d["lm loss"] for d in losses_reduced]).sum(dim=0)
     torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
     by_source = None
-    if losses_reduced and "source loss" in losses_reduced[0]:
-        by_source = torch.stack([d["source loss"] for d in losses_reduced]).sum(dim=0)
+    if losses_reduced and key in losses_reduced[0]:
+        by_source = torch.stack([d[key] for d in losses_reduced]).sum(dim=0)
         torch.distributed.all_reduce(by_source, group=parallel_state.get_data_parallel_group())
     return (total[0] / total[1]).item(), by_source
 
@@ -117,7 +130,9 @@ class Trainer:
         opt = run.optimizer
         self.guard = UpdateGuard(opt.max_skipped_steps, device, opt.loss_spike_window, opt.loss_spike_sigma)
 
-    def set_data(self, feed) -> None:
+    def set_data(self, feed: data_feed.DataFeed) -> None:
+        if not isinstance(feed, data_feed.DataFeed):  # a feed missing a member fails here, not mid-run
+            raise TypeError(f"{type(feed).__name__} does not implement data_feed.DataFeed")
         self.feed = feed
         self.data_hashes = [] if self.run.logging.log_data_hash else None
         self.forward_step = make_forward_step(self.device, len(feed.source_names), self.data_hashes)
@@ -164,17 +179,21 @@ class Trainer:
         return loss, by_source, grad_norm, skipped
 
     @torch.no_grad()
-    def evaluate(self, eval_round: int) -> tuple[float | None, torch.Tensor | None]:
+    def evaluate(self, eval_round: int) -> tuple[float | None, dict | None]:
+        """(validation loss, per source: loss, bits per byte, ... or None) on the last pipeline stage.
+        With phases: each source on its held-out documents (evaluation/validation.py); with a blend,
+        Megatron's validation split for --eval-iters steps."""
         for m in self.model:
             m.eval()
-        its = self.feed.eval_iterators(len(self.model), eval_round)
+        its, steps, batch = self.feed.eval_iterators(len(self.model), eval_round)
         losses = []
-        for _ in range(self.run.logging.eval_iters):
-            losses.extend(self._run(its, forward_only=True, global_batch_size=self.feed.step_batch_size()))
+        for _ in range(steps):
+            losses.extend(self._run(its, forward_only=True, global_batch_size=batch))
         end_fp8_step(self.model, applied=False)
         for m in self.model:
             m.train()
-        return _reduce_loss(losses)
+        loss, by_source = _reduce_loss(losses, key="source validation")
+        return loss, None if by_source is None else validation.summarise(self.feed.source_names, by_source)
 
     def current_lr(self) -> float:
         return next(g["lr"] for g in self.optimizer.param_groups if g.get("default_config", True))

@@ -115,7 +115,10 @@ class CheckpointSection:
 @dataclass(frozen=True)
 class LoggingSection:
     eval_interval: int
-    eval_iters: int
+    eval_iters: int  # a blend's validation batches
+    eval_samples_per_source: int  # with --phases
+    eval_results_jsonl: str | None  # every evaluation figure, one record each
+    run_name: str  # the "run" of those records
     log_interval: int
     tensorboard_dir: str | None
     metrics_jsonl: str | None

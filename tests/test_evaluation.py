@@ -1,0 +1,97 @@
+"""Evaluation: the token -> byte table behind bits per byte, for each tokenizer form."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_ext.evaluation.token_bytes import token_bytes
+from megatron_ext.tokenizer import CrystalTokenizer, HuggingFaceTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_TOKENIZER = REPO / "data" / "demo" / "crystal_demo.model"
+# Multi-byte characters the demo vocabulary spells with byte-fallback pieces, runs of spaces, tabs, a NUL.
+TEXTS = [
+    "hello world",
+    "  two  spaces\n\ttab\n",
+    "naïve café — 日本語 😀 ∑",
+    "def f(x):\n    return x**2  # squared\n",
+    "Zürich\x00end",
+    " a leading space",
+]
+
+
+def _hf_tokenizer(tmp_path, kind: str) -> HuggingFaceTokenizer:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    corpus = TEXTS * 30 + ["the quick brown fox jumps over the lazy dog"] * 30
+    if kind == "byte_level":
+        hf = Tokenizer(models.BPE(unk_token="<unk>"))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=600, special_tokens=["<unk>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+    else:  # LLaMA-like in tokenizers: a "▁" prepended, spaces as "▁", byte fallback
+        hf = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+        hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Strip(" ", 1, 0)])
+        bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+        trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<unk>", "</s>", *bytes_])
+    hf.train_from_iterator(corpus, trainer)
+    path = tmp_path / f"{kind}.json"
+    hf.save(str(path))
+    return HuggingFaceTokenizer(str(path))
+
+
+@pytest.mark.parametrize("form", ["sentencepiece", "byte_level", "metaspace_byte_fallback"])
+def test_token_bytes_add_up_to_the_texts_utf8_length(tmp_path, form):
+    """Summed over a document's tokens, the table gives len(text.encode()) exactly: byte-fallback pieces
+    count one byte each, the dummy-prefix space of the first piece none."""
+    tok = CrystalTokenizer(str(DEMO_TOKENIZER)) if form == "sentencepiece" else _hf_tokenizer(tmp_path, form)
+    table = token_bytes(tok, vocab_size=tok.vocab_size + 64)
+    assert len(table.lengths) == tok.vocab_size + 64 and table.lengths[tok.vocab_size :].sum() == 0
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert table.text_bytes(ids) == len(text.encode("utf-8")), (form, text, ids)
+    if form != "byte_level":  # both prepend a space the text does not have
+        assert table.dummy_space is not None
+    # In a packed sample the correction applies where a document starts, i.e. after the end-of-document id.
+    a, b = tok.encode(TEXTS[0]), tok.encode(TEXTS[2])
+    row = np.array(a + [tok.eod] + b + [tok.eod])
+    per_label = table.label_bytes(row[:-1], row[1:])
+    assert per_label.sum() == len(TEXTS[0].encode()) - table.text_bytes(a[:1]) + len(TEXTS[2].encode())
+
+
+def test_uniform_logits_give_log2_vocab_times_tokens_over_bytes():
+    """A model that predicts the uniform distribution over V ids loses ln V nats per token: bits per byte
+    are log2(V) x tokens / bytes, on the real held-out samples of the demo corpus."""
+    import math
+
+    import torch
+
+    from megatron_ext.data.phased_dataset import PhasedDataset
+    from megatron_ext.data.phases_config import load_phases
+    from megatron_ext.evaluation import validation
+
+    tok = CrystalTokenizer(str(DEMO_TOKENIZER))
+    vocab = 8064
+    config = load_phases(str(REPO / "tests" / "data" / "phases_small.yaml"), 32, 8, 7, has_fim_tokens=True)
+    valid = PhasedDataset(config, 32, tok, split="valid")
+    data = validation.SourceValidationSet(valid, 5, 8, token_bytes(tok, vocab))
+    assert len(data) == 16 and data.steps == 2  # 2 sources x 5 samples, padded to two batches of 8
+    batch = [data[i] for i in range(len(data))]
+    labels = torch.stack([b["labels"] for b in batch])
+    logits = torch.zeros(*labels.shape, vocab)
+    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    columns = validation.sample_columns(
+        per_token.view(labels.shape), torch.stack([b["loss_mask"] for b in batch]),
+        torch.stack([b["label_bytes"] for b in batch]),
+    )  # fmt: skip
+    report = torch.zeros(2, validation.COLUMNS).index_add_(0, torch.stack([b["source_id"] for b in batch]), columns)
+    figures = validation.summarise(["text", "code"], report)
+    for name in ("text", "code"):
+        f = figures[name]
+        assert f["tokens"] == 5 * 32 and f["samples"] == 5
+        assert f["loss"] == pytest.approx(math.log(vocab), rel=1e-6)
+        assert f["bpb"] == pytest.approx(math.log2(vocab) * f["tokens"] / f["bytes"], rel=1e-6)
