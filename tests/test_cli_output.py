@@ -1,6 +1,7 @@
 """What a user reads: the tools' errors are the only line on stderr, and a training run's stderr holds no
 known upstream warnings (Megatron-Core's import-time TE/Apex notes, torch's deprecation notices)."""
 
+import json
 import subprocess
 import sys
 
@@ -44,9 +45,15 @@ def test_training_logs_hold_the_projects_lines(tmp_path):
             2,
             TINY_RUN
             + layout_flags(pp=2, dist_opt=True)
-            + ["--train-iters", "3", "--load", str(ckpt), "--override-opt-param-scheduler"],
+            + ["--train-iters", "3", "--load", str(ckpt), "--override-opt-param-scheduler"]
+            + ["--eval-interval", "3", "--eval-iters", "1", "--eval-results-jsonl", str(tmp_path / "eval.jsonl")],
         ),
     ]
     for run in runs:
         assert run.stderr == "", run.stderr[-3000:]
         assert "Unable to save MockGPTDataset" not in run.stdout
+    # A blend's validation: the first --eval-iters batches of Megatron's validation split, loss only (mock
+    # data has no tokenizer to count bytes with).
+    assert "validation at iteration 3 | valid loss " in runs[1].stdout
+    (record,) = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert (record["task"], record["metric"], record["n"], record["iteration"]) == ("valid", "loss", 8 * 32, 3)

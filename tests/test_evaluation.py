@@ -65,33 +65,36 @@ def test_token_bytes_add_up_to_the_texts_utf8_length(tmp_path, form):
 
 def test_uniform_logits_give_log2_vocab_times_tokens_over_bytes():
     """A model that predicts the uniform distribution over V ids loses ln V nats per token: bits per byte
-    are log2(V) x tokens / bytes, on the real held-out samples of the demo corpus."""
+    are log2(V) x tokens / bytes, on the real held-out samples of the demo corpus, through the slot table
+    the training loop fills."""
     import math
 
     import torch
 
     from megatron_ext.data.phased_dataset import PhasedDataset
     from megatron_ext.data.phases_config import load_phases
-    from megatron_ext.evaluation import validation
+    from megatron_ext.evaluation.eval_set import slot_table
+    from megatron_ext.evaluation.validation import PhasesValidation
 
     tok = CrystalTokenizer(str(DEMO_TOKENIZER))
     vocab = 8064
     config = load_phases(str(REPO / "tests" / "data" / "phases_small.yaml"), 32, 8, 7, has_fim_tokens=True)
     valid = PhasedDataset(config, 32, tok, split="valid")
-    data = validation.SourceValidationSet(valid, 5, 8, token_bytes(tok, vocab))
-    assert len(data) == 16 and data.steps == 2  # 2 sources x 5 samples, padded to two batches of 8
-    batch = [data[i] for i in range(len(data))]
-    labels = torch.stack([b["labels"] for b in batch])
-    logits = torch.zeros(*labels.shape, vocab)
-    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-    columns = validation.sample_columns(
-        per_token.view(labels.shape), torch.stack([b["loss_mask"] for b in batch]),
-        torch.stack([b["label_bytes"] for b in batch]),
-    )  # fmt: skip
-    report = torch.zeros(2, validation.COLUMNS).index_add_(0, torch.stack([b["source_id"] for b in batch]), columns)
-    figures = validation.summarise(["text", "code"], report)
+    data = PhasesValidation(valid, 5, 8, token_bytes(tok, vocab))
+    assert len(data) == 16 and data.steps == 2 and data.num_slots == 10  # 2 sources x 5, padded to 2 batches
+    batch = {k: torch.stack([data[i][k] for i in range(len(data))]) for k in data[0]}
+    logits = torch.zeros(*batch["labels"].shape, vocab)
+    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+    slots = slot_table(
+        per_token.view(batch["labels"].shape), batch["loss_mask"], batch["label_bytes"], batch["slot"], data.num_slots
+    )
+    figures = {(f.task, f.metric): f for f in data.figures(slots.numpy())}
+    assert set(figures) == {("valid", "loss"), *((f"valid/{n}", m) for n in ("text", "code") for m in ("loss", "bpb"))}
     for name in ("text", "code"):
-        f = figures[name]
-        assert f["tokens"] == 5 * 32 and f["samples"] == 5
-        assert f["loss"] == pytest.approx(math.log(vocab), rel=1e-6)
-        assert f["bpb"] == pytest.approx(math.log2(vocab) * f["tokens"] / f["bytes"], rel=1e-6)
+        loss, bpb = figures[f"valid/{name}", "loss"], figures[f"valid/{name}", "bpb"]
+        assert loss.n == 5 * 32 and bpb.n == 5
+        assert loss.value == pytest.approx(math.log(vocab), rel=1e-6)
+        nbytes = float(
+            sum(data[i]["label_bytes"].sum() for i in range(10) if data.samples[i][0] == data.names.index(name))
+        )
+        assert bpb.value == pytest.approx(math.log2(vocab) * loss.n / nbytes, rel=1e-6)

@@ -1,11 +1,9 @@
-"""Validation per source: each source of the phases file on the same held-out documents at every
-evaluation, as loss and bits per byte.
+"""Validation on held-out documents: loss and bits per byte, per source, on the same samples every time.
 
-The held-out documents are those the phases file's validation_fraction sets aside (never trained on).
-Source s contributes its first n samples of the held-out documents' epoch-0 packing, plain (no FIM:
-the figure is the source's own text), so every evaluation and every layout reads the same tokens. The
-samples are laid out in the run's global batches, the last one padded with masked samples, and go
-through the training's forward pipeline schedule (any TP / PP / DP layout).
+With --phases, source s contributes the first n samples of its held-out documents' epoch-0 packing (the
+documents the phases file's validation_fraction keeps out of training), plain (no FIM: the figure is the
+source's own text). With a blend (--data-path / --mock-data), the first --eval-iters batches of Megatron's
+validation split. Each sample is a slot of its own, so the standard error over samples comes for free.
 """
 
 from __future__ import annotations
@@ -15,72 +13,88 @@ import math
 import numpy as np
 import torch
 
+from megatron_ext.evaluation.eval_set import BYTES, LOSS, TOKENS, Figure, mean_and_stderr
 from megatron_ext.evaluation.token_bytes import TokenBytes
 
-# Columns of the per-source report of an evaluation step, summed over samples, micro-batches and ranks.
-LOSS, TOKENS, BYTES, BPB_SUM, BPB_SQUARES, SAMPLES = range(6)
-COLUMNS = 6
 
+class HeldOutSet(torch.utils.data.Dataset):
+    """samples: (source index, where the sample is) per slot; read(where) gives its seq_length + 1 tokens."""
 
-class SourceValidationSet(torch.utils.data.Dataset):
-    def __init__(self, valid_dataset, samples_per_source: int, batch_size: int, table: TokenBytes):
-        """valid_dataset: the run's PhasedDataset of held-out documents."""
-        self.streams, self.table = valid_dataset.streams, table
-        self.position_ids = valid_dataset.position_ids
-        self.samples = [min(samples_per_source, s.samples_per_epoch) for s in self.streams]
-        self.index = [(s, j) for s, n in enumerate(self.samples) for j in range(n)]
-        self.batch_size = batch_size
-        self.steps = -(-len(self.index) // batch_size)
+    task = "valid"
+
+    def __init__(self, names: list[str], samples: list[tuple[int, int]], batch_size: int, table: TokenBytes | None):
+        self.names, self.samples, self.table = names, samples, table
+        self.name, self.num_slots, self.batch_size = self.task, len(samples), batch_size
+        self.steps = -(-len(samples) // batch_size)
+
+    def read(self, source: int, where: int) -> np.ndarray:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return self.steps * self.batch_size
 
     def __getitem__(self, i: int) -> dict:
-        source, j = self.index[i] if i < len(self.index) else self.index[0]
-        row, _ = self.streams[source].packed(0, j)
+        source, where = self.samples[min(i, len(self.samples) - 1)]
+        row = np.asarray(self.read(source, where), dtype=np.int64)
         tokens, labels = row[:-1], row[1:]
-        label_bytes = self.table.label_bytes(tokens, labels)
-        mask = np.ones(len(labels), dtype=np.float32)
-        if i >= len(self.index):  # padding to a whole batch: counts nowhere
-            mask[:] = 0
-            label_bytes[:] = 0
+        mask = np.full(len(labels), 0.0 if i >= len(self.samples) else 1.0, dtype=np.float32)  # padding rows
+        nbytes = self.table.label_bytes(tokens, labels) if self.table else np.zeros(len(labels), dtype=np.float32)
         return {
             "tokens": torch.from_numpy(tokens),
             "labels": torch.from_numpy(labels),
             "loss_mask": torch.from_numpy(mask),
-            "position_ids": self.position_ids,
-            "source_id": torch.tensor(source),
-            "label_bytes": torch.from_numpy(label_bytes),
+            "position_ids": torch.arange(len(tokens)),
+            "slot": torch.tensor(min(i, len(self.samples) - 1)),
+            "label_bytes": torch.from_numpy(nbytes),
         }
 
+    def figures(self, slots: np.ndarray) -> list[Figure]:
+        """The overall loss; per source (with phases) loss and bits per byte, its standard error over samples."""
+        slots = np.asarray(slots, dtype=np.float64)
+        out = [
+            Figure(self.task, "loss", slots[:, LOSS].sum() / slots[:, TOKENS].sum(), int(slots[:, TOKENS].sum()), None)
+        ]
+        sources = np.array([s for s, _ in self.samples])
+        for index, name in enumerate(self.names):
+            mine = slots[sources == index]
+            if not len(mine):
+                continue
+            task = f"{self.task}/{name}" if len(self.names) > 1 or name != self.task else self.task
+            if task != self.task:
+                out.append(
+                    Figure(task, "loss", mine[:, LOSS].sum() / mine[:, TOKENS].sum(), int(mine[:, TOKENS].sum()), None)
+                )
+            if self.table is not None:
+                _, stderr = mean_and_stderr(mine[:, LOSS] / math.log(2) / np.maximum(mine[:, BYTES], 1))
+                bpb = mine[:, LOSS].sum() / math.log(2) / mine[:, BYTES].sum()
+                out.append(Figure(task, "bpb", bpb, len(mine), stderr))
+        return out
 
-def sample_columns(per_token_loss: torch.Tensor, mask: torch.Tensor, label_bytes: torch.Tensor) -> torch.Tensor:
-    """[samples, COLUMNS] of one micro-batch: summed loss (nats), tokens, bytes, and the sample's bits per
-    byte and its square (for the standard error over samples); padding samples count zero."""
-    loss = (per_token_loss.float() * mask).sum(dim=1)
-    tokens = mask.sum(dim=1)
-    nbytes = (label_bytes.float() * mask).sum(dim=1)
-    real = (nbytes > 0).float()
-    bpb = loss / math.log(2) / nbytes.clamp(min=1) * real
-    return torch.stack((loss, tokens, nbytes, bpb, bpb * bpb, real), dim=1)
+
+class PhasesValidation(HeldOutSet):
+    """Per source of a phases file; valid_dataset: the run's PhasedDataset of held-out documents."""
+
+    def __init__(self, valid_dataset, samples_per_source: int, batch_size: int, table: TokenBytes):
+        self.streams = valid_dataset.streams
+        samples = [
+            (index, j)
+            for index, stream in enumerate(self.streams)
+            for j in range(min(samples_per_source, stream.samples_per_epoch))
+        ]
+        super().__init__([stream.spec.name for stream in self.streams], samples, batch_size, table)
+
+    def read(self, source: int, where: int) -> np.ndarray:
+        return self.streams[source].packed(0, where)[0]
 
 
-def summarise(names: list[str], report: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Per source: loss (nats per token), bits per byte, the standard error of bits per byte over the
-    samples, tokens, bytes, samples."""
-    out = {}
-    for name, row in zip(names, report.double().tolist()):
-        samples = row[SAMPLES]
-        if not samples:
-            continue
-        mean = row[BPB_SUM] / samples
-        variance = max(row[BPB_SQUARES] / samples - mean * mean, 0.0) * samples / max(samples - 1, 1)
-        out[name] = {
-            "loss": row[LOSS] / row[TOKENS],
-            "bpb": row[LOSS] / math.log(2) / row[BYTES],
-            "bpb_stderr": math.sqrt(variance / samples),
-            "tokens": int(row[TOKENS]),
-            "bytes": int(row[BYTES]),
-            "samples": int(samples),
-        }
-    return out
+class BlendValidation(HeldOutSet):
+    """A blend's validation split (a Megatron-Core GPTDataset): its first `batches` global batches."""
+
+    def __init__(self, valid_dataset, batches: int, batch_size: int, table: TokenBytes | None):
+        self.dataset = valid_dataset
+        count = min(batches * batch_size, len(valid_dataset)) if valid_dataset is not None else 0
+        super().__init__(["valid"], [(0, i) for i in range(count)], batch_size, table)
+
+    def read(self, source: int, where: int) -> np.ndarray:
+        sample = self.dataset[where]
+        return np.append(sample["tokens"].numpy(), sample["labels"].numpy()[-1])

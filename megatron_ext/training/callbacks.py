@@ -112,6 +112,14 @@ class MetricsCallback(Callback):
             self.jsonl.close()
 
 
+def format_figures(figures) -> str:
+    """ "valid loss 4.1234 | valid/text loss 4.0 bpb 1.2 | arc_easy acc 0.25 acc_norm 0.27", task by task."""
+    tasks: dict[str, list[str]] = {}
+    for f in figures:
+        tasks.setdefault(f.task, []).append(f"{f.metric} {f.value:.4f}")
+    return " | ".join(f"{task} {' '.join(parts)}" for task, parts in tasks.items())
+
+
 class EvaluationCallback(Callback):
     """Validation every --eval-interval steps: the log line (with its cost against the training time since
     the last one), TensorBoard (eval/<task>/<metric>) and one record per figure in --eval-results-jsonl."""
@@ -124,42 +132,43 @@ class EvaluationCallback(Callback):
             os.makedirs(os.path.dirname(os.path.abspath(run.logging.eval_results_jsonl)), exist_ok=True)
             self.results = open(run.logging.eval_results_jsonl, "a")  # noqa: SIM115 - closed in close()
         self.since = time.perf_counter()
+        self._sets = None
 
     def post_step(self, trainer, step: StepResult) -> None:
         if step.iteration % self.interval or trainer.guard.exhausted:  # a run stopping on skips: no side work
             return
         started = time.perf_counter()
-        valid_loss, by_source = trainer.evaluate(step.iteration // self.interval - 1)
+        figures = []
+        for evaluation in self.sets(trainer):
+            figures += trainer.evaluate(evaluation) or []
         seconds = time.perf_counter() - started
         trained, self.since = max(started - self.since, 1e-9), time.perf_counter()
         self.metrics.exclude(seconds)
         if not self.metrics.logging_rank:
             return
-        parts = [f"validation at iteration {step.iteration}", f"lm loss {valid_loss:.6f}"]
-        parts += [f"{n} loss {v['loss']:.4f} bpb {v['bpb']:.4f}" for n, v in (by_source or {}).items()]
-        parts.append(
-            f"{seconds:.1f} s ({100 * seconds / trained:.1f}% of the {trained:.1f} s of training since the last)"
-        )
-        print(" | ".join(parts), flush=True)
-        figures = [("valid", "loss", valid_loss, None, None)]
-        for name, v in (by_source or {}).items():
-            figures.append((f"valid/{name}", "loss", v["loss"], v["tokens"], None))
-            figures.append((f"valid/{name}", "bpb", v["bpb"], v["samples"], v["bpb_stderr"]))
+        cost = f"{seconds:.1f} s ({100 * seconds / trained:.1f}% of the {trained:.1f} s trained since the last)"
+        print(f"validation at iteration {step.iteration} | {format_figures(figures)} | {cost}", flush=True)
         writer = self.metrics.writer
         if writer:
-            writer.add_scalar("validation lm loss", valid_loss, step.iteration)
-            for task, metric, value, _, _ in figures[1:]:
-                writer.add_scalar(f"eval/{task}/{metric}", value, step.iteration)
+            for f in figures:
+                writer.add_scalar(f"eval/{f.task}/{f.metric}", f.value, step.iteration)
             writer.add_scalar("eval/seconds", seconds, step.iteration)
         if self.results:
             tokens = trainer.feed.consumed_samples * self.seq_length
-            for task, metric, value, n, stderr in figures:
+            for f in figures:
                 record = {
                     "run": self.run_name, "phase": step.phase_name, "iteration": step.iteration, "tokens": tokens,
-                    "checkpoint": None, "task": task, "metric": metric, "value": value, "n": n, "stderr": stderr,
+                    "checkpoint": None, "task": f.task, "metric": f.metric, "value": f.value, "n": f.n,
+                    "stderr": f.stderr,
                 }  # fmt: skip
                 self.results.write(json.dumps(record) + "\n")
             self.results.flush()
+
+    def sets(self, trainer) -> list:
+        """The held-out samples, then the downstream tasks; built at the first evaluation."""
+        if self._sets is None:
+            self._sets = [trainer.feed.validation_set()]
+        return [s for s in self._sets if s.num_slots]
 
     def close(self) -> None:
         if self.results:

@@ -27,8 +27,8 @@ class DataFeed(Protocol):
     def step_batch_size(self) -> int: ...
     def step_phase(self) -> int | None: ...
     def train_iterators(self, chunks: int, steps: int) -> list: ...
-    def eval_iterators(self, chunks: int, eval_round: int) -> tuple[list, int, int]:
-        """(iterators, one per model chunk; steps; global batch size of each step) of an evaluation."""
+    def validation_set(self):
+        """The held-out samples every evaluation scores (evaluation/validation.py), built once."""
 
     def advance(self) -> None: ...
     def state_dict(self) -> dict: ...
@@ -48,6 +48,7 @@ class BlendFeed:
         self.run = run
         self.train, self.valid = data.build_datasets(run)
         self.consumed_samples = 0
+        self._validation = None  # built at the first evaluation
 
     def step_batch_size(self) -> int:
         return self.run.optimizer.global_batch_size
@@ -58,11 +59,16 @@ class BlendFeed:
     def train_iterators(self, chunks: int, steps: int) -> list:
         return [data.micro_batches(self.train, self.consumed_samples, self.run) for _ in range(chunks)]
 
-    def eval_iterators(self, chunks: int, eval_round: int) -> tuple[list, int, int]:
-        """Megatron's validation: --eval-iters further batches of the validation split each time."""
-        steps, batch = self.run.logging.eval_iters, self.step_batch_size()
-        consumed = eval_round * steps * batch
-        return [data.micro_batches(self.valid, consumed, self.run) for _ in range(chunks)], steps, batch
+    def validation_set(self):
+        """The first --eval-iters batches of Megatron's validation split, the same at every evaluation
+        (Megatron-LM reads on through the split, so two evaluations score different samples)."""
+        if self._validation is None:
+            from megatron_ext.evaluation.validation import BlendValidation
+
+            run = self.run
+            table = _byte_table(run)
+            self._validation = BlendValidation(self.valid, run.logging.eval_iters, self.step_batch_size(), table)
+        return self._validation
 
     def advance(self) -> None:
         self.consumed_samples += self.step_batch_size()
@@ -117,19 +123,16 @@ class PhaseFeed:
     def train_iterators(self, chunks: int, steps: int) -> list:
         return [data.phased_micro_batches(self.train, self.schedule, steps, self.run) for _ in range(chunks)]
 
-    def eval_iterators(self, chunks: int, eval_round: int) -> tuple[list, int, int]:
-        """Every source on the same held-out samples at every evaluation (evaluation/validation.py), in
-        batches of the run's first global batch size (the layout accepts it)."""
+    def validation_set(self):
+        """Every source on the same held-out samples at every evaluation, in batches of the run's first
+        global batch size (the layout accepts it)."""
         if self._validation is None:
-            from megatron_ext.evaluation.token_bytes import token_bytes
-            from megatron_ext.evaluation.validation import SourceValidationSet
+            from megatron_ext.evaluation.validation import PhasesValidation
 
-            table = token_bytes(self.run.data.tokenizer, self.run.model.padded_vocab)
-            self._validation = SourceValidationSet(
-                self.valid, self.run.logging.eval_samples_per_source, self.run.optimizer.global_batch_size, table
-            )
-        its = [data.micro_batches(self._validation, 0, self.run) for _ in range(chunks)]
-        return its, self._validation.steps, self._validation.batch_size
+            run = self.run
+            n, batch = run.logging.eval_samples_per_source, run.optimizer.global_batch_size
+            self._validation = PhasesValidation(self.valid, n, batch, _byte_table(run))
+        return self._validation
 
     def advance(self) -> None:
         """After a step. This schedule is the run's record (checkpoints, phase switches); the samplers
@@ -200,6 +203,13 @@ class PhaseFeed:
 
     def bookkeeping_json(self, iteration: int) -> str:
         return json.dumps(self.bookkeeping(iteration), indent=2)
+
+
+def _byte_table(run: RunConfig):
+    """Token -> UTF-8 bytes of the run's tokenizer (None without one: no bits per byte)."""
+    from megatron_ext.evaluation.token_bytes import token_bytes
+
+    return token_bytes(run.data.tokenizer, run.model.padded_vocab) if run.data.tokenizer else None
 
 
 def build(run: RunConfig) -> DataFeed:

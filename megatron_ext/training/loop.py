@@ -15,10 +15,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import accelerators, cpu_compat, megatron_workarounds
 from megatron_ext.data.phases_config import PhasesConfigError
-from megatron_ext.evaluation import validation
+from megatron_ext.evaluation import eval_set
 from megatron_ext.kernels.fp8_linear import end_fp8_step
 from megatron_ext.model.crystal_gpt import build_model, transformer_config
-from megatron_ext.training import checkpointing, data_feed, distributed, phase_lr
+from megatron_ext.training import checkpointing, data, data_feed, distributed, phase_lr
 from megatron_ext.training.callbacks import StepResult, build_callbacks
 from megatron_ext.training.faults import StopRequest, UpdateGuard
 from megatron_ext.training.optimizer import build_optimizer
@@ -29,22 +29,21 @@ def loss_func(
     loss_mask: torch.Tensor,
     source_id: torch.Tensor | None,
     num_sources: int,
-    label_bytes: torch.Tensor | None,
+    scored: tuple | None,
     output_tensor: torch.Tensor,
 ):
     """Summed token loss and token count; the schedule and finalize_model_grads divide by the global
     token count (calculate_per_token_loss). With phases, also [loss, tokens] per source, from each
-    sample's source id; in a validation per source (label_bytes given), its columns per source."""
+    sample's source id. In an evaluation (scored: slot ids, label bytes, number of slots), the slot
+    table of evaluation/eval_set.py."""
     mask = loss_mask.float()
     masked = output_tensor.float() * mask  # [micro batch, sequence]
     loss = masked.sum()
     num_tokens = mask.sum().to(torch.int)
     report = {"lm loss": torch.stack([loss.detach(), mask.sum()])}
-    if label_bytes is not None:
-        columns = validation.sample_columns(output_tensor.detach(), mask, label_bytes)
-        report["source validation"] = torch.zeros(num_sources, validation.COLUMNS, device=columns.device).index_add_(
-            0, source_id, columns
-        )
+    if scored is not None:
+        slot, label_bytes, num_slots = scored
+        report["slots"] = eval_set.slot_table(output_tensor.detach(), mask, label_bytes, slot, num_slots)
     elif source_id is not None:
         per_sample = torch.stack((masked.detach().sum(dim=1), mask.sum(dim=1)), dim=1)
         report["source loss"] = torch.zeros(num_sources, 2, device=per_sample.device).index_add_(
@@ -58,9 +57,11 @@ def sample_hash(tokens: torch.Tensor) -> int:
     return int.from_bytes(hashlib.sha1(tokens.cpu().numpy().tobytes()).digest()[:5], "little")
 
 
-def make_forward_step(device: torch.device, num_sources: int = 0, data_hashes: list | None = None):
+def make_forward_step(
+    device: torch.device, num_sources: int = 0, data_hashes: list | None = None, num_slots: int | None = None
+):
     """data_hashes: when given, the hashes of the samples this rank is the designated reader of (the model
-    chunk that embeds them, on tensor-parallel rank 0) are appended to it."""
+    chunk that embeds them, on tensor-parallel rank 0) are appended to it. num_slots: an evaluation's."""
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -71,9 +72,11 @@ def make_forward_step(device: torch.device, num_sources: int = 0, data_hashes: l
             batch[k].to(device, non_blocking=True) for k in ("tokens", "labels", "loss_mask", "position_ids")
         )
         source_id = batch["source_id"].to(device) if "source_id" in batch else None
-        label_bytes = batch["label_bytes"].to(device) if "label_bytes" in batch else None
+        scored = None
+        if num_slots is not None:
+            scored = (batch["slot"].to(device), batch["label_bytes"].to(device), num_slots)
         output = model(tokens, position_ids, None, labels=labels)
-        return output, partial(loss_func, loss_mask, source_id, num_sources, label_bytes)
+        return output, partial(loss_func, loss_mask, source_id, num_sources, scored)
 
     return forward_step
 
@@ -145,11 +148,11 @@ class Trainer:
         torch.distributed.all_reduce(total)
         return int(total.item())
 
-    def _run(self, iterators: list, forward_only: bool, global_batch_size: int) -> list[dict]:
+    def _run(self, iterators: list, forward_only: bool, global_batch_size: int, forward_step=None) -> list[dict]:
         """One step's micro-batches through the pipeline schedule; iterators: one per model chunk (the
         interleaved schedule draws from each)."""
         return self.forward_backward(
-            forward_step_func=self.forward_step,
+            forward_step_func=forward_step or self.forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.model,
             num_microbatches=self.run.layout.num_microbatches(global_batch_size),
@@ -179,21 +182,21 @@ class Trainer:
         return loss, by_source, grad_norm, skipped
 
     @torch.no_grad()
-    def evaluate(self, eval_round: int) -> tuple[float | None, dict | None]:
-        """(validation loss, per source: loss, bits per byte, ... or None) on the last pipeline stage.
-        With phases: each source on its held-out documents (evaluation/validation.py); with a blend,
-        Megatron's validation split for --eval-iters steps."""
+    def evaluate(self, evaluation: eval_set.EvalSet) -> list[eval_set.Figure] | None:
+        """An evaluation set's figures, forward only through the pipeline schedule (any layout); on the
+        last pipeline stage, None elsewhere."""
         for m in self.model:
             m.eval()
-        its, steps, batch = self.feed.eval_iterators(len(self.model), eval_round)
+        its = [data.micro_batches(evaluation, 0, self.run) for _ in self.model]
+        forward_step = make_forward_step(self.device, num_slots=evaluation.num_slots)
         losses = []
-        for _ in range(steps):
-            losses.extend(self._run(its, forward_only=True, global_batch_size=batch))
+        for _ in range(evaluation.steps):
+            losses.extend(self._run(its, True, evaluation.batch_size, forward_step))
         end_fp8_step(self.model, applied=False)
         for m in self.model:
             m.train()
-        loss, by_source = _reduce_loss(losses, key="source validation")
-        return loss, None if by_source is None else validation.summarise(self.feed.source_names, by_source)
+        _, slots = _reduce_loss(losses, key="slots")
+        return None if slots is None else evaluation.figures(slots.cpu().numpy())
 
     def current_lr(self) -> float:
         return next(g["lr"] for g in self.optimizer.param_groups if g.get("default_config", True))
