@@ -98,3 +98,61 @@ def test_uniform_logits_give_log2_vocab_times_tokens_over_bytes():
             sum(data[i]["label_bytes"].sum() for i in range(10) if data.samples[i][0] == data.names.index(name))
         )
         assert bpb.value == pytest.approx(math.log2(vocab) * loss.n / nbytes, rel=1e-6)
+
+
+def test_choice_tasks_from_the_request_files_and_an_oracle_scores_one():
+    """OLMo's ARC-Easy requests become one row per choice, the continuation masked in; an oracle that
+    gives the gold choice the highest likelihood scores accuracy 1.0 (normalised too), the reverse 0."""
+    from megatron_ext.evaluation.tasks import build_task_set
+
+    tok = CrystalTokenizer(str(DEMO_TOKENIZER))
+    task = build_task_set("arc_easy", 30, tok, seq_length=256, batch_size=8)
+    assert task.docs == 30 and task.num_slots == sum(1 for r in task.requests) and len(task) % 8 == 0
+    assert {len([r for r in task.requests if r.doc == d]) for d in range(30)} <= {3, 4, 5}
+    first = task.requests[0]
+    question = "Question: Which technology was developed most recently?\nAnswer:"
+    assert tok.decode(first.context[1:] + first.continuation) == question + " cellular telephone"
+    assert tok.decode(first.context[1:]) == question and first.gold == 0
+    item = task[0]
+    scored = item["labels"][item["loss_mask"].bool()].tolist()
+    assert scored == first.continuation  # exactly the continuation's labels are scored
+    assert item["tokens"][0] == tok.eod  # a question starts a document
+    gold = np.array([r.choice == r.gold for r in task.requests], dtype=np.float64)
+    oracle = np.stack([1.0 - gold, np.ones_like(gold), np.ones_like(gold)], axis=1)  # loss 0 for the gold choice
+    figures = {f.metric: f for f in task.figures(oracle)}
+    assert figures["acc"].value == 1.0 and figures["acc_norm"].value == 1.0 and figures["acc"].n == 30
+    contrarian = {f.metric: f.value for f in task.figures(np.stack([gold, *[np.ones_like(gold)] * 2], axis=1))}
+    assert contrarian == {"acc": 0.0, "acc_norm": 0.0}
+    # Length normalisation divides by each choice's UTF-8 bytes: with a loss proportional to the bytes,
+    # acc prefers the shortest choice and acc_norm is indifferent (ties go to the first choice).
+    nbytes = np.array([r.continuation_bytes for r in task.requests], dtype=np.float64)
+    figures = {f.metric: f.value for f in task.figures(np.stack([nbytes, nbytes, nbytes], axis=1))}
+    shortest = [
+        min((r for r in task.requests if r.doc == d), key=lambda r: (r.continuation_bytes, r.choice)) for d in range(30)
+    ]
+    firsts = [min(r.choice for r in task.requests if r.doc == d) for d in range(30)]
+    assert figures["acc"] == pytest.approx(np.mean([r.choice == r.gold for r in shortest]))
+    assert figures["acc_norm"] == pytest.approx(
+        np.mean([c == task.requests[[r.doc for r in task.requests].index(d)].gold for d, c in enumerate(firsts)])
+    )
+
+
+def test_gold_bpb_and_infilling_tasks_use_the_training_fim_layout():
+    from megatron_ext.data.fim import FimTokenIds, infilling_prompt
+    from megatron_ext.evaluation import benchmark_data
+    from megatron_ext.evaluation.infilling import derive
+    from megatron_ext.evaluation.tasks import build_task_set
+
+    tok = CrystalTokenizer(str(DEMO_TOKENIZER))
+    infill = build_task_set("infill_single_gold", 5, tok, seq_length=1024, batch_size=4)
+    first = derive(benchmark_data.humaneval_problems(), "single")[0]
+    ids = FimTokenIds.of(tok)
+    assert infill.requests[0].context == [tok.eod, *infilling_prompt(tok, ids, first.prefix, first.suffix)]
+    assert tok.decode([ids.middle, *infill.requests[0].continuation]) == "<|fim_middle|>" + first.middle
+    humaneval = build_task_set("humaneval_gold", None, tok, seq_length=1024, batch_size=4)
+    assert humaneval.num_slots == 164 and humaneval.truncated == 0
+    slots = np.zeros((humaneval.num_slots, 3))
+    slots[:, 0] = [len(r.continuation) * np.log(2) * 8 for r in humaneval.requests]  # 8 bits per token
+    (bpb,) = humaneval.figures(slots)
+    tokens = sum(len(r.continuation) for r in humaneval.requests)
+    assert bpb.value == pytest.approx(8 * tokens / sum(r.continuation_bytes for r in humaneval.requests))

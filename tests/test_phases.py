@@ -422,7 +422,7 @@ def test_validation_is_the_same_at_every_layout(tmp_path):
     The 8-rank run resumes the single-process run's checkpoint of step 1, trains step 2 and evaluates."""
     ckpt, one, eight = tmp_path / "ckpt", tmp_path / "one.jsonl", tmp_path / "eight.jsonl"
     common = [*RUN, "--data-cache-path", str(tmp_path / "cache"), "--train-iters", "2", "--eval-interval", "1"]
-    common += ["--eval-samples-per-source", "4"]
+    common += ["--eval-samples-per-source", "4", "--eval-tasks", "arc_easy:6,infill_single_gold:4"]
     train(1, [*common, "--save", str(ckpt), "--save-interval", "1", "--eval-results-jsonl", str(one)])
     train(
         8,
@@ -440,7 +440,7 @@ def test_validation_is_the_same_at_every_layout(tmp_path):
     )
     want = {(r["task"], r["metric"]): r["value"] for r in read_metrics(one) if r["iteration"] == 2}
     got = {(r["task"], r["metric"]): r["value"] for r in read_metrics(eight)}
-    assert set(got) == set(want) and len(want) == 5
+    assert set(got) == set(want) and len(want) == 5 + 3  # validation; arc_easy acc, acc_norm; infilling bpb
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-5), key
 

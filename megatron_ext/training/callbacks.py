@@ -126,6 +126,7 @@ class EvaluationCallback(Callback):
 
     def __init__(self, run: RunConfig, metrics: MetricsCallback):
         self.interval, self.metrics, self.seq_length = run.logging.eval_interval, metrics, run.crystal.seq_length
+        self.run = run
         self.run_name = run.logging.run_name
         self.results = None
         if metrics.logging_rank and run.logging.eval_results_jsonl:
@@ -167,7 +168,18 @@ class EvaluationCallback(Callback):
     def sets(self, trainer) -> list:
         """The held-out samples, then the downstream tasks; built at the first evaluation."""
         if self._sets is None:
+            from megatron_ext.evaluation.tasks import build_task_set
+
+            run = self.run
             self._sets = [trainer.feed.validation_set()]
+            for name, cap in run.logging.eval_tasks:
+                task = build_task_set(name, cap, run.data.tokenizer, self.seq_length, run.optimizer.global_batch_size)
+                if task.truncated:
+                    distributed.print_rank_0(
+                        f"warning: {name}: {task.truncated} of {task.num_slots} continuations are longer than the "
+                        f"sequence length {self.seq_length}; they are scored on the part that fits"
+                    )
+                self._sets.append(task)
         return [s for s in self._sets if s.num_slots]
 
     def close(self) -> None:

@@ -118,6 +118,7 @@ class LoggingSection:
     eval_iters: int  # a blend's validation batches
     eval_samples_per_source: int  # with --phases
     eval_results_jsonl: str | None  # every evaluation figure, one record each
+    eval_tasks: tuple  # ((task, question cap or None), ...): evaluation/tasks.py
     run_name: str  # the "run" of those records
     log_interval: int
     tensorboard_dir: str | None
