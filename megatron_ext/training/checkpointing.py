@@ -173,6 +173,14 @@ def _saved_iterations(root: str) -> list[int]:
     return sorted(int(d[5:]) for d in os.listdir(root) if d.startswith("iter_") and d[5:].isdigit())
 
 
+def saved_iterations(root: str) -> list[int]:
+    """The complete checkpoints a resume could read (at or before the tracker's iteration), oldest first."""
+    latest = latest_iteration(root) if os.path.isdir(root) else None
+    if latest is None:
+        return []
+    return [it for it in _saved_iterations(root) if it <= latest and incomplete_reason(iteration_dir(root, it)) is None]
+
+
 def incomplete_reason(path: str, tensors: str = "all") -> str | None:
     """Why the checkpoint at path cannot be read in full (None if it can): its index files, and every
     file its tensors live in, present and long enough. tensors="model" checks the model's alone."""
