@@ -49,7 +49,7 @@ def _compare_with_reference(sequence_parallel: bool):
 
     from megatron_ext.model.crystal_gpt import ParallelLayout, build_model, padded_vocab_size, transformer_config
     from megatron_ext.model.reference import CrystalReference
-    from megatron_ext.model.weight_mapping import load_reference_weights
+    from megatron_ext.release.weight_mapping import load_reference_weights
 
     c = get_preset("crystal-test")
     torch.manual_seed(0)  # the same reference weights and inputs on every rank

@@ -45,21 +45,6 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _check_layout(cfg, tp: int, pp: int, divisible_by: int) -> str | None:
-    if tp < 1 or pp < 1:
-        return "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1"
-    if cfg.num_attention_heads % tp or cfg.ffn_hidden_size % tp:
-        return (
-            f"--tensor-model-parallel-size {tp} must divide the {cfg.num_attention_heads} heads and the "
-            f"FFN width {cfg.ffn_hidden_size}"
-        )
-    if divisible_by % tp:
-        return f"--tensor-model-parallel-size {tp} does not divide --make-vocab-size-divisible-by {divisible_by}"
-    if cfg.num_layers % pp:
-        return f"--pipeline-model-parallel-size {pp} does not divide the {cfg.num_layers} layers"
-    return None
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_ext.release.hf_format import FormatError, read_hf_config
@@ -75,7 +60,9 @@ def main(argv=None) -> int:
         weights = HFWeights(args.input, cfg)
     except (OutputExistsError, FormatError) as e:
         return _fail(str(e))
-    problem = _check_layout(
+    from megatron_ext.model.crystal_config import layout_problem
+
+    problem = layout_problem(
         cfg, args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.make_vocab_size_divisible_by
     )
     if problem:

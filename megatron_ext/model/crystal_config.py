@@ -116,3 +116,23 @@ def get_preset(name: str) -> CrystalConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"--model {name!r} is not a preset; choose one of {sorted(PRESETS)}") from None
+
+
+def layout_problem(cfg: CrystalConfig, tp: int, pp: int, vocab_divisible_by: int) -> str | None:
+    """Why the model cannot be cut TP x PP ways (one line naming the flag), or None. Shared by the training
+    command line and the checkpoint import, which must agree on what a valid layout is."""
+    if tp < 1 or pp < 1:
+        return "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1"
+    if cfg.num_attention_heads % tp:
+        return f"--tensor-model-parallel-size {tp} does not divide the {cfg.num_attention_heads} attention heads"
+    if cfg.ffn_hidden_size % tp:
+        hint = " (10922 = 2 x 43 x 127: TP must be 1 or 2)" if cfg.ffn_hidden_size == 10922 else ""
+        return f"--tensor-model-parallel-size {tp} does not divide the FFN width {cfg.ffn_hidden_size}{hint}"
+    if cfg.num_layers % pp:
+        return f"--pipeline-model-parallel-size {pp} does not divide the {cfg.num_layers} layers"
+    if vocab_divisible_by < 1 or vocab_divisible_by % tp:
+        return (
+            f"--tensor-model-parallel-size {tp} does not divide --make-vocab-size-divisible-by "
+            f"{vocab_divisible_by}, so the padded vocabulary would not split evenly"
+        )
+    return None

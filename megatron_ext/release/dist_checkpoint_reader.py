@@ -18,26 +18,14 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_ext.model.crystal_config import CrystalConfig
-from megatron_ext.model.weight_mapping import qkv_from_megatron
 from megatron_ext.release.hf_format import reference_names
+from megatron_ext.release.weight_mapping import (
+    LAYER_PREFIX,
+    REFERENCE_SOURCES,
+    megatron_global_shapes,
+    qkv_from_megatron,
+)
 from megatron_ext.training.checkpointing import CheckpointError, checkpoint_path, incomplete_reason, read_common_state
-
-LAYER_PREFIX = "decoder.layers."
-# Reference name inside block h.N -> Megatron name inside decoder.layers (the stacked global tensors).
-_LAYER_SOURCES = {
-    "ln_1": "input_layernorm",
-    "attn.c_attn": "self_attention.linear_qkv",
-    "attn.c_proj": "self_attention.linear_proj",
-    "ln_2": "pre_mlp_layernorm",
-    "mlp.c_fc": "mlp.linear_fc1",  # up: the second half of Megatron's global fc1 ([gate; up])
-    "mlp.c_fc2": "mlp.linear_fc1",  # gate: the first half
-    "mlp.c_proj": "mlp.linear_fc2",
-}
-_TOP_SOURCES = {
-    "wte.weight": "embedding.word_embeddings.weight",
-    "ln_f.weight": "decoder.final_layernorm.weight",
-    "ln_f.bias": "decoder.final_layernorm.bias",
-}
 
 
 class _BoxPlanner:
@@ -88,31 +76,10 @@ class DistCheckpointReader:
             raise CheckpointError(f"{self.path} has no tensor {key!r}: not a Crystal model checkpoint")
         return md
 
-    def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        c = self.crystal
-        h, f, layers = c.hidden_size, c.ffn_hidden_size, c.num_layers
-        per_layer = {
-            "input_layernorm.weight": (h,),
-            "input_layernorm.bias": (h,),
-            "self_attention.linear_qkv.weight": (3 * h, h),
-            "self_attention.linear_qkv.bias": (3 * h,),
-            "self_attention.linear_proj.weight": (h, h),
-            "self_attention.linear_proj.bias": (h,),
-            "pre_mlp_layernorm.weight": (h,),
-            "pre_mlp_layernorm.bias": (h,),
-            "mlp.linear_fc1.weight": (2 * f, h),
-            "mlp.linear_fc1.bias": (2 * f,),
-            "mlp.linear_fc2.weight": (h, f),
-            "mlp.linear_fc2.bias": (h,),
-        }
-        shapes = {LAYER_PREFIX + k: (layers, *s) for k, s in per_layer.items()}
-        shapes["decoder.final_layernorm.weight"] = shapes["decoder.final_layernorm.bias"] = (h,)
-        return shapes
-
     def _check_complete(self) -> None:
         """Every model tensor present with the config's shape, every file it lives in present and long
         enough: a truncated copy fails here, before any output is written."""
-        for key, shape in self._expected_shapes().items():
+        for key, shape in megatron_global_shapes(self.crystal).items():
             got = tuple(self._tensor_metadata(key).size)
             if got != shape:
                 raise CheckpointError(f"{self.path}: {key} has shape {got}, the model config implies {shape}")
@@ -141,13 +108,14 @@ class DistCheckpointReader:
         cfg = self.crystal
         fc1: dict[str, torch.Tensor] = {}
         for name in reference_names(cfg):
-            if name in _TOP_SOURCES:
-                tensor = self.read(_TOP_SOURCES[name])
+            if not name.startswith("h."):
+                base, kind = name.rsplit(".", 1)
+                tensor = self.read(f"{REFERENCE_SOURCES[base]}.{kind}")
                 yield name, tensor[: cfg.vocab_size] if name == "wte.weight" else tensor
                 continue
             _, layer, rest = name.split(".", 2)
             part, kind = rest.rsplit(".", 1)
-            source = f"{LAYER_PREFIX}{_LAYER_SOURCES[part]}.{kind}"
+            source = f"{LAYER_PREFIX}{REFERENCE_SOURCES[part]}.{kind}"
             if part in ("mlp.c_fc", "mlp.c_fc2"):
                 if kind not in fc1:
                     fc1[kind] = self.read(source, int(layer))

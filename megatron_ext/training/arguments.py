@@ -11,7 +11,7 @@ import os
 
 from megatron_ext.kernels.fp8_scaling import FORMATS, RECIPES
 from megatron_ext.kernels.selection import ATTENTION_BACKENDS, TE_ONLY_RECIPES, KernelPathError, select
-from megatron_ext.model.crystal_config import CrystalConfig, get_preset
+from megatron_ext.model.crystal_config import CrystalConfig, get_preset, layout_problem
 from megatron_ext.tokenizer import add_tokenizer_type_argument
 from megatron_ext.training.run_config import (
     CheckpointSection,
@@ -259,26 +259,9 @@ def validate(args: argparse.Namespace, world_size: int) -> RunConfig:
     except ValueError as e:  # includes TokenizerError
         raise ArgumentError(str(e)) from None
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    _require(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
-    _require(
-        crystal.num_attention_heads % tp == 0,
-        f"--tensor-model-parallel-size {tp} does not divide the {crystal.num_attention_heads} attention heads",
-    )
-    _require(
-        crystal.ffn_hidden_size % tp == 0,
-        f"--tensor-model-parallel-size {tp} does not divide the FFN width {crystal.ffn_hidden_size}"
-        + (" (10922 = 2 x 43 x 127: TP must be 1 or 2)" if crystal.ffn_hidden_size == 10922 else ""),
-    )
-    _require(
-        crystal.num_layers % pp == 0,
-        f"--pipeline-model-parallel-size {pp} does not divide the {crystal.num_layers} layers",
-    )
+    problem = layout_problem(crystal, tp, pp, args.make_vocab_size_divisible_by)
+    _require(problem is None, problem or "")
     _require(world_size % (tp * pp) == 0, f"world size {world_size} is not a multiple of TP x PP = {tp} x {pp}")
-    _require(
-        args.make_vocab_size_divisible_by >= 1 and args.make_vocab_size_divisible_by % tp == 0,
-        f"--tensor-model-parallel-size {tp} does not divide --make-vocab-size-divisible-by "
-        f"{args.make_vocab_size_divisible_by}, so the padded vocabulary would not split evenly",
-    )
     dp = world_size // (tp * pp)
 
     vp = None

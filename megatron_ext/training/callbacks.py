@@ -156,14 +156,23 @@ class EvaluationCallback(Callback):
             writer.add_scalar("eval/seconds", seconds, step.iteration)
         if self.results:
             tokens = trainer.feed.consumed_samples * self.seq_length
+            context = {"run": self.run_name, "phase": step.phase_name, "phase_start_tokens": self.phase_start(step)}
             for f in figures:
                 record = {
-                    "run": self.run_name, "phase": step.phase_name, "iteration": step.iteration, "tokens": tokens,
-                    "checkpoint": None, "task": f.task, "metric": f.metric, "value": f.value, "n": f.n,
-                    "stderr": f.stderr,
+                    **context, "iteration": step.iteration, "tokens": tokens, "checkpoint": None, "task": f.task,
+                    "metric": f.metric, "value": f.value, "n": f.n, "stderr": f.stderr,
                 }  # fmt: skip
                 self.results.write(json.dumps(record) + "\n")
             self.results.flush()
+
+    def phase_start(self, step: StepResult) -> int | None:
+        """Tokens read before the current phase began (for the report's phase boundaries)."""
+        config = self.run.data.phases_config
+        if config is None or step.phase_name is None:
+            return None
+        names = [p.name for p in config.phases]
+        before = config.phases[: names.index(step.phase_name)]
+        return sum(p.iters * p.global_batch_size for p in before) * self.seq_length
 
     def sets(self, trainer) -> list:
         """The held-out samples, then the downstream tasks; built at the first evaluation."""

@@ -15,26 +15,43 @@ from megatron.core import parallel_state
 
 from megatron_ext.model.crystal_config import CrystalConfig
 
-# Megatron name inside a layer -> reference name inside block h.N.
-_LAYER_NAMES = {
-    "input_layernorm.weight": "ln_1.weight",
-    "input_layernorm.bias": "ln_1.bias",
-    "self_attention.linear_qkv.weight": "attn.c_attn.weight",
-    "self_attention.linear_qkv.bias": "attn.c_attn.bias",
-    "self_attention.linear_proj.weight": "attn.c_proj.weight",
-    "self_attention.linear_proj.bias": "attn.c_proj.bias",
-    "pre_mlp_layernorm.weight": "ln_2.weight",
-    "pre_mlp_layernorm.bias": "ln_2.bias",
-    "mlp.linear_fc2.weight": "mlp.c_proj.weight",
-    "mlp.linear_fc2.bias": "mlp.c_proj.bias",
+# The one map between the namings; the reader inverts it (REFERENCE_SOURCES). Megatron's name inside
+# decoder.layers.N -> the reference part(s) inside block h.N; fc1 holds two reference tensors, [gate; up].
+LAYER_PARTS: dict[str, str | tuple[str, str]] = {
+    "input_layernorm": "ln_1",
+    "self_attention.linear_qkv": "attn.c_attn",
+    "self_attention.linear_proj": "attn.c_proj",
+    "pre_mlp_layernorm": "ln_2",
+    "mlp.linear_fc1": ("mlp.c_fc2", "mlp.c_fc"),  # gate (silu'd), up
+    "mlp.linear_fc2": "mlp.c_proj",
 }
-_FC1 = ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")
-_TOP_NAMES = {
-    "embedding.word_embeddings.weight": "wte.weight",
-    "output_layer.weight": "wte.weight",  # tied: the last pipeline stage's copy of the embedding
-    "decoder.final_layernorm.weight": "ln_f.weight",
-    "decoder.final_layernorm.bias": "ln_f.bias",
+# Outside the layers. output_layer is the last pipeline stage's copy of the tied embedding.
+TOP_PARTS = {
+    "embedding.word_embeddings": "wte",
+    "output_layer": "wte",
+    "decoder.final_layernorm": "ln_f",
 }
+LAYER_PREFIX = "decoder.layers."
+# Reference part -> Megatron name: the inverse of LAYER_PARTS and TOP_PARTS (the embedding, not its copy).
+REFERENCE_SOURCES = {
+    **{ref: meg for meg, refs in LAYER_PARTS.items() for ref in (refs if isinstance(refs, tuple) else (refs,))},
+    **{ref: meg for meg, ref in TOP_PARTS.items() if meg != "output_layer"},
+}
+
+
+def megatron_global_shapes(cfg: CrystalConfig) -> dict[str, tuple[int, ...]]:
+    """The global (TP-joined) shape of every model tensor of a dist checkpoint but the embedding, the
+    layers stacked on a leading axis; from the reference shapes through the map (fc1: gate and up rows)."""
+    from megatron_ext.release.hf_format import reference_shape
+
+    shapes = {}
+    for meg, refs in LAYER_PARTS.items():
+        for kind in ("weight", "bias"):
+            parts = [reference_shape(f"h.0.{r}.{kind}", cfg) for r in (refs if isinstance(refs, tuple) else (refs,))]
+            shapes[f"{LAYER_PREFIX}{meg}.{kind}"] = (cfg.num_layers, sum(p[0] for p in parts), *parts[0][1:])
+    for kind in ("weight", "bias"):
+        shapes[f"decoder.final_layernorm.{kind}"] = reference_shape(f"ln_f.{kind}", cfg)
+    return shapes
 
 
 def qkv_to_megatron(tensor: torch.Tensor, cfg: CrystalConfig) -> torch.Tensor:
@@ -69,20 +86,20 @@ def load_reference_weights(
         for chunk in chunks:
             layers = chunk.decoder.layers
             for name, param in chunk.named_parameters():
-                if name.startswith("decoder.layers."):
-                    local_idx, suffix = name.removeprefix("decoder.layers.").split(".", 1)
+                base, kind = name.rsplit(".", 1)
+                if base.startswith(LAYER_PREFIX):
+                    local_idx, part = base.removeprefix(LAYER_PREFIX).split(".", 1)
                     block = f"h.{layers[int(local_idx)].layer_number - 1}."
-                    if suffix in _FC1:
-                        kind = suffix.rsplit(".", 1)[1]
-                        gate = ref[block + "mlp.c_fc2." + kind].chunk(tp, dim=0)[rank]
-                        up = ref[block + "mlp.c_fc." + kind].chunk(tp, dim=0)[rank]
+                    refs = LAYER_PARTS[part]
+                    if isinstance(refs, tuple):  # fc1: this rank's gate rows, then its up rows
+                        gate, up = (ref[f"{block}{r}.{kind}"].chunk(tp, dim=0)[rank] for r in refs)
                         param.copy_(torch.cat((gate, up), dim=0))
                         continue
-                    full = ref[block + _LAYER_NAMES[suffix]]
-                    if suffix.startswith("self_attention.linear_qkv"):
+                    full = ref[f"{block}{refs}.{kind}"]
+                    if refs == "attn.c_attn":
                         full = qkv_to_megatron(full, cfg)
                 else:
-                    full = ref[_TOP_NAMES[name]]
-                    if _TOP_NAMES[name] == "wte.weight":
+                    full = ref[f"{TOP_PARTS[base]}.{kind}"]
+                    if TOP_PARTS[base] == "wte":
                         full = torch.nn.functional.pad(full, (0, 0, 0, padded_vocab - full.shape[0]))
                 param.copy_(_local_shard(full, param))

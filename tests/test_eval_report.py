@@ -1,0 +1,49 @@
+"""tools/eval_report.py renders the table and the plots from a fixture results file."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "tests" / "data" / "eval_results_two_runs.jsonl"
+sys.path.insert(0, str(REPO / "tools"))
+
+import eval_report  # noqa: E402
+
+
+def test_report_renders_table_and_plots(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "eval_report.py"), str(FIXTURE), "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1 unreadable record(s)" in proc.stderr  # the fixture's last line is not JSON
+    text = (tmp_path / "report.md").read_text()
+    final = text.split("## Every evaluation")[0]
+    # code50's last arc_easy figure was recorded twice (a rescore): the later record, 0.5, is the one shown.
+    assert "| code25 | 4 | 4,000 | text+code | 1.6000 ± 0.0100 | 2.6000 ± 0.0100 | 0.2900 ± 0.0100 |" in final
+    assert "| code50 | 4 | 4,000 | text+code | 1.4000 ± 0.0100 | 2.4000 ± 0.0100 | 0.5000 ± 0.0100 |" in final
+    every = text.split("## Every evaluation")[1].split("## Plots")[0]
+    assert every.count("| code25 |") == every.count("| code50 |") == 4
+    plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert plots == ["arc_easy__acc.png", "valid_code__bpb.png", "valid_text__bpb.png"]
+    for name in plots:
+        data = (tmp_path / "plots" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        assert f"](plots/{name})" in text
+
+
+def test_phase_boundaries_use_the_recorded_phase_start():
+    records = eval_report.read_records([str(FIXTURE)])
+    # code25's records say its second phase began at 1,500 tokens; code50's do not, so its first evaluation
+    # in the phase (3,000 tokens) marks it.
+    assert eval_report.phase_boundaries(records) == {"code25": [(1500, "text+code")], "code50": [(3000, "text+code")]}
+
+
+def test_bad_input_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "eval_report.py"), str(tmp_path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and proc.stderr == f"eval_report.py: error: {tmp_path}: no eval_results.jsonl in it\n"
