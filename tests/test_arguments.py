@@ -113,7 +113,7 @@ def test_cli_fails_fast_with_one_line():
 def test_megatron_workarounds_are_explicit_and_version_checked(monkeypatch):
     """Importing the project patches nothing; apply() patches once, and refuses another Megatron-Core."""
     probe = (
-        "import megatron_ext.training.checkpointing, megatron_ext.training.loop\n"
+        "import megatron_ext.checkpointing, megatron_ext.training.loop\n"
         "from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as D\n"
         "print(D._set_main_param_and_optimizer_states.__module__)\n"
         "from megatron_ext import megatron_workarounds; megatron_workarounds.apply()\n"

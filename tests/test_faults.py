@@ -125,7 +125,7 @@ def test_a_rank_killed_during_a_save_leaves_the_previous_resume_point(straight, 
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "4"
     # Begun, never finished: removed by a rank that saw the save fail, or left incomplete if none lived to.
     partial = ckpt / "iter_0000008"
-    from megatron_ext.training.checkpointing import incomplete_reason
+    from megatron_ext.checkpointing import incomplete_reason
 
     assert not partial.exists() or incomplete_reason(str(partial)) is not None
     train(2, RUN + ["--load", str(ckpt), "--metrics-jsonl", str(tmp_path / "m.jsonl")])
@@ -220,7 +220,7 @@ def _guard_ranks():
             grads[7] = float("nan") if (rank, step) == (1, 2) else 0.0
             loss = 3.0 if rank == 1 else None  # only the last pipeline stage knows it
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                reason = guard.check([chunk], loss, step, stop_signalled=(rank, step) == (0, 3))
+                reason = guard.check([chunk], loss, stop_signalled=(rank, step) == (0, 3))
             largest = max((e.cpu_memory_usage for e in prof.events()), default=0)
             assert largest < 4096, (step, largest)
             verdicts.append((reason, guard.stop_agreed))

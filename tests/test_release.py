@@ -102,10 +102,10 @@ def _compare_tp2_megatron_with_hf(ckpt_dir, hf_dir, result_queue):
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
     from transformers import AutoModelForCausalLM
 
+    from megatron_ext.checkpointing import load_model_weights
     from megatron_ext.model.crystal_gpt import ParallelLayout, build_model, transformer_config
     from megatron_ext.release.dist_checkpoint_reader import DistCheckpointReader
     from megatron_ext.release.parity import megatron_greedy
-    from megatron_ext.training.checkpointing import load_model_weights
 
     reader = DistCheckpointReader(ckpt_dir)
     c = reader.crystal

@@ -59,12 +59,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    from megatron_ext.checkpointing import CheckpointError
     from megatron_ext.release import hf_export, parity
     from megatron_ext.release.dist_checkpoint_reader import DistCheckpointReader
     from megatron_ext.release.hf_tokenizer import save_hf_tokenizer
     from megatron_ext.release.staging import OutputExistsError, check_output, staged_directory
     from megatron_ext.tokenizer import TokenizerError
-    from megatron_ext.training.checkpointing import CheckpointError
 
     dtype = getattr(torch, DTYPES[args.dtype])
     try:

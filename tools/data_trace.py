@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from megatron_ext.data.phase_schedule import PhaseSchedule
-    from megatron_ext.data.phased_dataset import PhasedDataset, next_step_batch_size
+    from megatron_ext.data.phased_dataset import PhasedDataset
     from megatron_ext.data.phases_config import PhasesConfigError, load_phases
 
     try:
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         return _fail(str(e))
     schedule, done = PhaseSchedule(config), 0
     if args.load:
-        from megatron_ext.training.checkpointing import CheckpointError, checkpoint_path, read_common_state, saved_part
+        from megatron_ext.checkpointing import CheckpointError, checkpoint_path, read_common_state, saved_part
 
         try:
             path = checkpoint_path(args.load, args.ckpt_step)
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     if last > total:
         return _fail(f"--steps {args.steps}: the phases have {total} steps")
     for step in range(done + 1, last + 1):
-        refs = schedule.take(next_step_batch_size(schedule))
+        refs = schedule.take(schedule.next_step_batch_size())
         if step < first:
             continue
         samples = []

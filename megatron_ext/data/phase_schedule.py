@@ -85,6 +85,15 @@ class PhaseSchedule:
         return self.state.phase_sample == self.phase.samples
 
     # --- checkpoints -------------------------------------------------------------------------------
+    def next_step_phase(self) -> int:
+        """The phase of the step that starts at this state: the next one when the current phase is done
+        (the last phase once all are)."""
+        index = self.state.phase + (1 if self.at_phase_end() else 0)
+        return min(index, len(self.config.phases) - 1)
+
+    def next_step_batch_size(self) -> int:
+        return self.config.phases[self.next_step_phase()].global_batch_size
+
     def state_dict(self) -> dict:
         s = self.state
         return {"phase": s.phase, "phase_sample": s.phase_sample, "segment_start": s.segment_start,

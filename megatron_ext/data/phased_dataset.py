@@ -79,12 +79,7 @@ class PhaseBatchSampler(torch.utils.data.Sampler):
         schedule = self.schedule
         stride = self.mbs * self.dp_size
         for _ in range(self.steps):
-            refs = schedule.take(next_step_batch_size(schedule))
+            refs = schedule.take(schedule.next_step_batch_size())
             for first in range(self.dp_rank * self.mbs, len(refs), stride):
                 yield refs[first: first + self.mbs]
 
-
-def next_step_batch_size(schedule: PhaseSchedule) -> int:
-    """The global batch size of the step that starts at the schedule's state."""
-    index = schedule.state.phase + (1 if schedule.at_phase_end() else 0)
-    return schedule.config.phases[index].global_batch_size

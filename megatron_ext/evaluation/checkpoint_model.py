@@ -45,11 +45,11 @@ def load(path: str, step: int | None = None, tokenizer_model: str | None = None,
                     break
         seq_length, iteration, where = model.config.n_positions, None, path
     else:
+        from megatron_ext.checkpointing import CheckpointError
         from megatron_ext.release import hf_format
         from megatron_ext.release.dist_checkpoint_reader import DistCheckpointReader
         from megatron_ext.release.hf_modeling.configuration_crystalcoder import CrystalCoderConfig
         from megatron_ext.release.hf_modeling.modeling_crystalcoder import CrystalCoderLMHeadModel
-        from megatron_ext.training.checkpointing import CheckpointError
 
         try:
             reader = DistCheckpointReader(path, step)

@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorSt
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megatron_ext.checkpointing import CheckpointError, checkpoint_path, incomplete_reason, read_common_state
 from megatron_ext.model.crystal_config import CrystalConfig
 from megatron_ext.release.hf_format import reference_names
 from megatron_ext.release.weight_mapping import (
@@ -25,7 +26,6 @@ from megatron_ext.release.weight_mapping import (
     megatron_global_shapes,
     qkv_from_megatron,
 )
-from megatron_ext.training.checkpointing import CheckpointError, checkpoint_path, incomplete_reason, read_common_state
 
 
 class _BoxPlanner:

@@ -3,11 +3,11 @@ continues from (iteration 0, fresh optimizer and schedule) at any TP / PP."""
 
 from __future__ import annotations
 
+from megatron_ext.checkpointing import save_checkpoint
 from megatron_ext.model.crystal_gpt import padded_vocab_size
 from megatron_ext.release import megatron_runtime
 from megatron_ext.release.hf_weights import HFWeights
 from megatron_ext.release.weight_mapping import load_reference_weights
-from megatron_ext.training.checkpointing import save_checkpoint
 
 
 def import_checkpoint(weights: HFWeights, save_dir: str, vocab_divisible_by: int, tokenizer: dict | None) -> str:

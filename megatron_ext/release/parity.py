@@ -70,7 +70,7 @@ def verify(
     weights rounded to bf16, so that both sides hold the same numbers and the fp32 tolerance applies."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_ext.training.checkpointing import load_model_weights
+    from megatron_ext.checkpointing import load_model_weights
 
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32).eval()
     with megatron_runtime.single_process() as device:

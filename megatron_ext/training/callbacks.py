@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_ext.training import checkpointing, distributed
+from megatron_ext import checkpointing
+from megatron_ext.training import distributed
 from megatron_ext.training.metrics import TrainingLogger
 from megatron_ext.training.run_config import CheckpointSection, RunConfig
 

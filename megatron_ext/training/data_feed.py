@@ -101,8 +101,7 @@ class PhaseFeed:
 
     def step_phase(self) -> int:
         """The phase of the step about to run (the last phase once all are done)."""
-        index = self.schedule.state.phase + (1 if self.schedule.at_phase_end() else 0)
-        return min(index, len(self.config.phases) - 1)
+        return self.schedule.next_step_phase()
 
     @property
     def phase_name(self) -> str:
@@ -118,7 +117,7 @@ class PhaseFeed:
         return self.config.phases[self.step_phase()]
 
     def step_batch_size(self) -> int:
-        return self.config.phases[self.step_phase()].global_batch_size
+        return self.schedule.next_step_batch_size()
 
     def train_iterators(self, chunks: int, steps: int) -> list:
         return [data.phased_micro_batches(self.train, self.schedule, steps, self.run) for _ in range(chunks)]

@@ -57,7 +57,7 @@ class UpdateGuard:
         self.consecutive, self.total = 0, 0
         self.stop_agreed = False
 
-    def check(self, model_chunks: list, loss: float | None, iteration: int, stop_signalled: bool = False) -> str | None:
+    def check(self, model_chunks: list, loss: float | None, stop_signalled: bool = False) -> str | None:
         """Why this step's update must be skipped, or None to apply it (a collective: call on every rank).
         loss: the step's global loss on the last pipeline stage, None elsewhere. Sets stop_agreed: whether
         any rank was signalled to stop."""

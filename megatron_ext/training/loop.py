@@ -13,12 +13,12 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_ext import accelerators, cpu_compat, megatron_workarounds
+from megatron_ext import accelerators, checkpointing, cpu_compat, megatron_workarounds
 from megatron_ext.data.phases_config import PhasesConfigError
 from megatron_ext.evaluation import eval_set
 from megatron_ext.kernels.fp8_linear import end_fp8_step
 from megatron_ext.model.crystal_gpt import build_model, transformer_config
-from megatron_ext.training import checkpointing, data, data_feed, distributed, phase_lr
+from megatron_ext.training import data, data_feed, distributed, phase_lr
 from megatron_ext.training.callbacks import StepResult, build_callbacks
 from megatron_ext.training.faults import StopRequest, UpdateGuard
 from megatron_ext.training.optimizer import build_optimizer
@@ -172,7 +172,7 @@ class Trainer:
             self.data_hashes.clear()  # what evaluation read is not part of the step
         losses = self._run(iterators, forward_only=False, global_batch_size=self.feed.step_batch_size())
         loss, by_source = _reduce_loss(losses)
-        skipped = self.guard.check(self.model, loss, self.iteration + 1, self.stop.signalled is not None)
+        skipped = self.guard.check(self.model, loss, self.stop.signalled is not None)
         grad_norm, update_successful = None, False
         if not skipped:
             update_successful, grad_norm, _ = self.optimizer.step()

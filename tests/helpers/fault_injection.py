@@ -24,22 +24,28 @@ def install(environ) -> None:
     from megatron.core import dist_checkpointing
 
     from megatron_ext.training.faults import UpdateGuard
+    from megatron_ext.training.loop import Trainer
 
     poison_at, spike_at = (
         _iterations(environ, "CRYSTAL_TEST_NAN_ITERS"),
         _iterations(environ, "CRYSTAL_TEST_SPIKE_ITERS"),
     )
     if poison_at or spike_at:
-        check = UpdateGuard.check
+        check, train_step = UpdateGuard.check, Trainer.train_step
+        step = {"iteration": 0}  # the iteration being trained, which the guard itself does not know
 
-        def injected_check(self, model_chunks, loss, iteration, stop_signalled=False):
-            if iteration in poison_at:
+        def counting_train_step(self, iterators):
+            step["iteration"] = self.iteration + 1
+            return train_step(self, iterators)
+
+        def injected_check(self, model_chunks, loss, stop_signalled=False):
+            if step["iteration"] in poison_at:
                 model_chunks[0].buffers[0].grad_data.view(-1)[0] = float("nan")
-            if iteration in spike_at and loss is not None:
+            if step["iteration"] in spike_at and loss is not None:
                 loss = loss * 10
-            return check(self, model_chunks, loss, iteration, stop_signalled)
+            return check(self, model_chunks, loss, stop_signalled)
 
-        UpdateGuard.check = injected_check
+        Trainer.train_step, UpdateGuard.check = counting_train_step, injected_check
 
     kill_in_save = environ.get("CRYSTAL_TEST_KILL_IN_SAVE")
     if kill_in_save:
