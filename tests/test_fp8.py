@@ -16,7 +16,7 @@ from helpers.process_group import run_in_process_group
 from megatron_ext.kernels import fp8_scaling
 from megatron_ext.kernels.fp8_linear import FP8LinearState, _FP8Linear, dequantized_mm, scaled_mm
 from megatron_ext.kernels.fp8_scaling import E4M3, E5M2, FP8Recipe, ScalingState
-from megatron_ext.kernels.selection import KernelPathError, Probes, select
+from megatron_ext.kernels.selection import CoreAttention, KernelPathError, Probes, select
 
 
 def _state(recipe="delayed", history=4, margin=0, dtype=E4M3):
@@ -198,7 +198,7 @@ def test_auto_selection(te, machine):
     assert path.fused_rope == path.fused_swiglu == path.fused_cross_entropy == (machine != "CPU")
     assert path.fp8 is None
     if machine == "CPU":
-        assert path.attention == "torch scaled_dot_product_attention"
+        assert path.attention is CoreAttention.TORCH_SDPA
     line = path.describe()
     assert ("Transformer Engine 2.8.0" in line) == (path.transformer_impl == "transformer_engine")
     if machine == "H100":
@@ -222,7 +222,7 @@ def test_selection_errors():
     assert select(fp8_format="hybrid", fp8_recipe="mxfp8", probes=Probes(te_version="2.8.0", **H100)).uses_te
     with pytest.raises(KernelPathError, match="fused is Transformer Engine's"):
         select(attention_backend="fused", probes=Probes(**H100))
-    assert "unfused" in select(attention_backend="unfused", probes=Probes(**H100)).attention
+    assert select(attention_backend="unfused", probes=Probes(**H100)).attention is CoreAttention.MEGATRON_UNFUSED
 
 
 def test_fp8_on_cpu_without_emulation_fails_before_any_work():

@@ -159,7 +159,7 @@ def _fused_against_plain(seed: int):
     vs this project's (fused rope, bias-SwiGLU and cross-entropy through Triton's interpreter, SDPA
     attention), at TP 2 with sequence parallelism: the per-token losses and every parameter gradient
     agree."""
-    from megatron_ext.kernels.selection import KernelPath
+    from megatron_ext.kernels.selection import CoreAttention, KernelPath
     from megatron_ext.model.crystal_config import get_preset
     from megatron_ext.model.crystal_gpt import ParallelLayout, build_model, transformer_config
     from megatron_ext.model.layer_specs import PLAIN_LOCAL
@@ -167,7 +167,7 @@ def _fused_against_plain(seed: int):
     c = get_preset("crystal-test").replace(num_layers=2)
     fused_path = KernelPath(
         transformer_impl="local",
-        attention="torch scaled_dot_product_attention",
+        attention=CoreAttention.TORCH_SDPA,
         fused_rope=True,
         fused_swiglu=True,
         fused_cross_entropy=True,

@@ -15,6 +15,7 @@ The probes (TE version, GPU, Triton) are a value, so that tests can put any mach
 
 from __future__ import annotations
 
+import enum
 import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
@@ -26,6 +27,14 @@ from megatron_ext.kernels.fp8_scaling import FORMATS, RECIPES, FP8Recipe
 TE_ONLY_RECIPES = ("mxfp8", "blockwise")
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
 FP8_MIN_CAPABILITY = (8, 9)
+
+
+class CoreAttention(enum.Enum):
+    """What computes core attention; layer_specs.py maps each to its module. The value is for people."""
+
+    TRANSFORMER_ENGINE = "TE DotProductAttention"
+    TORCH_SDPA = "torch scaled_dot_product_attention"
+    MEGATRON_UNFUSED = "Megatron-Core DotProductAttention (unfused)"
 
 
 class KernelPathError(ValueError):
@@ -60,7 +69,7 @@ def probe() -> Probes:
 @dataclass(frozen=True)
 class KernelPath:
     transformer_impl: str  # "transformer_engine" or "local"
-    attention: str  # what computes core attention
+    attention: CoreAttention
     attention_backend: str = "auto"  # the flag, for Transformer Engine
     fp8: FP8Recipe | None = None
     on_gpu: bool = True
@@ -72,6 +81,13 @@ class KernelPath:
     @property
     def uses_te(self) -> bool:
         return self.transformer_impl == "transformer_engine"
+
+    def attention_text(self) -> str:
+        if self.attention is CoreAttention.TRANSFORMER_ENGINE:
+            return f"{self.attention.value} (backend {self.attention_backend})"
+        if self.attention is CoreAttention.TORCH_SDPA and self.on_gpu:
+            return f"{self.attention.value} (flash / memory-efficient kernels)"
+        return self.attention.value
 
     def describe(self) -> str:
         impl = f"Transformer Engine {self.te_version}" if self.uses_te else "Megatron-Core local spec (native)"
@@ -90,7 +106,8 @@ class KernelPath:
         on_off = lambda flag: "on" if flag else "off"  # noqa: E731
         layernorm = "fused into the next linear (TE)" if self.uses_te else "torch"
         return (
-            f"{impl} | attention: {self.attention} | fp8: {fp8} | fused rope (Triton): {on_off(self.fused_rope)} | "
+            f"{impl} | attention: {self.attention_text()} | fp8: {fp8} | fused rope (Triton): "
+            f"{on_off(self.fused_rope)} | "
             f"fused bias+SwiGLU (Triton): {on_off(self.fused_swiglu)} | fused cross-entropy (Triton): "
             f"{on_off(self.fused_cross_entropy)} | LayerNorm: {layernorm}"
         )
@@ -146,16 +163,16 @@ def select(
     if attention_backend not in ATTENTION_BACKENDS:
         raise KernelPathError(f"--attention-backend {attention_backend}: choose one of {', '.join(ATTENTION_BACKENDS)}")
     if use_te:
-        attention = f"TE DotProductAttention (backend {attention_backend})"
+        attention = CoreAttention.TRANSFORMER_ENGINE
     elif attention_backend in ("auto", "flash"):
-        attention = "torch scaled_dot_product_attention" + (" (flash / memory-efficient kernels)" if gpu else "")
+        attention = CoreAttention.TORCH_SDPA
     elif attention_backend == "fused":
         raise KernelPathError(
             "--attention-backend fused is Transformer Engine's cuDNN attention; not available "
             "on the local spec (use auto, flash, unfused or local)"
         )
     else:
-        attention = "Megatron-Core DotProductAttention (unfused)"
+        attention = CoreAttention.MEGATRON_UNFUSED
     triton_kernels = gpu and p.triton
     return KernelPath(
         transformer_impl="transformer_engine" if use_te else "local",

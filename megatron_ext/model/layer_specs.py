@@ -27,14 +27,12 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron_ext.kernels.fp8_linear import fp8_linear_classes
 from megatron_ext.kernels.rope import FusedRopeSelfAttention
 from megatron_ext.kernels.sdpa_attention import TorchSDPAttention
-from megatron_ext.kernels.selection import KernelPath
+from megatron_ext.kernels.selection import CoreAttention, KernelPath
 from megatron_ext.kernels.swiglu import FusedSwiGLUMLP
 from megatron_ext.model.layer_norm import CrystalLayerNorm
 
 # Megatron-Core's own modules, unfused: the reference path (release parity, model tests).
-PLAIN_LOCAL = KernelPath(
-    transformer_impl="local", attention="Megatron-Core DotProductAttention (unfused)", on_gpu=False
-)
+PLAIN_LOCAL = KernelPath(transformer_impl="local", attention=CoreAttention.MEGATRON_UNFUSED, on_gpu=False)
 
 
 def _te_modules():
@@ -62,7 +60,10 @@ def crystal_layer_spec(path: KernelPath = PLAIN_LOCAL) -> ModuleSpec:
         }
     else:
         column, row = fp8_linear_classes(path.fp8) if path.fp8 else (ColumnParallelLinear, RowParallelLinear)
-        core_attention = TorchSDPAttention if path.attention.startswith("torch") else DotProductAttention
+        core_attention = {
+            CoreAttention.TORCH_SDPA: TorchSDPAttention,
+            CoreAttention.MEGATRON_UNFUSED: DotProductAttention,
+        }[path.attention]
         norm = CrystalLayerNorm
     return ModuleSpec(
         module=TransformerLayer,
