@@ -349,8 +349,10 @@ def validate(args: argparse.Namespace, world_size: int) -> RunConfig:
     )
 
     eval_tasks = _eval_tasks(args, tokenizer)
-    if args.data_path:
-        validate_blend(args.data_path)
+    blend = parse_blend(args.data_path) if args.data_path else None
+    for prefix in blend[0] if blend else ():
+        for ext in (".bin", ".idx"):
+            _require(os.path.isfile(prefix + ext), f"--data-path: {prefix + ext} does not exist")
     if args.load is not None:
         _require(os.path.isdir(args.load), f"--load {args.load}: no such directory")
     if args.ckpt_step is not None:
@@ -406,6 +408,7 @@ def validate(args: argparse.Namespace, world_size: int) -> RunConfig:
             DataSection,
             args,
             data_path=tuple(args.data_path) if args.data_path else None,
+            blend=blend,
             phases_config=phases,
             tokenizer=tokenizer,
         ),
@@ -484,10 +487,3 @@ def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ArgumentError("--data-path weights must be non-negative and not all zero")
     return list(prefixes), weights
-
-
-def validate_blend(data_path: list[str]) -> None:
-    prefixes, _ = parse_blend(data_path)
-    for prefix in prefixes:
-        for ext in (".bin", ".idx"):
-            _require(os.path.isfile(prefix + ext), f"--data-path: {prefix + ext} does not exist")

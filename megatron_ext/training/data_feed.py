@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Protocol, runtime_checkable
 
-from megatron_ext.training import data
+from megatron_ext.training import datasets
 from megatron_ext.training.run_config import RunConfig
 
 
@@ -46,7 +46,7 @@ class BlendFeed:
 
     def __init__(self, run: RunConfig):
         self.run = run
-        self.train, self.valid = data.build_datasets(run)
+        self.train, self.valid = datasets.build_datasets(run)
         self.consumed_samples = 0
         self._validation = None  # built at the first evaluation
 
@@ -57,7 +57,7 @@ class BlendFeed:
         return None
 
     def train_iterators(self, chunks: int, steps: int) -> list:
-        return [data.micro_batches(self.train, self.consumed_samples, self.run) for _ in range(chunks)]
+        return [datasets.micro_batches(self.train, self.consumed_samples, self.run) for _ in range(chunks)]
 
     def validation_set(self):
         """The first --eval-iters batches of Megatron's validation split, the same at every evaluation
@@ -92,7 +92,7 @@ class PhaseFeed:
         from megatron_ext.data.phase_schedule import PhaseSchedule
 
         self.run, self.config = run, run.data.phases_config
-        self.train, self.valid = data.build_phased_datasets(run)
+        self.train, self.valid = datasets.build_phased_datasets(run)
         self.schedule = PhaseSchedule(self.config)
         self.source_names = self.config.source_names
         self.consumed_samples = 0
@@ -120,7 +120,7 @@ class PhaseFeed:
         return self.schedule.next_step_batch_size()
 
     def train_iterators(self, chunks: int, steps: int) -> list:
-        return [data.phased_micro_batches(self.train, self.schedule, steps, self.run) for _ in range(chunks)]
+        return [datasets.phased_micro_batches(self.train, self.schedule, steps, self.run) for _ in range(chunks)]
 
     def validation_set(self):
         """Every source on the same held-out samples at every evaluation, in batches of the run's first

@@ -18,7 +18,7 @@ from megatron_ext.data.phases_config import PhasesConfigError
 from megatron_ext.evaluation import eval_set
 from megatron_ext.kernels.fp8_linear import end_fp8_step
 from megatron_ext.model.crystal_gpt import build_model, transformer_config
-from megatron_ext.training import data, data_feed, distributed, phase_lr
+from megatron_ext.training import data_feed, datasets, distributed, phase_lr
 from megatron_ext.training.callbacks import StepResult, build_callbacks
 from megatron_ext.training.faults import StopRequest, UpdateGuard
 from megatron_ext.training.optimizer import build_optimizer
@@ -187,7 +187,7 @@ class Trainer:
         last pipeline stage, None elsewhere."""
         for m in self.model:
             m.eval()
-        its = [data.micro_batches(evaluation, 0, self.run) for _ in self.model]
+        its = [datasets.micro_batches(evaluation, 0, self.run) for _ in self.model]
         forward_step = make_forward_step(self.device, num_slots=evaluation.num_slots)
         losses = []
         for _ in range(evaluation.steps):

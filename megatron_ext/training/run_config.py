@@ -87,6 +87,7 @@ class OptimizerSection:
 @dataclass(frozen=True)
 class DataSection:
     data_path: tuple[str, ...] | None
+    blend: tuple[list[str], list[float] | None] | None  # --data-path parsed: prefixes, weights (None: equal)
     mock_data: bool
     phases: str | None  # the phases file's path
     phases_config: PhasesConfig | None

@@ -17,7 +17,6 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_ext.tokenizer import EOD_ID
-from megatron_ext.training.arguments import parse_blend
 from megatron_ext.training.run_config import RunConfig
 
 
@@ -44,7 +43,7 @@ def build_datasets(run: RunConfig):
     config = GPTDatasetConfig(
         random_seed=opt.seed,
         sequence_length=run.crystal.seq_length,
-        blend=parse_blend(list(data.data_path)) if data.data_path else None,
+        blend=data.blend,
         split=data.split,
         path_to_cache=data.data_cache_path,
         tokenizer=data.tokenizer or DatasetTokenizerInfo(vocab_size=run.crystal.vocab_size),
