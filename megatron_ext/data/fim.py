@@ -63,14 +63,21 @@ def permute_document(text: str, rng: np.random.Generator, spm_rate: float, token
     return [ids.prefix, *prefix, ids.suffix, *suffix, ids.middle, *middle]
 
 
-def apply_fim(tokens: np.ndarray, segments: list[Segment], rate: float, spm_rate: float, key: tuple[int, ...],
-              tokenizer, ids: FimTokenIds) -> tuple[np.ndarray, np.ndarray]:
+def apply_fim(
+    tokens: np.ndarray,
+    segments: list[Segment],
+    rate: float,
+    spm_rate: float,
+    key: tuple[int, ...],
+    tokenizer,
+    ids: FimTokenIds,
+) -> tuple[np.ndarray, np.ndarray]:
     """(tokens of the same length, loss mask for the labels tokens[1:]). key: (seed, source, epoch)."""
     if rate <= 0:
         return tokens, np.ones(len(tokens) - 1, dtype=np.float32)
     out: list[int] = []
     for seg in segments:
-        run = tokens[seg.start: seg.start + seg.length].tolist()
+        run = tokens[seg.start : seg.start + seg.length].tolist()
         end = [run.pop()] if seg.ends_document else []
         rng = np.random.default_rng([*key, _FIM_STREAM, seg.doc_id, seg.doc_offset])
         if run and rng.random() < rate:
@@ -82,5 +89,5 @@ def apply_fim(tokens: np.ndarray, segments: list[Segment], rate: float, spm_rate
     row = np.full(n, ids.pad, dtype=np.int64)
     row[: min(n, len(out))] = out[:n]
     loss_mask = np.ones(n - 1, dtype=np.float32)
-    loss_mask[max(len(out) - 1, 0):] = 0.0  # labels that are padding
+    loss_mask[max(len(out) - 1, 0) :] = 0.0  # labels that are padding
     return row, loss_mask

@@ -46,8 +46,12 @@ class PhaseSchedule:
         self.state = state or self._fresh()
 
     def _fresh(self) -> ScheduleState:
-        return ScheduleState(counts=[0] * len(self.names), positions={n: 0 for n in self.names},
-                             realised=[{} for _ in self.config.phases], fingerprint=self.config.fingerprint())
+        return ScheduleState(
+            counts=[0] * len(self.names),
+            positions={n: 0 for n in self.names},
+            realised=[{} for _ in self.config.phases],
+            fingerprint=self.config.fingerprint(),
+        )
 
     @property
     def phase(self):
@@ -96,21 +100,36 @@ class PhaseSchedule:
 
     def state_dict(self) -> dict:
         s = self.state
-        return {"phase": s.phase, "phase_sample": s.phase_sample, "segment_start": s.segment_start,
-                "counts": list(s.counts), "positions": dict(s.positions), "realised": [dict(r) for r in s.realised],
-                "fingerprint": s.fingerprint, "sources": list(self.names)}
+        return {
+            "phase": s.phase,
+            "phase_sample": s.phase_sample,
+            "segment_start": s.segment_start,
+            "counts": list(s.counts),
+            "positions": dict(s.positions),
+            "realised": [dict(r) for r in s.realised],
+            "fingerprint": s.fingerprint,
+            "sources": list(self.names),
+        }
 
     @classmethod
-    def from_state_dict(cls, config: PhasesConfig, saved: dict, global_sample: int) -> tuple["PhaseSchedule", str | None]:
+    def from_state_dict(
+        cls, config: PhasesConfig, saved: dict, global_sample: int
+    ) -> tuple["PhaseSchedule", str | None]:
         """The schedule at a checkpoint. With the same phases file the stream continues exactly. With an
         edited one, the phase is found anew from the global sample count, the blending rule restarts
         there with the new weights, and every source keeps its saved position (nothing is repeated or
         skipped). Returns (schedule, a note of what changed or None)."""
         schedule = cls(config)
         if saved["fingerprint"] == config.fingerprint() and saved["sources"] == schedule.names:
-            schedule.state = ScheduleState(saved["phase"], saved["phase_sample"], saved["segment_start"],
-                                           list(saved["counts"]), dict(saved["positions"]),
-                                           [dict(r) for r in saved["realised"]], saved["fingerprint"])
+            schedule.state = ScheduleState(
+                saved["phase"],
+                saved["phase_sample"],
+                saved["segment_start"],
+                list(saved["counts"]),
+                dict(saved["positions"]),
+                [dict(r) for r in saved["realised"]],
+                saved["fingerprint"],
+            )
             return schedule, None
         s = schedule.state
         remaining = global_sample
@@ -123,10 +142,13 @@ class PhaseSchedule:
                 f"{config.path}: phases[{s.phase}] ({phase.name!r}).global_batch_size {phase.global_batch_size}: the "
                 f"checkpoint stands at sample {remaining} of this phase, not a whole number of its batches; keep "
                 "the batch size of the phase in progress (edit later phases), or resume from a checkpoint at a "
-                "step boundary of the new size")
+                "step boundary of the new size"
+            )
         s.phase_sample = s.segment_start = remaining
         s.positions.update({n: p for n, p in saved["positions"].items() if n in s.positions})
-        note = (f"the phases file changed since this checkpoint: continuing in phase "
-                f"{config.phases[s.phase].name if s.phase < len(config.phases) else '(none left)'} at its sample "
-                f"{remaining} with the new weights; sources keep their positions {dict(s.positions)}")
+        note = (
+            f"the phases file changed since this checkpoint: continuing in phase "
+            f"{config.phases[s.phase].name if s.phase < len(config.phases) else '(none left)'} at its sample "
+            f"{remaining} with the new weights; sources keep their positions {dict(s.positions)}"
+        )
         return schedule, note

@@ -20,14 +20,21 @@ from megatron_ext.data.source_stream import SourceStream
 
 
 class PhasedDataset(torch.utils.data.Dataset):
-    def __init__(self, config: PhasesConfig, seq_length: int, tokenizer=None, split: str = "train"):
+    def __init__(
+        self, config: PhasesConfig, seq_length: int, tokenizer=None, split: str = "train", cache_dir: str | None = None
+    ):
+        """cache_dir: the sources' indices on disk (data/index_cache.py); None: in this process's memory."""
         self.config = config
-        self.streams = [SourceStream(spec, seq_length, config.seed, config.validation_fraction, split)
-                        for spec in config.sources.values()]
+        self.streams = [
+            SourceStream(spec, seq_length, config.seed, config.validation_fraction, split, cache_dir)
+            for spec in config.sources.values()
+        ]
         for stream in self.streams:
             if stream.samples_per_epoch == 0:
-                raise ValueError(f"{config.path}: source {stream.spec.name!r} has {stream.tokens_per_epoch} {split} "
-                                 f"tokens, fewer than one sample of {seq_length + 1}")
+                raise ValueError(
+                    f"{config.path}: source {stream.spec.name!r} has {stream.tokens_per_epoch} {split} "
+                    f"tokens, fewer than one sample of {seq_length + 1}"
+                )
         self.tokenizer = tokenizer
         self.fim_ids = FimTokenIds.of(tokenizer) if tokenizer is not None else None
         self.position_ids = torch.arange(seq_length, dtype=torch.long)
@@ -37,13 +44,25 @@ class PhasedDataset(torch.utils.data.Dataset):
         row, segments, epoch = stream.sample(ref.index)
         fim = self.config.phases[ref.phase].fim.get(stream.spec.name)
         if fim is not None:
-            row, loss_mask = apply_fim(row, segments, fim.rate, fim.spm_rate, (self.config.seed, stream.key, epoch),
-                                       self.tokenizer, self.fim_ids)
+            row, loss_mask = apply_fim(
+                row,
+                segments,
+                fim.rate,
+                fim.spm_rate,
+                (self.config.seed, stream.key, epoch),
+                self.tokenizer,
+                self.fim_ids,
+            )
         else:
             loss_mask = np.ones(len(row) - 1, dtype=np.float32)
         row = torch.from_numpy(row)
-        return {"tokens": row[:-1], "labels": row[1:], "loss_mask": torch.from_numpy(loss_mask),
-                "position_ids": self.position_ids, "source_id": torch.tensor(ref.source)}
+        return {
+            "tokens": row[:-1],
+            "labels": row[1:],
+            "loss_mask": torch.from_numpy(loss_mask),
+            "position_ids": self.position_ids,
+            "source_id": torch.tensor(ref.source),
+        }
 
     def epochs_read(self, iters: int | None = None) -> dict[str, float]:
         """Per source, the epochs that the first `iters` iterations (default: all phases) read of it."""
@@ -65,7 +84,8 @@ class PhasedDataset(torch.utils.data.Dataset):
                 raise PhasesConfigError(
                     f"{self.config.path}: sources.{spec.name}.max_epochs {spec.max_epochs}: the run's {train_iters} "
                     f"iterations read {run[spec.name]:.2f} epochs of it ({stream.samples_per_epoch} samples each; "
-                    f"all the phases: {whole[spec.name]:.2f})")
+                    f"all the phases: {whole[spec.name]:.2f})"
+                )
 
 
 class PhaseBatchSampler(torch.utils.data.Sampler):
@@ -81,5 +101,4 @@ class PhaseBatchSampler(torch.utils.data.Sampler):
         for _ in range(self.steps):
             refs = schedule.take(schedule.next_step_batch_size())
             for first in range(self.dp_rank * self.mbs, len(refs), stride):
-                yield refs[first: first + self.mbs]
-
+                yield refs[first : first + self.mbs]

@@ -103,11 +103,17 @@ class PhasesConfig:
         each of its files, in order), subset and epochs, the seed, the held-out fraction, and each phase's
         length, batch size, blend and FIM. Not where the files sit (a corpus moved from /scratch to /lustre
         is the same corpus), nor the lr schedule (which does not change the data)."""
-        sources = {n: {"files": [file_shape(p) for p in s.prefixes], "subset": s.subset,
-                       "max_epochs": s.max_epochs} for n, s in self.sources.items()}
+        sources = {
+            n: {"files": [file_shape(p) for p in s.prefixes], "subset": s.subset, "max_epochs": s.max_epochs}
+            for n, s in self.sources.items()
+        }
         phases = [{k: v for k, v in asdict(p).items() if k != "lr"} for p in self.phases]
-        described = {"seed": self.seed, "validation_fraction": self.validation_fraction, "sources": sources,
-                     "phases": phases}
+        described = {
+            "seed": self.seed,
+            "validation_fraction": self.validation_fraction,
+            "sources": sources,
+            "phases": phases,
+        }
         return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -117,17 +123,26 @@ def overlapping_sources(config: PhasesConfig) -> list[str]:
     files = {name: {os.path.realpath(p) for p in spec.prefixes} for name, spec in config.sources.items()}
     names, lines = list(files), []
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             shared = sorted(files[a] & files[b])
             if shared:
-                lines.append(f"{config.path}: sources {a} and {b} share {len(shared)} file(s) ({', '.join(shared)}): "
-                             "each keeps its own read position, so their documents can be read twice; "
-                             "data_state.json counts the documents read per file")
+                lines.append(
+                    f"{config.path}: sources {a} and {b} share {len(shared)} file(s) ({', '.join(shared)}): "
+                    "each keeps its own read position, so their documents can be read twice; "
+                    "data_state.json counts the documents read per file"
+                )
     return lines
 
 
-def _number(value, where: str, *, integer: bool = False, low: float | None = None, high: float | None = None,
-            low_open: bool = False):
+def _number(
+    value,
+    where: str,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+):
     kind = int if integer else (int, float)
     if isinstance(value, str) and not integer:
         # PyYAML reads 1e9 and 1.0e9 (no exponent sign) as strings, a classic surprise: accept them.
@@ -178,7 +193,9 @@ def _source(name: str, raw, where: str) -> SourceSpec:
     return SourceSpec(name, tuple(resolved), float(subset), max_epochs)
 
 
-def _phase(i: int, raw, where: str, sources: dict, seq_length: int, default_gbs: int, has_fim_tokens: bool) -> PhaseSpec:
+def _phase(
+    i: int, raw, where: str, sources: dict, seq_length: int, default_gbs: int, has_fim_tokens: bool
+) -> PhaseSpec:
     raw = _mapping(raw, where)
     _only_keys(raw, {"name", "iters", "tokens", "global_batch_size", "blend", "fim", "lr"}, where)
     name = raw.get("name", f"phase{i}")
@@ -214,8 +231,10 @@ def _phase(i: int, raw, where: str, sources: dict, seq_length: int, default_gbs:
         rate = _number(spec.get("fim_rate", 0.0), f"{at}.fim_rate", low=0.0, high=1.0)
         spm = _number(spec.get("fim_spm_rate", 0.5), f"{at}.fim_spm_rate", low=0.0, high=1.0)
         if rate > 0 and not has_fim_tokens:
-            raise PhasesConfigError(f"{at}.fim_rate: FIM needs a tokenizer with <|fim_prefix|>, <|fim_middle|>, "
-                                    "<|fim_suffix|> and <|fim_pad|> (give --tokenizer-model)")
+            raise PhasesConfigError(
+                f"{at}.fim_rate: FIM needs a tokenizer with <|fim_prefix|>, <|fim_middle|>, "
+                "<|fim_suffix|> and <|fim_pad|> (give --tokenizer-model)"
+            )
         if rate > 0:
             fim[source] = FimSpec(float(rate), float(spm))
 
@@ -227,8 +246,9 @@ def _phase(i: int, raw, where: str, sources: dict, seq_length: int, default_gbs:
         min=float(_number(lr_raw.get("min", 0.0), f"{where}.lr.min", low=0.0, high=peak)),
         warmup_iters=_number(lr_raw.get("warmup_iters", 0), f"{where}.lr.warmup_iters", integer=True, low=0),
         decay_style=lr_raw.get("decay_style", "linear"),
-        decay_iters=None if lr_raw.get("decay_iters") is None else
-        _number(lr_raw["decay_iters"], f"{where}.lr.decay_iters", integer=True, low=1),
+        decay_iters=None
+        if lr_raw.get("decay_iters") is None
+        else _number(lr_raw["decay_iters"], f"{where}.lr.decay_iters", integer=True, low=1),
     )
     if lr.decay_style not in DECAY_STYLES:
         raise PhasesConfigError(f"{where}.lr.decay_style: {lr.decay_style!r} is not one of {', '.join(DECAY_STYLES)}")
@@ -237,8 +257,9 @@ def _phase(i: int, raw, where: str, sources: dict, seq_length: int, default_gbs:
     return PhaseSpec(name, iters, gbs, blend, fim, lr)
 
 
-def load_phases(path: str, seq_length: int, default_global_batch_size: int, default_seed: int,
-                has_fim_tokens: bool) -> PhasesConfig:
+def load_phases(
+    path: str, seq_length: int, default_global_batch_size: int, default_seed: int, has_fim_tokens: bool
+) -> PhasesConfig:
     if not os.path.isfile(path):
         raise PhasesConfigError(f"--phases {path}: no such file")
     try:
@@ -257,8 +278,10 @@ def load_phases(path: str, seq_length: int, default_global_batch_size: int, defa
     phases_raw = raw.get("phases")
     if not isinstance(phases_raw, list) or not phases_raw:
         raise PhasesConfigError(f"{path}: phases: expected a non-empty list")
-    phases = tuple(_phase(i, p, f"{path}: phases[{i}]", sources, seq_length, default_global_batch_size, has_fim_tokens)
-                   for i, p in enumerate(phases_raw))
+    phases = tuple(
+        _phase(i, p, f"{path}: phases[{i}]", sources, seq_length, default_global_batch_size, has_fim_tokens)
+        for i, p in enumerate(phases_raw)
+    )
     names = [p.name for p in phases]
     if len(set(names)) != len(names):
         raise PhasesConfigError(f"{path}: phases: names must be unique, got {names}")

@@ -14,14 +14,18 @@ them; minus the validation documents (a seeded random fraction, held out of ever
 from __future__ import annotations
 
 import math
-import warnings
+import os
+import threading
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_ext.data.indexed_files import open_indexed
+from megatron_ext.data.index_cache import IndexCache, smallest_index_type
+from megatron_ext.data.indexed_files import file_shape, open_indexed
 from megatron_ext.data.phases_config import SourceSpec
+
+INDEX_VERSION = 1  # of the on-disk indices' layout; a change rebuilds every cache
 
 _POOL_STREAM, _EPOCH_STREAM = 0, 1
 
@@ -42,41 +46,114 @@ class Segment:
     ends_document: bool  # the run includes the document's last (end-of-document) token
 
 
+def _modified(prefix: str) -> list[int]:
+    return [os.stat(prefix + ext).st_mtime_ns for ext in (".idx", ".bin")]
+
+
 class SourceStream:
-    def __init__(self, spec: SourceSpec, seq_length: int, seed: int, validation_fraction: float = 0.0,
-                 split: str = "train"):
+    def __init__(
+        self,
+        spec: SourceSpec,
+        seq_length: int,
+        seed: int,
+        validation_fraction: float = 0.0,
+        split: str = "train",
+        cache_dir: str | None = None,
+    ):
+        """cache_dir: where the source's indices live on disk (built once, memory-mapped by every process
+        that reads the source); None builds them in this process's memory."""
         self.spec, self.seq_length, self.seed, self.key = spec, seq_length, seed, source_key(spec.name)
+        self.validation_fraction, self.split = validation_fraction, split
         self.datasets = [open_indexed(prefix) for prefix in spec.prefixes]
-        lengths = np.concatenate([ds.sequence_lengths for ds in self.datasets]).astype(np.int64)
         self._first_doc = np.cumsum([0] + [len(ds) for ds in self.datasets])
-        pool = np.random.default_rng([seed, self.key, _POOL_STREAM]).permutation(len(lengths))
-        pool = pool[: math.ceil(spec.subset * len(pool))]
-        n_valid = int(round(validation_fraction * len(pool)))
-        chosen = pool[:n_valid] if split == "valid" else pool[n_valid:]
-        self.doc_ids = np.sort(chosen)
-        self.doc_lengths = lengths[self.doc_ids]
-        # Documents of the pool in each file (the pool's ids are sorted, the files' ids contiguous).
-        self.pool_docs_per_file = np.diff(np.searchsorted(self.doc_ids, self._first_doc)).tolist()
-        self.tokens_per_epoch = int(self.doc_lengths.sum())
+        self.cache = IndexCache(cache_dir, self._identity()) if cache_dir else None
+        self.doc_ids = self._index(f"{split}_documents", self._build_documents)
+        self.doc_lengths = self._index(f"{split}_lengths", self._build_lengths)
+        meta = self.cache.meta(f"{split}_meta", self._build_meta) if self.cache else self._build_meta()
+        self.pool_docs_per_file = meta["pool_docs_per_file"]  # documents of the pool in each file
+        self.tokens_per_epoch = meta["tokens_per_epoch"]
         self.samples_per_epoch = max(self.tokens_per_epoch - 1, 0) // seq_length
-        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._ahead: threading.Thread | None = None
+
+    def _identity(self) -> dict:
+        """What the indices depend on: a change to any of it builds new ones (never reuses old ones)."""
+        return {
+            "version": INDEX_VERSION,
+            "source": self.spec.name,
+            # A rewritten file (re-preprocessed, even to the same shape) has a new modification time.
+            "files": [[os.path.abspath(p), *file_shape(p), _modified(p)] for p in self.spec.prefixes],
+            "subset": self.spec.subset,
+            "seed": self.seed,
+            "validation_fraction": self.validation_fraction,
+            "seq_length": self.seq_length,
+        }
+
+    def _index(self, name: str, build) -> np.ndarray:
+        return self.cache.array(name, build) if self.cache else build()
+
+    def _build_documents(self) -> np.ndarray:
+        """The pool's document ids (sorted): all, or a seeded subset, minus (or only) the held-out ones."""
+        total = int(self._first_doc[-1])
+        pool = np.random.default_rng([self.seed, self.key, _POOL_STREAM]).permutation(total)
+        pool = pool[: math.ceil(self.spec.subset * len(pool))]
+        n_valid = int(round(self.validation_fraction * len(pool)))
+        chosen = pool[:n_valid] if self.split == "valid" else pool[n_valid:]
+        return np.sort(chosen).astype(smallest_index_type(total))
+
+    def _build_lengths(self) -> np.ndarray:
+        lengths = np.concatenate([ds.sequence_lengths for ds in self.datasets])
+        return lengths[self.doc_ids].astype(np.int32)
+
+    def _build_meta(self) -> dict:
+        per_file = np.diff(np.searchsorted(self.doc_ids, self._first_doc)).tolist()
+        return {"pool_docs_per_file": per_file, "tokens_per_epoch": int(self.doc_lengths.sum(dtype=np.int64))}
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(document ids in this epoch's order, cumulative token ends, the order samples are read in),
-        kept for the two latest epochs."""
-        if epoch not in self._epochs:
-            rng = np.random.default_rng([self.seed, self.key, _EPOCH_STREAM, epoch])
-            order = rng.permutation(len(self.doc_ids))
-            index_type = np.int32 if self.samples_per_epoch < 2**31 else np.int64
-            samples = rng.permutation(self.samples_per_epoch).astype(index_type)
-            self._epochs[epoch] = (self.doc_ids[order], np.cumsum(self.doc_lengths[order]), samples)
-            for old in sorted(self._epochs)[:-2]:
-                del self._epochs[old]
-        return self._epochs[epoch]
+        kept for the two epochs used last."""
+        arrays = self._epochs.pop(epoch, None)
+        if arrays is None:
+            arrays = self._epoch_arrays(epoch)
+        self._epochs[epoch] = arrays  # the most recently used last
+        while len(self._epochs) > 2:
+            del self._epochs[next(iter(self._epochs))]
+        return arrays
+
+    def _epoch_arrays(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.cache is None:
+            return self._build_epoch(epoch)
+        names = [f"{self.split}_epoch{epoch}_{part}" for part in ("documents", "ends", "samples")]
+        if not all(self.cache.has(n) for n in names):
+            with self.cache.lock():
+                if not all(self.cache.has(n) for n in names):
+                    for name, array in zip(names, self._build_epoch(epoch)):
+                        self.cache.write(name, array)
+        return tuple(self.cache.load(n) for n in names)
+
+    def prepare(self, epoch: int) -> None:
+        """Build (or find) an epoch's indices without reading a sample: tools/build_data_cache.py."""
+        self._epoch_arrays(epoch)
+
+    def _build_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.key, _EPOCH_STREAM, epoch])
+        order = rng.permutation(len(self.doc_ids))
+        samples = rng.permutation(self.samples_per_epoch).astype(smallest_index_type(self.samples_per_epoch))
+        return self.doc_ids[order], np.cumsum(self.doc_lengths[order], dtype=np.int64), samples
+
+    def _build_ahead(self, epoch: int) -> None:
+        """Past half of an epoch, build the next one's indices in a background thread (with a cache: the
+        first reader to get there builds them, on disk, for everyone)."""
+        if self.cache is None or self._ahead is not None and self._ahead.is_alive():
+            return
+        self._ahead = threading.Thread(target=self._epoch_arrays, args=(epoch,), daemon=True)
+        self._ahead.start()
 
     def locate(self, k: int) -> tuple[int, int]:
         """(epoch, packed position within the epoch) of the source's sample k."""
         epoch, i = divmod(k, self.samples_per_epoch)
+        if 2 * i >= self.samples_per_epoch and epoch + 1 not in self._epochs:
+            self._build_ahead(epoch + 1)
         return epoch, int(self._epoch(epoch)[2][i])
 
     def _read(self, doc_id: int, offset: int, length: int) -> np.ndarray:
@@ -99,8 +176,11 @@ class SourceStream:
             offset = position - doc_start
             length = min(int(ends[i]) - position, stop - position)
             tokens.append(self._read(int(order[i]), offset, length))
-            segments.append(Segment(int(order[i]), offset, position - start, length,
-                                    ends_document=position + length == int(ends[i])))
+            segments.append(
+                Segment(
+                    int(order[i]), offset, position - start, length, ends_document=position + length == int(ends[i])
+                )
+            )
             position += length
             i += 1
         return np.concatenate(tokens).astype(np.int64), segments
@@ -110,6 +190,12 @@ class SourceStream:
         per completed epoch, pro rata within the current one (its samples are read in shuffled order)."""
         epochs = k / self.samples_per_epoch
         files = {prefix: int(epochs * n) for prefix, n in zip(self.spec.prefixes, self.pool_docs_per_file)}
-        return {"samples": k, "tokens": k * self.seq_length, "documents": int(epochs * len(self.doc_ids)),
-                "documents_per_epoch": len(self.doc_ids), "epoch": k // self.samples_per_epoch, "epochs": epochs,
-                "documents_per_file": files}
+        return {
+            "samples": k,
+            "tokens": k * self.seq_length,
+            "documents": int(epochs * len(self.doc_ids)),
+            "documents_per_epoch": len(self.doc_ids),
+            "epoch": k // self.samples_per_epoch,
+            "epochs": epochs,
+            "documents_per_file": files,
+        }

@@ -153,7 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokenizer_type_argument(g)
     g.add_argument("--tokenizer-model", help="SentencePiece .model (or tokenizers .json); sets the vocabulary size")
     g.add_argument("--split", default="969,30,1", help="train,valid,test split of --data-path documents")
-    g.add_argument("--data-cache-path", help="where Megatron-Core caches the dataset indices")
+    g.add_argument(
+        "--data-cache-path",
+        help="where the dataset indices are built once and memory-mapped (Megatron-Core's for --data-path; "
+        "with --phases, the sources' under phases/; default with --phases: data_cache in --save)",
+    )
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
 
     g = p.add_argument_group("checkpoints")
@@ -409,6 +413,7 @@ def validate(args: argparse.Namespace, world_size: int) -> RunConfig:
             args,
             data_path=tuple(args.data_path) if args.data_path else None,
             blend=blend,
+            index_cache_dir=_index_cache_dir(args),
             phases_config=phases,
             tokenizer=tokenizer,
         ),
@@ -425,6 +430,27 @@ def validate(args: argparse.Namespace, world_size: int) -> RunConfig:
         ),
         kernels=KernelSection(bf16=args.bf16, path=kernel_path),
     )
+
+
+def _index_cache_dir(args: argparse.Namespace) -> str | None:
+    """Where the phases' source indices live: --data-cache-path/phases, else data_cache in --save (None
+    without either: built in each process's memory). Checked writable here, before any work."""
+    if not args.phases or not (args.data_cache_path or args.save):
+        return None
+    root = (
+        os.path.join(args.data_cache_path, "phases") if args.data_cache_path else os.path.join(args.save, "data_cache")
+    )
+    flag = "--data-cache-path" if args.data_cache_path else "--save"
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = os.path.join(root, f".probe{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ArgumentError(f"{flag} {args.data_cache_path or args.save}: cannot write the data indices to {root} "
+                            f"({e.strerror or e})") from None  # fmt: skip
+    return root
 
 
 def _eval_tasks(args: argparse.Namespace, tokenizer) -> tuple:

@@ -107,9 +107,10 @@ def build_phased_datasets(run: RunConfig):
     from megatron_ext.data.phased_dataset import PhasedDataset
 
     config, tokenizer, seq_length = run.data.phases_config, run.data.tokenizer, run.crystal.seq_length
-    train = PhasedDataset(config, seq_length, tokenizer)
+    cache = run.data.index_cache_dir
+    train = PhasedDataset(config, seq_length, tokenizer, cache_dir=cache)
     train.check_epochs(run.optimizer.train_iters)
-    valid = PhasedDataset(config, seq_length, tokenizer, split="valid") if config.validation_fraction else None
+    valid = PhasedDataset(config, seq_length, tokenizer, "valid", cache) if config.validation_fraction else None
     return train, valid
 
 

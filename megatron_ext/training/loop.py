@@ -14,6 +14,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import accelerators, checkpointing, cpu_compat, megatron_workarounds
+from megatron_ext.data.index_cache import IndexCacheError
 from megatron_ext.data.phases_config import PhasesConfigError
 from megatron_ext.evaluation import eval_set
 from megatron_ext.kernels.fp8_linear import end_fp8_step
@@ -306,7 +307,7 @@ def pretrain(run: RunConfig) -> int:
     device = distributed.initialize(run)
     try:
         return _train(run, device)
-    except (checkpointing.CheckpointError, PhasesConfigError) as e:
+    except (checkpointing.CheckpointError, PhasesConfigError, IndexCacheError) as e:
         distributed.print_rank_0(f"pretrain_crystal.py: error: {e}", error=True)
         return 2
     finally:

@@ -95,6 +95,7 @@ class DataSection:
     tokenizer_model: str | None
     split: str
     data_cache_path: str | None
+    index_cache_dir: str | None  # the phases' source indices (data/index_cache.py); None: in memory
     num_workers: int
     # The one tokenizer of the process (None without --tokenizer-model): the datasets, FIM and the checks
     # share it instead of each loading the model file again.

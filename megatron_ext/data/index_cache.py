@@ -1,0 +1,101 @@
+"""Indices of the sources (document pools, each epoch's orders) on disk: built once, by whichever process
+needs them first, and memory-mapped by every rank, DataLoader worker and relaunch after it, so that a
+source of 10^9 documents costs its index memory once per node (shared page cache), not once per process.
+
+A cache directory holds one subdirectory per source and identity (the files' shapes, seed, subset,
+validation fraction, sequence length, layout version): a change to any of them names another directory,
+so stale indices are never reused. Files are written to a temporary name and renamed (a reader never sees
+a partial one); an exclusive lock makes the other processes wait for a build instead of repeating it.
+Builds are deterministic, so where the lock does not reach (a filesystem without flock) the worst case is
+the same file written twice. This replaces a barrier, which DataLoader workers and an epoch built ahead
+in the background could not take part in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import threading
+
+import numpy as np
+
+
+class IndexCacheError(RuntimeError):
+    """A cache directory that cannot be used; the message is one line naming it."""
+
+
+def smallest_index_type(count: int):
+    return np.int32 if count < 2**31 else np.int64
+
+
+class IndexCache:
+    def __init__(self, root: str, identity: dict):
+        digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        self.dir = os.path.join(root, f"{identity['source']}-{digest}")
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            probe = os.path.join(self.dir, f".probe{os.getpid()}")
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            raise IndexCacheError(
+                f"--data-cache-path {root}: cannot write the data indices there ({e.strerror or e}); "
+                "give a writable directory"
+            ) from None
+        if not os.path.isfile(os.path.join(self.dir, "identity.json")):  # for people: what these indices are
+            self._atomic(os.path.join(self.dir, "identity.json"), lambda f: f.write(json.dumps(identity).encode()))
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.dir, name + ".npy")
+
+    def has(self, name: str) -> bool:
+        return os.path.isfile(self._path(name))
+
+    def load(self, name: str) -> np.ndarray:
+        return np.load(self._path(name), mmap_mode="r")
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        self._atomic(self._path(name), lambda f: np.save(f, np.ascontiguousarray(array)))
+
+    @staticmethod
+    def _atomic(path: str, write) -> None:
+        tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+
+    @contextlib.contextmanager
+    def lock(self):
+        fd = os.open(os.path.join(self.dir, ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def array(self, name: str, build) -> np.ndarray:
+        """The cached array, built (under the lock) if no process has yet."""
+        if not self.has(name):
+            with self.lock():
+                if not self.has(name):
+                    self.write(name, build())
+        return self.load(name)
+
+    def meta(self, name: str, build) -> dict:
+        path = os.path.join(self.dir, name + ".json")
+        if not os.path.isfile(path):
+            with self.lock():
+                if not os.path.isfile(path):
+                    text = json.dumps(build())
+                    self._atomic(path, lambda f: f.write(text.encode()))
+        with open(path) as f:
+            return json.load(f)

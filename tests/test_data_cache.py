@@ -1,0 +1,122 @@
+"""The sources' indices on disk (data/index_cache.py): the sample stream is the one of the code before the
+cache (recorded digests for 13 synthetic sources; the demo corpus against the pinned revision's code),
+built once and memory-mapped, rebuilt when a file changes, safe with concurrent builders, and an
+unwritable cache is one line."""
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+from helpers.distributed_run import REPO
+from helpers.stream_record import stream_digest, synthetic_sources
+
+from megatron_ext.data.phases_config import SourceSpec
+from megatron_ext.data.source_stream import SourceStream
+
+PINNED = "f256e11"  # the last revision that built every index in each process's memory
+DIGESTS = json.loads((REPO / "tests" / "data" / "stream_digests.json").read_text())
+
+
+def _synthetic_streams(prefixes: dict, cache_dir):
+    """The recording's settings: every third source over two files, every fourth a 50% subset."""
+    out = {}
+    for i, (name, prefix) in enumerate(prefixes.items()):
+        files = (prefix,) if i % 3 else (prefix, prefixes[f"source{(i + 1) % 13:02d}"])
+        spec = SourceSpec(name, files, subset=0.5 if i % 4 == 1 else 1.0)
+        for split in ("train", "valid"):
+            out[f"{name}/{split}"] = SourceStream(spec, 16, 1234, 0.1, split, cache_dir=cache_dir)
+    return out
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return synthetic_sources(str(tmp_path_factory.mktemp("sources")))
+
+
+def test_13_sources_give_the_recorded_stream_in_memory_cold_and_warm(synthetic, tmp_path):
+    for cache in (None, tmp_path, tmp_path):  # in memory; built; found
+        streams = _synthetic_streams(synthetic, cache)
+        assert {k: stream_digest(s) for k, s in streams.items()} == DIGESTS["synthetic13"], cache
+    stream = streams["source03/train"]
+    assert isinstance(stream.doc_ids, np.memmap) and stream.doc_ids.dtype == np.int32  # mapped, smallest dtype
+    assert all(isinstance(a, np.memmap) for a in stream._epoch(0))
+    assert len(list(tmp_path.iterdir())) == 13  # one directory per source (and identity)
+
+
+def test_the_demo_stream_is_the_pinned_revisions(tmp_path):
+    """The demo corpus is built on this machine: compare with the code of PINNED run here, not a recording."""
+    source = subprocess.run(
+        ["git", "show", f"{PINNED}:megatron_ext/data/source_stream.py"], cwd=REPO, capture_output=True, text=True
+    )
+    if source.returncode != 0:
+        pytest.skip(f"this checkout has no history to read revision {PINNED} from (a source archive?)")
+    pinned = types.ModuleType("pinned_source_stream")
+    sys.modules[pinned.__name__] = pinned  # its dataclasses look their module up
+    try:
+        exec(compile(source.stdout, "pinned_source_stream.py", "exec"), pinned.__dict__)
+    finally:
+        del sys.modules[pinned.__name__]
+    for name in ("text", "code"):
+        spec = SourceSpec(name, (str(REPO / "data" / "demo" / f"{name}_text_document"),))
+        for split in ("train", "valid"):
+            want = stream_digest(pinned.SourceStream(spec, 256, 1234, 0.02, split))
+            assert stream_digest(SourceStream(spec, 256, 1234, 0.02, split, cache_dir=tmp_path)) == want
+
+
+def test_a_rewritten_file_gets_new_indices(synthetic, tmp_path):
+    spec = SourceSpec("source00", (synthetic["source00"],))
+    first = SourceStream(spec, 16, 1, cache_dir=tmp_path).cache.dir
+    assert SourceStream(spec, 16, 1, cache_dir=tmp_path).cache.dir == first
+    os.utime(synthetic["source00"] + ".idx", ns=(1, 1))  # as a re-preprocessed file of the same shape
+    assert SourceStream(spec, 16, 1, cache_dir=tmp_path).cache.dir != first
+    assert SourceStream(spec, 32, 1, cache_dir=tmp_path).cache.dir != first  # another sequence length
+
+
+def _build_in_process(args):
+    prefix, cache = args
+    stream = SourceStream(SourceSpec("racer", (prefix,)), 16, 5, 0.1, cache_dir=cache)
+    stream._epoch(1)
+    return stream_digest(stream)
+
+
+def test_concurrent_builders_agree_and_leave_no_partial_files(synthetic, tmp_path):
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        digests = pool.map(_build_in_process, [(synthetic["source05"], str(tmp_path))] * 4)
+    assert len(set(digests)) == 1 and digests[0] == _build_in_process((synthetic["source05"], None))
+    (directory,) = list(tmp_path.iterdir())
+    assert not [f for f in os.listdir(directory) if ".tmp" in f]
+
+
+def test_an_unwritable_cache_is_one_line_before_any_work(tmp_path):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    phases = REPO / "tests" / "data" / "phases_small.yaml"
+    proc = subprocess.run(
+        [sys.executable, "pretrain_crystal.py", "--model", "crystal-test", "--phases", str(phases),
+         "--tokenizer-model", str(REPO / "data" / "demo" / "crystal_demo.model"), "--data-cache-path", str(blocked)],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"pretrain_crystal.py: error: --data-cache-path {blocked}: cannot write the data indices to "
+        f"{blocked}/phases (Not a directory)"
+    ]
+
+
+def test_build_data_cache_prebuilds_what_the_run_reads(tmp_path):
+    sys.path.insert(0, str(REPO / "tools"))
+    import build_data_cache
+
+    argv = ["--phases", str(REPO / "examples" / "phases" / "demo.yaml"), "--seq-length", "256"]
+    argv += ["--data-cache-path", str(tmp_path)]
+    assert build_data_cache.main(argv) == 0
+    built = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "phases").rglob("*.npy")}
+    wanted = {f"{split}_epoch0_{part}.npy" for split in ("train", "valid") for part in ("documents", "ends", "samples")}
+    assert {n for n in built if "_epoch" in n} == wanted  # the demo reads under one epoch of each source
+    assert build_data_cache.main(argv) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "phases").rglob("*.npy")} == built  # nothing rebuilt
