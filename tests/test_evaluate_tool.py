@@ -3,6 +3,9 @@ weights (a Megatron checkpoint converted in memory, and its Hugging Face export)
 without changing greedy output, samples can be rescored, the watch mode evaluates each checkpoint once,
 and the export works with lm-evaluation-harness."""
 
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -15,18 +18,25 @@ TOKENIZER = REPO / "data" / "demo" / "crystal_demo.model"
 TASKS = "arc_easy:10,humaneval_gold:4,infill_single_gold:4"
 
 
-def evaluate(*args, check=True, env=None):
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "evaluate.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-        env=subprocess_environment(env),
-    )
+def _tool():
+    """tools/evaluate.py as a module ("evaluate" alone is Hugging Face's package of that name), run in this
+    process: one import of torch and transformers for every call."""
+    spec = importlib.util.spec_from_file_location("evaluate_tool", REPO / "tools" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TOOL = _tool()
+
+
+def evaluate(*args, check=True):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = TOOL.main([str(a) for a in args])
     if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+        assert code == 0, err.getvalue()[-3000:]
+    return code, err.getvalue()
 
 
 def records(path):
@@ -101,9 +111,9 @@ def test_generation_is_batched_greedy_and_rescored(run):
     evaluate(*common, "--rescore", "--output-dir", run / "gen4")
     rows = records(run / "gen4" / "eval_results.jsonl")
     assert _figures(rows[len(first) :]) == first
-    refused = evaluate("--checkpoint", run / "hf", "--tasks", "humaneval", check=False)
-    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
-    assert "pass --allow-code-execution" in refused.stderr
+    code, stderr = evaluate("--checkpoint", run / "hf", "--tasks", "humaneval", check=False)
+    assert code == 2 and stderr.count("\n") == 1 and stderr.startswith("evaluate.py: error: ")
+    assert "pass --allow-code-execution" in stderr
 
 
 def test_watch_evaluates_each_checkpoint_once(run):

