@@ -37,6 +37,8 @@ def test_report_renders_table_and_plots(tmp_path):
 
 def test_phase_boundaries_use_the_recorded_phase_start():
     records = eval_report.read_records([str(FIXTURE)])
+    # An offline record (tools/evaluate.py: no phase_start_tokens) of code25 beside the loop's.
+    records.append({**records[-1], "run": "code25", "iteration": 5, "tokens": 5000, "phase_start_tokens": None})
     # code25's records say its second phase began at 1,500 tokens; code50's do not, so its first evaluation
     # in the phase (3,000 tokens) marks it.
     assert eval_report.phase_boundaries(records) == {"code25": [(1500, "text+code")], "code50": [(3000, "text+code")]}

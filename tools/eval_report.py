@@ -71,11 +71,11 @@ def phase_boundaries(records: list[dict]) -> dict[str, list[tuple[float, str]]]:
     for run in sorted({r["run"] for r in records}):
         mine = [r for r in records if r["run"] == run and r.get("phase")]
         by_tokens = all(r.get("tokens") is not None for r in mine)
-        points = sorted({(x_of(r), r["phase"], r.get("phase_start_tokens") if by_tokens else None) for r in mine})
+        starts = {r["phase"]: r["phase_start_tokens"] for r in mine if r.get("phase_start_tokens") is not None}
         marks, previous = [], None
-        for x, phase, start in points:
+        for x, phase in sorted({(x_of(r), r["phase"]) for r in mine}):
             if previous is not None and phase != previous:
-                marks.append((start if start is not None else x, phase))
+                marks.append((starts[phase] if by_tokens and phase in starts else x, phase))
             previous = phase
         out[run] = marks
     return out

@@ -1,8 +1,9 @@
 """Validation on held-out documents: loss and bits per byte, per source, on the same samples every time.
 
-With --phases, source s contributes the first n samples of its held-out documents' epoch-0 packing (the
-documents the phases file's validation_fraction keeps out of training), plain (no FIM: the figure is the
-source's own text). With a blend (--data-path / --mock-data), the first --eval-iters batches of Megatron's
+With --phases, source s contributes the first n samples of its held-out documents (those the phases file's
+validation_fraction keeps out of training) in their epoch-0 sample order, which spreads them over all the
+documents (the first n positions of the packing would cover only the first few), plain (no FIM: the figure
+is the source's own text). With a blend (--data-path / --mock-data), the first --eval-iters batches of Megatron's
 validation split. Each sample is a slot of its own, so the standard error over samples comes for free.
 """
 
@@ -84,7 +85,7 @@ class PhasesValidation(HeldOutSet):
         super().__init__([stream.spec.name for stream in self.streams], samples, batch_size, table)
 
     def read(self, source: int, where: int) -> np.ndarray:
-        return self.streams[source].packed(0, where)[0]
+        return self.streams[source].sample(where)[0]  # epoch 0's sample order: spread over all the documents
 
 
 class BlendValidation(HeldOutSet):
