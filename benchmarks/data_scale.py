@@ -136,7 +136,7 @@ def main() -> None:
     rows = {
         "Megatron-Core BlendedDataset, cold cache": measure("megatron", prefixes, megatron_cache, n, seq)[0],
         "Megatron-Core BlendedDataset, warm cache": measure("megatron", prefixes, megatron_cache, n, seq)[0],
-        "phased dataset, indices in memory (before)": measure("phased", prefixes, "-", n, seq)[0],
+        "phased dataset, no cache (built in memory)": measure("phased", prefixes, "-", n, seq)[0],
         "phased dataset, cold cache": measure("phased", prefixes, ours_cache, n, seq)[0],
         "phased dataset, warm cache": measure("phased", prefixes, ours_cache, n, seq)[0],
     }

@@ -43,8 +43,8 @@ def test_13_sources_give_the_recorded_stream_in_memory_cold_and_warm(synthetic, 
         streams = _synthetic_streams(synthetic, cache)
         assert {k: stream_digest(s) for k, s in streams.items()} == DIGESTS["synthetic13"], cache
     stream = streams["source03/train"]
-    assert isinstance(stream.doc_ids, np.memmap) and stream.doc_ids.dtype == np.int32  # mapped, smallest dtype
-    assert all(isinstance(a, np.memmap) for a in stream._epoch(0))
+    assert isinstance(stream.doc_ids.base, np.memmap) and stream.doc_ids.dtype == np.int32  # mapped; smallest dtype
+    assert all(isinstance(a.base, np.memmap) for a in stream._epoch(0))
     assert len(list(tmp_path.iterdir())) == 13  # one directory per source (and identity)
 
 

@@ -56,7 +56,8 @@ class IndexCache:
         return os.path.isfile(self._path(name))
 
     def load(self, name: str) -> np.ndarray:
-        return np.load(self._path(name), mmap_mode="r")
+        """Memory-mapped, as a plain array view (np.memmap's own indexing is slow per element)."""
+        return np.load(self._path(name), mmap_mode="r").view(np.ndarray)
 
     def write(self, name: str, array: np.ndarray) -> None:
         self._atomic(self._path(name), lambda f: np.save(f, np.ascontiguousarray(array)))

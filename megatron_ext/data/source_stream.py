@@ -99,7 +99,9 @@ class SourceStream:
         pool = pool[: math.ceil(self.spec.subset * len(pool))]
         n_valid = int(round(self.validation_fraction * len(pool)))
         chosen = pool[:n_valid] if self.split == "valid" else pool[n_valid:]
-        return np.sort(chosen).astype(smallest_index_type(total))
+        mask = np.zeros(total, dtype=bool)  # the chosen ids in order: a linear pass, not a sort
+        mask[chosen] = True
+        return np.flatnonzero(mask).astype(smallest_index_type(total))
 
     def _build_lengths(self) -> np.ndarray:
         lengths = np.concatenate([ds.sequence_lengths for ds in self.datasets])
@@ -157,6 +159,8 @@ class SourceStream:
         return epoch, int(self._epoch(epoch)[2][i])
 
     def _read(self, doc_id: int, offset: int, length: int) -> np.ndarray:
+        if len(self.datasets) == 1:
+            return self.datasets[0].get(doc_id, offset=offset, length=length)
         prefix = int(np.searchsorted(self._first_doc, doc_id, side="right")) - 1
         return self.datasets[prefix].get(int(doc_id - self._first_doc[prefix]), offset=offset, length=length)
 
@@ -169,20 +173,20 @@ class SourceStream:
         """The j-th sample of the epoch's packed token stream, and its document runs."""
         order, ends, _ = self._epoch(epoch)
         start, stop = j * self.seq_length, j * self.seq_length + self.seq_length + 1
-        i = int(np.searchsorted(ends, start, side="right"))
-        tokens, segments, position = [], [], start
-        while position < stop:
-            doc_start = int(ends[i - 1]) if i else 0
+        first = int(np.searchsorted(ends, start, side="right"))
+        last = int(np.searchsorted(ends, stop - 1, side="right"))  # the document holding the last token
+        # The sample's documents and their ends as Python ints, read from the (memory-mapped) arrays at once.
+        docs = order[first : last + 1].tolist()
+        doc_ends = ends[first : last + 1].tolist()
+        position = start
+        doc_start = int(ends[first - 1]) if first else 0
+        tokens, segments = [], []
+        for doc, end in zip(docs, doc_ends):
             offset = position - doc_start
-            length = min(int(ends[i]) - position, stop - position)
-            tokens.append(self._read(int(order[i]), offset, length))
-            segments.append(
-                Segment(
-                    int(order[i]), offset, position - start, length, ends_document=position + length == int(ends[i])
-                )
-            )
-            position += length
-            i += 1
+            length = min(end - position, stop - position)
+            tokens.append(self._read(doc, offset, length))
+            segments.append(Segment(doc, offset, position - start, length, ends_document=position + length == end))
+            position, doc_start = position + length, end
         return np.concatenate(tokens).astype(np.int64), segments
 
     def consumed(self, k: int) -> dict:
