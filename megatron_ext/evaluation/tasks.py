@@ -44,6 +44,7 @@ TASKS = {
         TaskSpec("csqa", "choice", ("csqa", "rc_0shot"), "MIT"),
         TaskSpec("socialiqa", "choice", ("socialiqa", "rc_0shot"), "CC BY 4.0"),
         TaskSpec("openbookqa", "choice", ("openbookqa", "rc_0shot"), "Apache 2.0"),
+        TaskSpec("mmlu", "choice", None, "MIT"),  # 57 subjects' test questions, from the Arrow copy
         TaskSpec("lambada", "bpb", ("lambada", "bpb_0shot"), "CC BY 4.0"),
         TaskSpec("humaneval_gold", "bpb", ("codex_humaneval", "gold_bpb_0shot"), "MIT"),
         TaskSpec("mbpp_gold", "bpb", ("codex_mbpp", "gold_bpb_0shot"), "CC BY 4.0"),
@@ -89,24 +90,27 @@ def _text_requests(spec: TaskSpec, tokenizer, cap: int | None) -> list[Request]:
         index = docs.setdefault(r["doc_id"], len(docs))
         if cap is not None and index >= cap:
             continue
-        context, continuation = r["request"]["context"], r["request"]["continuation"]
-        context_ids = tokenizer.encode(context)
-        # As lm-evaluation-harness splits them: the whole text's tokens after the context's count.
-        continuation_ids = tokenizer.encode(context + continuation)[len(context_ids) :] or tokenizer.encode(
-            continuation
-        )
         gold = r.get("label") if spec.kind == "choice" else None
-        out.append(
-            Request(
-                index,
-                r.get("idx", 0),
-                gold,
-                [tokenizer.eod, *context_ids],
-                continuation_ids,
-                len(continuation.encode()),
-            )
-        )
+        request = r["request"]
+        out.append(_request(tokenizer, index, r.get("idx", 0), gold, request["context"], request["continuation"]))
     return out
+
+
+def _request(tokenizer, doc: int, choice: int, gold, context: str, continuation: str) -> Request:
+    context_ids = tokenizer.encode(context)
+    # As lm-evaluation-harness splits them: the whole text's tokens after the context's count.
+    continuation_ids = tokenizer.encode(context + continuation)[len(context_ids) :] or tokenizer.encode(continuation)
+    return Request(doc, choice, gold, [tokenizer.eod, *context_ids], continuation_ids, len(continuation.encode()))
+
+
+def _mmlu_requests(tokenizer, cap: int | None) -> list[Request]:
+    """OLMo's zero-shot "rc" form: each choice scored as the answer to "Question: ...\\nAnswer:"."""
+    questions = benchmark_data.mmlu_questions()[:cap]
+    return [
+        _request(tokenizer, i, c, q["answer"], f"Question: {q['question']}\nAnswer:", f" {choice}")
+        for i, q in enumerate(questions)
+        for c, choice in enumerate(q["choices"])
+    ]
 
 
 def _infilling_requests(form: str, tokenizer, cap: int | None) -> list[Request]:
@@ -181,6 +185,8 @@ def build_task_set(name: str, cap: int | None, tokenizer, seq_length: int, batch
     spec = TASKS[name]
     if spec.request_file is not None:
         requests = _text_requests(spec, tokenizer, cap)
+    elif name == "mmlu":
+        requests = _mmlu_requests(tokenizer, cap)
     else:
         requests = _infilling_requests(name.split("_")[1], tokenizer, cap)
     return LoglikelihoodSet(spec, requests, seq_length, batch_size, tokenizer.eod)

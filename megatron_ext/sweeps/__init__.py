@@ -1,0 +1,1 @@
+"""Data-mixture ablations: a sweep of phases files derived from one base file, run, evaluated, compared."""

@@ -1,0 +1,195 @@
+"""tools/sweep.py: plan expansion (names, rescaled weights, equal token budgets, checked phases files),
+a local two-run sweep interrupted and resumed without repeating the finished run, the SLURM array script,
+and the comparison report from fixture results."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from helpers.distributed_run import REPO, subprocess_environment
+
+from megatron_ext.sweeps import report, runner
+from megatron_ext.sweeps.plan import SweepError, load_sweep, write_phases_files
+
+CODE_SHARE = REPO / "examples" / "sweeps" / "code_share.yaml"
+CRYSTAL = REPO / "examples" / "sweeps" / "crystal_ablation.yaml"
+
+
+def test_code_share_plan_rescales_the_blend_and_keeps_the_budget(tmp_path):
+    sweep = load_sweep(str(CODE_SHARE), str(tmp_path))
+    assert [v.name for v in sweep.variants] == ["code0", "code0.25", "code0.5", "code0.75", "code1"]
+    for v, share in zip(sweep.variants, (0.0, 0.25, 0.5, 0.75, 1.0)):
+        blend = v.phases["phases"][0]["blend"]
+        assert blend == pytest.approx({"text": 1 - share, "code": share}) and sum(blend.values()) == pytest.approx(1)
+        assert v.tokens == 307200 == v.phases["phases"][0]["iters"] * 8 * 256
+    from megatron_ext.tokenizer import CrystalTokenizer
+
+    paths = write_phases_files(sweep, CrystalTokenizer(str(REPO / "data" / "demo" / "crystal_demo.model")))
+    assert [os.path.relpath(p, tmp_path) for p in paths] == [f"code_share/{v.name}/phases.yaml" for v in sweep.variants]
+    derived = yaml.safe_load(open(paths[1]))
+    assert all(os.path.isabs(p) for s in derived["sources"].values() for p in s["prefixes"])
+
+
+def test_crystal_ablation_plan_scales_three_phases_to_the_budget(tmp_path):
+    sweep = load_sweep(str(CRYSTAL), str(tmp_path))
+    assert len(sweep.variants) == 3 * 2 * 2
+    assert len({v.name for v in sweep.variants}) == 12 and sweep.variants[0].name == "fim_rate0_starcoder0.5_seed1"
+    step = 2112 * 2048
+    base = yaml.safe_load(open(REPO / "examples" / "phases" / "crystal.yaml"))
+    factor = 50e9 / sum(p["iters"] * step for p in base["phases"])
+    for v in sweep.variants:
+        assert abs(v.tokens - 50e9) <= step  # within one step of the budget
+        phases = v.phases["phases"]
+        assert phases[0]["iters"] == round(base["phases"][0]["iters"] * factor)
+        assert phases[0]["lr"]["decay_iters"] == round(294337 * phases[0]["iters"] / base["phases"][0]["iters"])
+        assert phases[1]["fim"]["starcoder"]["fim_rate"] == v.overrides["phases[1].fim.starcoder.fim_rate"]
+        share = v.overrides["phases[1].blend.starcoder"]
+        assert phases[1]["blend"] == pytest.approx({"sp_odd": 1 - share, "starcoder": share})
+        assert v.phases["seed"] == v.overrides["seed"]
+    assert len({v.tokens for v in sweep.variants}) == 1  # equal budgets: comparable runs
+
+
+def test_a_share_rescales_the_other_sources_in_proportion(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(
+        "sources: {a: {prefixes: [x]}, b: {prefixes: [y]}, c: {prefixes: [z]}}\n"
+        "phases:\n  - {name: p, iters: 10, blend: {a: 0.6, b: 0.3, c: 0.1}, lr: {peak: 1.0}}\n"
+    )
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(f"name: s\nbase: {base}\nseq_length: 8\naxes:\n  phases[0].blend.a: [0.5, 1.0]\n")
+    half, whole = load_sweep(str(sweep_file), str(tmp_path)).variants
+    assert half.phases["phases"][0]["blend"] == pytest.approx({"a": 0.5, "b": 0.375, "c": 0.125})
+    assert whole.phases["phases"][0]["blend"] == pytest.approx({"a": 1.0, "b": 0.0, "c": 0.0})
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("axes:\n  phases[0].blend.a: [2.0]", "a2: phases[0].blend.a: a share must lie in [0, 1]"),
+        ("axes:\n  phases[3].iters: [1]", "the base file has 1 phases"),
+        ("axes:\n  phases[0].colour: [1]", "cannot override phases[0].colour"),
+        ("axes: {seed: [1]}\nfoo: 1", "unknown key 'foo'"),
+        ("variants: {a: {}}\naxes: {seed: [1]}", "give exactly one of 'axes'"),
+    ],
+)
+def test_a_bad_sweep_is_one_line_naming_the_key(tmp_path, body, message):
+    base = tmp_path / "base.yaml"
+    base.write_text(
+        "sources: {a: {prefixes: [x]}}\nphases:\n  - {name: p, iters: 10, blend: {a: 1.0}, lr: {peak: 1.0}}\n"
+    )
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(f"name: s\nbase: {base}\nseq_length: 8\n{body}\n")
+    with pytest.raises(SweepError) as e:
+        load_sweep(str(sweep_file), str(tmp_path))
+    assert message in str(e.value) and str(sweep_file) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_slurm_array_script_is_shellcheck_clean_and_runs_the_right_task(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "tools/sweep.py", "run", str(CRYSTAL), "--slurm", "--dry-run", "--output", str(tmp_path)],
+        capture_output=True, text=True, cwd=REPO, timeout=120, env=subprocess_environment(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    script = tmp_path / "crystal_ablation" / "sweep.sbatch"
+    assert proc.stdout.strip().splitlines()[-1] == f"sbatch {script}"
+    text = script.read_text()
+    assert "#SBATCH --array=0-11" in text and "#SBATCH --requeue" in text
+    shellcheck = os.path.join(os.path.dirname(sys.executable), "shellcheck")
+    check = subprocess.run([shellcheck, "-x", "-P", str(REPO), str(script)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+    # Task 3 under a faked SLURM (launch.sh's dry run): the fourth run's phases file, seed and directory.
+    from test_launch import _slurm_env
+
+    env = _slurm_env(tmp_path, SLURM_ARRAY_TASK_ID="3", DRY_RUN="1")
+    task = subprocess.run(["bash", str(script)], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert task.returncode == 0, task.stderr
+    run = tmp_path / "crystal_ablation" / "fim_rate0_starcoder0.628_seed2"
+    node0 = next(line for line in task.stdout.splitlines() if line.startswith("node 0:"))
+    for flag in (f"--phases {run}/phases.yaml", f"--save {run}/checkpoints", "--seed 2", "--model crystal-1b",
+                 "--run-name fim_rate0_starcoder0.628_seed2", "--seq-length 2048"):  # fmt: skip
+        assert flag in node0, flag
+
+
+SMALL_SWEEP = """name: tiny
+base: {base}
+seq_length: 32
+global_batch_size: 8
+tokens: 1024                      # 4 steps of 8 x 32
+axes:
+  phases[1].blend.code: [0.2, 0.8]
+train: [--model, crystal-test, --tokenizer-model, {tokenizer}, --micro-batch-size, "4", --num-workers, "0",
+        --save-interval, "1"]
+nproc: 1
+eval_interval: 4
+end_tasks: humaneval_gold:4
+"""
+
+
+@pytest.mark.timeout(600)
+def test_a_sweep_interrupted_after_its_first_run_continues_without_repeating_it(tmp_path):
+    sweep_file = tmp_path / "tiny.yaml"
+    sweep_file.write_text(SMALL_SWEEP.format(base=REPO / "tests" / "data" / "phases_small.yaml",
+                                             tokenizer=REPO / "data" / "demo" / "crystal_demo.model"))  # fmt: skip
+    command = [sys.executable, "tools/sweep.py", "run", str(sweep_file), "--output", str(tmp_path)]
+    first = subprocess.Popen(command, cwd=REPO, env=subprocess_environment(), start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    done = tmp_path / "tiny" / "code0.2" / "DONE"
+    deadline = time.time() + 300
+    while not done.exists():
+        assert first.poll() is None, first.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # while the second run trains (or starts)
+    first.wait()
+    assert not (tmp_path / "tiny" / "code0.8" / "DONE").exists()
+    second = subprocess.run(command, cwd=REPO, env=subprocess_environment(), capture_output=True, text=True,
+                            timeout=400)  # fmt: skip
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "code0.2: done, skipped" in second.stdout and "code0.8: done in" in second.stdout
+    metrics = [json.loads(line) for line in open(tmp_path / "tiny" / "code0.2" / "metrics.jsonl")]
+    assert [m["iteration"] for m in metrics] == [1, 2, 3, 4]  # trained once
+    results = [json.loads(line) for line in open(tmp_path / "tiny" / "code0.8" / "eval_results.jsonl")]
+    assert {(r["run"], r["task"]) for r in results} >= {("code0.8", "valid/code"), ("code0.8", "humaneval_gold")}
+    command[2] = "report"
+    out = subprocess.run(command, cwd=REPO, env=subprocess_environment(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "tiny" / "report" / "plots" / "bpb_vs_code.png").exists()
+
+
+def test_the_report_compares_the_runs_against_the_varied_value(tmp_path):
+    """Fixture results for the code-share sweep: two seeds per share, the table and the plots."""
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(
+        f"name: s\nbase: {REPO / 'examples' / 'phases' / 'code_share_base.yaml'}\nseq_length: 256\n"
+        "axes:\n  phases[0].blend.code: [0.0, 0.5, 1.0]\n  seed: [1, 2]\n"
+    )
+    sweep = load_sweep(str(sweep_file), str(tmp_path))
+    for v in sweep.variants:
+        share, seed = v.overrides["phases[0].blend.code"], v.overrides["seed"]
+        run_dir = tmp_path / "s" / v.name
+        run_dir.mkdir(parents=True)
+        (run_dir / runner.DONE).write_text(json.dumps({"seconds": 60.0 + seed}))
+        rows = []
+        for it in (50, 100):
+            for task, value in (
+                ("valid/text", 2.0 + share - it / 1000),
+                ("valid/code", 3.0 - share - it / 1000 + seed / 100),
+            ):
+                record = {"run": v.name, "phase": "pretraining", "iteration": it, "tokens": it * 2048}
+                rows.append({**record, "task": task, "metric": "bpb", "value": value, "n": 32, "stderr": 0.05})
+        (run_dir / "eval_results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path, plots = report.write(sweep)
+    text = open(path).read()
+    assert "| code0.5_seed2 | 0.5 | 2 | 307,200 | 62 | 2.4000 ± 0.0500 | 2.4200 ± 0.0500 |" in text, text
+    assert sorted(os.path.basename(p) for p in plots if "/plots/" in p) == ["bpb_vs_code.png", "bpb_vs_seed.png"]
+    assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in plots)
+    # Averaged over the two seeds at each share, the spread of the two as the error bar.
+    finals = report.final_figures(report.sweep_records(sweep))
+    code = [finals[f"code{s:g}_seed{k}"][("valid/code", "bpb")]["value"] for s in (0.0,) for k in (1, 2)]
+    assert math.isclose(sum(code) / 2, 3.0 - 0.1 + 0.015)
