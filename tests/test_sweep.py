@@ -5,6 +5,7 @@ and the comparison report from fixture results."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -136,7 +137,13 @@ def test_a_sweep_interrupted_after_its_first_run_continues_without_repeating_it(
     sweep_file = tmp_path / "tiny.yaml"
     sweep_file.write_text(SMALL_SWEEP.format(base=REPO / "tests" / "data" / "phases_small.yaml",
                                              tokenizer=REPO / "data" / "demo" / "crystal_demo.model"))  # fmt: skip
-    command = [sys.executable, "tools/sweep.py", "run", str(sweep_file), "--output", str(tmp_path)]
+    command = [sys.executable, "tools/sweep.py", "plan", str(sweep_file), "--output", str(tmp_path), "--estimate"]
+    planned = subprocess.run(command, cwd=REPO, env=subprocess_environment(), capture_output=True, text=True)
+    assert planned.returncode == 0, planned.stderr
+    estimate = re.search(r"estimated training time on this machine: ([\d.]+) s ", planned.stdout)
+    assert estimate and 0 < float(estimate.group(1)) < 60, planned.stdout  # 2 runs x 4 steps of crystal-test
+    command[2] = "run"
+    command.remove("--estimate")
     first = subprocess.Popen(command, cwd=REPO, env=subprocess_environment(), start_new_session=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     done = tmp_path / "tiny" / "code0.2" / "DONE"

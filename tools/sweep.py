@@ -46,11 +46,21 @@ def plan(sweep, estimate: bool) -> None:
     per_token = _seconds_per_token(sweep) if estimate else None
     print(f"sweep {sweep.name}: {len(sweep.variants)} runs of {sweep.base} under {sweep.directory}")
     for variant, path in zip(sweep.variants, paths):
-        eta = f"  ~{variant.tokens * per_token / 60:.1f} min here" if per_token else ""
+        eta = f"  ~{_duration(variant.tokens * per_token)} here" if per_token else ""
         print(f"  {variant.name:32s} {variant.tokens:>14,} tokens  {path}{eta}")
     if per_token:
         total = sum(v.tokens for v in sweep.variants) * per_token
-        print(f"estimated training time on this machine: {total / 60:.1f} min (from a measured short run)")
+        print(f"estimated training time on this machine: {_duration(total)} (from a measured short run)")
+
+
+def _duration(seconds: float) -> str:
+    return (
+        f"{seconds:.1f} s"
+        if seconds < 120
+        else f"{seconds / 60:.1f} min"
+        if seconds < 7200
+        else f"{seconds / 3600:.1f} h"
+    )
 
 
 def _seconds_per_token(sweep) -> float:
@@ -62,17 +72,23 @@ def _seconds_per_token(sweep) -> float:
 
     with tempfile.TemporaryDirectory() as tmp:
         flags = train_flags(sweep, sweep.variants[0])
-        for flag in ("--save", "--load", "--metrics-jsonl", "--eval-results-jsonl"):
+        for flag in ("--save", "--load", "--save-interval", "--eval-interval", "--eval-tasks"):  # no side work
+            if flag in flags:
+                del flags[flags.index(flag) : flags.index(flag) + 2]
+        for flag in ("--metrics-jsonl", "--eval-results-jsonl"):
             flags[flags.index(flag) + 1] = os.path.join(tmp, flag.strip("-"))
-        if "--eval-interval" in flags:
-            flags[flags.index("--eval-interval") + 1] = "0"
-        flags += ["--train-iters", "6", "--log-interval", "3", "--save-interval", "1000"]
+        total = sum(int(p["iters"]) for p in sweep.variants[0].phases["phases"])
+        steps = min(6, total)  # the step time of the log line for its last half
+        flags += ["--train-iters", str(steps), "--log-interval", str(max(steps // 2, 1))]
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(sweep.nproc)]
         command += [os.path.join(REPO, "pretrain_crystal.py"), *flags]
         out = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     times = re.findall(r"step time ([\d.]+) ms", out.stdout)
     if out.returncode != 0 or not times:
-        raise RuntimeError(f"--estimate: the short run failed: {(out.stderr or out.stdout)[-500:]}")
+        from megatron_ext.sweeps.runner import SweepRunError
+
+        errors = [line for line in (out.stderr + out.stdout).splitlines() if "error:" in line]
+        raise SweepRunError(f"--estimate: the short run failed: {errors[-1] if errors else out.returncode}")
     return float(times[-1]) / 1000 / (sweep.global_batch_size * sweep.seq_length)
 
 
