@@ -257,17 +257,24 @@ def _phase(
     return PhaseSpec(name, iters, gbs, blend, fim, lr)
 
 
-def load_phases(
-    path: str, seq_length: int, default_global_batch_size: int, default_seed: int, has_fim_tokens: bool
-) -> PhasesConfig:
+def read_yaml_mapping(path: str, error: type[Exception], missing: str) -> dict:
+    """A YAML file that holds a mapping (a phases file, a sweep file), or `error` with one line."""
     if not os.path.isfile(path):
-        raise PhasesConfigError(f"--phases {path}: no such file")
+        raise error(missing)
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise PhasesConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    raw = _mapping(raw, path)
+        raise error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def load_phases(
+    path: str, seq_length: int, default_global_batch_size: int, default_seed: int, has_fim_tokens: bool
+) -> PhasesConfig:
+    raw = read_yaml_mapping(path, PhasesConfigError, f"--phases {path}: no such file")
     _only_keys(raw, {"seed", "validation_fraction", "sources", "phases"}, path)
     seed = _number(raw.get("seed", default_seed), f"{path}: seed", integer=True, low=0)
     validation = _number(raw.get("validation_fraction", 0.0), f"{path}: validation_fraction", low=0.0, high=0.5)

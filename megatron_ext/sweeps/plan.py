@@ -76,15 +76,9 @@ class Sweep:
 
 
 def load_sweep(path: str, output_root: str = "runs/sweeps") -> Sweep:
-    if not os.path.isfile(path):
-        raise SweepError(f"{path}: no such sweep file")
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise SweepError(f"{path}: expected a mapping")
+    from megatron_ext.data.phases_config import read_yaml_mapping
+
+    raw = read_yaml_mapping(path, SweepError, f"{path}: no such sweep file")
     unknown = sorted(set(raw) - SWEEP_KEYS)
     if unknown:
         raise SweepError(f"{path}: unknown key {unknown[0]!r}; known: {', '.join(sorted(SWEEP_KEYS))}")
@@ -94,10 +88,7 @@ def load_sweep(path: str, output_root: str = "runs/sweeps") -> Sweep:
     if ("axes" in raw) == ("variants" in raw):
         raise SweepError(f"{path}: give exactly one of 'axes' (a cross product) and 'variants' (named runs)")
     base = raw["base"] if os.path.isabs(raw["base"]) else os.path.normpath(raw["base"])
-    if not os.path.isfile(base):
-        raise SweepError(f"{path}: base {base}: no such phases file")
-    with open(base) as f:
-        base_phases = yaml.safe_load(f)
+    base_phases = read_yaml_mapping(base, SweepError, f"{path}: base {base}: no such phases file")
     seq, gbs = int(raw["seq_length"]), int(raw.get("global_batch_size", 8))
     budget = raw.get("tokens")
     named: list[tuple[str, dict]] = []
