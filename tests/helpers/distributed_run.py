@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,26 +70,70 @@ def torchrun_command(nproc: int, args: list[str], env_extra: dict | None = None)
     return cmd, subprocess_environment(env_extra)
 
 
+class _LaunchServer:
+    """launch_server.py, started on the first run and kept for the session (imports paid once)."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "helpers" / "launch_server.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=subprocess_environment(),
+            cwd=REPO,
+            start_new_session=True,
+        )
+        self.pending = b""
+        atexit.register(self.proc.kill)
+
+    def request(self, message: dict) -> None:
+        self.proc.stdin.write((json.dumps(message) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def reply(self, timeout: float | None) -> dict | None:
+        """The next answer line, or None if none came within timeout seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.pending:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            if not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise AssertionError("the tests' launch server died")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
+
+
+_server: _LaunchServer | None = None
+
+
 def train(
     nproc: int, args: list[str], timeout: float = 240, check: bool = True, env_extra: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """Run pretrain_crystal.py on nproc local ranks (fork_launch.py: torchrun's environment, one
-    import for all ranks); fail fast (timeout, the whole process group killed) rather than hang."""
-    cmd = [sys.executable, str(REPO / "tests" / "helpers" / "fork_launch.py"), str(nproc), *args]
+    """Run pretrain_crystal.py on nproc local ranks (fork_launch.launch, through launch_server.py:
+    torchrun's environment, the imports paid once per session); fail fast (timeout, the run's whole
+    process group killed) rather than hang."""
+    global _server
+    if _server is None or _server.proc.poll() is not None:
+        _server = _LaunchServer()
+    cmd = ["fork_launch.py", str(nproc), *args]
     env = subprocess_environment(dict(env_extra or {}, MASTER_PORT=str(free_port())))
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        _server.request({"nproc": nproc, "args": args, "env": env, "cwd": str(REPO), "stdout": out, "stderr": err})
+        pid = _server.reply(timeout=60)["pid"]
+        done = _server.reply(timeout)
+        if done is None:
+            os.killpg(pid, signal.SIGKILL)
+            _server.reply(None)
+        stdout, stderr = (open(path, errors="replace").read() for path in (out, err))
+    if done is None:
         raise AssertionError(f"{' '.join(cmd)} hung past {timeout}s:\n{stdout[-4000:]}\n{stderr[-8000:]}")
-    done = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-    if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{stdout[-4000:]}\n{stderr[-8000:]}")
-    return done
+    result = subprocess.CompletedProcess(cmd, done["code"], stdout, stderr)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{stdout[-4000:]}\n{stderr[-8000:]}")
+    return result
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -41,13 +41,18 @@ def _rank(rank: int, world_size: int, args: list[str]) -> None:
     sys.exit(pretrain_crystal.main())
 
 
-def launch(world_size: int, args: list[str]) -> int:
-    sys.path.insert(0, str(REPO))
+def preload() -> None:
+    """The imports every rank would otherwise repeat."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
     import pretrain_crystal  # noqa: F401  (first: it silences Megatron-Core's known warnings)
 
     # isort: split
-    import megatron_ext.training.loop  # noqa: F401  (the import every rank would otherwise repeat)
+    import megatron_ext.training.loop  # noqa: F401
 
+
+def launch(world_size: int, args: list[str]) -> int:
+    preload()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if os.getpgrp() != os.getpid():
         os.setpgrp()  # the group that the sweep below ends: the ranks and whatever they started
