@@ -152,3 +152,22 @@ def test_an_lr_flag_with_phases_is_an_error_not_dropped():
     assert (opt.lr, opt.min_lr, opt.lr_decay_style) == (5.0e-2, 5.0e-3, "cosine")  # the first phase's
     opt = _validate(["--model", "crystal-test", "--mock-data"]).optimizer
     assert (opt.lr, opt.min_lr, opt.lr_warmup_iters, opt.lr_decay_style) == (1.2e-2, 0.0, 0, "linear")
+
+
+def test_a_batch_size_flag_that_every_phase_overrides_is_an_error(tmp_path):
+    phases = tmp_path / "own_batches.yaml"
+    demo = REPO / "data" / "demo"
+    phases.write_text(
+        f"sources: {{text: {{prefixes: [{demo / 'text_text_document'}]}}}}\n"
+        "phases:\n  - {name: a, iters: 2, global_batch_size: 8, blend: {text: 1.0}, lr: {peak: 1.0e-3}}\n"
+        "  - {name: b, iters: 2, global_batch_size: 16, blend: {text: 1.0}, lr: {peak: 1.0e-3}}\n"
+    )
+    base = ["--model", "crystal-test", "--tokenizer-model", str(REPO / "data" / "demo" / "crystal_demo.model")]
+    with pytest.raises(ArgumentError) as e:
+        _validate(base + ["--phases", str(phases), "--global-batch-size", "16"])
+    assert str(e.value) == (
+        f"--global-batch-size 16: every phase of {phases} sets its own global_batch_size; drop the flag"
+    )
+    assert _validate(base + ["--phases", str(phases)]).optimizer.global_batch_size == 8
+    small = REPO / "tests" / "data" / "phases_small.yaml"  # its phases take the flag's batch size
+    assert _validate(base + ["--phases", str(small), "--global-batch-size", "16"]).optimizer.global_batch_size == 16

@@ -21,6 +21,7 @@ from megatron_ext.training.run_config import (
     LoggingSection,
     ModelSection,
     OptimizerSection,
+    ProfileSection,
     RunConfig,
     section,
 )
@@ -71,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--micro-batch-size", type=int, default=1)
-    g.add_argument("--global-batch-size", type=int, default=8)
+    g.add_argument(
+        "--global-batch-size", type=int, help="default 8; with --phases, the batch size of phases that give none"
+    )
     g.add_argument(
         "--train-iters", type=int, help="default: the phases' total with --phases, else 100; fewer stops the run early"
     )
@@ -212,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir")
+    g.add_argument(
+        "--profile",
+        action="store_true",
+        help="record a PyTorch profiler trace of the steps after --profile-step-start up to --profile-step-end, "
+        "on the --profile-ranks, as a Chrome trace in --tensorboard-dir (or --save, or the working directory)",
+    )
+    g.add_argument("--profile-step-start", type=int, default=10)
+    g.add_argument("--profile-step-end", type=int, default=12)
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0])
     g.add_argument("--metrics-jsonl", help="append one JSON line per step (loss, grad norm, lr) to this file")
     g.add_argument(
         "--log-data-hash",
@@ -292,7 +304,8 @@ def validate(args: argparse.Namespace, world_size: int) -> RunConfig:
         "lr: peak, min, warmup_iters, decay_iters, decay_style); drop the flag",
     )
     schedule = {key: getattr(args, key) for key in LR_FLAGS}
-    phases = _load_phases(args, crystal, tokenizer) if args.phases else None
+    gbs_flag = 8 if args.global_batch_size is None else args.global_batch_size
+    phases = _load_phases(args, crystal, tokenizer, gbs_flag) if args.phases else None
     if phases:
         first = phases.phases[0]
         schedule.update(
@@ -307,7 +320,7 @@ def validate(args: argparse.Namespace, world_size: int) -> RunConfig:
     batch_sizes = (
         [(f"{args.phases}: phases[{i}].global_batch_size", p.global_batch_size) for i, p in enumerate(phases.phases)]
         if phases
-        else [("--global-batch-size", args.global_batch_size)]
+        else [("--global-batch-size", gbs_flag)]
     )
     for where, gbs in batch_sizes:
         _check_batch(args.micro_batch_size, vp, where, gbs, dp, pp)
@@ -373,6 +386,10 @@ def validate(args: argparse.Namespace, world_size: int) -> RunConfig:
         args.keep_last_checkpoints is None or args.keep_last_checkpoints >= 1, "--keep-last-checkpoints must be >= 1"
     )
     _require(args.max_skipped_steps >= 1, "--max-skipped-steps must be >= 1")
+    _require(
+        not args.profile or 0 <= args.profile_step_start < args.profile_step_end,
+        f"--profile-step-start {args.profile_step_start} must be below --profile-step-end {args.profile_step_end}",
+    )
     _require(args.loss_spike_window == 0 or args.loss_spike_window >= 2, "--loss-spike-window must be 0 (off) or >= 2")
     _require(args.loss_spike_sigma > 0, "--loss-spike-sigma must be > 0")
     if args.save_interval is not None:
@@ -408,6 +425,7 @@ def validate(args: argparse.Namespace, world_size: int) -> RunConfig:
         optimizer=section(
             OptimizerSection, args, train_iters=train_iters, global_batch_size=batch_sizes[0][1], **schedule
         ),
+        profile=section(ProfileSection, args) if args.profile else None,
         data=section(
             DataSection,
             args,
@@ -484,21 +502,28 @@ def _check_batch(mbs: int, vp: int | None, where: str, gbs: int, dp: int, pp: in
         )
 
 
-def _load_phases(args: argparse.Namespace, crystal: CrystalConfig, tokenizer):
+def _load_phases(args: argparse.Namespace, crystal: CrystalConfig, tokenizer, gbs_flag: int):
     """The phases file, checked against the model, the flags and the tokenizer (FIM needs its tokens)."""
     from megatron_ext.data.fim import FimTokenIds
-    from megatron_ext.data.phases_config import PhasesConfigError, load_phases
+    from megatron_ext.data.phases_config import PhasesConfigError, load_phases, read_yaml_mapping
 
     try:
-        return load_phases(
+        config = load_phases(
             args.phases,
             crystal.seq_length,
-            args.global_batch_size,
+            gbs_flag,
             args.seed,
             has_fim_tokens=tokenizer is not None and FimTokenIds.of(tokenizer) is not None,
         )
+        raw = read_yaml_mapping(args.phases, PhasesConfigError, "")
     except PhasesConfigError as e:
         raise ArgumentError(str(e)) from None
+    _require(
+        args.global_batch_size is None or not all("global_batch_size" in p for p in raw["phases"]),
+        f"--global-batch-size {args.global_batch_size}: every phase of {args.phases} sets its own "
+        "global_batch_size; drop the flag",
+    )
+    return config
 
 
 def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:

@@ -218,6 +218,42 @@ class CheckpointCallback(Callback):
             checkpointing.write_text_atomically(os.path.join(self.save_dir, STOP_MARKER), str(trainer.iteration))
 
 
+class ProfilerCallback(Callback):
+    """--profile: torch.profiler over steps (start, end] on the chosen ranks (Megatron-LM's --profile-step-*
+    flags), written as a Chrome trace (chrome://tracing, Perfetto, TensorBoard's profiler plugin); stopped
+    in close() if the run ends inside the window."""
+
+    def __init__(self, run: RunConfig, directory: str):
+        self.section, self.directory, self.profiler = run.profile, directory, None
+        self.active = torch.distributed.get_rank() in self.section.profile_ranks
+
+    def post_step(self, trainer, step: StepResult) -> None:
+        if not self.active:
+            return
+        if step.iteration == self.section.profile_step_start:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities, record_shapes=True)
+            self.profiler.start()
+        elif step.iteration == self.section.profile_step_end and self.profiler is not None:
+            self.close()
+
+    def close(self) -> None:
+        if self.profiler is None:
+            return
+        self.profiler.stop()
+        os.makedirs(self.directory, exist_ok=True)
+        s = self.section
+        path = os.path.join(
+            self.directory,
+            f"profile_rank{torch.distributed.get_rank()}_steps{s.profile_step_start + 1}-{s.profile_step_end}.json",
+        )
+        self.profiler.export_chrome_trace(path)
+        self.profiler = None
+        print(f"profile of steps {s.profile_step_start + 1}-{s.profile_step_end}: {path}", flush=True)
+
+
 def build_callbacks(run: RunConfig, trainer) -> list[Callback]:
     metrics = MetricsCallback(run, trainer)
     callbacks: list[Callback] = [metrics]
@@ -225,4 +261,6 @@ def build_callbacks(run: RunConfig, trainer) -> list[Callback]:
         callbacks.append(EvaluationCallback(run, metrics))
     if run.checkpoint.save:
         callbacks.append(CheckpointCallback(run.checkpoint, metrics))
+    if run.profile:
+        callbacks.append(ProfilerCallback(run, run.logging.tensorboard_dir or run.checkpoint.save or os.getcwd()))
     return callbacks

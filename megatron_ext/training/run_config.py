@@ -135,6 +135,15 @@ class KernelSection:
 
 
 @dataclass(frozen=True)
+class ProfileSection:
+    """--profile: a PyTorch profiler trace of steps (profile_step_start, profile_step_end]."""
+
+    profile_step_start: int
+    profile_step_end: int
+    profile_ranks: list[int]
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelSection
     layout: LayoutSection
@@ -143,6 +152,7 @@ class RunConfig:
     checkpoint: CheckpointSection
     logging: LoggingSection
     kernels: KernelSection
+    profile: ProfileSection | None = None
 
     @property
     def crystal(self) -> CrystalConfig:
