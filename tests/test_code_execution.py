@@ -53,6 +53,7 @@ def test_hostile_programs_are_contained_and_fail(tmp_path):
         name: code.format(target=str(target), victim=str(victim), ppid=os.getpid()) for name, code in HOSTILE.items()
     }
     started = time.perf_counter()
+    # Tests that any program passes: whether each counts as failed is up to the sandbox alone.
     outcomes = check_many([(code, "assert True") for code in programs.values()], FAST, allowed=True, workers=4)
     for (name, _), outcome in zip(programs.items(), outcomes):
         assert not outcome.passed and outcome.status in ("failed", "timeout"), (name, outcome)
