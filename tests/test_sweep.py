@@ -200,3 +200,14 @@ def test_the_report_compares_the_runs_against_the_varied_value(tmp_path):
     finals = report.final_figures(report.sweep_records(sweep))
     code = [finals[f"code{s:g}_seed{k}"][("valid/code", "bpb")]["value"] for s in (0.0,) for k in (1, 2)]
     assert math.isclose(sum(code) / 2, 3.0 - 0.1 + 0.015)
+
+
+def test_a_save_interval_among_the_train_flags_reaches_the_slurm_script(tmp_path):
+    """It used to raise ValueError: the script looked for the interval among the flags it adds itself."""
+    text = CRYSTAL.read_text().replace(
+        "train: [--model, crystal-1b,", "train: [--save-interval, '500', --model, crystal-1b,"
+    )
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(text)
+    script = runner.slurm_script(load_sweep(str(sweep_file), str(tmp_path)))
+    assert "SAVE_INTERVAL=1000" in script and "--save-interval 500" in script

@@ -27,6 +27,15 @@ class IndexCacheError(RuntimeError):
     """A cache directory that cannot be used; the message is one line naming it."""
 
 
+def make_writable_directory(path: str) -> None:
+    """Create path and write a probe file in it: an OSError says why indices cannot be cached there."""
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".probe{os.getpid()}.{threading.get_ident()}")
+    with open(probe, "w"):
+        pass
+    os.remove(probe)
+
+
 def smallest_index_type(count: int):
     return np.int32 if count < 2**31 else np.int64
 
@@ -36,11 +45,7 @@ class IndexCache:
         digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = os.path.join(root, f"{identity['source']}-{digest}")
         try:
-            os.makedirs(self.dir, exist_ok=True)
-            probe = os.path.join(self.dir, f".probe{os.getpid()}")
-            with open(probe, "w"):
-                pass
-            os.remove(probe)
+            make_writable_directory(self.dir)
         except OSError as e:
             raise IndexCacheError(
                 f"--data-cache-path {root}: cannot write the data indices there ({e.strerror or e}); "

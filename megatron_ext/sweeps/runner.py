@@ -115,9 +115,11 @@ def slurm_script(sweep: Sweep) -> str:
         if not skip_value:
             shared.append(shlex.quote(arg))
     flags = run_flags(sweep, "@RUN_DIR@", "@VARIANT@", "@SEED@")
-    save = flags.index("--save-interval")
-    save_interval = sweep.slurm.get("save_interval", flags[save + 1])
-    del flags[save : save + 2]  # launch.sh's SAVE_INTERVAL
+    save_interval = sweep.slurm.get("save_interval", 1000)
+    if "--save-interval" in flags:  # not there when the sweep's train flags give it (then passed as given)
+        save = flags.index("--save-interval")
+        save_interval = sweep.slurm.get("save_interval", flags[save + 1])
+        del flags[save : save + 2]  # launch.sh's SAVE_INTERVAL
     per_run = [
         shlex.quote(a).replace("@RUN_DIR@", "$RUN_DIR").replace("@VARIANT@", "$VARIANT").replace("@SEED@", "$SEED")
         for a in flags

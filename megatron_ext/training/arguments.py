@@ -459,12 +459,10 @@ def _index_cache_dir(args: argparse.Namespace) -> str | None:
         os.path.join(args.data_cache_path, "phases") if args.data_cache_path else os.path.join(args.save, "data_cache")
     )
     flag = "--data-cache-path" if args.data_cache_path else "--save"
+    from megatron_ext.data.index_cache import make_writable_directory
+
     try:
-        os.makedirs(root, exist_ok=True)
-        probe = os.path.join(root, f".probe{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
+        make_writable_directory(root)
     except OSError as e:
         raise ArgumentError(f"{flag} {args.data_cache_path or args.save}: cannot write the data indices to {root} "
                             f"({e.strerror or e})") from None  # fmt: skip
