@@ -2,7 +2,10 @@
 """The data path at corpus scale: start-up time (cold and warm index cache), private memory (RssAnon) after
 start-up, and samples/s of the phased dataset, side by side with Megatron-Core's BlendedDataset of
 GPTDatasets on the same files, each in a fresh process, in one run; then the private memory of two
-processes that start on the same sources at once (two ranks of a node), for both.
+processes that start on the same sources at once (two ranks of a node), for both. Last, the data path of
+real training runs on the same files and on files a tenth their size, as the runs report it themselves:
+the ranks that read, set-up time, private memory added on reading and on other ranks (1 rank, TP2, PP2),
+and the memory each DataLoader worker holds of its own (2 and 4 workers).
 
 Two synthetic sources of --documents small documents each (8..56 tokens, 32 on average), written straight in
 Megatron's .bin/.idx format (its index writer, with the byte offsets computed as one cumulative sum: a
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -120,19 +124,99 @@ def measure(kind: str, prefixes: list[str], cache: str, samples: int, seq: int, 
     return out
 
 
+_PHASES = """seed: 1234
+sources:
+  text: {{prefixes: [{text}]}}
+  code: {{prefixes: [{code}]}}
+phases:
+  - name: bench
+    iters: {iters}
+    blend: {{text: 0.5, code: 0.5}}
+    lr: {{peak: 1.0e-3, min: 1.0e-4, warmup_iters: 1}}
+"""
+
+# Lines of pretrain_crystal.py (training/data_readers.py) with the figures the table takes.
+_SETUP = re.compile(
+    r"data: read on (\d+) of (\d+) ranks .*set up in ([\d.]+) s; .*: (-?[\d.]+) MB at most on a reader"
+    r"(?:, (-?[\d.]+) MB at most on the other ranks)?"
+)
+_WORKERS = re.compile(r"data: (\d+) DataLoader worker\(s\) per reading rank, (\d+) in all; .*: ([\d.]+) MB at most")
+
+
+def measure_runs(work: str, sources: dict[str, list[str]], seq: int, iters: int = 3) -> None:
+    """The data path of real training runs (pretrain_crystal.py, crystal-test, gloo on CPU) over the same
+    files: what it reports of itself after set-up (per rank, readers and the others) and after the first
+    step (per DataLoader worker), for one rank, TP2, PP2 and 2 or 4 workers; the index cache pre-built with
+    tools/build_data_cache.py, as a job would find it."""
+    import socket
+
+    print(f"\nreal runs' data path (sequence {seq}, index cache pre-built):")
+    print(f"{'':44s} {'readers':>8s} {'set-up s':>9s} {'reader MB':>10s} {'other MB':>9s} {'worker MB':>10s}")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    for label, prefixes in sources.items():
+        phases = os.path.join(work, f"phases_{label}.yaml")
+        with open(phases, "w") as f:
+            f.write(_PHASES.format(text=prefixes[0], code=prefixes[1], iters=iters))
+        cache = os.path.join(work, f"run_cache_{label}")
+        started = time.perf_counter()
+        subprocess.run(
+            [sys.executable, os.path.join(REPO, "tools", "build_data_cache.py"), "--phases", phases, "--seq-length",
+             str(seq), "--data-cache-path", cache], check=True, env=env, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        print(f"  {label}: tools/build_data_cache.py built the indices in {time.perf_counter() - started:.1f} s")
+        layouts = [("1 rank", 1, []), ("TP2, 2 ranks", 2, ["--tensor-model-parallel-size", "2"]),
+                   ("PP2, 2 ranks", 2, ["--pipeline-model-parallel-size", "2"])]  # fmt: skip
+        layouts += [(f"1 rank, {n} workers", 1, ["--num-workers", str(n)]) for n in (2, 4)]
+        for name, nproc, flags in layouts:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+                   str(port), os.path.join(REPO, "pretrain_crystal.py"), "--model", "crystal-test", "--vocab-size",
+                   "32032", "--seq-length", str(seq), "--phases", phases, "--data-cache-path", cache,
+                   "--micro-batch-size", "1", "--global-batch-size", "8", "--train-iters", str(iters),
+                   "--log-interval", str(iters), "--num-workers", "0", *flags]  # fmt: skip
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            setup = _SETUP.search(done.stdout)
+            if done.returncode or not setup:
+                raise SystemExit(f"data_scale.py: {label} {name} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+            workers = _WORKERS.search(done.stdout)
+            other = setup.group(5) or "-"
+            worker = f"{workers.group(3)}" if workers else "-"
+            print(
+                f"  {label + ': ' + name:42s} {setup.group(1) + '/' + setup.group(2):>8s} {float(setup.group(3)):9.2f} "
+                f"{setup.group(4):>10s} {other:>9s} {worker:>10s}"
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--documents", type=int, default=20_000_000, help="per source")
     p.add_argument("--samples", type=int, default=20000)
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--workdir", help="default: a temporary directory (about 3 GB at 2 x 10^7 documents)")
+    p.add_argument("--run-seq-length", type=int, default=256, help="of the real training runs")
+    p.add_argument("--runs-only", action="store_true", help="only the real runs' data path")
     args = p.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="data_scale_")
     started = time.perf_counter()
     prefixes = write_sources(work, args.documents)
     print(f"wrote 2 sources x {args.documents:,} documents in {time.perf_counter() - started:.0f} s under {work}")
+    if not args.runs_only:
+        compare_datasets(work, prefixes, args.samples, args.seq_length)
+    small_dir = os.path.join(work, "tenth")
+    os.makedirs(small_dir, exist_ok=True)
+    small = write_sources(small_dir, args.documents // 10)
+    sizes = {f"2 x {args.documents:,} docs": prefixes, f"2 x {args.documents // 10:,} docs": small}
+    measure_runs(work, sizes, args.run_seq_length)
+    if not args.workdir:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def compare_datasets(work: str, prefixes: list[str], n: int, seq: int) -> None:
     megatron_cache, ours_cache = os.path.join(work, "megatron_cache"), os.path.join(work, "ours_cache")
-    n, seq = args.samples, args.seq_length
     rows = {
         "Megatron-Core BlendedDataset, cold cache": measure("megatron", prefixes, megatron_cache, n, seq)[0],
         "Megatron-Core BlendedDataset, warm cache": measure("megatron", prefixes, megatron_cache, n, seq)[0],
@@ -158,10 +242,6 @@ def main() -> None:
         + "; phased "
         + ", ".join(f"{r['memory']:.0f}" for r in two_ours)
     )
-    if not args.workdir:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

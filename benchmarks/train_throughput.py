@@ -54,7 +54,7 @@ def measure(run, iters: int, warmup: int) -> tuple[float, list[float]]:
     trainer = Trainer(run, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     feed = data_feed.build(run)
     trainer.set_data(feed)
-    its = feed.train_iterators(len(trainer.model), iters)
+    its = trainer.train_iterators(iters)
     losses = []
     for i in range(iters):
         if i == warmup:

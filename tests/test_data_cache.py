@@ -92,6 +92,28 @@ def test_concurrent_builders_agree_and_leave_no_partial_files(synthetic, tmp_pat
     assert not [f for f in os.listdir(directory) if ".tmp" in f]
 
 
+def test_long_builds_say_what_they_build_and_found_indices_say_nothing(synthetic, tmp_path, capsys, monkeypatch):
+    """A line before and after each build over ANNOUNCED_DOCUMENTS documents (lowered here to this source's
+    size): the pool, its lengths and each epoch's orders; nothing once they are on disk, nothing below it."""
+    from megatron_ext.data import index_cache
+
+    spec = SourceSpec("source00", (synthetic["source00"],))
+    documents = SourceStream(spec, 16, 1).doc_ids.size
+    monkeypatch.setattr(index_cache, "ANNOUNCED_DOCUMENTS", documents)
+    SourceStream(spec, 16, 1, cache_dir=tmp_path).sample(0)
+    lines = capsys.readouterr().out.splitlines()
+    built = [line.split(" in ")[0] for line in lines if line.startswith("data: built ")]
+    assert built == ["data: built train_documents", "data: built train_lengths", "data: built train_epoch0 orders"]
+    assert (
+        lines[0] == f"data: building train_documents ({documents:,} documents) in {tmp_path}/" + os.listdir(tmp_path)[0]
+    )
+    SourceStream(spec, 16, 1, cache_dir=tmp_path).sample(0)  # found: silent
+    SourceStream(spec, 16, 2, cache_dir=tmp_path).sample(0)  # another seed: new indices, three builds
+    monkeypatch.setattr(index_cache, "ANNOUNCED_DOCUMENTS", documents + 1)
+    SourceStream(spec, 16, 3, cache_dir=tmp_path).sample(0)  # below the threshold: silent
+    assert capsys.readouterr().out.count("data: building") == 3
+
+
 def test_an_unwritable_cache_is_one_line_before_any_work(tmp_path):
     blocked = tmp_path / "a_file"
     blocked.write_text("")

@@ -419,12 +419,16 @@ def test_validation_is_per_source_in_bits_per_byte(straight):
 @pytest.mark.timeout(600)
 def test_validation_is_the_same_at_every_layout(tmp_path):
     """The per-source validation of the same weights at (TP, PP, DP) = (1, 1, 1) and (2, 2, 2): within 1e-5.
-    The 8-rank run resumes the single-process run's checkpoint of step 1, trains step 2 and evaluates."""
+    The 8-rank run resumes the single-process run's checkpoint of step 1, trains step 2 and evaluates.
+    There only tensor rank 0 of each stage's data-parallel ranks reads data (4 of 8 ranks), broadcasting to
+    its tensor group: step 2 reads the same samples (data hash) with the same loss, per source too."""
     ckpt, one, eight = tmp_path / "ckpt", tmp_path / "one.jsonl", tmp_path / "eight.jsonl"
     common = [*RUN, "--data-cache-path", str(tmp_path / "cache"), "--train-iters", "2", "--eval-interval", "1"]
     common += ["--eval-samples-per-source", "4", "--eval-tasks", "arc_easy:6,infill_single_gold:4"]
-    train(1, [*common, "--save", str(ckpt), "--save-interval", "1", "--eval-results-jsonl", str(one)])
-    train(
+    steps_one, steps_eight = tmp_path / "steps_one.jsonl", tmp_path / "steps_eight.jsonl"
+    single = train(1, [*common, "--save", str(ckpt), "--save-interval", "1", "--eval-results-jsonl", str(one),
+                       "--metrics-jsonl", str(steps_one)])  # fmt: skip
+    spread = train(
         8,
         [
             *common,
@@ -435,6 +439,8 @@ def test_validation_is_the_same_at_every_layout(tmp_path):
             "1",
             "--eval-results-jsonl",
             str(eight),
+            "--metrics-jsonl",
+            str(steps_eight),
         ],
         timeout=500,
     )
@@ -443,6 +449,14 @@ def test_validation_is_the_same_at_every_layout(tmp_path):
     assert set(got) == set(want) and len(want) == 5 + 3  # validation; arc_easy acc, acc_norm; infilling bpb
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-5), key
+    assert "data: read on 1 of 1 ranks" in single.stdout and "data: read on 4 of 8 ranks" in spread.stdout
+    [step_one] = [r for r in read_metrics(steps_one) if r["iteration"] == 2]
+    [step_eight] = read_metrics(steps_eight)
+    assert step_eight["data_hash"] == step_one["data_hash"]
+    assert step_eight["source_tokens"] == step_one["source_tokens"]
+    assert step_eight["lm_loss"] == pytest.approx(step_one["lm_loss"], rel=1e-5)
+    for name, loss in step_one["source_losses"].items():
+        assert step_eight["source_losses"][name] == pytest.approx(loss, rel=1e-5), name
 
 
 def test_phases_switch_inside_one_run(straight):

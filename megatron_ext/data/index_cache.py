@@ -19,8 +19,11 @@ import hashlib
 import json
 import os
 import threading
+import time
 
 import numpy as np
+
+ANNOUNCED_DOCUMENTS = 5_000_000  # builds over this many documents print a line before and after
 
 
 class IndexCacheError(RuntimeError):
@@ -88,12 +91,26 @@ class IndexCache:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    def array(self, name: str, build) -> np.ndarray:
+    @contextlib.contextmanager
+    def announced(self, what: str, documents: int):
+        """A line before and after a build over many documents (10^9 take minutes), so that a job's log
+        says what it waits on; smaller builds take under a second and say nothing."""
+        loud = documents >= ANNOUNCED_DOCUMENTS
+        if loud:
+            print(f"data: building {what} ({documents:,} documents) in {self.dir}", flush=True)
+        started = time.perf_counter()
+        yield
+        if loud:
+            print(f"data: built {what} in {time.perf_counter() - started:.1f} s", flush=True)
+
+    def array(self, name: str, build, documents: int = 0) -> np.ndarray:
         """The cached array, built (under the lock) if no process has yet."""
         if not self.has(name):
             with self.lock():
                 if not self.has(name):
-                    self.write(name, build())
+                    with self.announced(name, documents):
+                        array = build()
+                    self.write(name, array)
         return self.load(name)
 
     def meta(self, name: str, build) -> dict:

@@ -31,7 +31,7 @@ class PhasedDataset(torch.utils.data.Dataset):
         ]
         for stream in self.streams:
             if stream.samples_per_epoch == 0:
-                raise ValueError(
+                raise PhasesConfigError(
                     f"{config.path}: source {stream.spec.name!r} has {stream.tokens_per_epoch} {split} "
                     f"tokens, fewer than one sample of {seq_length + 1}"
                 )

@@ -90,7 +90,7 @@ class SourceStream:
         }
 
     def _index(self, name: str, build) -> np.ndarray:
-        return self.cache.array(name, build) if self.cache else build()
+        return self.cache.array(name, build, int(self._first_doc[-1])) if self.cache else build()
 
     def _build_documents(self) -> np.ndarray:
         """The pool's document ids (sorted): all, or a seeded subset, minus (or only) the held-out ones."""
@@ -129,7 +129,9 @@ class SourceStream:
         if not all(self.cache.has(n) for n in names):
             with self.cache.lock():
                 if not all(self.cache.has(n) for n in names):
-                    for name, array in zip(names, self._build_epoch(epoch)):
+                    with self.cache.announced(f"{self.split}_epoch{epoch} orders", len(self.doc_ids)):
+                        arrays = self._build_epoch(epoch)
+                    for name, array in zip(names, arrays):
                         self.cache.write(name, array)
         return tuple(self.cache.load(n) for n in names)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_ext import checkpointing
-from megatron_ext.training import distributed
+from megatron_ext.training import data_readers, distributed
 from megatron_ext.training.metrics import TrainingLogger
 from megatron_ext.training.run_config import CheckpointSection, RunConfig
 
@@ -46,7 +46,7 @@ class Callback:
 
 
 class MetricsCallback(Callback):
-    """The log line and TensorBoard on the logging rank (the last, which holds the loss), one JSON line
+    """The log line and TensorBoard on the logging rank (on the last stage, which holds the loss), one JSON line
     per step, skip reports. Side work (saves, evaluations) reports its time through exclude()."""
 
     def __init__(self, run: RunConfig, trainer):
@@ -254,11 +254,26 @@ class ProfilerCallback(Callback):
         print(f"profile of steps {s.profile_step_start + 1}-{s.profile_step_end}: {path}", flush=True)
 
 
+class DataWorkersCallback(Callback):
+    """After the first step, once the DataLoader workers have served batches: the memory each holds of
+    its own (data_readers.report_workers)."""
+
+    def __init__(self, num_workers: int):
+        self.num_workers, self.reported = num_workers, False
+
+    def post_step(self, trainer, step: StepResult) -> None:
+        if not self.reported:
+            self.reported = True
+            data_readers.report_workers(self.num_workers)
+
+
 def build_callbacks(run: RunConfig, trainer) -> list[Callback]:
     metrics = MetricsCallback(run, trainer)
     callbacks: list[Callback] = [metrics]
     if run.logging.eval_interval:
         callbacks.append(EvaluationCallback(run, metrics))
+    if run.data.num_workers:
+        callbacks.append(DataWorkersCallback(run.data.num_workers))
     if run.checkpoint.save:
         callbacks.append(CheckpointCallback(run.checkpoint, metrics))
     if run.profile:

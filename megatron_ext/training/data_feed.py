@@ -3,6 +3,8 @@
 - PhaseFeed: --phases, the phase schedule over per-source streams (phase switches inside the run,
   per-phase batch size and lr, per-source positions and bookkeeping in the checkpoint).
 Both keep Megatron's sample order, so the samples of a step do not depend on the parallel layout.
+Only the reading ranks (training/data_readers.py) build datasets; on the others a feed keeps the step
+count, the phase schedule and the checkpointed state, which need no data.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Protocol, runtime_checkable
 
-from megatron_ext.training import datasets
+from megatron_ext.training import data_readers, datasets
 from megatron_ext.training.run_config import RunConfig
 
 
@@ -23,12 +25,16 @@ class DataFeed(Protocol):
     source_names: list[str]  # sources with their own loss (empty for a plain blend)
     phase_name: str | None
     resume_note: str | None  # what changed since the checkpoint, when a resume could not be exact
+    reads: bool  # this rank built the datasets (a reading rank)
 
     def step_batch_size(self) -> int: ...
     def step_phase(self) -> int | None: ...
-    def train_iterators(self, chunks: int, steps: int) -> list: ...
+    def train_batches(self, steps: int):
+        """This data-parallel rank's micro-batches of the next `steps` steps (on a reading rank)."""
+
     def validation_set(self):
-        """The held-out samples every evaluation scores (evaluation/validation.py), built once."""
+        """The held-out samples every evaluation scores (evaluation/validation.py), built once; on every
+        rank the same number of batches, data only on the reading ranks."""
 
     def advance(self) -> None: ...
     def state_dict(self) -> dict: ...
@@ -46,7 +52,8 @@ class BlendFeed:
 
     def __init__(self, run: RunConfig):
         self.run = run
-        self.train, self.valid = datasets.build_datasets(run)
+        self.train, self.valid = datasets.build_datasets(run, data_readers.is_reader())
+        self.reads = self.train is not None
         self.consumed_samples = 0
         self._validation = None  # built at the first evaluation
 
@@ -56,8 +63,8 @@ class BlendFeed:
     def step_phase(self) -> int | None:
         return None
 
-    def train_iterators(self, chunks: int, steps: int) -> list:
-        return [datasets.micro_batches(self.train, self.consumed_samples, self.run) for _ in range(chunks)]
+    def train_batches(self, steps: int):
+        return datasets.micro_batches(self.train, self.consumed_samples, self.run)
 
     def validation_set(self):
         """The first --eval-iters batches of Megatron's validation split, the same at every evaluation
@@ -66,8 +73,11 @@ class BlendFeed:
             from megatron_ext.evaluation.validation import BlendValidation
 
             run = self.run
-            table = _byte_table(run)
-            self._validation = BlendValidation(self.valid, run.logging.eval_iters, self.step_batch_size(), table)
+            local = None
+            if self.reads:
+                table = _byte_table(run)
+                local = BlendValidation(self.valid, run.logging.eval_iters, self.step_batch_size(), table)
+            self._validation = data_readers.everywhere(local)
         return self._validation
 
     def advance(self) -> None:
@@ -92,7 +102,9 @@ class PhaseFeed:
         from megatron_ext.data.phase_schedule import PhaseSchedule
 
         self.run, self.config = run, run.data.phases_config
-        self.train, self.valid = datasets.build_phased_datasets(run)
+        built = data_readers.build_on_readers(lambda: datasets.build_phased_datasets(run))
+        self.train, self.valid = built or (None, None)
+        self.reads = built is not None
         self.schedule = PhaseSchedule(self.config)
         self.source_names = self.config.source_names
         self.consumed_samples = 0
@@ -119,8 +131,8 @@ class PhaseFeed:
     def step_batch_size(self) -> int:
         return self.schedule.next_step_batch_size()
 
-    def train_iterators(self, chunks: int, steps: int) -> list:
-        return [datasets.phased_micro_batches(self.train, self.schedule, steps, self.run) for _ in range(chunks)]
+    def train_batches(self, steps: int):
+        return datasets.phased_micro_batches(self.train, self.schedule, steps, self.run)
 
     def validation_set(self):
         """Every source on the same held-out samples at every evaluation, in batches of the run's first
@@ -130,7 +142,8 @@ class PhaseFeed:
 
             run = self.run
             n, batch = run.logging.eval_samples_per_source, run.optimizer.global_batch_size
-            self._validation = PhasesValidation(self.valid, n, batch, _byte_table(run))
+            local = PhasesValidation(self.valid, n, batch, _byte_table(run)) if self.valid is not None else None
+            self._validation = data_readers.everywhere(local)
         return self._validation
 
     def advance(self) -> None:

@@ -34,8 +34,9 @@ class DatasetTokenizerInfo:
         return {"class": type(self).__name__, "vocab_size": self.vocab_size, "eod": self.eod}
 
 
-def build_datasets(run: RunConfig):
-    """Returns (train, valid) GPTDatasets sized for the whole run."""
+def build_datasets(run: RunConfig, built_here: bool):
+    """Returns (train, valid) GPTDatasets sized for the whole run; (None, None) where not built_here.
+    Every rank calls it: Megatron-Core's builder holds the others at a barrier while rank 0 builds."""
     opt, logging, data = run.optimizer, run.logging, run.data
     train_samples = opt.train_iters * opt.global_batch_size
     eval_runs = opt.train_iters // logging.eval_interval + 1 if logging.eval_interval else 0
@@ -55,7 +56,7 @@ def build_datasets(run: RunConfig):
     )
     cls = MockGPTDataset if data.mock_data else GPTDataset
     train, valid, _ = BlendedMegatronDatasetBuilder(
-        cls, [train_samples, valid_samples, 0], lambda: True, config
+        cls, [train_samples, valid_samples, 0], lambda: built_here, config
     ).build()
     return train, valid
 

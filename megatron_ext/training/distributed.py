@@ -50,8 +50,14 @@ def initialize(run: RunConfig) -> torch.device:
 
 
 def is_logging_rank() -> bool:
-    """The last rank is on the last pipeline stage, where the loss is known."""
-    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+    """Tensor rank 0 of the last data-parallel rank of the last pipeline stage: the loss is known there,
+    and the data (its per-source scalars need the indices only reading ranks hold). At tensor-parallel
+    size 1 it is the last rank, as in Megatron-LM."""
+    return (
+        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == parallel_state.get_data_parallel_world_size() - 1
+    )
 
 
 def print_rank_0(message: str, error: bool = False) -> None:

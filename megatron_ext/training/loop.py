@@ -19,7 +19,7 @@ from megatron_ext.data.phases_config import PhasesConfigError
 from megatron_ext.evaluation import eval_set
 from megatron_ext.kernels.fp8_linear import end_fp8_step
 from megatron_ext.model.crystal_gpt import build_model, transformer_config
-from megatron_ext.training import data_feed, datasets, distributed, phase_lr
+from megatron_ext.training import data_feed, data_readers, datasets, distributed, phase_lr
 from megatron_ext.training.callbacks import StepResult, build_callbacks
 from megatron_ext.training.faults import StopRequest, UpdateGuard
 from megatron_ext.training.optimizer import build_optimizer
@@ -65,6 +65,8 @@ def make_forward_step(
     chunk that embeds them, on tensor-parallel rank 0) are appended to it. num_slots: an evaluation's."""
 
     def forward_step(data_iterator, model):
+        if data_iterator is None:  # a chunk between the first and the last stage: its input is the activations
+            return model(None, None, None), None
         batch = next(data_iterator)
         reader = getattr(model, "module", model).pre_process and parallel_state.get_tensor_model_parallel_rank() == 0
         if data_hashes is not None and reader:
@@ -141,6 +143,11 @@ class Trainer:
         self.data_hashes = [] if self.run.logging.log_data_hash else None
         self.forward_step = make_forward_step(self.device, len(feed.source_names), self.data_hashes)
 
+    def train_iterators(self, steps: int) -> list:
+        """One per model chunk (the interleaved schedule draws from each): the training batches of the
+        next `steps` steps where the chunk takes them (data_readers.chunk_iterators), None elsewhere."""
+        return data_readers.chunk_iterators(self.model, lambda: self.feed.train_batches(steps), self.device)
+
     def step_data_hash(self) -> int | None:
         """The sum over all ranks of the last training step's sample hashes."""
         if self.data_hashes is None:
@@ -185,10 +192,12 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, evaluation: eval_set.EvalSet) -> list[eval_set.Figure] | None:
         """An evaluation set's figures, forward only through the pipeline schedule (any layout); on the
-        last pipeline stage, None elsewhere."""
+        reading ranks of the last pipeline stage, None elsewhere."""
         for m in self.model:
             m.eval()
-        its = [datasets.micro_batches(evaluation, 0, self.run) for _ in self.model]
+        its = data_readers.chunk_iterators(
+            self.model, lambda: datasets.micro_batches(evaluation, 0, self.run), self.device
+        )
         forward_step = make_forward_step(self.device, num_slots=evaluation.num_slots)
         losses = []
         for _ in range(evaluation.steps):
@@ -197,7 +206,9 @@ class Trainer:
         for m in self.model:
             m.train()
         _, slots = _reduce_loss(losses, key="slots")
-        return None if slots is None else evaluation.figures(slots.cpu().numpy())
+        if slots is None or not data_readers.is_reader():  # the sets' rows are on the reading ranks
+            return None
+        return evaluation.figures(slots.cpu().numpy())
 
     def current_lr(self) -> float:
         return next(g["lr"] for g in self.optimizer.param_groups if g.get("default_config", True))
@@ -326,11 +337,15 @@ def _train(run: RunConfig, device: torch.device) -> int:
         + (" (phase 1's batch)" if run.data.phases else "")
     )
     distributed.print_rank_0(_describe_path(run))
-    feed = data_feed.build(run)
-    trainer.set_data(feed)
+    setup = data_readers.SetupCost()
+    with setup:
+        feed = data_feed.build(run)
+        trainer.set_data(feed)
     if run.checkpoint.load:
         trainer.load()
-    train_its = feed.train_iterators(len(trainer.model), opt.train_iters - trainer.iteration)
+    with setup:
+        train_its = trainer.train_iterators(opt.train_iters - trainer.iteration)
+    setup.report(feed.reads)
 
     callbacks = build_callbacks(run, trainer)
     try:
