@@ -92,8 +92,7 @@ else:
     config = PhasesConfig("benchmark", 1234, 0.0, sources, (phase,))
     before = rss_anon_mb(); start = time.perf_counter()
     data = PhasedDataset(config, seq, cache_dir=None if cache == "-" else cache)
-    for stream in data.streams:
-        stream.sample(0)
+    data.open_epochs({})  # as the trainer does before its first batch
     startup, memory = time.perf_counter() - start, rss_anon_mb() - before
     schedule = PhaseSchedule(config)
     start = time.perf_counter()

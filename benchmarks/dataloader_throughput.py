@@ -88,8 +88,7 @@ def phased(args, fim: bool, tokenizer):
     start = time.perf_counter()
     dataset = PhasedDataset(config, args.seq_length, tokenizer)
     schedule = PhaseSchedule(config)
-    for stream in dataset.streams:  # the first sample of every source: its first epoch's order is built
-        stream.sample(0)
+    dataset.open_epochs({})  # every source's first epoch's order is built, as the trainer does
     return dataset, schedule, time.perf_counter() - start
 
 

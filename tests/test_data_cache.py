@@ -66,6 +66,9 @@ def test_the_demo_stream_is_the_pinned_revisions(tmp_path):
         for split in ("train", "valid"):
             want = stream_digest(pinned.SourceStream(spec, 256, 1234, 0.02, split))
             assert stream_digest(SourceStream(spec, 256, 1234, 0.02, split, cache_dir=tmp_path)) == want
+        # Nothing held out (Crystal's recipe): the pool is every document, taken without its permutation.
+        want = stream_digest(pinned.SourceStream(spec, 256, 1234, 0.0))
+        assert stream_digest(SourceStream(spec, 256, 1234, 0.0, cache_dir=tmp_path)) == want
 
 
 def test_a_rewritten_file_gets_new_indices(synthetic, tmp_path):
@@ -90,6 +93,31 @@ def test_concurrent_builders_agree_and_leave_no_partial_files(synthetic, tmp_pat
     assert len(set(digests)) == 1 and digests[0] == _build_in_process((synthetic["source05"], None))
     (directory,) = list(tmp_path.iterdir())
     assert not [f for f in os.listdir(directory) if ".tmp" in f]
+
+
+def test_a_filesystem_without_flock_still_builds_and_maps(synthetic, tmp_path, monkeypatch):
+    """Lustre mounted without -o flock answers flock with ENOSYS: the build goes on unlocked (a concurrent
+    builder would write the same bytes under another temporary name); another OSError is not swallowed."""
+    import errno
+
+    from megatron_ext.data import index_cache
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(index_cache.fcntl, "flock", no_flock)
+    spec = SourceSpec("source05", (synthetic["source05"],))
+    assert stream_digest(SourceStream(spec, 16, 5, 0.1, cache_dir=tmp_path)) == stream_digest(
+        SourceStream(spec, 16, 5, 0.1)
+    )
+    assert isinstance(SourceStream(spec, 16, 5, 0.1, cache_dir=tmp_path).doc_ids.base, np.memmap)
+
+    def broken(fd, operation):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(index_cache.fcntl, "flock", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        SourceStream(spec, 16, 6, 0.1, cache_dir=tmp_path)
 
 
 def test_long_builds_say_what_they_build_and_found_indices_say_nothing(synthetic, tmp_path, capsys, monkeypatch):

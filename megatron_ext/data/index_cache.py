@@ -14,6 +14,7 @@ in the background could not take part in.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -23,6 +24,7 @@ import time
 
 import numpy as np
 
+_NO_FLOCK = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK}  # what flock raises where a filesystem lacks it
 ANNOUNCED_DOCUMENTS = 5_000_000  # builds over this many documents print a line before and after
 
 
@@ -83,12 +85,22 @@ class IndexCache:
 
     @contextlib.contextmanager
     def lock(self):
+        """Exclusive among processes where the filesystem supports flock; where it does not (Lustre
+        mounted without -o flock, NFS without a lock manager) builders may overlap, which costs time,
+        not correctness (deterministic builds, atomic renames)."""
         fd = os.open(os.path.join(self.dir, ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
+        locked = False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                locked = True
+            except OSError as e:
+                if e.errno not in _NO_FLOCK:
+                    raise
             yield
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
     @contextlib.contextmanager

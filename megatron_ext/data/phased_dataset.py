@@ -9,6 +9,8 @@ Every rank walks its own copy of the schedule, so the data of a step does not de
 from __future__ import annotations
 
 import copy
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -25,10 +27,10 @@ class PhasedDataset(torch.utils.data.Dataset):
     ):
         """cache_dir: the sources' indices on disk (data/index_cache.py); None: in this process's memory."""
         self.config = config
-        self.streams = [
-            SourceStream(spec, seq_length, config.seed, config.validation_fraction, split, cache_dir)
-            for spec in config.sources.values()
-        ]
+        self.streams = _side_by_side(
+            lambda spec: SourceStream(spec, seq_length, config.seed, config.validation_fraction, split, cache_dir),
+            list(config.sources.values()),
+        )
         for stream in self.streams:
             if stream.samples_per_epoch == 0:
                 raise PhasesConfigError(
@@ -64,6 +66,12 @@ class PhasedDataset(torch.utils.data.Dataset):
             "source_id": torch.tensor(ref.source),
         }
 
+    def open_epochs(self, positions: dict[str, int]) -> None:
+        """Every source's indices for the epoch its next sample (positions: samples read) lies in, the
+        sources side by side, before the first batch is asked for (and before DataLoader workers fork, so
+        that they inherit the maps)."""
+        _side_by_side(lambda stream: stream.open_epoch_of(positions.get(stream.spec.name, 0)), self.streams)
+
     def epochs_read(self, iters: int | None = None) -> dict[str, float]:
         """Per source, the epochs that the first `iters` iterations (default: all phases) read of it."""
         needed = {name: 0.0 for name in self.config.sources}
@@ -86,6 +94,16 @@ class PhasedDataset(torch.utils.data.Dataset):
                     f"iterations read {run[spec.name]:.2f} epochs of it ({stream.samples_per_epoch} samples each; "
                     f"all the phases: {whole[spec.name]:.2f})"
                 )
+
+
+def _side_by_side(build, items: list) -> list:
+    """build over items in threads: the index builds are numpy permutations, gathers and cumulative sums,
+    which release the GIL, so sources build on as many cores. At most 8 at once: each holds its
+    temporaries (about 20 bytes per document) until it is written."""
+    if len(items) <= 1:
+        return [build(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1, 8)) as pool:
+        return list(pool.map(build, items))
 
 
 class PhaseBatchSampler(torch.utils.data.Sampler):

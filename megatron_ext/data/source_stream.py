@@ -95,6 +95,9 @@ class SourceStream:
     def _build_documents(self) -> np.ndarray:
         """The pool's document ids (sorted): all, or a seeded subset, minus (or only) the held-out ones."""
         total = int(self._first_doc[-1])
+        if self.spec.subset == 1.0 and int(round(self.validation_fraction * total)) == 0:
+            # Every document (Crystal's recipe holds none out): the ids the permutation below would sort back.
+            return np.arange(total if self.split == "train" else 0, dtype=smallest_index_type(total))
         pool = np.random.default_rng([self.seed, self.key, _POOL_STREAM]).permutation(total)
         pool = pool[: math.ceil(self.spec.subset * len(pool))]
         n_valid = int(round(self.validation_fraction * len(pool)))
@@ -138,6 +141,10 @@ class SourceStream:
     def prepare(self, epoch: int) -> None:
         """Build (or find) an epoch's indices without reading a sample: tools/build_data_cache.py."""
         self._epoch_arrays(epoch)
+
+    def open_epoch_of(self, k: int) -> None:
+        """Have the indices of the epoch holding sample k at hand (built or mapped) before it is read."""
+        self._epoch(k // self.samples_per_epoch)
 
     def _build_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, self.key, _EPOCH_STREAM, epoch])

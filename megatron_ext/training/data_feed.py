@@ -132,6 +132,7 @@ class PhaseFeed:
         return self.schedule.next_step_batch_size()
 
     def train_batches(self, steps: int):
+        self.train.open_epochs(self.schedule.state.positions)
         return datasets.phased_micro_batches(self.train, self.schedule, steps, self.run)
 
     def validation_set(self):
