@@ -3,9 +3,11 @@ cache (recorded digests for 13 synthetic sources; the demo corpus against the pi
 built once and memory-mapped, rebuilt when a file changes, safe with concurrent builders, and an
 unwritable cache is one line."""
 
+import io
 import json
 import multiprocessing
 import os
+import pickle
 import subprocess
 import sys
 import types
@@ -93,6 +95,41 @@ def test_concurrent_builders_agree_and_leave_no_partial_files(synthetic, tmp_pat
     assert len(set(digests)) == 1 and digests[0] == _build_in_process((synthetic["source05"], None))
     (directory,) = list(tmp_path.iterdir())
     assert not [f for f in os.listdir(directory) if ".tmp" in f]
+
+
+def _pickled_arrays(blob: bytes) -> int:
+    """How many numpy arrays a pickle rebuilds (each by numpy's array reconstructor)."""
+    made = []
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            found = super().find_class(module, name)
+            if name != "_reconstruct":
+                return found
+
+            def reconstruct(*args):
+                made.append(args)
+                return found(*args)
+
+            return reconstruct
+
+    Recorder(io.BytesIO(blob)).load()
+    return len(made)
+
+
+def test_a_stream_pickled_for_a_spawned_worker_maps_its_files_again(synthetic, tmp_path):
+    """A DataLoader worker started by spawn or forkserver (Python 3.14's default) gets the stream through a
+    pickle: with a cache it carries no index and no token (they are mapped again there); in memory it
+    carries the indices it cannot find elsewhere."""
+    spec = SourceSpec("source03", (synthetic["source03"], synthetic["source04"]))
+    cached, in_memory = (SourceStream(spec, 16, 1234, 0.1, cache_dir=c) for c in (tmp_path, None))
+    for stream in (cached, in_memory):
+        stream.sample(0)  # an epoch open: not pickled either
+    blob, full = pickle.dumps(cached), pickle.dumps(in_memory)
+    assert _pickled_arrays(blob) == 0 and _pickled_arrays(full) == 2  # the in-memory pool and its lengths
+    again = pickle.loads(blob)
+    assert isinstance(again.doc_ids.base, np.memmap) and isinstance(again._tokens[0].base, np.memmap)
+    assert stream_digest(again) == stream_digest(cached) == stream_digest(pickle.loads(full))
 
 
 def test_a_filesystem_without_flock_still_builds_and_maps(synthetic, tmp_path, monkeypatch):

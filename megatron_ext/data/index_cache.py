@@ -108,12 +108,13 @@ class IndexCache:
         """A line before and after a build over many documents (10^9 take minutes), so that a job's log
         says what it waits on; smaller builds take under a second and say nothing."""
         loud = documents >= ANNOUNCED_DOCUMENTS
+        # One write per line (end=""): sources building side by side in threads must not interleave them.
         if loud:
-            print(f"data: building {what} ({documents:,} documents) in {self.dir}", flush=True)
+            print(f"data: building {what} ({documents:,} documents) in {self.dir}\n", end="", flush=True)
         started = time.perf_counter()
         yield
         if loud:
-            print(f"data: built {what} in {time.perf_counter() - started:.1f} s", flush=True)
+            print(f"data: built {what} in {time.perf_counter() - started:.1f} s\n", end="", flush=True)
 
     def array(self, name: str, build, documents: int = 0) -> np.ndarray:
         """The cached array, built (under the lock) if no process has yet."""

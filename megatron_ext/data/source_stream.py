@@ -46,6 +46,31 @@ class Segment:
     ends_document: bool  # the run includes the document's last (end-of-document) token
 
 
+class Runs:
+    """A sample's document runs as arrays (one gather builds them); iterating gives Segments, made only
+    where they are asked for (FIM, tools/data_trace.py)."""
+
+    __slots__ = ("doc_ids", "doc_offsets", "starts", "lengths", "ends_document")
+
+    def __init__(self, doc_ids, doc_offsets, starts, lengths, ends_document):
+        self.doc_ids, self.doc_offsets, self.starts = doc_ids, doc_offsets, starts
+        self.lengths, self.ends_document = lengths, ends_document
+
+    def __len__(self) -> int:
+        return len(self.doc_ids)
+
+    def __iter__(self):
+        columns = (self.doc_ids, self.doc_offsets, self.starts, self.lengths, self.ends_document)
+        for values in zip(*(c.tolist() for c in columns)):
+            yield Segment(*values)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenation of arange(start, start + length) over the runs, without a Python loop."""
+    before = np.cumsum(lengths) - lengths
+    return np.repeat(starts - before, lengths) + np.arange(int(lengths.sum()))
+
+
 def _modified(prefix: str) -> list[int]:
     return [os.stat(prefix + ext).st_mtime_ns for ext in (".idx", ".bin")]
 
@@ -64,8 +89,7 @@ class SourceStream:
         that reads the source); None builds them in this process's memory."""
         self.spec, self.seq_length, self.seed, self.key = spec, seq_length, seed, source_key(spec.name)
         self.validation_fraction, self.split = validation_fraction, split
-        self.datasets = [open_indexed(prefix) for prefix in spec.prefixes]
-        self._first_doc = np.cumsum([0] + [len(ds) for ds in self.datasets])
+        self._open_files()
         self.cache = IndexCache(cache_dir, self._identity()) if cache_dir else None
         self.doc_ids = self._index(f"{split}_documents", self._build_documents)
         self.doc_lengths = self._index(f"{split}_lengths", self._build_lengths)
@@ -75,6 +99,36 @@ class SourceStream:
         self.samples_per_epoch = max(self.tokens_per_epoch - 1, 0) // seq_length
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._ahead: threading.Thread | None = None
+
+    def _open_files(self) -> None:
+        self.datasets = [open_indexed(prefix) for prefix in self.spec.prefixes]
+        self._first_doc = np.cumsum([0] + [len(ds) for ds in self.datasets])
+        # Each file's tokens and where its documents start in them, both memory-mapped: a sample's runs
+        # are gathered at once (IndexedDataset.get reads one document per call).
+        self._tokens = [
+            # A plain view of the map: np.memmap's own indexing costs more than the gather itself.
+            np.memmap(prefix + ".bin", dtype=ds.index.dtype, mode="r").view(np.ndarray)
+            if os.path.getsize(prefix + ".bin") else np.zeros(0, dtype=ds.index.dtype)  # empty: cannot be mapped
+            for prefix, ds in zip(self.spec.prefixes, self.datasets)
+        ]  # fmt: skip
+        self._pointers = [ds.index.sequence_pointers for ds in self.datasets]  # in bytes
+
+    def __getstate__(self) -> dict:
+        """For a DataLoader worker started by spawn or forkserver (Python 3.14's default): the files and the
+        cached indices are mapped again there, not copied through the pickle (in-memory indices are)."""
+        opened = ("datasets", "_first_doc", "_tokens", "_pointers")  # by _open_files
+        state = {k: v for k, v in self.__dict__.items() if k not in opened}
+        state["_epochs"], state["_ahead"] = {}, None
+        if self.cache is not None:
+            del state["doc_ids"], state["doc_lengths"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._open_files()
+        if self.cache is not None:
+            self.doc_ids = self.cache.load(f"{self.split}_documents")
+            self.doc_lengths = self.cache.load(f"{self.split}_lengths")
 
     def _identity(self) -> dict:
         """What the indices depend on: a change to any of it builds new ones (never reuses old ones)."""
@@ -167,36 +221,38 @@ class SourceStream:
             self._build_ahead(epoch + 1)
         return epoch, int(self._epoch(epoch)[2][i])
 
-    def _read(self, doc_id: int, offset: int, length: int) -> np.ndarray:
-        if len(self.datasets) == 1:
-            return self.datasets[0].get(doc_id, offset=offset, length=length)
-        prefix = int(np.searchsorted(self._first_doc, doc_id, side="right")) - 1
-        return self.datasets[prefix].get(int(doc_id - self._first_doc[prefix]), offset=offset, length=length)
-
-    def sample(self, k: int) -> tuple[np.ndarray, list[Segment], int]:
+    def sample(self, k: int) -> tuple[np.ndarray, Runs, int]:
         """Tokens [seq_length + 1] of sample k, the document runs they come from, and the epoch."""
         epoch, j = self.locate(k)
         return (*self.packed(epoch, j), epoch)
 
-    def packed(self, epoch: int, j: int) -> tuple[np.ndarray, list[Segment]]:
+    def packed(self, epoch: int, j: int) -> tuple[np.ndarray, Runs]:
         """The j-th sample of the epoch's packed token stream, and its document runs."""
         order, ends, _ = self._epoch(epoch)
         start, stop = j * self.seq_length, j * self.seq_length + self.seq_length + 1
         first = int(np.searchsorted(ends, start, side="right"))
         last = int(np.searchsorted(ends, stop - 1, side="right"))  # the document holding the last token
-        # The sample's documents and their ends as Python ints, read from the (memory-mapped) arrays at once.
-        docs = order[first : last + 1].tolist()
-        doc_ends = ends[first : last + 1].tolist()
-        position = start
-        doc_start = int(ends[first - 1]) if first else 0
-        tokens, segments = [], []
-        for doc, end in zip(docs, doc_ends):
-            offset = position - doc_start
-            length = min(end - position, stop - position)
-            tokens.append(self._read(doc, offset, length))
-            segments.append(Segment(doc, offset, position - start, length, ends_document=position + length == end))
-            position, doc_start = position + length, end
-        return np.concatenate(tokens).astype(np.int64), segments
+        docs = np.asarray(order[first : last + 1], dtype=np.int64)
+        doc_ends = np.asarray(ends[first : last + 1], dtype=np.int64)
+        doc_starts = np.empty_like(doc_ends)
+        doc_starts[0] = ends[first - 1] if first else 0
+        doc_starts[1:] = doc_ends[:-1]
+        run_starts = np.maximum(doc_starts, start)
+        run_ends = np.minimum(doc_ends, stop)
+        offsets, lengths = run_starts - doc_starts, run_ends - run_starts
+        tokens = np.empty(stop - start, dtype=np.int64)
+        if len(self.datasets) == 1:
+            files, local = np.zeros(len(docs), dtype=np.int64), docs
+        else:
+            files = np.searchsorted(self._first_doc, docs, side="right") - 1
+            local = docs - self._first_doc[files]
+        for f in np.unique(files).tolist():
+            mine = files == f
+            itemsize = self._tokens[f].dtype.itemsize
+            in_file = self._pointers[f][local[mine]] // itemsize + offsets[mine]
+            tokens[_ranges(run_starts[mine] - start, lengths[mine])] = self._tokens[f][_ranges(in_file, lengths[mine])]
+        runs = Runs(docs, offsets, run_starts - start, lengths, run_ends == doc_ends)
+        return tokens, runs
 
     def consumed(self, k: int) -> dict:
         """What the first k samples used: tokens, epochs (fractional), and documents: every document once
