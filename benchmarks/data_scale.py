@@ -52,11 +52,6 @@ def write_sources(directory: str, documents: int, seed: int = 0) -> list[str]:
     return prefixes
 
 
-def rss_anon_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 1024
-
-
 # One measurement, in a fresh process: start-up (first sample in hand), the RssAnon it added, samples/s.
 _CHILD = r"""
 import json, os, sys, time
@@ -64,7 +59,7 @@ sys.path.insert(0, REPO)
 from megatron_ext.upstream_warnings import silence
 silence()
 import numpy as np, torch
-from benchmarks.data_scale import rss_anon_mb
+from megatron_ext.process_memory import private_memory_mb
 kind, prefixes, cache = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
 samples, seq = int(sys.argv[4]), int(sys.argv[5])
 if kind == "megatron":
@@ -72,13 +67,13 @@ if kind == "megatron":
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron_ext.training.datasets import DatasetTokenizerInfo
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-    before = rss_anon_mb(); start = time.perf_counter()
+    before = private_memory_mb(); start = time.perf_counter()
     config = GPTDatasetConfig(random_seed=1234, sequence_length=seq, blend=(prefixes, [0.5, 0.5]), split="100,0,0",
         path_to_cache=cache, tokenizer=DatasetTokenizerInfo(vocab_size=32032), reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False, mid_level_dataset_surplus=0.005)
     data, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [samples, 0, 0], lambda: True, config).build()
     data[0]
-    startup, memory = time.perf_counter() - start, rss_anon_mb() - before
+    startup, memory = time.perf_counter() - start, private_memory_mb() - before
     start = time.perf_counter()
     for i in range(samples):
         data[i]
@@ -90,10 +85,10 @@ else:
     sources = {n: SourceSpec(n, (p,)) for n, p in zip(("text", "code"), prefixes)}
     phase = PhaseSpec("bench", -(-samples // 8), 8, {"text": 0.5, "code": 0.5}, {}, LRSpec(peak=1e-3))
     config = PhasesConfig("benchmark", 1234, 0.0, sources, (phase,))
-    before = rss_anon_mb(); start = time.perf_counter()
+    before = private_memory_mb(); start = time.perf_counter()
     data = PhasedDataset(config, seq, cache_dir=None if cache == "-" else cache)
     data.open_epochs({})  # as the trainer does before its first batch
-    startup, memory = time.perf_counter() - start, rss_anon_mb() - before
+    startup, memory = time.perf_counter() - start, private_memory_mb() - before
     schedule = PhaseSchedule(config)
     start = time.perf_counter()
     for i in range(samples):

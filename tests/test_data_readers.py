@@ -81,3 +81,24 @@ def _check_readers():
 @pytest.mark.timeout(180)
 def test_tensor_rank_0_of_the_first_and_last_stage_reads_and_the_group_receives():
     run_in_process_group(_check_readers, world_size=6, tp=2, pp=3, timeout=150)
+
+
+def test_process_memory_sees_a_childs_own_pages():
+    """The workers' report reads /proc: a child that writes 64 MB of its own is found among this process's
+    children and holds that much unshared (and not much more: an interpreter's own pages)."""
+    import subprocess
+    import sys
+
+    from megatron_ext.process_memory import child_processes, unshared_memory_mb
+
+    code = "import sys; b = bytearray(64 << 20); b[::4096] = b'x' * len(b[::4096]); print('ready', flush=True)"
+    code += "; sys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        assert child.pid in child_processes()
+        assert 64 <= unshared_memory_mb(child.pid) < 64 + 64  # its buffer, and an interpreter's own pages
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+    assert child.pid not in child_processes()

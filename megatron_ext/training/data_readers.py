@@ -10,7 +10,6 @@ on readers: rank 0 and the logging rank (distributed.is_logging_rank) are both.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable, Iterator
 
@@ -19,6 +18,7 @@ from megatron.core import parallel_state
 
 from megatron_ext.data.index_cache import IndexCacheError
 from megatron_ext.data.phases_config import PhasesConfigError
+from megatron_ext.process_memory import child_processes, private_memory_mb, unshared_memory_mb
 
 
 def is_reader() -> bool:
@@ -188,34 +188,3 @@ def report_workers(num_workers: int) -> None:
             f"unshared (Private_Dirty): {max(sizes):.1f} MB at most, {sum(sizes) / len(sizes):.1f} MB on average",
             flush=True,
         )
-
-
-def private_memory_mb(pid: int | str = "self") -> float:
-    """Anonymous memory resident in a process (RssAnon): what it holds that no file backs."""
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 1024
-
-
-def unshared_memory_mb(pid: int) -> float:
-    """Pages a process alone has written (Private_Dirty): for a forked DataLoader worker, what it copied
-    or allocated since the fork; the pages it still shares with the rank are not counted (RssAnon would
-    count the rank's whole heap again in every worker)."""
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("Private_Dirty")) / 1024
-
-
-def child_processes(pid: int | None = None) -> list[int]:
-    """This process's children (its DataLoader workers)."""
-    pid = pid or os.getpid()
-    children = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:  # gone meanwhile
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            children.append(int(entry))
-    return children
