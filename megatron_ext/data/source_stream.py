@@ -56,9 +56,6 @@ class Runs:
         self.doc_ids, self.doc_offsets, self.starts = doc_ids, doc_offsets, starts
         self.lengths, self.ends_document = lengths, ends_document
 
-    def __len__(self) -> int:
-        return len(self.doc_ids)
-
     def __iter__(self):
         columns = (self.doc_ids, self.doc_offsets, self.starts, self.lengths, self.ends_document)
         for values in zip(*(c.tolist() for c in columns)):
