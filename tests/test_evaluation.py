@@ -24,6 +24,11 @@ TEXTS = [
 def _hf_tokenizer(tmp_path, kind: str) -> HuggingFaceTokenizer:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+    if kind == "exported":  # the demo model's tokenizer.json form, as the export writes it
+        from megatron_ext.tokenizer.hf_pipeline import save_tokenizer_json
+
+        save_tokenizer_json(str(DEMO_TOKENIZER), str(tmp_path / "exported.json"))
+        return HuggingFaceTokenizer(str(tmp_path / "exported.json"))
     corpus = TEXTS * 30 + ["the quick brown fox jumps over the lazy dog"] * 30
     if kind == "byte_level":
         hf = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -44,7 +49,7 @@ def _hf_tokenizer(tmp_path, kind: str) -> HuggingFaceTokenizer:
     return HuggingFaceTokenizer(str(path))
 
 
-@pytest.mark.parametrize("form", ["sentencepiece", "byte_level", "metaspace_byte_fallback"])
+@pytest.mark.parametrize("form", ["sentencepiece", "byte_level", "metaspace_byte_fallback", "exported"])
 def test_token_bytes_add_up_to_the_texts_utf8_length(tmp_path, form):
     """Summed over a document's tokens, the table gives len(text.encode()) exactly: byte-fallback pieces
     count one byte each, the dummy-prefix space of the first piece none."""

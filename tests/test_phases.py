@@ -202,18 +202,13 @@ def test_fim_rate_zero_leaves_documents_untouched():
 
 @pytest.fixture(scope="module")
 def tokenizer_json(tmp_path_factory):
-    """The demo SentencePiece model as a tokenizers JSON file (transformers' LLaMA conversion, the
-    exported tokenizer's form) with Crystal's special tokens."""
-    from transformers import LlamaTokenizerFast
+    """The demo SentencePiece model as a tokenizers JSON file with Crystal's special tokens: the exported
+    tokenizer's form (megatron_ext/tokenizer/hf_pipeline.py)."""
+    from megatron_ext.tokenizer.hf_pipeline import save_tokenizer_json
 
-    from megatron_ext.tokenizer.crystal_tokenizer import CRYSTAL_SPECIAL_TOKENS
-
-    tmp = tmp_path_factory.mktemp("tokenizer_json")
-    (tmp / "tokenizer.model").write_bytes(TOKENIZER.read_bytes())
-    fast = LlamaTokenizerFast.from_pretrained(str(tmp), from_slow=True, legacy=False, add_bos_token=False)
-    fast.add_special_tokens({"additional_special_tokens": list(CRYSTAL_SPECIAL_TOKENS)})
-    fast.save_pretrained(str(tmp / "hf"))
-    return tmp / "hf" / "tokenizer.json"
+    path = tmp_path_factory.mktemp("tokenizer_json") / "tokenizer.json"
+    save_tokenizer_json(str(TOKENIZER), str(path))
+    return path
 
 
 FIM_TEXTS = [

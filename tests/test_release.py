@@ -160,8 +160,9 @@ def test_tokenizer_files_encode_as_training_did(exported):
     from megatron_ext.tokenizer import CRYSTAL_SPECIAL_TOKENS, CrystalTokenizer
 
     ours = CrystalTokenizer(str(TOKENIZER))
-    hf = AutoTokenizer.from_pretrained(exported[0])
-    for text in ["def add(a, b):\n    return a + b\n", "The quick brown fox.  Two  spaces\tand a tab.", "Ünïcödé 日本"]:
+    hf = AutoTokenizer.from_pretrained(exported[0], trust_remote_code=True)  # as a user loads the export
+    texts = ["def add(a, b):\n    return a + b\n", "The quick brown fox.  Two  spaces\tand a tab.", "Ünïcödé 日本"]
+    for text in texts + ["    return 1\n", " x", "\tindented", "\n\nafter blank lines"]:  # leading whitespace
         assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode(text), text
         assert hf.decode(ours.encode(text)) == text
     assert hf.convert_tokens_to_ids(list(CRYSTAL_SPECIAL_TOKENS)) == list(range(8000, 8018))

@@ -74,8 +74,8 @@ class CrystalTokenizer:
 
     @functools.cached_property
     def _sp_after_special(self):
-        """The same model with add_dummy_prefix off: how Hugging Face's LlamaTokenizer (legacy=False), the
-        exported tokenizer, encodes and decodes the text that follows a special token."""
+        """The same model with add_dummy_prefix off: how the exported tokenizer (tokenizer/hf_pipeline.py)
+        encodes and decodes the text that follows a special token."""
         import sentencepiece
         from sentencepiece import sentencepiece_model_pb2
 
