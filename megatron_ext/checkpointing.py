@@ -20,6 +20,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ext import megatron_workarounds
+from megatron_ext.atomic_files import write_text_atomically
 from megatron_ext.model.crystal_config import CrystalConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -160,13 +161,6 @@ def save_failure_cause(error: BaseException) -> str:
         link = link.__cause__ or link.__context__
     lines = str(error).strip().splitlines()
     return lines[-1] if lines else type(error).__name__
-
-
-def write_text_atomically(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _saved_iterations(root: str) -> list[int]:

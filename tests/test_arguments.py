@@ -1,5 +1,6 @@
 """Bad layouts and paths fail before any work, with one line naming the flag."""
 
+import re
 import subprocess
 import sys
 import time
@@ -171,3 +172,58 @@ def test_a_batch_size_flag_that_every_phase_overrides_is_an_error(tmp_path):
     assert _validate(base + ["--phases", str(phases)]).optimizer.global_batch_size == 8
     small = REPO / "tests" / "data" / "phases_small.yaml"  # its phases take the flag's batch size
     assert _validate(base + ["--phases", str(small), "--global-batch-size", "16"]).optimizer.global_batch_size == 16
+
+
+def test_every_flag_is_a_section_field_with_a_default_and_a_doc():
+    """The configuration's sections are the one definition of the command line: each flag field has a
+    default and a docstring, and the parser holds no flag that is not such a field."""
+    import dataclasses
+
+    from megatron_ext.training.run_config import SECTION_CLASSES, field_docs, flag_fields, flag_name
+
+    defined = {}
+    for name, cls in SECTION_CLASSES.items():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name in docs and docs[f.name], f"{name}.{f.name} has no docstring"
+        for f in flag_fields(cls):
+            assert f.default is not dataclasses.MISSING, f"{name}.{f.name} has no default"
+            assert flag_name(f) not in defined, f"{flag_name(f)} is defined twice"
+            defined[flag_name(f)] = f
+    parsed = {a.option_strings[0]: a for a in build_parser()._actions if a.option_strings != ["-h", "--help"]}
+    assert set(parsed) == set(defined)  # no flag outside the sections, none missing
+    help_text = " ".join(build_parser().format_help().split())
+    for flag, f in defined.items():
+        assert re.search(rf"{re.escape(flag)}[ ,\]]", help_text), flag
+        if f.default not in (None, False, ()):
+            shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            assert f"(default: {shown})" in " ".join(parsed[flag].help.split()), flag
+    assert "--override-opt_param-scheduler" in parsed["--override-opt-param-scheduler"].option_strings  # alias
+
+
+def test_run_config_json_round_trips_into_the_same_configuration(tmp_path):
+    """run_config.json holds the flags as given and the world size, which validate again into an equal
+    RunConfig, and every resolved value for people to read."""
+    import json
+
+    from megatron_ext.training.arguments import read_run_config
+
+    tokenizer = str(REPO / "data" / "demo" / "crystal_demo.model")
+    phases = str(REPO / "tests" / "data" / "phases_small.yaml")
+    for argv, world in (
+        (["--model", "crystal-test", "--mock-data", "--tensor-model-parallel-size", "2", "--lr", "0.003"], 4),
+        (["--model", "crystal-test", "--phases", phases, "--tokenizer-model", tokenizer, "--profile-ranks", "0", "1",
+          "--eval-interval", "5", "--save", str(tmp_path / "run")], 1),
+    ):  # fmt: skip
+        run = _validate(argv, world)
+        path = tmp_path / "run_config.json"
+        path.write_text(run.to_json())
+        again = read_run_config(str(path))
+        assert again == run and again.flags == run.flags
+        saved = json.loads(path.read_text())
+        assert saved["world_size"] == world
+        assert saved["resolved"]["layout"]["data_parallel_size"] == run.layout.data_parallel_size
+        assert saved["resolved"]["optimizer"]["lr"] == run.optimizer.lr
+    assert saved["resolved"]["optimizer"]["lr"] == 5.0e-2  # the phases file's, resolved
+    assert saved["resolved"]["eval"]["eval_results_jsonl"] == str(tmp_path / "run" / "eval_results.jsonl")
+    assert saved["resolved"]["profile"]["profile_ranks"] == [0, 1]

@@ -52,6 +52,13 @@ def test_training_logs_hold_the_projects_lines(tmp_path):
     for run in runs:
         assert run.stderr == "", run.stderr[-3000:]
         assert "Unable to save MockGPTDataset" not in run.stdout
+    # The resolved configuration, written where the first line says, reproduces the run's configuration.
+    from megatron_ext.training.arguments import read_run_config
+
+    assert f"configuration (flags as given and every resolved value): {ckpt / 'run_config.json'}" in runs[0].stdout
+    config = read_run_config(str(ckpt / "run_config.json"))
+    assert (config.layout.tensor_model_parallel_size, config.layout.data_parallel_size, config.world_size) == (2, 1, 2)
+    assert config.layout.use_distributed_optimizer and config.optimizer.train_iters == 2
     # A blend's validation: the first --eval-iters batches of Megatron's validation split, loss only (mock
     # data has no tokenizer to count bytes with).
     assert "validation at iteration 3 | valid loss " in runs[1].stdout

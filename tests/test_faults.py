@@ -286,4 +286,8 @@ def test_a_full_disk_during_a_save_ends_the_job_in_one_line(small_filesystem):
     assert errors[0].endswith(
         f"its partial directory is removed; the last complete checkpoint: {ckpt / 'iter_0000001'}"
     )
-    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "iter_0000001",
+        "latest_checkpointed_iteration.txt",
+        "run_config.json",
+    ]

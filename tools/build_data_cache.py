@@ -20,6 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ext.training.arguments import add_run_flags  # noqa: E402
 from megatron_ext.upstream_warnings import silence  # noqa: E402
 
 silence()
@@ -32,8 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--phases", required=True)
     p.add_argument("--seq-length", type=int, required=True)
     p.add_argument("--data-cache-path", required=True, help="as given to pretrain_crystal.py")
-    p.add_argument("--global-batch-size", type=int, default=8, help="as pretrain_crystal.py's (phases may set theirs)")
-    p.add_argument("--seed", type=int, default=1234, help="as pretrain_crystal.py's (the phases file may set it)")
+    add_run_flags(p, "global_batch_size", "seed")  # as pretrain_crystal.py defines them
     p.add_argument("--train-iters", type=int, help="default: all the phases")
     args = p.parse_args(argv)
 

@@ -23,6 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ext.training.arguments import add_run_flags  # noqa: E402
 from megatron_ext.upstream_warnings import silence  # noqa: E402
 
 silence()  # before Megatron-Core is imported
@@ -37,8 +38,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--phases", required=True)
     p.add_argument("--seq-length", type=int, required=True)
-    p.add_argument("--global-batch-size", type=int, default=8, help="for phases that do not set their own")
-    p.add_argument("--seed", type=int, default=1234, help="for a phases file that does not set one")
+    add_run_flags(p, "global_batch_size", "seed")  # as pretrain_crystal.py defines them
     p.add_argument("--steps", required=True, help="FIRST-LAST (1-based, inclusive)")
     p.add_argument("--load", help="checkpoint directory: start from its saved schedule")
     p.add_argument("--ckpt-step", type=int)

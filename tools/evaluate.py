@@ -22,6 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ext.atomic_files import write_text_atomically  # noqa: E402
 from megatron_ext.upstream_warnings import silence  # noqa: E402
 
 silence()  # before Megatron-Core is imported
@@ -70,25 +71,13 @@ class UsageError(ValueError):
 def split_tasks(text: str) -> tuple[list[tuple[str, int | None]], list[tuple[str, int | None]]]:
     """(generation tasks, log-likelihood tasks), each (name, cap)."""
     from megatron_ext.evaluation.generation import GENERATION_TASKS
-    from megatron_ext.evaluation.tasks import TASKS, TaskError, parse_tasks
+    from megatron_ext.evaluation.tasks import TASKS, TaskError, parse_task_caps
 
-    generation, loglikelihood = [], []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, cap = item.partition(":")
-        if name in GENERATION_TASKS:
-            if cap and (not cap.isdigit() or int(cap) < 1):
-                raise UsageError(f"--tasks {text}: {item}: the cap after ':' must be a positive integer")
-            generation.append((name, int(cap) if cap else None))
-        elif name in TASKS:
-            try:
-                loglikelihood += parse_tasks(item, "--tasks")
-            except TaskError as e:
-                raise UsageError(str(e)) from None
-        else:
-            raise UsageError(
-                f"--tasks {text}: unknown task {name!r}; choose from {', '.join(GENERATION_TASKS + tuple(TASKS))}"
-            )
-    return generation, loglikelihood
+    try:
+        chosen = parse_task_caps(text, "--tasks", GENERATION_TASKS + tuple(TASKS))
+    except TaskError as e:
+        raise UsageError(str(e)) from None
+    return [t for t in chosen if t[0] in GENERATION_TASKS], [t for t in chosen if t[0] in TASKS]
 
 
 def check(args) -> None:
@@ -161,10 +150,7 @@ def evaluate_once(args, step: int | None, output_dir: str, results_path: str) ->
                                               args.max_new_tokens, args.batch_size, args.seed, bar)  # fmt: skip
         records, task_figures = generation.score(todo, samples, args.allow_code_execution and not args.generate_only,
                                                  limits)  # fmt: skip
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(tmp, path)
+        write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in records))
         figures += task_figures
     context = checkpoint_context(loaded)
     run = args.run_name or os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))
@@ -194,10 +180,7 @@ def watch(args, output_dir: str, results_path: str) -> int:
                 continue
             evaluate_once(args, iteration, output_dir, results_path)
             done.add(iteration)
-            tmp = state_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"evaluated": sorted(done)}, f)
-            os.replace(tmp, state_path)
+            write_text_atomically(state_path, json.dumps({"evaluated": sorted(done)}))
         if args.until_iteration is not None and any(i >= args.until_iteration for i in done):
             return 0
         time.sleep(args.poll_seconds)

@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+from megatron_ext.atomic_files import write_text_atomically
+
 PROG = "eval_report.py"  # warnings name the command people run
 
 
@@ -183,7 +185,5 @@ def write_report(
     text = markdown(records, cols).replace("# Evaluation report", f"# {title}", 1)
     text += "\n## Plots\n\n" + "".join(f"![{os.path.basename(x)}](plots/{os.path.basename(x)})\n" for x in plots)
     report = os.path.join(output, "report.md")
-    with open(report + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(report + ".tmp", report)
+    write_text_atomically(report, text)
     return report, plots

@@ -59,17 +59,23 @@ class TaskError(ValueError):
     """A bad task list; one line naming the task."""
 
 
-def parse_tasks(text: str, flag: str = "--eval-tasks") -> tuple[tuple[str, int | None], ...]:
-    """ "arc_easy,piqa,hellaswag:1000" -> (("arc_easy", None), ("piqa", None), ("hellaswag", 1000))."""
+def parse_task_caps(text: str, flag: str, known) -> tuple[tuple[str, int | None], ...]:
+    """ "arc_easy,piqa,hellaswag:1000" -> (("arc_easy", None), ("piqa", None), ("hellaswag", 1000)): names
+    from `known`, each with an optional cap on its questions; every command line's task list."""
     out = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, cap = item.partition(":")
-        if name not in TASKS:
-            raise TaskError(f"{flag} {text}: unknown task {name!r}; choose from {', '.join(TASKS)}")
+        if name not in known:
+            raise TaskError(f"{flag} {text}: unknown task {name!r}; choose from {', '.join(known)}")
         if cap and (not cap.isdigit() or int(cap) < 1):
             raise TaskError(f"{flag} {text}: {item}: the sample cap after ':' must be a positive integer")
         out.append((name, int(cap) if cap else None))
     return tuple(out)
+
+
+def parse_tasks(text: str, flag: str = "--eval-tasks") -> tuple[tuple[str, int | None], ...]:
+    """The log-likelihood tasks of this module, as parse_task_caps reads them."""
+    return parse_task_caps(text, flag, TASKS)
 
 
 @dataclass(frozen=True)

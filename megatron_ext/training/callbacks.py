@@ -126,13 +126,13 @@ class EvaluationCallback(Callback):
     the last one), TensorBoard (eval/<task>/<metric>) and one record per figure in --eval-results-jsonl."""
 
     def __init__(self, run: RunConfig, metrics: MetricsCallback):
-        self.interval, self.metrics, self.seq_length = run.logging.eval_interval, metrics, run.crystal.seq_length
+        self.interval, self.metrics, self.seq_length = run.eval.eval_interval, metrics, run.crystal.seq_length
         self.run = run
-        self.run_name = run.logging.run_name
+        self.run_name = run.eval.run_name
         self.results = None
-        if metrics.logging_rank and run.logging.eval_results_jsonl:
-            os.makedirs(os.path.dirname(os.path.abspath(run.logging.eval_results_jsonl)), exist_ok=True)
-            self.results = open(run.logging.eval_results_jsonl, "a")  # noqa: SIM115 - closed in close()
+        if metrics.logging_rank and run.eval.eval_results_jsonl:
+            os.makedirs(os.path.dirname(os.path.abspath(run.eval.eval_results_jsonl)), exist_ok=True)
+            self.results = open(run.eval.eval_results_jsonl, "a")  # noqa: SIM115 - closed in close()
         self.since = time.perf_counter()
         self._sets = None
 
@@ -182,7 +182,7 @@ class EvaluationCallback(Callback):
 
             run = self.run
             self._sets = [trainer.feed.validation_set()]
-            for name, cap in run.logging.eval_tasks:
+            for name, cap in run.eval.tasks:
                 task = build_task_set(name, cap, run.data.tokenizer, self.seq_length, run.optimizer.global_batch_size)
                 if task.truncated:
                     distributed.print_rank_0(
@@ -270,12 +270,12 @@ class DataWorkersCallback(Callback):
 def build_callbacks(run: RunConfig, trainer) -> list[Callback]:
     metrics = MetricsCallback(run, trainer)
     callbacks: list[Callback] = [metrics]
-    if run.logging.eval_interval:
+    if run.eval.eval_interval:
         callbacks.append(EvaluationCallback(run, metrics))
     if run.data.num_workers:
         callbacks.append(DataWorkersCallback(run.data.num_workers))
     if run.checkpoint.save:
         callbacks.append(CheckpointCallback(run.checkpoint, metrics))
-    if run.profile:
+    if run.profile.profile:
         callbacks.append(ProfilerCallback(run, run.logging.tensorboard_dir or run.checkpoint.save or os.getcwd()))
     return callbacks

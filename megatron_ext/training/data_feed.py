@@ -76,7 +76,7 @@ class BlendFeed:
             local = None
             if self.reads:
                 table = _byte_table(run)
-                local = BlendValidation(self.valid, run.logging.eval_iters, self.step_batch_size(), table)
+                local = BlendValidation(self.valid, run.eval.eval_iters, self.step_batch_size(), table)
             self._validation = data_readers.everywhere(local)
         return self._validation
 
@@ -142,7 +142,7 @@ class PhaseFeed:
             from megatron_ext.evaluation.validation import PhasesValidation
 
             run = self.run
-            n, batch = run.logging.eval_samples_per_source, run.optimizer.global_batch_size
+            n, batch = run.eval.eval_samples_per_source, run.optimizer.global_batch_size
             local = PhasesValidation(self.valid, n, batch, _byte_table(run)) if self.valid is not None else None
             self._validation = data_readers.everywhere(local)
         return self._validation

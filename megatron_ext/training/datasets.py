@@ -37,10 +37,10 @@ class DatasetTokenizerInfo:
 def build_datasets(run: RunConfig, built_here: bool):
     """Returns (train, valid) GPTDatasets sized for the whole run; (None, None) where not built_here.
     Every rank calls it: Megatron-Core's builder holds the others at a barrier while rank 0 builds."""
-    opt, logging, data = run.optimizer, run.logging, run.data
+    opt, evaluation, data = run.optimizer, run.eval, run.data
     train_samples = opt.train_iters * opt.global_batch_size
-    eval_runs = opt.train_iters // logging.eval_interval + 1 if logging.eval_interval else 0
-    valid_samples = eval_runs * logging.eval_iters * opt.global_batch_size
+    eval_runs = opt.train_iters // evaluation.eval_interval + 1 if evaluation.eval_interval else 0
+    valid_samples = eval_runs * evaluation.eval_iters * opt.global_batch_size
     config = GPTDatasetConfig(
         random_seed=opt.seed,
         sequence_length=run.crystal.seq_length,

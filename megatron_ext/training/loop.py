@@ -329,7 +329,7 @@ def _train(run: RunConfig, device: torch.device) -> int:
     trainer = Trainer(run, device)
     layout, opt = run.layout, run.optimizer
     distributed.print_rank_0(
-        f"model {run.model.model}: {run.crystal.num_parameters():,} parameters | "
+        f"model {run.model.preset}: {run.crystal.num_parameters():,} parameters | "
         f"TP {layout.tensor_model_parallel_size} PP {layout.pipeline_model_parallel_size} "
         f"VP {layout.virtual_pipeline_model_parallel_size or 1} "
         f"DP {layout.data_parallel_size} SP {layout.sequence_parallel} dist-opt {layout.use_distributed_optimizer} | "
@@ -337,6 +337,11 @@ def _train(run: RunConfig, device: torch.device) -> int:
         + (" (phase 1's batch)" if run.data.phases else "")
     )
     distributed.print_rank_0(_describe_path(run))
+    if run.checkpoint.save and torch.distributed.get_rank() == 0:
+        os.makedirs(run.checkpoint.save, exist_ok=True)
+        path = os.path.join(run.checkpoint.save, "run_config.json")
+        checkpointing.write_text_atomically(path, run.to_json())
+        print(f"configuration (flags as given and every resolved value): {path}", flush=True)
     setup = data_readers.SetupCost()
     with setup:
         feed = data_feed.build(run)

@@ -1,17 +1,28 @@
-"""The run's configuration after validation: frozen, typed, in sections.
+"""The run's configuration: every flag of pretrain_crystal.py, with its default and its one-line doc, in sections.
 
-arguments.validate builds it from Megatron-LM's flags and the phases file; nothing downstream of the
-command line sees the argparse Namespace. Field names are the flags' (--lr-decay-iters is
-optimizer.lr_decay_iters) so that one maps to the other without a table. Values the run derives (the
-data-parallel size, the virtual pipeline size, the kernel path, the first phase's lr) live here too, so
-there is one place to read them and none to write them.
+The one source of the command line. A section's fields are its flags (field name = flag name, as
+Megatron-LM's ArgumentGroupFactory builds argparse from its dataclasses; arguments.build_parser does it
+here), each with its default and the docstring under it, unless marked `derived()`: a value the run works
+out (the model config, the data-parallel size, the kernel path), which has no flag. Each section checks
+its own fields in __post_init__ (one line naming the flag); arguments.validate keeps the checks that span
+sections, resolves the defaults that depend on other flags (a phases file sets the lr schedule) and fills
+the derived fields. The result is frozen; nothing downstream of the command line sees argparse.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import json
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from megatron_ext.kernels.fp8_scaling import FORMATS, RECIPES
+from megatron_ext.kernels.selection import ATTENTION_BACKENDS, TE_ONLY_RECIPES
+from megatron_ext.tokenizer.crystal_tokenizer import TOKENIZER_TYPES
 
 if TYPE_CHECKING:  # the command line's checks import no Megatron-Core (they run in a second)
     from megatron_ext.data.phases_config import PhasesConfig
@@ -20,12 +31,75 @@ if TYPE_CHECKING:  # the command line's checks import no Megatron-Core (they run
     from megatron_ext.model.crystal_gpt import ParallelLayout
 
 
-@dataclass(frozen=True)
+class ArgumentError(ValueError):
+    """A bad command line; the message is one line that names the flag."""
+
+
+def require(condition: Any, message: str) -> None:
+    if not condition:
+        raise ArgumentError(message)
+
+
+def option(default: Any, *, choices=None, flag: str | None = None, aliases: tuple[str, ...] = ()) -> Any:
+    """A flag field with more than a default: its choices, a flag name other than the field's, aliases."""
+    return field(default=default, metadata={"choices": choices, "flag": flag, "aliases": aliases})
+
+
+def derived(*, compare: bool = True, default: Any = dataclasses.MISSING) -> Any:
+    """A value the run works out, not a flag (arguments.validate fills it)."""
+    return field(default=default, compare=compare, metadata={"derived": True})
+
+
+def flag_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("derived")]
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+
+
+def default_of(cls, name: str) -> Any:
+    """A flag's default, for the tools and the sweep planner that share it (one place to change it)."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+@functools.cache
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source (as Sphinx reads attribute
+    docstrings; Python keeps none at run time)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelSection:
-    model: str  # the preset's name
-    crystal: CrystalConfig  # the preset with the overrides and the tokenizer's vocabulary size
-    make_vocab_size_divisible_by: int
-    mup_scale_bias_lr: bool
+    """model"""
+
+    preset: str = option("crystal-tiny", flag="model")
+    """the model preset (crystal-7b, crystal-1b, crystal-tiny, crystal-test); the shape flags override it"""
+    num_layers: int | None = None
+    """override the preset's number of layers"""
+    hidden_size: int | None = None
+    """override the preset's hidden size"""
+    num_attention_heads: int | None = None
+    """override the preset's number of attention heads"""
+    ffn_hidden_size: int | None = None
+    """override the preset's FFN width"""
+    seq_length: int | None = None
+    """override the preset's sequence length"""
+    vocab_size: int | None = None
+    """override the vocabulary size (before padding; default: the tokenizer's, else the preset's)"""
+    make_vocab_size_divisible_by: int = 128
+    """pad the vocabulary to a multiple of this, the same at every TP size (32032 -> 32128)"""
+    mup_scale_bias_lr: bool = False
+    """also scale the lr of biases and norms by the muP width scale (LLM360's Megatron port did)"""
+    crystal: CrystalConfig = derived()
+    """the preset with the overrides and the tokenizer's vocabulary size"""
 
     @property
     def padded_vocab(self) -> int:
@@ -34,16 +108,33 @@ class ModelSection:
         return padded_vocab_size(self.crystal.vocab_size, self.make_vocab_size_divisible_by)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LayoutSection:
-    tensor_model_parallel_size: int
-    pipeline_model_parallel_size: int
-    virtual_pipeline_model_parallel_size: int | None
-    data_parallel_size: int
-    sequence_parallel: bool  # False at TP 1, as in Megatron-LM
-    use_distributed_optimizer: bool
-    distributed_backend: str
-    micro_batch_size: int
+    """parallelism"""
+
+    tensor_model_parallel_size: int = 1
+    """tensor-parallel size (TP)"""
+    pipeline_model_parallel_size: int = 1
+    """pipeline-parallel size (PP)"""
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    """layers per model chunk; enables the interleaved 1F1B schedule"""
+    sequence_parallel: bool = False
+    """split the activations outside tensor-parallel regions along the sequence (off at TP 1, as in Megatron-LM)"""
+    use_distributed_optimizer: bool = False
+    """shard the optimizer state over data-parallel ranks (Megatron-Core's distributed optimizer)"""
+    distributed_backend: str | None = option(None, choices=("nccl", "gloo"))
+    """process-group backend (default: nccl with CUDA, gloo without)"""
+    micro_batch_size: int = 1
+    """samples per micro-batch and data-parallel rank"""
+    virtual_pipeline_model_parallel_size: int | None = derived()
+    """model chunks per pipeline stage (None: no interleaving)"""
+    data_parallel_size: int = derived()
+    """world size / (TP x PP)"""
+
+    def __post_init__(self):
+        require(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")
+        require(self.pipeline_model_parallel_size >= 1, "--pipeline-model-parallel-size must be >= 1")
+        require(self.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
 
     def num_microbatches(self, global_batch_size: int) -> int:
         """Per step and data-parallel rank; a phase's batch size changes it, so it is asked, not stored."""
@@ -60,103 +151,265 @@ class LayoutSection:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OptimizerSection:
-    """The optimizer and the step schedule. With --phases the lr fields are the first phase's (what the
-    scheduler is built with); each phase applies its own when it starts."""
+    """batch and schedule (with --phases the lr fields and the batch size are the first phase's: what the
+    scheduler is built with; each phase applies its own when it starts)"""
 
-    train_iters: int
-    global_batch_size: int  # the first phase's with --phases
-    exit_interval: int | None
-    lr: float
-    min_lr: float
-    lr_warmup_iters: int
-    lr_decay_iters: int
-    lr_decay_style: str
-    weight_decay: float
-    adam_beta1: float
-    adam_beta2: float
-    adam_eps: float
-    clip_grad: float
-    seed: int
-    max_skipped_steps: int
-    loss_spike_window: int
-    loss_spike_sigma: float
+    global_batch_size: int = 8
+    """samples per step; with --phases, the batch size of phases that give none"""
+    train_iters: int = 100
+    """steps to train (with --phases default: the phases' total; fewer stops the run early)"""
+    exit_interval: int | None = None
+    """stop (saving first, with --save) once the iteration is a multiple of this"""
+    max_skipped_steps: int = 5
+    """stop after this many consecutive steps whose gradients were not finite (each is skipped)"""
+    loss_spike_window: int = 0
+    """skip the update of a step whose loss exceeds mean + k sigma of the last this many applied steps (0: off); such
+    steps count towards --max-skipped-steps"""
+    loss_spike_sigma: float = 6.0
+    """k of --loss-spike-window"""
+    lr: float = 1.2e-2
+    """base (muP) learning rate (Crystal's phase 1); with --phases the file sets it"""
+    min_lr: float = 0.0
+    """the lr at the end of the decay"""
+    lr_warmup_iters: int = 0
+    """linear warm-up steps"""
+    lr_decay_iters: int | None = None
+    """decay length (default: --train-iters)"""
+    lr_decay_style: str = option("linear", choices=("constant", "linear", "cosine", "inverse-square-root"))
+    """the lr decay's shape"""
+    weight_decay: float = 0.1
+    """AdamW's decoupled weight decay"""
+    adam_beta1: float = 0.9
+    """Adam's beta1"""
+    adam_beta2: float = 0.95
+    """Adam's beta2"""
+    adam_eps: float = 1e-9
+    """Adam's epsilon"""
+    clip_grad: float = 1.0
+    """gradient-norm clipping"""
+    seed: int = 1234
+    """random seed (initialisation, data order, FIM draws)"""
 
-
-@dataclass(frozen=True)
-class DataSection:
-    data_path: tuple[str, ...] | None
-    blend: tuple[list[str], list[float] | None] | None  # --data-path parsed: prefixes, weights (None: equal)
-    mock_data: bool
-    phases: str | None  # the phases file's path
-    phases_config: PhasesConfig | None
-    tokenizer_type: str
-    tokenizer_model: str | None
-    split: str
-    data_cache_path: str | None
-    index_cache_dir: str | None  # the phases' source indices (data/index_cache.py); None: in memory
-    num_workers: int
-    # The one tokenizer of the process (None without --tokenizer-model): the datasets, FIM and the checks
-    # share it instead of each loading the model file again.
-    tokenizer: Any = field(default=None, compare=False, repr=False)
-
-
-@dataclass(frozen=True)
-class CheckpointSection:
-    save: str | None
-    load: str | None
-    ckpt_step: int | None
-    finetune: bool
-    override_opt_param_scheduler: bool
-    use_checkpoint_opt_param_scheduler: bool
-    save_interval: int | None
-    keep_last_checkpoints: int | None
-
-
-@dataclass(frozen=True)
-class LoggingSection:
-    eval_interval: int
-    eval_iters: int  # a blend's validation batches
-    eval_samples_per_source: int  # with --phases
-    eval_results_jsonl: str | None  # every evaluation figure, one record each
-    eval_tasks: tuple  # ((task, question cap or None), ...): evaluation/tasks.py
-    run_name: str  # the "run" of those records
-    log_interval: int
-    tensorboard_dir: str | None
-    metrics_jsonl: str | None
-    log_data_hash: bool
+    def __post_init__(self):
+        require(self.global_batch_size >= 1, "--global-batch-size must be >= 1")
+        require(self.train_iters >= 1, "--train-iters must be >= 1")
+        require(self.max_skipped_steps >= 1, "--max-skipped-steps must be >= 1")
+        require(
+            self.loss_spike_window == 0 or self.loss_spike_window >= 2, "--loss-spike-window must be 0 (off) or >= 2"
+        )
+        require(self.loss_spike_sigma > 0, "--loss-spike-sigma must be > 0")
+        decay = self.train_iters if self.lr_decay_iters is None else self.lr_decay_iters
+        require(
+            0 <= self.lr_warmup_iters < decay,
+            f"--lr-warmup-iters {self.lr_warmup_iters} must be below the decay length {decay}",
+        )
+        require(0 <= self.min_lr <= self.lr, f"--min-lr {self.min_lr} must lie in [0, --lr {self.lr}]")
 
 
-@dataclass(frozen=True)
+LR_FIELDS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style")  # a phases file sets these
+
+
+@dataclass(frozen=True, kw_only=True)
 class KernelSection:
-    bf16: bool
-    path: KernelPath  # the kernels chosen for this machine (megatron_ext/kernels/selection.py)
+    """kernels (megatron_ext/kernels/selection.py)"""
+
+    bf16: bool = False
+    """bf16 mixed precision (GPU); CPU runs train in fp32"""
+    transformer_impl: str = option("auto", choices=("auto", "transformer_engine", "local"))
+    """auto: Transformer Engine's layers when TE imports and a GPU is present, else the local spec with this project's
+    kernels"""
+    attention_backend: str = option("auto", choices=ATTENTION_BACKENDS)
+    """local spec: auto/flash = torch SDPA, unfused/local = Megatron-Core's DotProductAttention; TE: passed to TE"""
+    fp8_format: str | None = option(None, choices=FORMATS)
+    """train the linear layers in FP8 (H100-class GPUs); hybrid: e4m3 forward, e5m2 gradients"""
+    fp8_recipe: str = option("delayed", choices=RECIPES + TE_ONLY_RECIPES)
+    """delayed: scales from an amax history; tensorwise: from the current amax (mxfp8 and blockwise: TE only)"""
+    fp8_amax_history_len: int = 1024
+    """steps of amax history for delayed scaling"""
+    fp8_margin: int = 0
+    """scale down by 2^margin below the largest representable"""
+    fp8_cpu_emulation: bool = False
+    """allow --fp8-format on CPU (torch._scaled_mm's CPU kernel): for tests, not for speed"""
+    path: KernelPath = derived()
+    """the kernels chosen for this machine"""
+
+    def __post_init__(self):
+        require(self.fp8_amax_history_len >= 1, "--fp8-amax-history-len must be >= 1")
+        require(self.fp8_margin >= 0, "--fp8-margin must be >= 0")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class DataSection:
+    """data"""
+
+    data_path: tuple[str, ...] | None = None
+    """Megatron blend: [w1] prefix1 [w2 prefix2 ...]"""
+    mock_data: bool = False
+    """Megatron-Core's MockGPTDataset instead of --data-path"""
+    phases: str | None = None
+    """phases file (YAML): sources, and phases with their blend, FIM rates, lr schedule and batch size; instead of
+    --data-path, and the --lr* flags are refused beside it"""
+    tokenizer_type: str = option("CrystalTokenizer", choices=tuple(TOKENIZER_TYPES))
+    """CrystalTokenizer: a SentencePiece .model plus Crystal's specials; HuggingFaceTokenizer: a tokenizer.json"""
+    tokenizer_model: str | None = None
+    """SentencePiece .model (or tokenizers .json); sets the vocabulary size"""
+    split: str = "969,30,1"
+    """train,valid,test split of --data-path documents"""
+    data_cache_path: str | None = None
+    """where the dataset indices are built once and memory-mapped (Megatron-Core's for --data-path; with --phases, the
+    sources' under phases/; default with --phases: data_cache in --save)"""
+    num_workers: int = 2
+    """DataLoader workers per reading rank"""
+    blend: tuple[list[str], list[float] | None] | None = derived()
+    """--data-path parsed: prefixes, weights (None: equal)"""
+    phases_config: PhasesConfig | None = derived()
+    """the phases file, checked"""
+    index_cache_dir: str | None = derived()
+    """the phases' source indices (data/index_cache.py); None: in memory"""
+    tokenizer: Any = derived(compare=False, default=None)
+    """the process's one tokenizer (None without --tokenizer-model), shared by the datasets, FIM and the checks"""
+
+    def __post_init__(self):
+        require(
+            sum(map(bool, (self.data_path, self.mock_data, self.phases))) == 1,
+            "give exactly one of --data-path, --mock-data and --phases",
+        )
+        require(self.num_workers >= 0, "--num-workers must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointSection:
+    """checkpoints"""
+
+    save: str | None = None
+    """checkpoint directory"""
+    load: str | None = None
+    """checkpoint directory to resume from (an empty directory starts fresh)"""
+    ckpt_step: int | None = None
+    """with --load: resume from this iteration's checkpoint (default: the latest)"""
+    finetune: bool = False
+    """with --load: take the model weights only; optimizer, scheduler and iteration start afresh"""
+    override_opt_param_scheduler: bool = option(False, aliases=("--override-opt_param-scheduler",))
+    """with --load: train on with this run's lr schedule (flags, or the phases file) where it differs from the
+    checkpoint's (refused otherwise)"""
+    use_checkpoint_opt_param_scheduler: bool = option(False, aliases=("--use-checkpoint-opt_param-scheduler",))
+    """with --load: keep the checkpoint's lr schedule, whatever the flags say"""
+    save_interval: int | None = None
+    """save every this many steps (default: only at the end when --save is given)"""
+    keep_last_checkpoints: int | None = None
+    """remove older checkpoints, keeping this many (default: all)"""
+
+    def __post_init__(self):
+        if self.load is not None:
+            require(os.path.isdir(self.load), f"--load {self.load}: no such directory")
+        if self.ckpt_step is not None:
+            require(self.load is not None, "--ckpt-step needs --load")
+            require(
+                os.path.isdir(os.path.join(self.load, f"iter_{self.ckpt_step:07d}")),
+                f"--ckpt-step {self.ckpt_step}: {self.load} has no iter_{self.ckpt_step:07d}",
+            )
+        require(
+            not (self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler),
+            "give at most one of --override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler",
+        )
+        require(
+            self.keep_last_checkpoints is None or self.keep_last_checkpoints >= 1,
+            "--keep-last-checkpoints must be >= 1",
+        )
+        if self.save_interval is not None:
+            require(self.save, "--save-interval needs --save")
+            require(self.save_interval >= 1, "--save-interval must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSection:
+    """evaluation"""
+
+    eval_interval: int = 0
+    """evaluate every this many steps (0: no evaluation)"""
+    eval_iters: int = 10
+    """with --data-path / --mock-data: validation batches per evaluation"""
+    eval_samples_per_source: int = 32
+    """with --phases: held-out samples of each source per evaluation, the same ones every time"""
+    eval_tasks: str | None = None
+    """downstream tasks scored by log-likelihood at each evaluation, each with an optional cap on its questions: e.g.
+    arc_easy,piqa,hellaswag:1000,humaneval_gold,infill_single_gold:200 (megatron_ext/evaluation/tasks.py lists them)"""
+    run_name: str | None = None
+    """the run's name in evaluation records (default: the directory holding --save)"""
+    eval_results_jsonl: str | None = None
+    """append every evaluation figure here, one JSON record each (default: eval_results.jsonl in --save)"""
+    tasks: tuple = derived()
+    """--eval-tasks parsed: ((task, question cap or None), ...)"""
+
+    def __post_init__(self):
+        require(self.eval_interval >= 0, "--eval-interval must be >= 0")
+        require(self.eval_iters >= 1, "--eval-iters must be >= 1")
+        require(self.eval_samples_per_source >= 1, "--eval-samples-per-source must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingSection:
+    """logging"""
+
+    log_interval: int = 10
+    """print the log line every this many steps"""
+    tensorboard_dir: str | None = None
+    """write TensorBoard scalars here"""
+    metrics_jsonl: str | None = None
+    """append one JSON line per step (loss, grad norm, lr) to this file"""
+    log_data_hash: bool = False
+    """add a hash of each step's input tokens to --metrics-jsonl: the same whatever the layout, so two runs (or a run
+    and its resumption) can be shown to read the same data"""
+
+    def __post_init__(self):
+        require(self.log_interval >= 1, "--log-interval must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ProfileSection:
-    """--profile: a PyTorch profiler trace of steps (profile_step_start, profile_step_end]."""
+    """profiling"""
 
-    profile_step_start: int
-    profile_step_end: int
-    profile_ranks: list[int]
+    profile: bool = False
+    """record a PyTorch profiler trace of the steps after --profile-step-start up to --profile-step-end, on the
+    --profile-ranks, as a Chrome trace in --tensorboard-dir (or --save, or the working directory)"""
+    profile_step_start: int = 10
+    """the step after which the trace starts"""
+    profile_step_end: int = 12
+    """the last step traced"""
+    profile_ranks: tuple[int, ...] = (0,)
+    """the ranks that record a trace"""
+
+    def __post_init__(self):
+        require(
+            not self.profile or 0 <= self.profile_step_start < self.profile_step_end,
+            f"--profile-step-start {self.profile_step_start} must be below --profile-step-end {self.profile_step_end}",
+        )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     model: ModelSection
     layout: LayoutSection
     optimizer: OptimizerSection
+    kernels: KernelSection
     data: DataSection
     checkpoint: CheckpointSection
+    eval: EvalSection
     logging: LoggingSection
-    kernels: KernelSection
-    profile: ProfileSection | None = None
+    profile: ProfileSection
+    flags: dict = field(default_factory=dict, compare=False)
+    """the flags as given on the command line (what run_config.json re-validates)"""
 
     @property
     def crystal(self) -> CrystalConfig:
         return self.model.crystal
+
+    @property
+    def world_size(self) -> int:
+        layout = self.layout
+        return layout.tensor_model_parallel_size * layout.pipeline_model_parallel_size * layout.data_parallel_size
 
     def replace(self, **sections) -> RunConfig:
         """A copy with some sections' fields replaced, e.g. replace(kernels={"path": other})."""
@@ -164,8 +417,28 @@ class RunConfig:
             self, **{name: dataclasses.replace(getattr(self, name), **fields) for name, fields in sections.items()}
         )
 
+    def to_json(self) -> str:
+        """The flags as given and the world size (what reproduces this configuration), and every resolved
+        value for people to read."""
+        resolved = {}
+        for name in SECTION_CLASSES:
+            values = getattr(self, name)
+            resolved[name] = {f.name: _plain(getattr(values, f.name)) for f in dataclasses.fields(values) if f.compare}
+        return json.dumps({"world_size": self.world_size, "flags": self.flags, "resolved": resolved}, indent=1) + "\n"
 
-def section(cls, values: Any, **derived):
-    """cls filled from the attributes of `values` (the parsed flags) of the same name, and `derived`."""
-    filled = {f.name: getattr(values, f.name) for f in dataclasses.fields(cls) if hasattr(values, f.name)}
-    return cls(**{**filled, **derived})  # a field in neither is a TypeError naming it
+
+# The sections by name, in the order of RunConfig's fields (and of --help).
+SECTION_CLASSES = {f.name: globals()[f.type] for f in dataclasses.fields(RunConfig) if f.name != "flags"}
+
+
+def _plain(value):
+    """A resolved value as JSON: dataclasses as their fields, enums by name, the rest as text."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.repr}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return getattr(value, "name", None) or str(value)
