@@ -1,4 +1,5 @@
-# make setup: create or update .venv;  make demo: train crystal-tiny on CPU;  make test: lint (ruff), then the test suite.
+# make setup: create or update .venv;  make demo: train crystal-tiny on CPU;  make test: lint (ruff), then the test suite;
+# make test-fast: lint, then the in-process tier (no test that starts processes or takes over ~20 s; markers in pyproject.toml).
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
@@ -11,7 +12,7 @@ DEMO_DIR ?= runs/demo
 # The embedded demo corpus, built at set-up from this machine's Python sources and documentation.
 CORPUS  := data/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(STAMP) $(CORPUS)/.built
 
@@ -39,6 +40,11 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q -p no:cacheprovider -m "not launch and not slow"
 
 clean:
 	rm -rf $(VENV) runs $(CORPUS)

@@ -87,6 +87,7 @@ def test_good_layout_derives_sizes(tmp_path):
     assert run.crystal.num_layers == 32
 
 
+@pytest.mark.launch
 def test_cli_fails_fast_with_one_line():
     start = time.perf_counter()
     proc = subprocess.run(
@@ -111,6 +112,7 @@ def test_cli_fails_fast_with_one_line():
     assert time.perf_counter() - start < 30  # no process group, no model: just imports and the check
 
 
+@pytest.mark.launch
 def test_megatron_workarounds_are_explicit_and_version_checked(monkeypatch):
     """Importing the project patches nothing; apply() patches once, and refuses another Megatron-Core."""
     probe = (

@@ -10,6 +10,8 @@ import sys
 import pytest
 from helpers.distributed_run import REPO, free_port, subprocess_environment
 
+pytestmark = pytest.mark.launch  # every test here starts processes
+
 
 def test_train_throughput_runs_and_compares_fp8():
     env = subprocess_environment(

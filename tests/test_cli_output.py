@@ -5,7 +5,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from helpers.distributed_run import REPO, TINY_RUN, layout_flags, subprocess_environment, train
+
+pytestmark = pytest.mark.launch  # every test here starts processes
 
 
 def test_a_tools_error_is_the_only_line_on_stderr(tmp_path):

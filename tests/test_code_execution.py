@@ -44,6 +44,7 @@ HOSTILE = {
 }
 
 
+@pytest.mark.launch
 @pytest.mark.timeout(300)
 def test_hostile_programs_are_contained_and_fail(tmp_path):
     target, victim = tmp_path / "escaped.txt", tmp_path / "victim.txt"

@@ -50,6 +50,7 @@ def test_13_sources_give_the_recorded_stream_in_memory_cold_and_warm(synthetic, 
     assert len(list(tmp_path.iterdir())) == 13  # one directory per source (and identity)
 
 
+@pytest.mark.launch
 def test_the_demo_stream_is_the_pinned_revisions(tmp_path):
     """The demo corpus is built on this machine: compare with the code of PINNED run here, not a recording."""
     source = subprocess.run(
@@ -89,6 +90,7 @@ def _build_in_process(args):
     return stream_digest(stream)
 
 
+@pytest.mark.launch
 def test_concurrent_builders_agree_and_leave_no_partial_files(synthetic, tmp_path):
     with multiprocessing.get_context("fork").Pool(4) as pool:
         digests = pool.map(_build_in_process, [(synthetic["source05"], str(tmp_path))] * 4)
@@ -117,6 +119,7 @@ def _pickled_arrays(blob: bytes) -> int:
     return len(made)
 
 
+@pytest.mark.launch
 def test_a_stream_pickled_for_a_spawned_worker_maps_its_files_again(synthetic, tmp_path):
     """A DataLoader worker started by spawn or forkserver (Python 3.14's default) gets the stream through a
     pickle: with a cache it carries no index and no token (they are mapped again there); in memory it
@@ -179,6 +182,7 @@ def test_long_builds_say_what_they_build_and_found_indices_say_nothing(synthetic
     assert capsys.readouterr().out.count("data: building") == 3
 
 
+@pytest.mark.launch
 def test_an_unwritable_cache_is_one_line_before_any_work(tmp_path):
     blocked = tmp_path / "a_file"
     blocked.write_text("")
@@ -195,6 +199,7 @@ def test_an_unwritable_cache_is_one_line_before_any_work(tmp_path):
     ]
 
 
+@pytest.mark.launch
 def test_build_data_cache_prebuilds_what_the_run_reads(tmp_path):
     sys.path.insert(0, str(REPO / "tools"))
     import build_data_cache

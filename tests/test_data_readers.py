@@ -8,6 +8,8 @@ import pytest
 import torch
 from helpers.process_group import run_in_process_group
 
+pytestmark = pytest.mark.launch  # every test here starts processes
+
 
 def _batches(first: int) -> list[dict]:
     """Micro-batches of the kinds a feed yields: int64 tokens, float masks, per-sample ids, a bool."""
@@ -78,6 +80,7 @@ def _check_readers():
         data_readers.build_on_readers(bug)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_tensor_rank_0_of_the_first_and_last_stage_reads_and_the_group_receives():
     run_in_process_group(_check_readers, world_size=6, tp=2, pp=3, timeout=150)

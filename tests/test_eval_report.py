@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "data" / "eval_results_two_runs.jsonl"
 sys.path.insert(0, str(REPO / "tools"))
@@ -11,6 +13,7 @@ sys.path.insert(0, str(REPO / "tools"))
 import eval_report  # noqa: E402
 
 
+@pytest.mark.launch
 def test_report_renders_table_and_plots(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "eval_report.py"), str(FIXTURE), "--output", str(tmp_path)],
@@ -44,6 +47,7 @@ def test_phase_boundaries_use_the_recorded_phase_start():
     assert eval_report.phase_boundaries(records) == {"code25": [(1500, "text+code")], "code50": [(3000, "text+code")]}
 
 
+@pytest.mark.launch
 def test_bad_input_is_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "eval_report.py"), str(tmp_path)], capture_output=True, text=True

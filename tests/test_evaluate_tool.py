@@ -14,6 +14,9 @@ import sys
 import pytest
 from helpers.distributed_run import REPO, subprocess_environment, train
 
+pytestmark = pytest.mark.launch  # every test here starts processes
+
+
 TOKENIZER = REPO / "data" / "demo" / "crystal_demo.model"
 TASKS = "arc_easy:10,humaneval_gold:4,infill_single_gold:4"
 

@@ -19,6 +19,9 @@ from helpers.distributed_run import (
     train,
 )
 
+pytestmark = pytest.mark.launch  # every test here starts processes
+
+
 STEPS = 12
 RUN = TINY_RUN + ["--train-iters", str(STEPS), "--use-distributed-optimizer"]
 

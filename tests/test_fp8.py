@@ -122,6 +122,7 @@ def _amaxes_reduced_once_per_step():
     assert [s.scale.item() for s in states] == pytest.approx([448.0 / 13.0, 57344.0 / 113.0], rel=1e-6)
 
 
+@pytest.mark.launch
 def test_delayed_amaxes_are_reduced_in_one_all_reduce_per_step():
     run_in_process_group(_amaxes_reduced_once_per_step, world_size=2, tp=2, timeout=120)
 
@@ -225,6 +226,7 @@ def test_selection_errors():
     assert select(attention_backend="unfused", probes=Probes(**H100)).attention is CoreAttention.MEGATRON_UNFUSED
 
 
+@pytest.mark.launch
 def test_fp8_on_cpu_without_emulation_fails_before_any_work():
     proc = train(1, TINY_RUN + ["--train-iters", "2", "--fp8-format", "hybrid"], check=False, timeout=120)
     assert proc.returncode != 0
@@ -240,6 +242,8 @@ def _losses(path):
     return {r["iteration"]: r["lm_loss"] for r in read_metrics(path)}
 
 
+@pytest.mark.launch
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_fp8_training_tracks_fp32_and_resumes_exactly(tmp_path):
     """TP 2 with sequence parallelism (FP8 GEMMs behind all-gather / reduce-scatter): the FP8 loss stays

@@ -197,6 +197,7 @@ def _fused_against_plain(seed: int):
         assert err <= 1e-5 * max(scale, 1.0), f"{name}: grad differs by {err} (scale {scale}, seed {seed})"
 
 
+@pytest.mark.launch
 @cpu_ranks
 @pytest.mark.timeout(300)
 def test_fused_modules_match_megatron_local_modules():
@@ -231,6 +232,7 @@ def _fused_cross_entropy_against_megatron(seed: int):
             assert got_in.grad[..., vocab - per_rank :].abs().max() == 0  # the padding columns
 
 
+@pytest.mark.launch
 @cpu_ranks
 @pytest.mark.timeout(300)
 def test_fused_cross_entropy_matches_megatron_at_tp2():
@@ -241,6 +243,8 @@ def test_fused_cross_entropy_matches_megatron_at_tp2():
 SHARED_MEMORY = {80: 166912, 90: 232448}
 
 
+@pytest.mark.launch
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 def test_every_kernel_compiles_for_the_gpu(arch):
     """Triton's compiler, not its interpreter: each kernel down to a cubin for A100 (sm_80) and H100 (sm_90),

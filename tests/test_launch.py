@@ -7,6 +7,9 @@ import sys
 import pytest
 from helpers.distributed_run import REPO, TINY_RUN, free_port, layout_flags, read_metrics, subprocess_environment, train
 
+pytestmark = pytest.mark.launch  # every test here starts processes
+
+
 FAKE_SCONTROL = """#!/usr/bin/env bash
 # scontrol show hostnames gpu[001-004]; scontrol requeue JOB is logged to $SCONTROL_LOG
 if [ "$1" = requeue ]; then echo "requeue $2" >> "$SCONTROL_LOG"; exit 0; fi
@@ -192,6 +195,7 @@ def test_sbatch_overrides_and_bad_layout(tmp_path):
     assert proc.stderr.strip() == "error: 4 node(s) x 8 GPUs = 32 is not a multiple of TP x PP = 2 x 3"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_nodes_on_one_machine_match_one_node(tmp_path):
     """torchrun --nnodes 2 --node-rank {0,1} (2 processes each, localhost rendezvous) == 4 processes."""

@@ -5,6 +5,9 @@ unless the user says which one to keep."""
 import pytest
 from helpers.distributed_run import REPO, TINY_RUN, read_metrics, train
 
+pytestmark = pytest.mark.launch  # every test here starts processes
+
+
 SMALL = REPO / "tests" / "data" / "phases_small.yaml"  # phase 'text' steps 1-4, phase 'text+code' steps 5-10
 TOKENIZER = REPO / "data" / "demo" / "crystal_demo.model"
 PHASED = [

@@ -76,6 +76,7 @@ def test_saves_and_evaluations_stay_out_of_step_time():
     assert scalars["tokens-per-second"] == pytest.approx(2560.0)
 
 
+@pytest.mark.launch
 def test_profile_writes_a_chrome_trace_of_the_chosen_steps(tmp_path):
     from helpers.distributed_run import TINY_RUN, train
 

@@ -33,6 +33,7 @@ def _count_7b_parameters(result_queue):
     result_queue.put(sum(unique.values()))
 
 
+@pytest.mark.launch
 def test_crystal_7b_parameter_count():
     import torch.multiprocessing as mp
 
@@ -82,6 +83,7 @@ def _compare_with_reference(sequence_parallel: bool):
     assert expected.abs().max() > 0.1  # the comparison is not between near-zero tensors
 
 
+@pytest.mark.launch
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
 def test_megatron_tp2_matches_reference_logits(sequence_parallel):
@@ -110,6 +112,7 @@ def _check_init():
     assert torch.all(params["decoder.layers.0.input_layernorm.weight"] == 1)
 
 
+@pytest.mark.launch
 def test_mup_truncated_normal_init():
     run_in_process_group(_check_init)
 
@@ -148,6 +151,7 @@ def _check_param_groups(scale_bias_lr: bool):
     check("decoder.final_layernorm.bias", 0.012 * (0.0625 if scale_bias_lr else 1), 0.0)
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("scale_bias_lr", [False, True], ids=["release", "scale_bias_lr"])
 def test_mup_parameter_groups(scale_bias_lr):
     run_in_process_group(_check_param_groups, scale_bias_lr)

@@ -6,6 +6,9 @@ import math
 import pytest
 from helpers.distributed_run import TINY_RUN, layout_flags, read_metrics, train
 
+pytestmark = pytest.mark.launch  # every test here starts processes
+
+
 LAYOUTS = {
     "tp1_pp1_dp1": (1, dict()),
     "tp2": (2, dict(tp=2)),
@@ -48,6 +51,7 @@ def _run(name, ckpt, tmp_path_factory):
     return rows
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("name", [n for n in LAYOUTS if n != "tp1_pp1_dp1"])
 def test_layout_matches_single_process(name, baseline, initial_checkpoint, tmp_path_factory):

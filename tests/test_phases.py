@@ -76,6 +76,7 @@ def test_sources_continue_across_phases():
         schedule.next()
 
 
+@pytest.mark.launch
 def test_resuming_the_schedule_continues_it_and_an_edited_file_keeps_positions():
     config = _config([_phase("one", 10, {"a": 0.3, "b": 0.7}), _phase("two", 10, {"a": 0.5, "c": 0.5})])
     straight = PhaseSchedule(config).take(160)
@@ -277,6 +278,7 @@ def test_fim_pads_short_rows_without_loss():
     assert mask[: first_pad - 1].all() and not mask[first_pad - 1 :].any()  # no loss on padding labels
 
 
+@pytest.mark.launch
 def test_config_errors_name_the_file_and_key(tmp_path):
     def write(text):
         path = tmp_path / "p.yaml"
@@ -389,6 +391,7 @@ def straight(tmp_path_factory):
     return metrics
 
 
+@pytest.mark.launch
 def test_validation_is_per_source_in_bits_per_byte(straight):
     """Each source on its own held-out samples, the same ones at every evaluation: loss and bits per byte
     (with the standard error over samples), one record per figure."""
@@ -411,6 +414,7 @@ def test_validation_is_per_source_in_bits_per_byte(straight):
     assert all(r["run"] and r["tokens"] == r["iteration"] * 8 * 32 for r in records)
 
 
+@pytest.mark.launch
 @pytest.mark.timeout(600)
 def test_validation_is_the_same_at_every_layout(tmp_path):
     """The per-source validation of the same weights at (TP, PP, DP) = (1, 1, 1) and (2, 2, 2): within 1e-5.
@@ -454,6 +458,7 @@ def test_validation_is_the_same_at_every_layout(tmp_path):
         assert step_eight["source_losses"][name] == pytest.approx(loss, rel=1e-5), name
 
 
+@pytest.mark.launch
 def test_phases_switch_inside_one_run(straight):
     assert [straight[i]["phase"] for i in range(1, 11)] == ["text"] * 4 + ["text+code"] * 6
     # Per source with tokens in the step: its mean loss, and the tokens under their own name.
@@ -504,6 +509,8 @@ def _kill_after(checkpoint_iteration, tmp, ckpt):
         psutil.wait_procs(tree, timeout=30)
 
 
+@pytest.mark.launch
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_killed_run_resumes_the_same_stream(straight, tmp_path):
     """SIGKILL mid-phase 2, then resume from the phase boundary (iteration 4) at the same DP size and from
@@ -602,10 +609,12 @@ def _check_trace(straight, flags, steps):
         assert all(run[2] > 0 for s in line["samples"] for run in s["runs"])
 
 
+@pytest.mark.launch
 def test_data_trace_names_the_documents_of_each_step(straight):
     _check_trace(straight, ["--steps", "3-6"], [3, 4, 5, 6])
 
 
+@pytest.mark.launch
 @pytest.mark.timeout(300)
 def test_moving_the_corpus_keeps_the_stream(tmp_path):
     """The fingerprint is what the stream depends on, not the files' location: a resume with the corpus
@@ -645,6 +654,7 @@ def test_moving_the_corpus_keeps_the_stream(tmp_path):
         assert (row["data_hash"], row["lm_loss"]) == (ref["data_hash"], ref["lm_loss"]), row["iteration"]
 
 
+@pytest.mark.launch
 @pytest.mark.timeout(300)
 def test_max_epochs_refusal_is_one_line_and_counts_the_run(tmp_path):
     """The demo's code is 619 samples of 2049 tokens: 100 steps of 8 read 1.29 epochs of it, more than
@@ -682,6 +692,7 @@ def test_max_epochs_refusal_is_one_line_and_counts_the_run(tmp_path):
     assert refused.returncode == 2 and "the run's 78 iterations read 1.01 epochs" in refused.stderr
 
 
+@pytest.mark.launch
 @pytest.mark.timeout(300)
 def test_sources_sharing_files_are_named_and_counted_per_file(tmp_path):
     """Two sources over the same text file (as crystal.yaml's sp_odd / sp_no_github): a start-up warning
@@ -734,6 +745,7 @@ def test_sources_sharing_files_are_named_and_counted_per_file(tmp_path):
     assert books["files"][str(code)]["documents_read"] == mixed["documents_per_file"][str(code)]
 
 
+@pytest.mark.launch
 @pytest.mark.timeout(300)
 def test_a_checkpoint_of_the_layout_before_the_state_registry_resumes(tmp_path):
     """Checkpoints written before the stateful parts were saved by name kept the data stream and the update

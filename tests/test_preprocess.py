@@ -16,6 +16,9 @@ from helpers.distributed_run import REPO
 
 from megatron_ext.tokenizer import CRYSTAL_SPECIAL_TOKENS, CrystalTokenizer
 
+pytestmark = pytest.mark.launch  # every test here starts processes
+
+
 RELEASED_SPECIALS = [
     "fim_prefix",
     "fim_middle",
@@ -405,6 +408,7 @@ def _damaged(kind, path):
     return 0, "ArrowInvalid"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gz", "zst", "parquet"])
 def test_a_damaged_file_is_reported_and_the_run_goes_on(tmp_path, tok, tokenizer_model, kind):
     corpus = tmp_path / "corpus"

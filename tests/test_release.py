@@ -69,6 +69,8 @@ def _reported_delta(stdout):
     return float(line.split("max |delta logits| ")[1].split()[0]), line
 
 
+@pytest.mark.launch
+@pytest.mark.slow
 def test_export_layout_and_builtin_verify(exported):
     out, stdout = exported
     delta, line = _reported_delta(stdout)
@@ -139,6 +141,7 @@ def _compare_tp2_megatron_with_hf(ckpt_dir, hf_dir, result_queue):
         result_queue.put((worst, scale, meg, gen))
 
 
+@pytest.mark.launch
 @pytest.mark.timeout(300)
 def test_transformers_load_matches_megatron_at_tp2(trained, exported):
     import torch.multiprocessing as mp
@@ -154,6 +157,7 @@ def test_transformers_load_matches_megatron_at_tp2(trained, exported):
     assert meg == gen and len(gen) > 8
 
 
+@pytest.mark.launch
 def test_tokenizer_files_encode_as_training_did(exported):
     from transformers import AutoTokenizer
 
@@ -176,6 +180,7 @@ def test_tokenizer_files_encode_as_training_did(exported):
         assert hf.decode(ids) == ours.decode(ids) == prompt
 
 
+@pytest.mark.launch
 def test_bf16_export_verifies_and_stores_bf16(trained, tmp_path):
     out = tmp_path / "bf16"
     proc = run_tool("convert_to_hf.py", "--load", trained, "--output", out, "--dtype", "bf16")
@@ -187,6 +192,8 @@ def test_bf16_export_verifies_and_stores_bf16(trained, tmp_path):
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
 
 
+@pytest.mark.launch
+@pytest.mark.slow
 def test_round_trip_is_bitwise_and_trains_at_tp2_pp2(trained, exported, tmp_path):
     """Megatron(TP2, PP2) -> HF -> Megatron(TP1, PP1) -> HF: the two HF directories hold the same bytes,
     and training from the imported checkpoint at TP2 x PP2 gives the original weights' losses."""
@@ -266,6 +273,7 @@ def _tool_main(script):
     return module.main
 
 
+@pytest.mark.launch
 def test_bad_inputs_fail_with_one_line(trained, exported, tmp_path, capsys):
     """Each bad input is refused before any work (so the tools' main() runs in this process: no
     process group, no model is ever built)."""
@@ -314,6 +322,7 @@ def test_bad_inputs_fail_with_one_line(trained, exported, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.launch
 def test_killed_export_leaves_no_final_directory(trained, tmp_path):
     """SIGKILL after the weights are written (during --verify): the target never appears."""
     out = tmp_path / "killed"
@@ -352,6 +361,8 @@ def test_killed_export_leaves_no_final_directory(trained, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [staged[0].name]  # only the hidden partial remains
 
 
+@pytest.mark.launch
+@pytest.mark.slow
 def test_export_of_an_earlier_iteration_without_distributed_optimizer(tmp_path):
     """PP 2 x DP 2 with the plain optimizer, saved at iterations 1 and 2: --ckpt-step 1 exports the
     first, verified, and its weights differ from the latest's (exported unverified: the other tests
@@ -385,6 +396,8 @@ def test_export_of_an_earlier_iteration_without_distributed_optimizer(tmp_path):
     )
 
 
+@pytest.mark.launch
+@pytest.mark.slow
 @pytest.mark.parametrize("single_file", ["model.safetensors", "pytorch_model.bin"])
 def test_import_of_an_unsharded_directory(exported, single_file, tmp_path):
     """Most small and community checkpoints are one model.safetensors or pytorch_model.bin without an

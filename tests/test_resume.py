@@ -6,6 +6,9 @@ import math
 import pytest
 from helpers.distributed_run import TINY_RUN, layout_flags, read_metrics, train
 
+pytestmark = pytest.mark.launch  # every test here starts processes
+
+
 STEPS = 10
 
 
@@ -57,6 +60,7 @@ def _assert_continues(straight, got, exact):
     ],
     ids=["same_layout", "tp2_to_pp2", "tp2_to_single"],
 )
+@pytest.mark.slow
 def test_resume_continues_identically(straight, first, dist_opt, resume_nproc, resume_layout, exact, tmp_path):
     first, ckpt = first
     second = _train(resume_nproc, dict(resume_layout, dist_opt=dist_opt), tmp_path, "second", ["--load", str(ckpt)])
@@ -83,6 +87,7 @@ TINY_PRESET = ["--model", "crystal-tiny", "--num-layers", "2", "--vocab-size", "
 TINY_PRESET += [*TINY_RUN[2:], "--lr", "1e-3", "--min-lr", "1e-4"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_plain_optimizer_resumes_the_base_width_preset(tmp_path):
     """crystal-tiny with Megatron's default optimizer at (TP, PP, DP) = (1,1,1) and (2,2,2): 4 steps

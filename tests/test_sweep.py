@@ -91,6 +91,7 @@ def test_a_bad_sweep_is_one_line_naming_the_key(tmp_path, body, message):
     assert message in str(e.value) and str(sweep_file) in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.launch
 def test_slurm_array_script_is_shellcheck_clean_and_runs_the_right_task(tmp_path):
     proc = subprocess.run(
         [sys.executable, "tools/sweep.py", "run", str(CRYSTAL), "--slurm", "--dry-run", "--output", str(tmp_path)],
@@ -132,6 +133,8 @@ end_tasks: humaneval_gold:4
 """
 
 
+@pytest.mark.launch
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_sweep_interrupted_after_its_first_run_continues_without_repeating_it(tmp_path):
     sweep_file = tmp_path / "tiny.yaml"

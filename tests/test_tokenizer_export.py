@@ -79,6 +79,7 @@ def demo_json(tmp_path_factory):
     return path
 
 
+@pytest.mark.launch
 @pytest.mark.slow
 @pytest.mark.parametrize("form", ["sentencepiece", "tokenizer_json"])
 def test_the_export_encodes_the_whole_demo_corpus_as_preprocessing_did(form, demo_json, tmp_path):
@@ -126,6 +127,7 @@ def trained_model(tmp_path_factory):
     return d / "llama_style.model"
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("which", ["demo", "trained"])
 def test_round_trips_of_text_starting_with_whitespace(which, trained_model, tmp_path):
     """Training's SentencePiece encoding, its tokenizer.json form and the export agree on every text, at a
