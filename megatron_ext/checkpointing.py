@@ -12,7 +12,7 @@ import dataclasses
 import os
 import shutil
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from megatron.core import dist_checkpointing
@@ -26,12 +26,24 @@ from megatron_ext.model.crystal_config import CrystalConfig
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
+@runtime_checkable
 class Stateful(Protocol):
-    """A part of a run that a checkpoint saves and restores by name."""
+    """A part of a run that a checkpoint saves and restores by name, as plain (common) state."""
 
     def state_dict(self) -> dict | None: ...
 
     def load_state_dict(self, state: dict | None) -> None: ...
+
+
+@runtime_checkable
+class ShardedStateful(Protocol):
+    """A part whose tensors are sharded over the ranks (the model, the optimizer): written and read through
+    dist_checkpointing's sharded state dict. `saved_so_far` holds the sharded entries of the parts before
+    it in the registry (the optimizer's refer to the model's)."""
+
+    def sharded_state_dict(self, saved_so_far: dict, is_loading: bool) -> dict: ...
+
+    def load_sharded(self, loaded: dict) -> None: ...
 
 
 # The distributed optimizer's state in canonical per-parameter form: reshardable to any layout.
@@ -71,34 +83,69 @@ def _model_sharded_state_dict(model_chunks: list) -> dict:
     return {key: _unwrap(c).sharded_state_dict() for key, c in zip(_model_keys(model_chunks), model_chunks)}
 
 
-def _sharded_state_dict(model_chunks: list, optimizer, is_loading: bool) -> dict:
-    state = _model_sharded_state_dict(model_chunks)
-    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=_OPTIMIZER_FORMAT)
-    return state
+class ModelState:
+    """The model chunks (any TP / PP / VP) under "model", or "model0", "model1", ... with virtual stages."""
+
+    def __init__(self, model_chunks: list):
+        self.chunks = model_chunks
+
+    def sharded_state_dict(self, saved_so_far: dict, is_loading: bool) -> dict:
+        return _model_sharded_state_dict(self.chunks)
+
+    def load_sharded(self, loaded: dict) -> None:
+        for key, chunk in zip(_model_keys(self.chunks), self.chunks):
+            _unwrap(chunk).load_state_dict(loaded[key])
 
 
-def _is_distributed(optimizer) -> bool:
-    return any(isinstance(o, DistributedOptimizer) for o in megatron_workarounds.inner_optimizers(optimizer))
+class OptimizerState:
+    """Megatron's optimizer (plain or distributed) under "optimizer", in its reshardable form; registered
+    after the model, whose entries its own refer to."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def sharded_state_dict(self, saved_so_far: dict, is_loading: bool) -> dict:
+        if is_loading:
+            megatron_workarounds.apply()  # (pretrain applied them at start-up already: this is for other callers)
+            megatron_workarounds.materialize_optimizer_state(self.optimizer)
+        model = {k: v for k, v in saved_so_far.items() if k.startswith("model")}
+        state = self.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=_OPTIMIZER_FORMAT)
+        return (
+            {"optimizer": state} if is_loading else {"optimizer": state, "use_distributed_optimizer": self.distributed}
+        )
+
+    def load_sharded(self, loaded: dict) -> None:
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        megatron_workarounds.unshare_adam_steps(self.optimizer)
+
+    @property
+    def distributed(self) -> bool:
+        return any(isinstance(o, DistributedOptimizer) for o in megatron_workarounds.inner_optimizers(self.optimizer))
+
+    def check_resumable(self, path: str, common: dict) -> None:
+        if common["use_distributed_optimizer"] != self.distributed:
+            raise CheckpointError(
+                f"{path} was saved {'with' if common['use_distributed_optimizer'] else 'without'} "
+                "--use-distributed-optimizer; resume the same way, or pass --finetune to take the weights only"
+            )
+
+
+def checkpoint_metadata(crystal: CrystalConfig, padded_vocab: int, tokenizer: dict | None) -> dict:
+    """What a checkpoint says of itself besides its states: the model config, the padded vocabulary, and
+    the tokenizer it trained with ({"type", "model"}, for the release tools)."""
+    return {"model_config": dataclasses.asdict(crystal), "padded_vocab_size": padded_vocab, "tokenizer": tokenizer}
 
 
 def save_checkpoint(
-    root: str,
-    iteration: int,
-    model_chunks,
-    crystal: CrystalConfig,
-    padded_vocab: int,
-    optimizer=None,
-    scheduler=None,
-    parts: Mapping[str, Stateful] | None = None,
-    tokenizer: dict | None = None,
-    keep_last: int | None = None,
+    root: str, iteration: int, states: Mapping[str, object], metadata: dict, keep_last: int | None = None
 ) -> str:
-    """Write DIR/iter_N and then the tracker. Without an optimizer (an imported release) only the weights
-    are stored, and a run that loads them starts at iteration 0 with a fresh optimizer.
+    """Write DIR/iter_N and then the tracker.
 
-    parts: the run's other stateful parts by name (the data feed, the update guard, ...), each stored
-    under its name: adding one to the training touches only that part and the line registering it.
-    tokenizer: {"type", "model"} as trained with, so that the release tools can find it.
+    states: every part of the run by name, in order (TorchTitan's states registry): sharded ones (ModelState,
+    OptimizerState) through dist_checkpointing's sharded tensors, plain ones (the scheduler, the data feed,
+    the update guard) as common state under their names; adding a part to the training touches only it and
+    the line registering it. Without an "optimizer" (an imported release) a run that loads the checkpoint
+    takes its weights and starts at iteration 0. metadata: checkpoint_metadata(...).
     keep_last: afterwards remove all but the newest keep_last checkpoints.
     """
     path = iteration_dir(root, iteration)
@@ -107,21 +154,14 @@ def save_checkpoint(
             shutil.rmtree(path)
         os.makedirs(path, exist_ok=True)
     torch.distributed.barrier()
-    if optimizer is None:
-        state = _model_sharded_state_dict(model_chunks)
-    else:
-        state = _sharded_state_dict(model_chunks, optimizer, is_loading=False)
-        state.update(opt_param_scheduler=scheduler.state_dict(), use_distributed_optimizer=_is_distributed(optimizer))
-    state.update(
-        iteration=iteration,
-        model_config=dataclasses.asdict(crystal),
-        padded_vocab_size=padded_vocab,
-        tokenizer=tokenizer,
-        has_optimizer=optimizer is not None,
-        parts=sorted(parts or {}),
-    )
-    for name, part in (parts or {}).items():
-        state[name] = part.state_dict()
+    state: dict = {}
+    for name, part in states.items():
+        if isinstance(part, ShardedStateful):
+            state.update(part.sharded_state_dict(state, is_loading=False))
+        else:
+            state[name] = part.state_dict()
+    plain = sorted(name for name, part in states.items() if not isinstance(part, ShardedStateful))
+    state.update(metadata, iteration=iteration, has_optimizer="optimizer" in states, parts=plain)
     try:
         dist_checkpointing.save(state, path, sharded_strategy=("torch_dist", 1))
     # A failed write (a full disk, a quota) surfaces as any of several types; torch's CheckpointException,
@@ -281,27 +321,24 @@ def check_model_matches(path: str, common: dict, crystal: CrystalConfig, padded_
 
 def load_model_weights(path: str, model_chunks) -> None:
     """The model weights of the checkpoint at path into these chunks (any TP / PP / VP)."""
-    state = dist_checkpointing.load(_model_sharded_state_dict(model_chunks), path)
-    for key, chunk in zip(_model_keys(model_chunks), model_chunks):
-        _unwrap(chunk).load_state_dict(state[key])
+    model = ModelState(model_chunks)
+    model.load_sharded(dist_checkpointing.load(model.sharded_state_dict({}, is_loading=True), path))
 
 
 def load_checkpoint(
     root: str,
-    model_chunks,
-    optimizer,
-    scheduler,
+    states: Mapping[str, object],
     crystal: CrystalConfig,
     padded_vocab: int,
     step: int | None = None,
     weights_only: bool = False,
-    parts: Mapping[str, Stateful] | None = None,
 ) -> int:
-    """Resume from the checkpoint of iteration step (default: the latest) under root: the model, the
-    optimizer, the scheduler and every part by its name (a part the checkpoint lacks gets None).
+    """Resume from the checkpoint of iteration step (default: the latest) under root: every part of
+    `states` by its name (see save_checkpoint; a plain part the checkpoint lacks gets None).
 
-    Returns the iteration; 0, with the parts untouched, when root has no checkpoint yet or when only
-    weights are taken: with weights_only (--finetune), or from a checkpoint that has no optimizer state.
+    Returns the iteration; 0, with the other parts untouched, when root has no checkpoint yet or when only
+    the model's weights are taken: with weights_only (--finetune), or from a checkpoint without optimizer
+    state.
     """
     path = checkpoint_path(root, step)
     if path is None:
@@ -309,33 +346,31 @@ def load_checkpoint(
     common = read_common_state(path)
     check_model_matches(path, common, crystal, padded_vocab)
     weights_only = weights_only or not common.get("has_optimizer", True)
-    if not weights_only and common["use_distributed_optimizer"] != _is_distributed(optimizer):
-        raise CheckpointError(
-            f"{path} was saved {'with' if common['use_distributed_optimizer'] else 'without'} "
-            "--use-distributed-optimizer; resume the same way, or pass --finetune to take the weights only"
-        )
+    optimizer = states.get("optimizer")
+    if not weights_only and optimizer is not None:
+        optimizer.check_resumable(path, common)
+    sharded = {n: p for n, p in states.items() if isinstance(p, ShardedStateful) and (n == "model" or not weights_only)}
+    template: dict = {}
+    for part in sharded.values():
+        template.update(part.sharded_state_dict(template, is_loading=True))
+    loaded = dist_checkpointing.load(template, path)
+    for part in sharded.values():
+        part.load_sharded(loaded)
     if weights_only:
-        load_model_weights(path, model_chunks)
-        optimizer.reload_model_params()
+        if optimizer is not None:
+            optimizer.optimizer.reload_model_params()
         return 0
-    megatron_workarounds.apply()  # (pretrain applied them at start-up already: this is for other callers)
-    megatron_workarounds.materialize_optimizer_state(optimizer)
-    state = dist_checkpointing.load(_sharded_state_dict(model_chunks, optimizer, is_loading=True), path)
-    for key, chunk in zip(_model_keys(model_chunks), model_chunks):
-        _unwrap(chunk).load_state_dict(state[key])
-    optimizer.load_state_dict(state["optimizer"])
-    megatron_workarounds.unshare_adam_steps(optimizer)
-    scheduler.load_state_dict(state["opt_param_scheduler"])
-    for name, part in (parts or {}).items():
-        part.load_state_dict(saved_part(common, name))
-    return state["iteration"]
+    for name, part in states.items():
+        if not isinstance(part, ShardedStateful):
+            part.load_state_dict(saved_part(common, name))
+    return common["iteration"]
 
 
 def saved_part(common: dict, name: str):
-    """The saved state of a part, from a checkpoint's common state; None if it has none. Checkpoints
-    written before parts were saved by name kept the data stream and the update guard under keys of
-    their own (consumed_samples, data_state, guard_state)."""
-    if name in common.get("parts", ()):
+    """The saved state of a plain part, from a checkpoint's common state; None if it has none. Checkpoints
+    written before parts were saved by name kept the data stream and the update guard under keys of their
+    own (consumed_samples, data_state, guard_state)."""
+    if name in common:
         return common[name]
     if name == "data":
         return {"consumed_samples": common.get("consumed_samples", 0), "schedule": common.get("data_state")}

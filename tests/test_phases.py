@@ -768,3 +768,42 @@ def test_a_checkpoint_of_the_layout_before_the_state_registry_resumes(tmp_path):
             straight[i]["lm_loss"],
             straight[i]["lr"],
         )
+
+
+PRE_REGISTRY = "da316b7"  # the last revision whose checkpoints were written without the states registry
+
+
+@pytest.mark.launch
+@pytest.mark.timeout(300)
+def test_a_checkpoint_of_the_revision_before_the_registry_resumes(tmp_path):
+    """A checkpoint saved by PRE_REGISTRY's code (taken from git and run here) resumes with this code: the
+    same stream, losses and lr as a run of this code that never stopped."""
+    import io
+    import subprocess
+    import sys
+    import tarfile
+
+    from helpers.distributed_run import free_port, subprocess_environment
+
+    archive = subprocess.run(["git", "archive", PRE_REGISTRY], cwd=REPO, capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"this checkout has no history to read revision {PRE_REGISTRY} from (a source archive?)")
+    old = tmp_path / "old"
+    tarfile.open(fileobj=io.BytesIO(archive.stdout)).extractall(old, filter="data")
+    straight = _metrics(1, tmp_path, "straight", ["--train-iters", "7"])
+    ckpt, first = tmp_path / "ckpt", tmp_path / "first.jsonl"
+    flags = RUN + ["--data-cache-path", str(tmp_path / "cache"), "--train-iters", "7", "--exit-interval", "5"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port()),
+           str(old / "pretrain_crystal.py"), *flags, "--save", str(ckpt), "--metrics-jsonl", str(first)]  # fmt: skip
+    env = {**subprocess_environment(), "PYTHONPATH": str(old)}  # the old revision's package, not this one
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (ckpt / "run_config.json").exists()  # written by the old code indeed
+    resumed = _metrics(1, tmp_path, "resumed", ["--train-iters", "7", "--load", str(ckpt)])
+    assert sorted(resumed) == [6, 7]
+    for i in (6, 7):
+        assert (resumed[i]["data_hash"], resumed[i]["lm_loss"], resumed[i]["lr"]) == (
+            straight[i]["data_hash"],
+            straight[i]["lm_loss"],
+            straight[i]["lr"],
+        )

@@ -113,6 +113,7 @@ def evaluate_once(args, step: int | None, output_dir: str, results_path: str) ->
     from tqdm import tqdm
 
     from megatron_ext.evaluation import checkpoint_model, generation
+    from megatron_ext.evaluation.records import append_records, figure_records
     from megatron_ext.evaluation.sandbox import Limits
     from megatron_ext.evaluation.tasks import build_task_set
 
@@ -154,12 +155,8 @@ def evaluate_once(args, step: int | None, output_dir: str, results_path: str) ->
         figures += task_figures
     context = checkpoint_context(loaded)
     run = args.run_name or os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))
-    os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
-    with open(results_path, "a") as f:
-        for fig in figures:
-            record = {"run": run, **context, "iteration": loaded.iteration, "checkpoint": loaded.path}
-            record.update(task=fig.task, metric=fig.metric, value=fig.value, n=fig.n, stderr=fig.stderr)
-            f.write(json.dumps(record) + "\n")
+    records = figure_records(figures, run=run, iteration=loaded.iteration, checkpoint=loaded.path, **context)
+    append_records(results_path, records)
     for fig in figures:
         stderr = f" ± {fig.stderr:.4f}" if fig.stderr is not None else ""
         print(f"{fig.task:>20s} {fig.metric:<12s} {fig.value:.4f}{stderr}  (n={fig.n})")

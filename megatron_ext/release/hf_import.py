@@ -3,7 +3,7 @@ continues from (iteration 0, fresh optimizer and schedule) at any TP / PP."""
 
 from __future__ import annotations
 
-from megatron_ext.checkpointing import save_checkpoint
+from megatron_ext.checkpointing import ModelState, checkpoint_metadata, save_checkpoint
 from megatron_ext.model.crystal_gpt import padded_vocab_size
 from megatron_ext.release import megatron_runtime
 from megatron_ext.release.hf_weights import HFWeights
@@ -19,4 +19,4 @@ def import_checkpoint(weights: HFWeights, save_dir: str, vocab_divisible_by: int
     with megatron_runtime.single_process() as device:
         model = megatron_runtime.build_model(cfg, padded, device)
         load_reference_weights([model], weights, cfg, padded)
-        return save_checkpoint(save_dir, 0, [model], cfg, padded, tokenizer=tokenizer)
+        return save_checkpoint(save_dir, 0, {"model": ModelState([model])}, checkpoint_metadata(cfg, padded, tokenizer))

@@ -1,21 +1,30 @@
-"""Side work of the training loop as callbacks: metrics (log line, TensorBoard, --metrics-jsonl),
-evaluation, checkpoint saving. The loop calls post_step after every step, post_train when it ends
-normally (not after a fatal error), and close on every callback however it ends (a `finally`), so files
-and writers are closed even when a step raises. OLMo-core's Callback is the model.
+"""Side work of the training loop as callbacks: the training's metrics, evaluation, checkpoint saving,
+profiling. The loop calls post_step after every step, post_train when it ends normally (not after a fatal
+error), on_error when it raised, and close on every callback however it ends (a `finally`), so files and
+writers are closed even when a step raises; the trainer calls post_checkpoint_saved after each save. A
+callback writes nothing itself: it records into the metrics stream (training/metrics.py), whose sinks
+write (training/metric_sinks.py); none reads another's fields. OLMo-core's Callback is the model.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
 
 import torch
 
-from megatron_ext import checkpointing
+from megatron_ext.atomic_files import write_text_atomically
 from megatron_ext.training import data_readers, distributed
-from megatron_ext.training.metrics import TrainingLogger
+from megatron_ext.training.metric_sinks import (
+    BY_SOURCE,
+    TOKENS_BY_SOURCE,
+    ConsoleSink,
+    EvalResultsSink,
+    JsonlSink,
+    TensorBoardSink,
+)
+from megatron_ext.training.metrics import SIDE_WORK, Metrics, Throughput
 from megatron_ext.training.run_config import CheckpointSection, RunConfig
 
 STOP_MARKER = "stopped_by_signal"  # in --save: this run stopped on a signal, after saving (holds the iteration)
@@ -35,10 +44,20 @@ class StepResult:
 
 
 class Callback:
+    """Side work of the loop. Hooks: post_step after every step; post_checkpoint_saved after every save (on
+    every rank, the checkpoint complete); post_train when the loop ends normally; on_error when a step or
+    a hook raised (before the error propagates); close always (a `finally`)."""
+
     def post_step(self, trainer, step: StepResult) -> None:
         pass
 
+    def post_checkpoint_saved(self, trainer, path: str) -> None:
+        pass
+
     def post_train(self, trainer, stopped_by_signal: bool) -> None:
+        pass
+
+    def on_error(self, trainer, error: BaseException) -> None:
         pass
 
     def close(self) -> None:
@@ -46,93 +65,58 @@ class Callback:
 
 
 class MetricsCallback(Callback):
-    """The log line and TensorBoard on the logging rank (on the last stage, which holds the loss), one JSON line
-    per step, skip reports. Side work (saves, evaluations) reports its time through exclude()."""
+    """The training's source of the metrics stream: each step's values (loss, lr, grad norm, per-source loss,
+    data hash), and at log steps the throughput, the consumed tokens and the data feed's scalars; then the
+    step is logged to the sinks. It owns the stream and closes its sinks."""
 
-    def __init__(self, run: RunConfig, trainer):
-        self.feed, logging = trainer.feed, run.logging
-        self.logging_rank = distributed.is_logging_rank()
-        self.writer = None
-        if self.logging_rank and logging.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(logging.tensorboard_dir)
-        self.logger = TrainingLogger(
+    def __init__(self, run: RunConfig, trainer, metrics: Metrics, logging_rank: bool):
+        self.metrics, self.feed, self.logging_rank = metrics, trainer.feed, logging_rank
+        self.log_interval, self.train_iters = run.logging.log_interval, run.optimizer.train_iters
+        self.seq_length = run.crystal.seq_length
+        self.throughput = Throughput(
             run.crystal,
             trainer.padded_vocab,
             torch.distributed.get_world_size(),
-            logging.log_interval,
-            run.optimizer.train_iters,
+            self.train_iters,
             fp8=run.kernels.path.fp8 is not None,
-            writer=self.writer,
         )
-        self.jsonl = None
-        if self.logging_rank and logging.metrics_jsonl:
-            os.makedirs(os.path.dirname(os.path.abspath(logging.metrics_jsonl)), exist_ok=True)  # as TensorBoard does
-            self.jsonl = open(logging.metrics_jsonl, "a")  # noqa: SIM115 - closed in close()
-
-    def exclude(self, seconds: float) -> None:
-        self.logger.exclude(seconds)
 
     def post_step(self, trainer, step: StepResult) -> None:
-        if not self.logging_rank:
-            return
-        feed, it = self.feed, step.iteration
-        line = self.logger.step(
-            it, step.loss, step.lr, step.grad_norm, feed.consumed_samples, step.global_batch_size, step.phase_name,
-            step.source_losses,
-        )  # fmt: skip
-        if line:
-            print(line, flush=True)
-            for tag, value in feed.scalars().items() if self.writer else ():
-                self.writer.add_scalar(tag, value, it)
-        if self.jsonl:
-            record = {"iteration": it, "lm_loss": step.loss, "grad_norm": step.grad_norm, "lr": step.lr}
-            if step.phase_name:  # per source with tokens in this step: mean loss, and the tokens it is over
-                present = {n: (total, tokens) for n, (total, tokens) in step.source_losses.items() if tokens}
-                record.update(
-                    phase=step.phase_name,
-                    source_losses={n: total / tokens for n, (total, tokens) in present.items()},
-                    source_tokens={n: int(tokens) for n, (_, tokens) in present.items()},
-                )
-            if step.data_hash is not None:
-                record["data_hash"] = step.data_hash
-            self.jsonl.write(json.dumps(record) + "\n")
-            self.jsonl.flush()
+        record, it = self.metrics.record, step.iteration
+        if step.loss is not None:
+            record("lm loss", step.loss)
+        record("learning-rate", step.lr)
+        if step.grad_norm is not None:
+            record("grad-norm", step.grad_norm)
+        for name, (total, tokens) in (step.source_losses or {}).items():
+            if tokens:  # sources present in the step
+                record(BY_SOURCE + name, total / tokens)
+                record(TOKENS_BY_SOURCE + name, tokens)
+        if step.data_hash is not None:
+            record("data-hash", step.data_hash)
+        self.throughput.step(step.global_batch_size * self.seq_length, self.metrics.values.get(SIDE_WORK, 0.0))
+        if it % self.log_interval == 0 or it == self.train_iters:
+            for name, value in self.throughput.figures(it).items():
+                record(name, value)
+            record("consumed-tokens", self.feed.consumed_samples * self.seq_length)
+            for name, value in self.feed.scalars().items() if self.logging_rank else ():
+                record(name, value)  # the logging rank reads data: it has the sources' positions
+        context = {"phase": step.phase_name, "skipped": step.skipped}
         if step.skipped:
-            print(
-                f"iteration {it}: {step.skipped} (lm loss {step.loss}): update skipped "
-                f"({trainer.guard.consecutive} in a row, {trainer.guard.total} in all)",
-                flush=True,
-            )
+            context.update(skipped_in_a_row=trainer.guard.consecutive, skipped_in_all=trainer.guard.total)
+        self.metrics.log_step(it, context)
 
     def close(self) -> None:
-        if self.writer:
-            self.writer.close()
-        if self.jsonl:
-            self.jsonl.close()
-
-
-def format_figures(figures) -> str:
-    """ "valid loss 4.1234 | valid/text loss 4.0 bpb 1.2 | arc_easy acc 0.25 acc_norm 0.27", task by task."""
-    tasks: dict[str, list[str]] = {}
-    for f in figures:
-        tasks.setdefault(f.task, []).append(f"{f.metric} {f.value:.4f}")
-    return " | ".join(f"{task} {' '.join(parts)}" for task, parts in tasks.items())
+        self.metrics.close()
 
 
 class EvaluationCallback(Callback):
-    """Validation every --eval-interval steps: the log line (with its cost against the training time since
-    the last one), TensorBoard (eval/<task>/<metric>) and one record per figure in --eval-results-jsonl."""
+    """Validation and the downstream tasks every --eval-interval steps, logged as figures (the console line
+    with its cost against the training time since the last, TensorBoard, eval_results.jsonl)."""
 
-    def __init__(self, run: RunConfig, metrics: MetricsCallback):
-        self.interval, self.metrics, self.seq_length = run.eval.eval_interval, metrics, run.crystal.seq_length
-        self.run = run
-        self.run_name = run.eval.run_name
-        self.results = None
-        if metrics.logging_rank and run.eval.eval_results_jsonl:
-            os.makedirs(os.path.dirname(os.path.abspath(run.eval.eval_results_jsonl)), exist_ok=True)
-            self.results = open(run.eval.eval_results_jsonl, "a")  # noqa: SIM115 - closed in close()
+    def __init__(self, run: RunConfig, metrics: Metrics):
+        self.run, self.metrics = run, metrics
+        self.interval, self.seq_length = run.eval.eval_interval, run.crystal.seq_length
         self.since = time.perf_counter()
         self._sets = None
 
@@ -145,26 +129,15 @@ class EvaluationCallback(Callback):
             figures += trainer.evaluate(evaluation) or []
         seconds = time.perf_counter() - started
         trained, self.since = max(started - self.since, 1e-9), time.perf_counter()
-        self.metrics.exclude(seconds)
-        if not self.metrics.logging_rank:
-            return
-        cost = f"{seconds:.1f} s ({100 * seconds / trained:.1f}% of the {trained:.1f} s trained since the last)"
-        print(f"validation at iteration {step.iteration} | {format_figures(figures)} | {cost}", flush=True)
-        writer = self.metrics.writer
-        if writer:
-            for f in figures:
-                writer.add_scalar(f"eval/{f.task}/{f.metric}", f.value, step.iteration)
-            writer.add_scalar("eval/seconds", seconds, step.iteration)
-        if self.results:
-            tokens = trainer.feed.consumed_samples * self.seq_length
-            context = {"run": self.run_name, "phase": step.phase_name, "phase_start_tokens": self.phase_start(step)}
-            for f in figures:
-                record = {
-                    **context, "iteration": step.iteration, "tokens": tokens, "checkpoint": None, "task": f.task,
-                    "metric": f.metric, "value": f.value, "n": f.n, "stderr": f.stderr,
-                }  # fmt: skip
-                self.results.write(json.dumps(record) + "\n")
-            self.results.flush()
+        self.metrics.record(SIDE_WORK, seconds, reduce="sum")
+        context = {
+            "phase": step.phase_name,
+            "phase_start_tokens": self.phase_start(step),
+            "tokens": trainer.feed.consumed_samples * self.seq_length,
+            "seconds": seconds,
+            "trained_seconds": trained,
+        }
+        self.metrics.log_figures(step.iteration, figures, context)
 
     def phase_start(self, step: StepResult) -> int | None:
         """Tokens read before the current phase began (for the report's phase boundaries)."""
@@ -192,16 +165,13 @@ class EvaluationCallback(Callback):
                 self._sets.append(task)
         return [s for s in self._sets if s.num_slots]
 
-    def close(self) -> None:
-        if self.results:
-            self.results.close()
-
 
 class CheckpointCallback(Callback):
-    """Saves every --save-interval steps and at the end of the run; after a stop signal, also leaves the
-    marker that the SLURM launch script requeues on (examples/slurm/launch.sh: the job exits 0 here)."""
+    """Saves every --save-interval steps and at the end of the run; beside each checkpoint, what the run has
+    read so far (data_state.json, for people); after a stop signal, also the marker that the SLURM launch
+    script requeues on (examples/slurm/launch.sh: the job exits 0 here)."""
 
-    def __init__(self, checkpoint: CheckpointSection, metrics: MetricsCallback):
+    def __init__(self, checkpoint: CheckpointSection, metrics: Metrics):
         self.save_dir, self.interval, self.metrics = checkpoint.save, checkpoint.save_interval, metrics
 
     def _due(self, iteration: int) -> bool:
@@ -209,13 +179,18 @@ class CheckpointCallback(Callback):
 
     def post_step(self, trainer, step: StepResult) -> None:
         if self._due(step.iteration) and not trainer.guard.exhausted:  # stopping on skips: without saving
-            self.metrics.exclude(trainer.save())
+            self.metrics.record(SIDE_WORK, trainer.save(), reduce="sum")
+
+    def post_checkpoint_saved(self, trainer, path: str) -> None:
+        books = trainer.feed.bookkeeping_json(trainer.iteration) if torch.distributed.get_rank() == 0 else None
+        if books:  # per source and per phase
+            write_text_atomically(os.path.join(path, "data_state.json"), books)
 
     def post_train(self, trainer, stopped_by_signal: bool) -> None:
         if not self._due(trainer.iteration):
             trainer.save()
         if stopped_by_signal and torch.distributed.get_rank() == 0:
-            checkpointing.write_text_atomically(os.path.join(self.save_dir, STOP_MARKER), str(trainer.iteration))
+            write_text_atomically(os.path.join(self.save_dir, STOP_MARKER), str(trainer.iteration))
 
 
 class ProfilerCallback(Callback):
@@ -238,6 +213,12 @@ class ProfilerCallback(Callback):
             self.profiler.start()
         elif step.iteration == self.section.profile_step_end and self.profiler is not None:
             self.close()
+
+    def on_error(self, trainer, error: BaseException) -> None:
+        if self.profiler is not None:  # close() writes the trace of the failing steps: what one wants to read
+            print(
+                f"profile: the run failed ({type(error).__name__}) inside the profiled steps; writing them", flush=True
+            )
 
     def close(self) -> None:
         if self.profiler is None:
@@ -268,8 +249,19 @@ class DataWorkersCallback(Callback):
 
 
 def build_callbacks(run: RunConfig, trainer) -> list[Callback]:
-    metrics = MetricsCallback(run, trainer)
-    callbacks: list[Callback] = [metrics]
+    """The run's callbacks, and the metrics stream with its sinks on the logging rank."""
+    logging_rank = distributed.is_logging_rank()
+    sinks = []
+    if logging_rank:
+        sinks.append(ConsoleSink(run.optimizer.train_iters, run.crystal.seq_length, run.kernels.path.fp8 is not None))
+        if run.logging.tensorboard_dir:
+            sinks.append(TensorBoardSink(run.logging.tensorboard_dir))
+        if run.logging.metrics_jsonl:
+            sinks.append(JsonlSink(run.logging.metrics_jsonl))
+        if run.eval.eval_interval and run.eval.eval_results_jsonl:
+            sinks.append(EvalResultsSink(run.eval.eval_results_jsonl, run.eval.run_name))
+    metrics = Metrics(sinks)
+    callbacks: list[Callback] = [MetricsCallback(run, trainer, metrics, logging_rank)]
     if run.eval.eval_interval:
         callbacks.append(EvaluationCallback(run, metrics))
     if run.data.num_workers:

@@ -29,6 +29,13 @@ class DataFeed(Protocol):
 
     def step_batch_size(self) -> int: ...
     def step_phase(self) -> int | None: ...
+    def step_in_phase(self) -> int:
+        """Steps of the current phase already taken (0 at its start, and always without phases)."""
+
+    @property
+    def phase(self):
+        """The current phase's PhaseSpec (None without phases): its lr schedule, blend and FIM."""
+
     def train_batches(self, steps: int):
         """This data-parallel rank's micro-batches of the next `steps` steps (on a reading rank)."""
 
@@ -44,7 +51,7 @@ class DataFeed(Protocol):
 
 
 class BlendFeed:
-    phase_name = None
+    phase_name = phase = None
     source_names: list[str] = []
 
     def scalars(self) -> dict[str, float]:
@@ -62,6 +69,9 @@ class BlendFeed:
 
     def step_phase(self) -> int | None:
         return None
+
+    def step_in_phase(self) -> int:
+        return 0
 
     def train_batches(self, steps: int):
         return datasets.micro_batches(self.train, self.consumed_samples, self.run)

@@ -129,10 +129,8 @@ class Trainer:
         self.config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
         self.forward_backward = get_forward_backward_func()
         self.iteration = 0
-        # With --phases after a resume inside a phase: the applied updates of that phase so far (the
-        # checkpoint's schedule step count), for the loop's first phase set-up.
-        self.resumed_phase_steps: int | None = None
         self.stop = StopRequest()  # before any DataLoader worker forks, so that the workers inherit the handler
+        self.callbacks: list = []  # the loop's side work (callbacks.build_callbacks), told of each save
         opt = run.optimizer
         self.guard = UpdateGuard(opt.max_skipped_steps, device, opt.loss_spike_window, opt.loss_spike_sigma)
 
@@ -213,32 +211,29 @@ class Trainer:
     def current_lr(self) -> float:
         return next(g["lr"] for g in self.optimizer.param_groups if g.get("default_config", True))
 
-    def stateful_parts(self) -> dict:
-        """Everything besides the model, optimizer and scheduler that a checkpoint saves, by name."""
-        return {"data": self.feed, "update_guard": self.guard}
+    def states(self) -> dict:
+        """Everything a checkpoint saves, by name, in order (the optimizer's entries refer to the model's)."""
+        return {
+            "model": checkpointing.ModelState(self.model),
+            "optimizer": checkpointing.OptimizerState(self.optimizer),
+            "opt_param_scheduler": self.scheduler,
+            "data": self.feed,
+            "update_guard": self.guard,
+        }
 
     def save(self) -> float:
-        """Save a checkpoint; returns the seconds it took."""
+        """Save a checkpoint, then tell the callbacks (post_checkpoint_saved); returns the seconds it took."""
         started = time.perf_counter()
         data, tokenizer = self.run.data, None
         if data.tokenizer_model:
             tokenizer = {"type": data.tokenizer_type, "model": os.path.abspath(data.tokenizer_model)}
-        feed = self.feed
+        ckpt = self.run.checkpoint
+        metadata = checkpointing.checkpoint_metadata(self.crystal, self.padded_vocab, tokenizer)
         path = checkpointing.save_checkpoint(
-            self.run.checkpoint.save,
-            self.iteration,
-            self.model,
-            self.crystal,
-            self.padded_vocab,
-            self.optimizer,
-            self.scheduler,
-            parts=self.stateful_parts(),
-            tokenizer=tokenizer,
-            keep_last=self.run.checkpoint.keep_last_checkpoints,
+            ckpt.save, self.iteration, self.states(), metadata, ckpt.keep_last_checkpoints
         )
-        books = feed.bookkeeping_json(self.iteration) if torch.distributed.get_rank() == 0 else None
-        if books:  # what the run has read so far, for people: per source and per phase
-            checkpointing.write_text_atomically(os.path.join(path, "data_state.json"), books)
+        for callback in self.callbacks:
+            callback.post_checkpoint_saved(self, path)
         seconds = time.perf_counter() - started
         distributed.print_rank_0(f"saved checkpoint {path} in {seconds:.1f} s")
         return seconds
@@ -247,57 +242,18 @@ class Trainer:
         wanted = phase_lr.saved_schedule(self.scheduler.state_dict())  # the flags' schedule, before the load
         ckpt = self.run.checkpoint
         self.iteration = checkpointing.load_checkpoint(
-            ckpt.load,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            self.crystal,
-            self.padded_vocab,
-            step=ckpt.ckpt_step,
-            weights_only=ckpt.finetune,
-            parts=self.stateful_parts(),
+            ckpt.load, self.states(), self.crystal, self.padded_vocab, step=ckpt.ckpt_step, weights_only=ckpt.finetune
         )
         note = self.feed.resume_note
         if note:
             distributed.print_rank_0(f"warning: {note}")
         if self.iteration:
-            self._resume_schedule(wanted, exact_data=note is None)
+            phase_lr.check_resumed_schedule(self.run, self.scheduler, wanted, self.feed)
             distributed.print_rank_0(f"resumed from {ckpt.load} at iteration {self.iteration}")
         elif checkpointing.checkpoint_path(ckpt.load, ckpt.ckpt_step) is None:
             distributed.print_rank_0(f"{ckpt.load} holds no checkpoint: starting fresh")
         else:
             distributed.print_rank_0(f"took the weights of {ckpt.load}: iteration 0, fresh optimizer and schedule")
-
-    def _resume_schedule(self, wanted: dict, exact_data: bool) -> None:
-        """The lr schedule after a resume. A schedule (flags, or the phase in progress in the phases file)
-        that differs from the checkpoint's is refused unless the user chose, as in Megatron-LM: the new one
-        (--override-opt-param-scheduler) or the saved one (--use-checkpoint-opt-param-scheduler). Either
-        way the step count is the checkpoint's: updates applied, skipped ones not counted."""
-        ckpt, scheduler, phases = self.run.checkpoint, self.scheduler, self.run.data.phases
-        saved, steps = phase_lr.saved_schedule(scheduler.state_dict()), scheduler.num_steps
-        if phases:
-            if not exact_data or self.feed.step_in_phase() == 0:
-                return  # the next step starts a phase (or an edited file's phase): its own schedule from 0
-            index = self.feed.step_phase()
-            wanted = phase_lr.phase_schedule(self.feed.phase, self.run.optimizer.weight_decay)
-            names = {k: f"{phases}: phases[{index}].{v}" for k, v in phase_lr.PHASE_KEYS.items()}
-            names["start_wd"] = phase_lr.FLAG_NAMES["start_wd"]
-        else:
-            names = phase_lr.FLAG_NAMES
-        changed = phase_lr.differences(saved, wanted, names)
-        if changed and not (ckpt.override_opt_param_scheduler or ckpt.use_checkpoint_opt_param_scheduler):
-            raise checkpointing.CheckpointError(
-                f"--load {ckpt.load}: the lr schedule differs from the checkpoint's: {'; '.join(changed)}. Pass "
-                f"--override-opt-param-scheduler to go on with the new one from its step {steps}, or "
-                "--use-checkpoint-opt-param-scheduler to keep the saved one"
-            )
-        if phases:
-            self.resumed_phase_steps = steps  # the loop sets the phase up, or keeps the saved schedule
-        elif not ckpt.use_checkpoint_opt_param_scheduler:
-            phase_lr.apply_schedule(scheduler, wanted, steps)
-        if changed:
-            kept = "kept the checkpoint's" if ckpt.use_checkpoint_opt_param_scheduler else "overridden"
-            distributed.print_rank_0(f"lr schedule {kept}: {'; '.join(changed)}")
 
 
 def _describe_path(run: RunConfig) -> str:
@@ -352,9 +308,13 @@ def _train(run: RunConfig, device: torch.device) -> int:
         train_its = trainer.train_iterators(opt.train_iters - trainer.iteration)
     setup.report(feed.reads)
 
-    callbacks = build_callbacks(run, trainer)
+    callbacks = trainer.callbacks = build_callbacks(run, trainer)
     try:
         return _loop(run, trainer, feed, train_its, callbacks)
+    except BaseException as error:
+        for callback in callbacks:
+            callback.on_error(trainer, error)
+        raise
     finally:
         for callback in callbacks:
             callback.close()
@@ -402,13 +362,10 @@ def _loop(run: RunConfig, trainer: Trainer, feed, train_its: list, callbacks: li
 
 
 def _enter_phase(run: RunConfig, trainer: Trainer, feed, phase: int) -> None:
-    """The switch happens here, inside the job: the next phase's lr schedule from its step 0 (or from the
-    resumed step), its batch size and blend from the next sample on."""
-    steps, trainer.resumed_phase_steps = trainer.resumed_phase_steps, None
-    if steps is None or not run.checkpoint.use_checkpoint_opt_param_scheduler:
-        phase_lr.apply_phase(
-            trainer.scheduler, feed.phase, feed.step_in_phase() if steps is None else steps, run.optimizer.weight_decay
-        )
+    """The switch happens here, inside the job: the next phase's lr schedule (phase_lr.enter_phase), its
+    batch size and blend from the next sample on."""
+    phase_lr.enter_phase(trainer.scheduler, feed, run.checkpoint.use_checkpoint_opt_param_scheduler,
+                         run.optimizer.weight_decay)  # fmt: skip
     fim = ", ".join(f"{n} rate {f.rate} spm {f.spm_rate}" for n, f in feed.phase.fim.items()) or "none"
     distributed.print_rank_0(
         f"phase {feed.phase_name} ({phase + 1}/{len(run.data.phases_config.phases)}) from "

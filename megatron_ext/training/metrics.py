@@ -1,6 +1,13 @@
-"""The training log line and TensorBoard scalars: loss, lr, grad norm, tokens/s, ETA, TFLOP/s and MFU."""
-# The log line's figures go to TensorBoard as: lm loss, lm loss by source/NAME, learning-rate, grad-norm,
-# tokens-per-second, step-time-ms, consumed-tokens, tflops-per-gpu and mfu-percent (on a GPU).
+"""The run's one metrics stream, and what it measures of the training itself.
+
+Sources record (name, value) for the step in progress (`Metrics.record`): the loop's step (lm loss,
+learning-rate, grad-norm, lm loss by source/NAME, tokens by source/NAME, data-hash), the throughput meter
+here (tokens-per-second, step-time-ms, consumed-tokens, and on a GPU tflops-per-gpu and mfu-percent, at
+log steps), the data feed (data/...), the side work of callbacks (side-work-seconds). At the end of each
+step `log_step` hands the step's values to every sink (training/metric_sinks.py: the console line,
+TensorBoard, --metrics-jsonl); an evaluation's figures go to them through `log_figures`. Sinks exist on
+the logging rank only. OLMo-core's record_metric / log_metrics is the model.
+"""
 
 from __future__ import annotations
 
@@ -60,101 +67,73 @@ def training_flops_per_token(crystal: CrystalConfig, seq_length: int, padded_voc
     return 3 * (layers * per_layer + 2 * h * padded_vocab)
 
 
-def _fmt_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-class TrainingLogger:
-    """Accumulates per-step values and prints one line every log interval (on the last rank, which
-    holds the loss)."""
+SIDE_WORK = "side-work-seconds"  # recorded (summed) by saves and evaluations; kept out of the step time
 
-    def __init__(
-        self,
-        crystal: CrystalConfig,
-        padded_vocab: int,
-        world_size: int,
-        log_interval: int,
-        train_iters: int,
-        fp8: bool,
-        writer=None,
-    ):
-        self.writer, self.world_size = writer, world_size
-        self.log_interval, self.train_iters, self.fp8 = log_interval, train_iters, fp8
-        self.seq_length = crystal.seq_length
+
+class Metrics:
+    """The stream: values recorded for the step in progress, handed to the sinks once per step."""
+
+    def __init__(self, sinks=()):
+        self.sinks = list(sinks)
+        self.values: dict[str, float] = {}
+
+    def record(self, name: str, value, reduce: str = "last") -> None:
+        """reduce: "last" keeps the latest value of the step, "sum" adds them up (side work)."""
+        self.values[name] = self.values.get(name, 0) + value if reduce == "sum" else value
+
+    def log_step(self, step: int, context: dict) -> None:
+        """context: what is not a number (the phase), and what the console needs besides the values."""
+        for sink in self.sinks:
+            sink.write_step(step, self.values, context)
+        self.values = {}
+
+    def log_figures(self, step: int, figures: list, context: dict) -> None:
+        """An evaluation's figures (evaluation/eval_set.Figure), with the context its records carry."""
+        for sink in self.sinks:
+            sink.write_figures(step, figures, context)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+class Throughput:
+    """tokens/s, step time, ETA and on a GPU TFLOP/s and MFU, over the steps since the last log step, without
+    the side work (saves, evaluations) done between them, which would otherwise show e.g. 2.5 s steps after
+    a save."""
+
+    def __init__(self, crystal: CrystalConfig, padded_vocab: int, world_size: int, train_iters: int, fp8: bool):
+        self.world_size, self.train_iters, self.fp8 = world_size, train_iters, fp8
         self.flops_per_token = training_flops_per_token(crystal, crystal.seq_length, padded_vocab)
         self._reset(time.perf_counter())
 
-    def _reset(self, now: float):
-        self.window_start, self.steps, self.loss_sum, self.window_tokens = now, 0, 0.0, 0
-        self.excluded = 0.0  # seconds of side work (saves, evaluations) inside the window
-        self.source_sums: dict[str, list[float]] = {}
+    def _reset(self, now: float) -> None:
+        self.window_start, self.steps, self.tokens, self.excluded = now, 0, 0, 0.0
 
-    def exclude(self, seconds: float) -> None:
-        """Side work between steps (a save, an evaluation): reported on its own, and kept out of the step
-        time, tokens/s and ETA, which would otherwise show e.g. 2.5 s steps after a save."""
-        self.excluded += seconds
-
-    def step(
-        self,
-        iteration: int,
-        loss: float | None,
-        lr: float,
-        grad_norm: float | None,
-        consumed_samples: int,
-        global_batch_size: int,
-        phase: str | None = None,
-        source_losses: dict[str, tuple[float, float]] | None = None,
-    ) -> str | None:
-        """source_losses: source -> (summed loss, tokens) of this step's samples from it."""
+    def step(self, tokens: int, side_work_seconds: float) -> None:
         self.steps += 1
-        self.window_tokens += global_batch_size * self.seq_length
-        if loss is not None:
-            self.loss_sum += loss
-        for name, (total, tokens) in (source_losses or {}).items():
-            sums = self.source_sums.setdefault(name, [0.0, 0.0])
-            sums[0] += total
-            sums[1] += tokens
-        if self.writer is not None and loss is not None:
-            self.writer.add_scalar("lm loss", loss, iteration)
-            self.writer.add_scalar("learning-rate", lr, iteration)
-            if grad_norm is not None:
-                self.writer.add_scalar("grad-norm", grad_norm, iteration)
-            for name, (total, tokens) in (source_losses or {}).items():
-                if tokens:
-                    self.writer.add_scalar(f"lm loss by source/{name}", total / tokens, iteration)
-        if iteration % self.log_interval and iteration != self.train_iters:
-            return None
+        self.tokens += tokens
+        self.excluded += side_work_seconds
+
+    def figures(self, iteration: int) -> dict[str, float]:
+        """At a log step: the window's figures, and a new window from now."""
         now = time.perf_counter()
         training = max(now - self.window_start - self.excluded, 1e-9)
         step_time = training / self.steps
-        tokens_per_s = self.window_tokens / training
-        eta = step_time * (self.train_iters - iteration)
-        by_source = " ".join(f"{n} {t / c:.4f}" for n, (t, c) in self.source_sums.items() if c)
-        parts = [
-            f"iteration {iteration:>7d}/{self.train_iters}",
-            f"phase {phase}" if phase else None,
-            f"consumed tokens {consumed_samples * self.seq_length:,}",
-            f"lm loss {self.loss_sum / self.steps:.6f}" if loss is not None else None,
-            f"by source {by_source}" if by_source else None,
-            f"lr {lr:.4e}",
-            f"grad norm {grad_norm:.4f}" if grad_norm is not None else None,
-            f"tokens/s {tokens_per_s:,.0f}",
-            f"step time {step_time * 1000:.1f} ms",
-            f"ETA {_fmt_duration(eta)}",
-        ]
+        out = {
+            "tokens-per-second": self.tokens / training,
+            "step-time-ms": step_time * 1000,
+            "eta-seconds": step_time * (self.train_iters - iteration),
+        }
         if torch.cuda.is_available():
-            tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
-            parts.append(f"TFLOP/s/GPU {tflops:.1f}")
-            parts.append(mfu_text(tflops, self.fp8))
-            if self.writer is not None:
-                self.writer.add_scalar("tflops-per-gpu", tflops, iteration)
-                mfu = mfu_percent(tflops, self.fp8)
-                if mfu is not None:
-                    self.writer.add_scalar("mfu-percent", mfu, iteration)
-        if self.writer is not None:
-            self.writer.add_scalar("tokens-per-second", tokens_per_s, iteration)
-            self.writer.add_scalar("step-time-ms", step_time * 1000, iteration)
-            self.writer.add_scalar("consumed-tokens", consumed_samples * self.seq_length, iteration)
+            out["tflops-per-gpu"] = self.flops_per_token * out["tokens-per-second"] / self.world_size / 1e12
+            mfu = mfu_percent(out["tflops-per-gpu"], self.fp8)
+            if mfu is not None:
+                out["mfu-percent"] = mfu
         self._reset(now)
-        return " | ".join(p for p in parts if p)
+        return out

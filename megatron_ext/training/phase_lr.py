@@ -9,7 +9,9 @@ position.
 
 from __future__ import annotations
 
+from megatron_ext.checkpointing import CheckpointError
 from megatron_ext.data.phases_config import PhaseSpec
+from megatron_ext.training import distributed
 
 FLAG_NAMES = {
     "max_lr": "--lr",
@@ -67,3 +69,46 @@ def saved_schedule(scheduler_state: dict) -> dict:
 def differences(saved: dict, wanted: dict, names: dict) -> list[str]:
     """'NAME WANTED (checkpoint: SAVED)' for each field where the run's schedule is not the saved one."""
     return [f"{names[k]} {wanted[k]} (checkpoint: {saved[k]})" for k in FLAG_NAMES if saved[k] != wanted[k]]
+
+
+def check_resumed_schedule(run, scheduler, wanted: dict, feed) -> None:
+    """After a resume: a schedule (the flags', or the phase in progress in the phases file) that differs
+    from the checkpoint's is refused unless the user chose, as in Megatron-LM: the new one
+    (--override-opt-param-scheduler) or the saved one (--use-checkpoint-opt-param-scheduler). Either way the
+    step count is the checkpoint's (updates applied, skipped ones not counted). Without phases the chosen
+    schedule is applied here; with phases, by enter_phase as the loop enters the phase in progress.
+    wanted: the flags' schedule (the scheduler's before the load)."""
+    ckpt, phases = run.checkpoint, run.data.phases
+    saved, steps = saved_schedule(scheduler.state_dict()), scheduler.num_steps
+    if phases:
+        if feed.resume_note is not None or feed.step_in_phase() == 0:
+            return  # the next step starts a phase (or an edited file's phase): its own schedule from 0
+        wanted = phase_schedule(feed.phase, run.optimizer.weight_decay)
+        names = {k: f"{phases}: phases[{feed.step_phase()}].{v}" for k, v in PHASE_KEYS.items()}
+        names["start_wd"] = FLAG_NAMES["start_wd"]
+    else:
+        names = FLAG_NAMES
+    changed = differences(saved, wanted, names)
+    if changed and not (ckpt.override_opt_param_scheduler or ckpt.use_checkpoint_opt_param_scheduler):
+        raise CheckpointError(
+            f"--load {ckpt.load}: the lr schedule differs from the checkpoint's: {'; '.join(changed)}. Pass "
+            f"--override-opt-param-scheduler to go on with the new one from its step {steps}, or "
+            "--use-checkpoint-opt-param-scheduler to keep the saved one"
+        )
+    if not phases and not ckpt.use_checkpoint_opt_param_scheduler:
+        apply_schedule(scheduler, wanted, steps)
+    if changed:
+        kept = "kept the checkpoint's" if ckpt.use_checkpoint_opt_param_scheduler else "overridden"
+        distributed.print_rank_0(f"lr schedule {kept}: {'; '.join(changed)}")
+
+
+def enter_phase(scheduler, feed, keep_checkpoint_schedule: bool, weight_decay: float) -> None:
+    """The schedule as the loop enters the phase of its next step. At the phase's start: its own, from step
+    0. Inside it, which happens only on the first step after a resume: from the checkpoint's step count
+    (the updates applied in it, not the data position), or the checkpoint's schedule itself with
+    --use-checkpoint-opt-param-scheduler; after a resume that could not be exact (an edited phases file:
+    feed.resume_note), from the data position in the phase."""
+    inside, exact = feed.step_in_phase() > 0, feed.resume_note is None
+    if inside and exact and keep_checkpoint_schedule:
+        return
+    apply_phase(scheduler, feed.phase, scheduler.num_steps if inside and exact else feed.step_in_phase(), weight_decay)

@@ -1,0 +1,166 @@
+"""Where the metrics stream is written (training/metrics.py records it): the console's log line and
+validation line, TensorBoard, the --metrics-jsonl lines and the eval_results.jsonl records. Each sink
+receives every step's values and every evaluation's figures, and writes what it shows; none computes a
+figure another shows. They live on the logging rank only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from megatron_ext.evaluation.records import append_records, figure_records
+from megatron_ext.training.metrics import format_duration, mfu_text
+
+BY_SOURCE = "lm loss by source/"  # + source name: the step's mean loss over that source's tokens
+TOKENS_BY_SOURCE = "tokens by source/"  # + source name: the loss tokens that mean is over
+
+
+def sources_in(values: dict) -> list[str]:
+    """The sources present in a step (those with loss tokens in it)."""
+    return [k[len(TOKENS_BY_SOURCE) :] for k in values if k.startswith(TOKENS_BY_SOURCE)]
+
+
+class Sink:
+    def write_step(self, step: int, values: dict, context: dict) -> None:
+        pass
+
+    def write_figures(self, step: int, figures: list, context: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def format_figures(figures) -> str:
+    """ "valid loss 4.1234 | valid/text loss 4.0 bpb 1.2 | arc_easy acc 0.25 acc_norm 0.27", task by task."""
+    tasks: dict[str, list[str]] = {}
+    for f in figures:
+        tasks.setdefault(f.task, []).append(f"{f.metric} {f.value:.4f}")
+    return " | ".join(f"{task} {' '.join(parts)}" for task, parts in tasks.items())
+
+
+class ConsoleSink(Sink):
+    """The log line every --log-interval steps (the loss averaged over them, per source over their tokens),
+    the line of each skipped update, and the validation line with its cost."""
+
+    def __init__(self, train_iters: int, seq_length: int, fp8: bool):
+        self.train_iters, self.seq_length, self.fp8 = train_iters, seq_length, fp8
+        self._reset()
+
+    def _reset(self) -> None:
+        self.steps, self.loss_sum, self.source_sums = 0, 0.0, {}
+
+    def write_step(self, step: int, values: dict, context: dict) -> None:
+        self.steps += 1
+        self.loss_sum += values.get("lm loss", 0.0)
+        for name in sources_in(values):
+            sums = self.source_sums.setdefault(name, [0.0, 0.0])
+            sums[0] += values[BY_SOURCE + name] * values[TOKENS_BY_SOURCE + name]
+            sums[1] += values[TOKENS_BY_SOURCE + name]
+        if "tokens-per-second" in values:  # a log step
+            print(self._line(step, values, context), flush=True)
+            self._reset()
+        if context.get("skipped"):
+            print(
+                f"iteration {step}: {context['skipped']} (lm loss {values.get('lm loss')}): update skipped "
+                f"({context['skipped_in_a_row']} in a row, {context['skipped_in_all']} in all)",
+                flush=True,
+            )
+
+    def _line(self, step: int, values: dict, context: dict) -> str:
+        by_source = " ".join(f"{n} {t / c:.4f}" for n, (t, c) in self.source_sums.items() if c)
+        tflops = values.get("tflops-per-gpu")
+        parts = [
+            f"iteration {step:>7d}/{self.train_iters}",
+            f"phase {context['phase']}" if context.get("phase") else None,
+            f"consumed tokens {int(values['consumed-tokens']):,}",
+            f"lm loss {self.loss_sum / self.steps:.6f}" if "lm loss" in values else None,
+            f"by source {by_source}" if by_source else None,
+            f"lr {values['learning-rate']:.4e}",
+            f"grad norm {values['grad-norm']:.4f}" if "grad-norm" in values else None,
+            f"tokens/s {values['tokens-per-second']:,.0f}",
+            f"step time {values['step-time-ms']:.1f} ms",
+            f"ETA {format_duration(values['eta-seconds'])}",
+            f"TFLOP/s/GPU {tflops:.1f}" if tflops is not None else None,
+            mfu_text(tflops, self.fp8) if tflops is not None else None,
+        ]
+        return " | ".join(p for p in parts if p)
+
+    def write_figures(self, step: int, figures: list, context: dict) -> None:
+        seconds, trained = context["seconds"], context["trained_seconds"]
+        cost = f"{seconds:.1f} s ({100 * seconds / trained:.1f}% of the {trained:.1f} s trained since the last)"
+        print(f"validation at iteration {step} | {format_figures(figures)} | {cost}", flush=True)
+
+
+class TensorBoardSink(Sink):
+    """Every value under its name (eval/<task>/<metric> for figures)."""
+
+    def __init__(self, directory: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(directory)
+
+    def write_step(self, step: int, values: dict, context: dict) -> None:
+        for name, value in values.items():
+            if not name.startswith(TOKENS_BY_SOURCE) and name != "data-hash":  # counts and ids, not curves
+                self.writer.add_scalar(name, value, step)
+
+    def write_figures(self, step: int, figures: list, context: dict) -> None:
+        for f in figures:
+            self.writer.add_scalar(f"eval/{f.task}/{f.metric}", f.value, step)
+        self.writer.add_scalar("eval/seconds", context["seconds"], step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class JsonlSink(Sink):
+    """--metrics-jsonl: one JSON object per step: iteration, lm_loss, grad_norm (null for a skipped update),
+    lr; with phases also phase, source_losses and source_tokens (the sources present in the step); with
+    --log-data-hash, data_hash."""
+
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as TensorBoard does
+        self.file = open(path, "a")  # noqa: SIM115 - closed in close()
+
+    def write_step(self, step: int, values: dict, context: dict) -> None:
+        record = {
+            "iteration": step,
+            "lm_loss": values.get("lm loss"),
+            "grad_norm": values.get("grad-norm"),
+            "lr": values["learning-rate"],
+        }
+        if context.get("phase"):
+            sources = sources_in(values)
+            record.update(
+                phase=context["phase"],
+                source_losses={n: values[BY_SOURCE + n] for n in sources},
+                source_tokens={n: int(values[TOKENS_BY_SOURCE + n]) for n in sources},
+            )
+        if "data-hash" in values:
+            record["data_hash"] = values["data-hash"]
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class EvalResultsSink(Sink):
+    """eval_results.jsonl: one record per figure (evaluation/records.py, as tools/evaluate.py writes them)."""
+
+    def __init__(self, path: str, run_name: str):
+        self.path, self.run_name = path, run_name
+
+    def write_figures(self, step: int, figures: list, context: dict) -> None:
+        records = figure_records(
+            figures,
+            run=self.run_name,
+            phase=context.get("phase"),
+            iteration=step,
+            tokens=context["tokens"],
+            checkpoint=None,
+            phase_start_tokens=context.get("phase_start_tokens"),
+        )
+        append_records(self.path, records)
