@@ -11,7 +11,10 @@ What it changes, once per process:
 - Megatron's own CUDA RNG helpers in ``tensor_parallel.random``;
 - a global ``TorchFunctionMode`` that maps any ``device=`` naming CUDA to the CPU, and reports
   ``Tensor.type()`` of CPU tensors with the ``torch.cuda.`` prefix so the optimizer's dispatch on that
-  string takes the float32 path.
+  string takes the float32 path;
+- the causal masks of Megatron's unfused softmax, made on the CPU: the mode is popped while its handler
+  runs ``Tensor.backward`` (it is a torch function), so a forward redone in backward by activation
+  recomputation (Megatron-Core's CheckpointFunction) is not redirected, and that is where it makes them.
 """
 
 from __future__ import annotations
@@ -82,6 +85,10 @@ def _seed_cpu_generator(seed):
     torch.default_generator.manual_seed(int(seed))
 
 
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+
 def activate() -> bool:
     """Install the redirections if no CUDA device is present. Returns True when active."""
     global _active
@@ -122,6 +129,12 @@ def activate() -> bool:
 
     mcore_random._get_cuda_rng_state = _cpu_rng_state
     mcore_random._set_cuda_rng_state = _set_cpu_rng_state
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as transformer_utils
+
+    for module in (transformer_utils, fused_softmax):
+        module.get_default_causal_mask = _cpu_causal_mask
 
     # Entered for the life of the process: there is no point at which Megatron stops naming CUDA.
     _CudaToCpuMode().__enter__()

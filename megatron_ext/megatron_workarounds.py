@@ -40,6 +40,8 @@ def apply() -> None:
 
     _UPSTREAM["set_states"] = DistributedOptimizer._set_main_param_and_optimizer_states
     DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    _UPSTREAM["fully_reshardable"] = DistributedOptimizer.sharded_param_state_fully_reshardable
+    DistributedOptimizer.sharded_param_state_fully_reshardable = _sharded_param_state_fully_reshardable
 
 
 def inner_optimizers(optimizer) -> list:
@@ -58,6 +60,29 @@ def _set_main_param_and_optimizer_states(self, model_param, tensors):
     destination = {"param": main_param, **self.optimizer.state[main_param]}
     for key, tensor in tensors.items():
         destination[key].copy_(tensor)
+
+
+def _sharded_param_state_fully_reshardable(self, *args, **kwargs):
+    """Megatron-Core 0.16.1 fix: its 'fully_reshardable' save gathers each buffer's optimizer state without
+    the padding between buckets (get_parameter_state_dp_zero), then slices it at the parameters' padded
+    positions (param_index_map). With one bucket both agree; with several (--overlap-grad-reduce, or a
+    --ddp-bucket-size) every parameter after the first bucket was saved with another parameter's state,
+    and a resumed run diverged (test_scaling_flags.py). The positions are made unpadded for the call."""
+    padded = [buffer.param_index_map for buffer in self.buffers]
+    try:
+        for buffer in self.buffers:
+            shift, before = {}, 0
+            for bucket in buffer.buckets:
+                shift[bucket.bucket_id] = bucket.offset - before  # the padding of the buckets before it
+                before += bucket.numel_unpadded
+            buffer.param_index_map = {
+                param: (start - shift[bucket_id], end - shift[bucket_id], bucket_id)
+                for param, (start, end, bucket_id) in buffer.param_index_map.items()
+            }
+        return _UPSTREAM["fully_reshardable"](self, *args, **kwargs)
+    finally:
+        for buffer, index_map in zip(self.buffers, padded):
+            buffer.param_index_map = index_map
 
 
 def materialize_optimizer_state(optimizer) -> None:

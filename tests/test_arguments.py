@@ -229,3 +229,48 @@ def test_run_config_json_round_trips_into_the_same_configuration(tmp_path):
     assert saved["resolved"]["optimizer"]["lr"] == 5.0e-2  # the phases file's, resolved
     assert saved["resolved"]["eval"]["eval_results_jsonl"] == str(tmp_path / "run" / "eval_results.jsonl")
     assert saved["resolved"]["profile"]["profile_ranks"] == [0, 1]
+
+
+FULL = "--recompute-granularity full --recompute-method"
+REFUSED = {  # flags -> the start of the one line
+    "mlp": ("--recompute-granularity selective --recompute-modules mlp", "--recompute-modules mlp: Megatron-Core"),
+    "layernorm": ("--recompute-activations --recompute-modules layernorm", "--recompute-modules layernorm: Megatron"),
+    "moe": ("--recompute-activations --recompute-modules moe", "--recompute-modules moe: Crystal has no MoE layers"),
+    "no_method": ("--recompute-granularity full", "--recompute-granularity full needs --recompute-method uniform"),
+    "no_layers": (f"{FULL} block", "--recompute-method block needs --recompute-num-layers N >= 1"),
+    "method_alone": ("--recompute-method uniform --recompute-num-layers 1", "--recompute-method and --recompute-num"),
+    "both": (f"--recompute-activations {FULL} uniform --recompute-num-layers 1", "--recompute-activations is --rec"),
+    "too_many": (f"{FULL} block --recompute-num-layers 3 --pipeline-model-parallel-size 2", "--recompute-num-layers 3 "
+                 "is more than the 2 layers of a model chunk"),
+    "gather": ("--overlap-param-gather", "--overlap-param-gather needs --use-distributed-optimizer"),
+    "bf16": ("--grad-reduce-in-bf16", "--grad-reduce-in-bf16 needs --bf16"),
+    "bucket": ("--ddp-bucket-size 0", "--ddp-bucket-size must be >= 1"),
+    "timeout": ("--distributed-timeout-minutes 0", "--distributed-timeout-minutes must be >= 1"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_memory_and_communication_flags_refuse_in_one_line(name):
+    """What Megatron-Core 0.16.1 cannot do on this model, or what makes no sense, is one line naming it."""
+    flags, message = REFUSED[name][0].split(), REFUSED[name][1]
+    with pytest.raises(ArgumentError) as err:
+        _validate(
+            ["--model", "crystal-test", "--mock-data", *flags],
+            world_size=2 if "--pipeline-model-parallel-size" in flags else 1,
+        )
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_recomputation_and_overlap_reach_megatron_cores_configs():
+    run = _validate(["--model", "crystal-test", "--mock-data", "--recompute-granularity", "full", "--recompute-method",
+                     "uniform", "--recompute-num-layers", "2", "--use-distributed-optimizer", "--overlap-grad-reduce",
+                     "--overlap-param-gather", "--ddp-bucket-size", "1000000"], world_size=2)  # fmt: skip
+    assert run.recompute.transformer_options() == {
+        "recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 2,
+    }  # fmt: skip
+    selective = _validate(["--model", "crystal-test", "--mock-data", "--recompute-activations"]).recompute
+    assert selective.transformer_options() == {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    assert (run.layout.overlap_grad_reduce, run.layout.overlap_param_gather, run.layout.ddp_bucket_size) == (
+        True, True, 1_000_000,
+    )  # fmt: skip
+    assert run.layout.distributed_timeout_minutes == 10 and not run.layout.grad_reduce_in_bf16

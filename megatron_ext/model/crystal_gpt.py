@@ -40,7 +40,9 @@ def transformer_config(
     use_cpu_initialization: bool = False,
     perform_initialization: bool = True,
     path: KernelPath = PLAIN_LOCAL,
+    recompute: dict | None = None,
 ) -> TransformerConfig:
+    """recompute: TransformerConfig's recompute_* fields (RecomputeSection.transformer_options())."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     # Transformer Engine runs FP8 itself when the config asks (Megatron-Core's TransformerBlock opens
     # TE's FP8 context); the local path's FP8 lives in its linear layers and leaves the config alone.
@@ -94,6 +96,7 @@ def transformer_config(
         # Loss = sum over tokens / tokens in the global batch, whatever the layout or micro-batching.
         calculate_per_token_loss=True,
         **te_options,
+        **(recompute or {}),
     )
 
 

@@ -26,6 +26,7 @@ from megatron_ext.training.run_config import (
     ModelSection,
     OptimizerSection,
     ProfileSection,
+    RecomputeSection,
     RunConfig,
     field_docs,
     flag_fields,
@@ -150,6 +151,16 @@ def validate(args: argparse.Namespace | dict, world_size: int) -> RunConfig:
         virtual_pipeline_model_parallel_size=vp,
         data_parallel_size=dp,
     )
+    recompute = RecomputeSection(**_flags(RecomputeSection, vars(a)))
+    chunk_layers = crystal.num_layers // pp // (vp or 1)
+    require(
+        recompute.recompute_num_layers is None or recompute.recompute_num_layers <= chunk_layers,
+        f"--recompute-num-layers {recompute.recompute_num_layers} is more than the {chunk_layers} layers of a model "
+        "chunk (layers / PP / VP)",
+    )
+    require(
+        not a.grad_reduce_in_bf16 or a.bf16, "--grad-reduce-in-bf16 needs --bf16 (an fp32 run reduces fp32 gradients)"
+    )
     data = DataSection(
         **_flags(DataSection, vars(a)),
         blend=parse_blend(list(a.data_path)) if a.data_path else None,
@@ -245,6 +256,7 @@ def validate(args: argparse.Namespace | dict, world_size: int) -> RunConfig:
     return RunConfig(
         model=ModelSection(**_flags(ModelSection, vars(a)), crystal=crystal),
         layout=layout,
+        recompute=recompute,
         optimizer=optimizer,
         kernels=KernelSection(**kernel_flags, path=kernel_path),
         data=data,

@@ -30,7 +30,7 @@ def initialize(run: RunConfig) -> torch.device:
         backend=run.layout.distributed_backend,
         rank=int(os.environ.get("RANK", "0")),
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
-        timeout=datetime.timedelta(minutes=10),
+        timeout=datetime.timedelta(minutes=run.layout.distributed_timeout_minutes),
     )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=run.layout.tensor_model_parallel_size,

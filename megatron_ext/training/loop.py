@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -108,11 +109,17 @@ class Trainer:
             bf16=kernels.bf16,
             use_cpu_initialization=device.type == "cpu",
             path=kernels.path,
+            recompute=run.recompute.transformer_options(),
         )
         self.padded_vocab = run.model.padded_vocab
         chunks = [c.to(device) for c in build_model(self.crystal, self.config, self.padded_vocab, kernels.path)]
+        layout = run.layout
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=run.layout.use_distributed_optimizer
+            grad_reduce_in_fp32=not layout.grad_reduce_in_bf16,
+            use_distributed_optimizer=layout.use_distributed_optimizer,
+            overlap_grad_reduce=layout.overlap_grad_reduce,
+            overlap_param_gather=layout.overlap_param_gather,
+            bucket_size=layout.ddp_bucket_size,
         )
         self.model = [
             DistributedDataParallel(self.config, ddp_config, chunk, disable_bucketing=i > 0)
@@ -127,6 +134,9 @@ class Trainer:
         self.config.grad_scale_func = self.optimizer.scale_loss
         no_sync = [m.no_sync for m in self.model]
         self.config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
+        if layout.overlap_grad_reduce:  # the schedule starts each chunk's reduction as its backward ends
+            grad_sync = [m.start_grad_sync for m in self.model]
+            self.config.grad_sync_func = grad_sync if len(grad_sync) > 1 else grad_sync[0]
         self.forward_backward = get_forward_backward_func()
         self.iteration = 0
         self.stop = StopRequest()  # before any DataLoader worker forks, so that the workers inherit the handler
@@ -187,10 +197,30 @@ class Trainer:
         end_fp8_step(self.model, applied=update_successful)
         return loss, by_source, grad_norm, skipped
 
+    @contextlib.contextmanager
+    def parameters_gathered(self):
+        """With --overlap-param-gather the updated parameters are gathered by forward pre-hooks as the next
+        training forward runs; an evaluation or a save needs them now, so the hooks are off around both
+        (gathering first), as in Megatron-LM."""
+        if not self.run.layout.overlap_param_gather:
+            yield
+            return
+        for m in self.model:
+            m.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for m in self.model:
+                m.enable_forward_pre_hook()
+
     @torch.no_grad()
     def evaluate(self, evaluation: eval_set.EvalSet) -> list[eval_set.Figure] | None:
         """An evaluation set's figures, forward only through the pipeline schedule (any layout); on the
         reading ranks of the last pipeline stage, None elsewhere."""
+        with self.parameters_gathered():
+            return self._evaluate(evaluation)
+
+    def _evaluate(self, evaluation: eval_set.EvalSet) -> list[eval_set.Figure] | None:
         for m in self.model:
             m.eval()
         its = data_readers.chunk_iterators(
@@ -229,9 +259,10 @@ class Trainer:
             tokenizer = {"type": data.tokenizer_type, "model": os.path.abspath(data.tokenizer_model)}
         ckpt = self.run.checkpoint
         metadata = checkpointing.checkpoint_metadata(self.crystal, self.padded_vocab, tokenizer)
-        path = checkpointing.save_checkpoint(
-            ckpt.save, self.iteration, self.states(), metadata, ckpt.keep_last_checkpoints
-        )
+        with self.parameters_gathered():
+            path = checkpointing.save_checkpoint(
+                ckpt.save, self.iteration, self.states(), metadata, ckpt.keep_last_checkpoints
+            )
         for callback in self.callbacks:
             callback.post_checkpoint_saved(self, path)
         seconds = time.perf_counter() - started

@@ -126,6 +126,17 @@ class LayoutSection:
     """process-group backend (default: nccl with CUDA, gloo without)"""
     micro_batch_size: int = 1
     """samples per micro-batch and data-parallel rank"""
+    overlap_grad_reduce: bool = False
+    """overlap the data-parallel gradient reduction with the backward pass, bucket by bucket"""
+    overlap_param_gather: bool = False
+    """with --use-distributed-optimizer: overlap the all-gather of updated parameters with the next forward"""
+    ddp_bucket_size: int | None = None
+    """elements per gradient-reduction bucket (default: Megatron-Core's, max(4e7, 1e6 x DP) with overlap, one bucket
+    without)"""
+    grad_reduce_in_bf16: bool = False
+    """reduce gradients in bf16 instead of fp32 (half the bytes on the wire; needs --bf16)"""
+    distributed_timeout_minutes: int = 10
+    """how long a collective waits for the other ranks before the job ends"""
     virtual_pipeline_model_parallel_size: int | None = derived()
     """model chunks per pipeline stage (None: no interleaving)"""
     data_parallel_size: int = derived()
@@ -135,6 +146,12 @@ class LayoutSection:
         require(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")
         require(self.pipeline_model_parallel_size >= 1, "--pipeline-model-parallel-size must be >= 1")
         require(self.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
+        require(
+            not self.overlap_param_gather or self.use_distributed_optimizer,
+            "--overlap-param-gather needs --use-distributed-optimizer (the plain optimizer gathers no parameters)",
+        )
+        require(self.ddp_bucket_size is None or self.ddp_bucket_size >= 1, "--ddp-bucket-size must be >= 1")
+        require(self.distributed_timeout_minutes >= 1, "--distributed-timeout-minutes must be >= 1")
 
     def num_microbatches(self, global_batch_size: int) -> int:
         """Per step and data-parallel rank; a phase's batch size changes it, so it is asked, not stored."""
@@ -149,6 +166,77 @@ class LayoutSection:
             virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
             sequence_parallel=self.sequence_parallel,
         )
+
+
+# Megatron-Core 0.16.1's recomputable submodules, and why this model refuses the ones it refuses.
+RECOMPUTE_MODULES = {
+    "core_attn": None,
+    "mlp": "Megatron-Core 0.16.1's MLP recomputation does not end in backward on Crystal's MLP (its fc2 bias is "
+    "returned through CheckpointFunction); use --recompute-granularity full",
+    "layernorm": "Megatron-Core 0.16.1 recomputes layer norms only through Transformer Engine's "
+    "CheckpointWithoutOutput, and with TE Crystal's layer norms are fused into the following linear",
+    "moe": "Crystal has no MoE layers",
+    "moe_act": "Crystal has no MoE layers",
+    "shared_experts": "Crystal has no MoE layers",
+    "mla_up_proj": "Crystal has no multi-latent attention",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecomputeSection:
+    """activation recomputation (Megatron-Core's TransformerConfig.recompute_*)"""
+
+    recompute_granularity: str | None = option(None, choices=("full", "selective"))
+    """full: keep only each recomputed unit's input and redo its forward in backward (with --recompute-method and
+    --recompute-num-layers); selective: redo the --recompute-modules only"""
+    recompute_method: str | None = option(None, choices=("uniform", "block"))
+    """with full: uniform recomputes every layer, in units of --recompute-num-layers; block recomputes the first
+    --recompute-num-layers layers of each model chunk"""
+    recompute_num_layers: int | None = None
+    """with full: layers per recomputed unit (uniform), or layers recomputed per model chunk (block)"""
+    recompute_activations: bool = False
+    """selective recomputation of the core attention (= --recompute-granularity selective)"""
+    recompute_modules: tuple[str, ...] = ("core_attn",)
+    """with selective: the submodules to recompute (this model: core_attn)"""
+
+    def __post_init__(self):
+        granularity = self.granularity
+        require(
+            not (self.recompute_activations and self.recompute_granularity == "full"),
+            "--recompute-activations is --recompute-granularity selective; it cannot go with full",
+        )
+        if granularity == "full":
+            require(self.recompute_method, "--recompute-granularity full needs --recompute-method uniform or block")
+            require(
+                self.recompute_num_layers is not None and self.recompute_num_layers >= 1,
+                f"--recompute-method {self.recompute_method} needs --recompute-num-layers N >= 1",
+            )
+        else:
+            require(
+                self.recompute_method is None and self.recompute_num_layers is None,
+                "--recompute-method and --recompute-num-layers need --recompute-granularity full",
+            )
+        for module in self.recompute_modules:
+            require(
+                module in RECOMPUTE_MODULES, f"--recompute-modules {module}: not one of {', '.join(RECOMPUTE_MODULES)}"
+            )
+            reason = RECOMPUTE_MODULES[module]
+            require(granularity != "selective" or reason is None, f"--recompute-modules {module}: {reason}")
+
+    @property
+    def granularity(self) -> str | None:
+        return "selective" if self.recompute_activations else self.recompute_granularity
+
+    def transformer_options(self) -> dict:
+        """The TransformerConfig fields (empty without recomputation)."""
+        if self.granularity is None:
+            return {}
+        options = {"recompute_granularity": self.granularity}
+        if self.granularity == "full":
+            options.update(recompute_method=self.recompute_method, recompute_num_layers=self.recompute_num_layers)
+        else:
+            options["recompute_modules"] = list(self.recompute_modules)
+        return options
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -392,6 +480,7 @@ class ProfileSection:
 class RunConfig:
     model: ModelSection
     layout: LayoutSection
+    recompute: RecomputeSection
     optimizer: OptimizerSection
     kernels: KernelSection
     data: DataSection
