@@ -745,6 +745,18 @@ def test_sources_sharing_files_are_named_and_counted_per_file(tmp_path):
     assert books["files"][str(code)]["documents_read"] == mixed["documents_per_file"][str(code)]
 
 
+def _assert_resumes_steps_6_and_7(tmp_path, ckpt, straight):
+    """A run of this code resumed from ckpt (saved at step 5) reads and trains steps 6-7 as straight did."""
+    resumed = _metrics(1, tmp_path, "resumed", ["--train-iters", "7", "--load", str(ckpt)])
+    assert sorted(resumed) == [6, 7]
+    for i in (6, 7):
+        assert (resumed[i]["data_hash"], resumed[i]["lm_loss"], resumed[i]["lr"]) == (
+            straight[i]["data_hash"],
+            straight[i]["lm_loss"],
+            straight[i]["lr"],
+        )
+
+
 @pytest.mark.launch
 @pytest.mark.timeout(300)
 def test_a_checkpoint_of_the_layout_before_the_state_registry_resumes(tmp_path):
@@ -760,14 +772,7 @@ def test_a_checkpoint_of_the_layout_before_the_state_registry_resumes(tmp_path):
     del common["parts"]
     common.update(consumed_samples=data["consumed_samples"], data_state=data["schedule"], guard_state=guard)
     torch.save(common, common_path)
-    resumed = _metrics(1, tmp_path, "resumed", ["--train-iters", "7", "--load", str(ckpt)])
-    assert sorted(resumed) == [6, 7]
-    for i in (6, 7):
-        assert (resumed[i]["data_hash"], resumed[i]["lm_loss"], resumed[i]["lr"]) == (
-            straight[i]["data_hash"],
-            straight[i]["lm_loss"],
-            straight[i]["lr"],
-        )
+    _assert_resumes_steps_6_and_7(tmp_path, ckpt, straight)
 
 
 PRE_REGISTRY = "da316b7"  # the last revision whose checkpoints were written without the states registry
@@ -799,11 +804,4 @@ def test_a_checkpoint_of_the_revision_before_the_registry_resumes(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (ckpt / "run_config.json").exists()  # written by the old code indeed
-    resumed = _metrics(1, tmp_path, "resumed", ["--train-iters", "7", "--load", str(ckpt)])
-    assert sorted(resumed) == [6, 7]
-    for i in (6, 7):
-        assert (resumed[i]["data_hash"], resumed[i]["lm_loss"], resumed[i]["lr"]) == (
-            straight[i]["data_hash"],
-            straight[i]["lm_loss"],
-            straight[i]["lr"],
-        )
+    _assert_resumes_steps_6_and_7(tmp_path, ckpt, straight)
