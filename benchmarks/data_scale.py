@@ -65,7 +65,7 @@ samples, seq = int(sys.argv[4]), int(sys.argv[5])
 if kind == "megatron":
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-    from megatron_ext.training.datasets import DatasetTokenizerInfo
+    from megatron_ext.training.batches.datasets import DatasetTokenizerInfo
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     before = private_memory_mb(); start = time.perf_counter()
     config = GPTDatasetConfig(random_seed=1234, sequence_length=seq, blend=(prefixes, [0.5, 0.5]), split="100,0,0",
@@ -129,7 +129,7 @@ phases:
     lr: {{peak: 1.0e-3, min: 1.0e-4, warmup_iters: 1}}
 """
 
-# Lines of pretrain_crystal.py (training/data_readers.py) with the figures the table takes.
+# Lines of pretrain_crystal.py (training/readers.py) with the figures the table takes.
 _SETUP = re.compile(
     r"data: read on (\d+) of (\d+) ranks .*set up in ([\d.]+) s; .*: (-?[\d.]+) MB at most on a reader"
     r"(?:, (-?[\d.]+) MB at most on the other ranks)?"

@@ -58,7 +58,7 @@ def megatron_blend(args, cache: str):
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    from megatron_ext.training.datasets import DatasetTokenizerInfo
+    from megatron_ext.training.batches.datasets import DatasetTokenizerInfo
 
     config = GPTDatasetConfig(
         random_seed=1234,

@@ -29,7 +29,8 @@ from megatron_ext.upstream_warnings import silence  # noqa: E402
 
 silence()  # before Megatron-Core is imported
 
-from megatron_ext.training import arguments, data_feed, distributed  # noqa: E402
+from megatron_ext.training import arguments, distributed  # noqa: E402
+from megatron_ext.training.batches import feeds  # noqa: E402
 from megatron_ext.training.loop import Trainer  # noqa: E402
 from megatron_ext.training.metrics import device_peak_tflops, mfu_text, training_flops_per_token  # noqa: E402
 
@@ -52,7 +53,7 @@ def measured_matmul_tflops(n: int = 8192, reps: int = 10) -> float | None:
 def measure(run, iters: int, warmup: int) -> tuple[float, list[float]]:
     """(steady-state step time, loss of every step) of a fresh model on the same seed and data."""
     trainer = Trainer(run, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    feed = data_feed.build(run)
+    feed = feeds.build(run)
     trainer.set_data(feed)
     its = trainer.train_iterators(iters)
     losses = []

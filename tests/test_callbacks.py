@@ -238,14 +238,12 @@ def _take(run, feed, steps):
 def test_feeds_resume_the_same_stream_from_their_state(kind, one_rank):
     """Each feed is a DataFeed; after 5 steps (with phases, across the switch at step 4) its state, loaded
     into a fresh feed, gives the same next steps as going on."""
-    from megatron_ext.training import data_feed
+    from megatron_ext.training.batches import feeds
 
     flags = ["--mock-data"] if kind == "blend" else ["--phases", PHASES, "--tokenizer-model", TOKENIZER]
     run = _run(*flags, "--seq-length", "32", "--train-iters", "8")
-    feed = data_feed.build(run)
-    assert isinstance(feed, data_feed.DataFeed) and type(feed).__name__ == (
-        "BlendFeed" if kind == "blend" else "PhaseFeed"
-    )
+    feed = feeds.build(run)
+    assert isinstance(feed, feeds.DataFeed) and type(feed).__name__ == ("BlendFeed" if kind == "blend" else "PhaseFeed")
     first = _take(run, feed, 5)
     state = feed.state_dict()
     assert state["consumed_samples"] == 40
@@ -253,7 +251,7 @@ def test_feeds_resume_the_same_stream_from_their_state(kind, one_rank):
         assert feed.phase_name == "text+code" and feed.source_names == ["text", "code"]
         assert json.loads(feed.bookkeeping_json(5))["consumed_samples"] == 40
     going_on = _take(run, feed, 3)
-    resumed = data_feed.build(run)
+    resumed = feeds.build(run)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # as a checkpoint's common state holds it
     assert resumed.consumed_samples == 40 and resumed.resume_note is None
     again = _take(run, resumed, 3)

@@ -1,5 +1,5 @@
 """Only tensor rank 0 of the first and the last pipeline stage reads data; its tensor group receives each
-micro-batch by broadcast; middle stages hold no data (training/data_readers.py). The whole runs' side
+micro-batch by broadcast; middle stages hold no data (training/readers.py). The whole runs' side
 (equal data hashes and figures at TP2 x PP2 x DP2) is in test_phases.py."""
 
 from types import SimpleNamespace
@@ -30,14 +30,14 @@ def _check_readers():
     from megatron.core import parallel_state
 
     from megatron_ext.data.phases_config import PhasesConfigError
-    from megatron_ext.training import data_readers
+    from megatron_ext.training.batches import readers
 
     rank = torch.distributed.get_rank()
     tp = parallel_state.get_tensor_model_parallel_rank()
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     # Ranks are ordered tensor rank first: with TP 2 and PP 3, the readers are ranks 0 (first stage) and 4 (last).
-    assert data_readers.is_reader() == (rank in (0, 4))
+    assert readers.is_reader() == (rank in (0, 4))
 
     stage = parallel_state.get_pipeline_model_parallel_rank()
     reads = []
@@ -49,7 +49,7 @@ def _check_readers():
     # A model chunk of this stage, and one that neither embeds nor scores (a middle virtual stage).
     middle = SimpleNamespace(pre_process=False, post_process=False)
     chunks = [SimpleNamespace(pre_process=first, post_process=last), middle]
-    its = data_readers.chunk_iterators(chunks, read, torch.device("cpu"))
+    its = readers.chunk_iterators(chunks, read, torch.device("cpu"))
     assert its[1] is None
     if not (first or last):
         assert its[0] is None and not reads  # a middle stage: no iterator, nothing read
@@ -62,13 +62,13 @@ def _check_readers():
                 assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
 
     # Built on readers only; a failure on a reader fails every rank, a user's error as the same error.
-    assert data_readers.build_on_readers(lambda: "built") == ("built" if rank in (0, 4) else None)
+    assert readers.build_on_readers(lambda: "built") == ("built" if rank in (0, 4) else None)
 
     def bad_file():
         raise PhasesConfigError("phases.yaml: sources.code.prefixes[0]: no such file")
 
     with pytest.raises(PhasesConfigError, match=r"^phases\.yaml: sources\.code\.prefixes\[0\]: no such file$"):
-        data_readers.build_on_readers(bad_file)
+        readers.build_on_readers(bad_file)
 
     def bug():
         if rank == 4:
@@ -77,7 +77,7 @@ def _check_readers():
 
     expected = (KeyError, "lengths") if rank == 4 else (RuntimeError, "failed on rank 4: KeyError: 'lengths'")
     with pytest.raises(expected[0], match=expected[1]):
-        data_readers.build_on_readers(bug)
+        readers.build_on_readers(bug)
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from megatron_ext.atomic_files import write_text_atomically
-from megatron_ext.training import data_readers, distributed
+from megatron_ext.training import distributed
+from megatron_ext.training.batches import readers
 from megatron_ext.training.metric_sinks import (
     BY_SOURCE,
     TOKENS_BY_SOURCE,
@@ -237,7 +238,7 @@ class ProfilerCallback(Callback):
 
 class DataWorkersCallback(Callback):
     """After the first step, once the DataLoader workers have served batches: the memory each holds of
-    its own (data_readers.report_workers)."""
+    its own (readers.report_workers)."""
 
     def __init__(self, num_workers: int):
         self.num_workers, self.reported = num_workers, False
@@ -245,7 +246,7 @@ class DataWorkersCallback(Callback):
     def post_step(self, trainer, step: StepResult) -> None:
         if not self.reported:
             self.reported = True
-            data_readers.report_workers(self.num_workers)
+            readers.report_workers(self.num_workers)
 
 
 def build_callbacks(run: RunConfig, trainer) -> list[Callback]:

@@ -20,7 +20,8 @@ from megatron_ext.data.phases_config import PhasesConfigError
 from megatron_ext.evaluation import eval_set
 from megatron_ext.kernels.fp8_linear import end_fp8_step
 from megatron_ext.model.crystal_gpt import build_model, transformer_config
-from megatron_ext.training import data_feed, data_readers, datasets, distributed, phase_lr
+from megatron_ext.training import distributed, phase_lr
+from megatron_ext.training.batches import datasets, feeds, readers
 from megatron_ext.training.callbacks import StepResult, build_callbacks
 from megatron_ext.training.faults import StopRequest, UpdateGuard
 from megatron_ext.training.optimizer import build_optimizer
@@ -144,17 +145,17 @@ class Trainer:
         opt = run.optimizer
         self.guard = UpdateGuard(opt.max_skipped_steps, device, opt.loss_spike_window, opt.loss_spike_sigma)
 
-    def set_data(self, feed: data_feed.DataFeed) -> None:
-        if not isinstance(feed, data_feed.DataFeed):  # a feed missing a member fails here, not mid-run
-            raise TypeError(f"{type(feed).__name__} does not implement data_feed.DataFeed")
+    def set_data(self, feed: feeds.DataFeed) -> None:
+        if not isinstance(feed, feeds.DataFeed):  # a feed missing a member fails here, not mid-run
+            raise TypeError(f"{type(feed).__name__} does not implement feeds.DataFeed")
         self.feed = feed
         self.data_hashes = [] if self.run.logging.log_data_hash else None
         self.forward_step = make_forward_step(self.device, len(feed.source_names), self.data_hashes)
 
     def train_iterators(self, steps: int) -> list:
         """One per model chunk (the interleaved schedule draws from each): the training batches of the
-        next `steps` steps where the chunk takes them (data_readers.chunk_iterators), None elsewhere."""
-        return data_readers.chunk_iterators(self.model, lambda: self.feed.train_batches(steps), self.device)
+        next `steps` steps where the chunk takes them (readers.chunk_iterators), None elsewhere."""
+        return readers.chunk_iterators(self.model, lambda: self.feed.train_batches(steps), self.device)
 
     def step_data_hash(self) -> int | None:
         """The sum over all ranks of the last training step's sample hashes."""
@@ -223,9 +224,7 @@ class Trainer:
     def _evaluate(self, evaluation: eval_set.EvalSet) -> list[eval_set.Figure] | None:
         for m in self.model:
             m.eval()
-        its = data_readers.chunk_iterators(
-            self.model, lambda: datasets.micro_batches(evaluation, 0, self.run), self.device
-        )
+        its = readers.chunk_iterators(self.model, lambda: datasets.micro_batches(evaluation, 0, self.run), self.device)
         forward_step = make_forward_step(self.device, num_slots=evaluation.num_slots)
         losses = []
         for _ in range(evaluation.steps):
@@ -234,7 +233,7 @@ class Trainer:
         for m in self.model:
             m.train()
         _, slots = _reduce_loss(losses, key="slots")
-        if slots is None or not data_readers.is_reader():  # the sets' rows are on the reading ranks
+        if slots is None or not readers.is_reader():  # the sets' rows are on the reading ranks
             return None
         return evaluation.figures(slots.cpu().numpy())
 
@@ -329,9 +328,9 @@ def _train(run: RunConfig, device: torch.device) -> int:
         path = os.path.join(run.checkpoint.save, "run_config.json")
         checkpointing.write_text_atomically(path, run.to_json())
         print(f"configuration (flags as given and every resolved value): {path}", flush=True)
-    setup = data_readers.SetupCost()
+    setup = readers.SetupCost()
     with setup:
-        feed = data_feed.build(run)
+        feed = feeds.build(run)
         trainer.set_data(feed)
     if run.checkpoint.load:
         trainer.load()

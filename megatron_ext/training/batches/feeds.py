@@ -3,7 +3,7 @@
 - PhaseFeed: --phases, the phase schedule over per-source streams (phase switches inside the run,
   per-phase batch size and lr, per-source positions and bookkeeping in the checkpoint).
 Both keep Megatron's sample order, so the samples of a step do not depend on the parallel layout.
-Only the reading ranks (training/data_readers.py) build datasets; on the others a feed keeps the step
+Only the reading ranks (training/readers.py) build datasets; on the others a feed keeps the step
 count, the phase schedule and the checkpointed state, which need no data.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Protocol, runtime_checkable
 
-from megatron_ext.training import data_readers, datasets
+from megatron_ext.training.batches import datasets, readers
 from megatron_ext.training.run_config import RunConfig
 
 
@@ -59,7 +59,7 @@ class BlendFeed:
 
     def __init__(self, run: RunConfig):
         self.run = run
-        self.train, self.valid = datasets.build_datasets(run, data_readers.is_reader())
+        self.train, self.valid = datasets.build_datasets(run, readers.is_reader())
         self.reads = self.train is not None
         self.consumed_samples = 0
         self._validation = None  # built at the first evaluation
@@ -87,7 +87,7 @@ class BlendFeed:
             if self.reads:
                 table = _byte_table(run)
                 local = BlendValidation(self.valid, run.eval.eval_iters, self.step_batch_size(), table)
-            self._validation = data_readers.everywhere(local)
+            self._validation = readers.everywhere(local)
         return self._validation
 
     def advance(self) -> None:
@@ -112,7 +112,7 @@ class PhaseFeed:
         from megatron_ext.data.phase_schedule import PhaseSchedule
 
         self.run, self.config = run, run.data.phases_config
-        built = data_readers.build_on_readers(lambda: datasets.build_phased_datasets(run))
+        built = readers.build_on_readers(lambda: datasets.build_phased_datasets(run))
         self.train, self.valid = built or (None, None)
         self.reads = built is not None
         self.schedule = PhaseSchedule(self.config)
@@ -154,7 +154,7 @@ class PhaseFeed:
             run = self.run
             n, batch = run.eval.eval_samples_per_source, run.optimizer.global_batch_size
             local = PhasesValidation(self.valid, n, batch, _byte_table(run)) if self.valid is not None else None
-            self._validation = data_readers.everywhere(local)
+            self._validation = readers.everywhere(local)
         return self._validation
 
     def advance(self) -> None:
