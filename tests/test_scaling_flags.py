@@ -68,3 +68,30 @@ def test_overlapped_communication_gives_the_same_losses_and_resumes(tmp_path):
     rows = read_metrics(resumed)
     assert [r["iteration"] for r in rows] == [3, 4]
     assert [(r["lm_loss"], r["grad_norm"]) for r in rows] == buckets[2:]
+
+
+def test_timers_say_where_a_step_goes_and_change_nothing(tmp_path):
+    """--timing-log-level 2: after each log line, Megatron-Core's timers (fastest-slowest rank, ms per step):
+    forward-backward within the step time, the gradient sync, the parameter gather and the optimizer apart,
+    each micro-batch's compute and data wait; TensorBoard gets them with --log-timers-to-tensorboard; the
+    losses are those of the run without timers."""
+    import re
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    dp2 = layout_flags(dist_opt=True) + ["--log-interval", "2"]
+    base = _losses(tmp_path, "untimed", 2, dp2)
+    tb = tmp_path / "tb"
+    timed = dp2 + ["--timing-log-level", "2", "--tensorboard-dir", str(tb), "--log-timers-to-tensorboard"]
+    assert _losses(tmp_path, "timed", 2, timed) == base
+    out = train(2, TINY_RUN + ["--train-iters", "2", *timed[:-3]]).stdout
+    step_ms = float(re.search(r"step time ([\d.]+) ms", out).group(1))
+    line = next(x for x in out.splitlines() if x.startswith("time per step (ms, fastest-slowest rank) | "))
+    times = {name: (float(a), float(b)) for name, a, b in re.findall(r"([\w-]+) ([\d.]+)-([\d.]+)", line)}
+    for name in ("forward-backward", "all-grads-sync", "params-all-gather", "optimizer", "forward-compute",
+                 "backward-compute", "batch-generator"):  # fmt: skip
+        assert name in times and 0 <= times[name][0] <= times[name][1], (name, line)
+    assert times["forward-backward"][1] <= step_ms * 1.05 and times["forward-compute"][1] < times["forward-backward"][1]
+    events = EventAccumulator(str(tb)).Reload()
+    assert {"time/forward-backward", "time/optimizer"} <= set(events.Tags()["scalars"])
+    assert not [t for t in events.Tags()["scalars"] if t.startswith("time-min/")]

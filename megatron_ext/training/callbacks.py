@@ -19,13 +19,15 @@ from megatron_ext.training import distributed
 from megatron_ext.training.batches import readers
 from megatron_ext.training.metric_sinks import (
     BY_SOURCE,
+    TIME,
+    TIME_MIN,
     TOKENS_BY_SOURCE,
     ConsoleSink,
     EvalResultsSink,
     JsonlSink,
     TensorBoardSink,
 )
-from megatron_ext.training.metrics import SIDE_WORK, Metrics, Throughput
+from megatron_ext.training.metrics import SIDE_WORK, Metrics, Throughput, timer_figures
 from megatron_ext.training.run_config import CheckpointSection, RunConfig
 
 STOP_MARKER = "stopped_by_signal"  # in --save: this run stopped on a signal, after saving (holds the iteration)
@@ -73,7 +75,7 @@ class MetricsCallback(Callback):
     def __init__(self, run: RunConfig, trainer, metrics: Metrics, logging_rank: bool):
         self.metrics, self.feed, self.logging_rank = metrics, trainer.feed, logging_rank
         self.log_interval, self.train_iters = run.logging.log_interval, run.optimizer.train_iters
-        self.seq_length = run.crystal.seq_length
+        self.seq_length, self.window_steps = run.crystal.seq_length, 0
         self.throughput = Throughput(
             run.crystal,
             trainer.padded_vocab,
@@ -96,9 +98,15 @@ class MetricsCallback(Callback):
         if step.data_hash is not None:
             record("data-hash", step.data_hash)
         self.throughput.step(step.global_batch_size * self.seq_length, self.metrics.values.get(SIDE_WORK, 0.0))
+        self.window_steps += 1
         if it % self.log_interval == 0 or it == self.train_iters:
             for name, value in self.throughput.figures(it).items():
                 record(name, value)
+            if trainer.timers is not None:  # a collective: every rank at the same steps
+                for name, (fastest, slowest) in timer_figures(trainer.timers, self.window_steps).items():
+                    record(f"{TIME}{name}", slowest)
+                    record(f"{TIME_MIN}{name}", fastest)
+            self.window_steps = 0
             record("consumed-tokens", self.feed.consumed_samples * self.seq_length)
             for name, value in self.feed.scalars().items() if self.logging_rank else ():
                 record(name, value)  # the logging rank reads data: it has the sources' positions
@@ -254,9 +262,10 @@ def build_callbacks(run: RunConfig, trainer) -> list[Callback]:
     logging_rank = distributed.is_logging_rank()
     sinks = []
     if logging_rank:
-        sinks.append(ConsoleSink(run.optimizer.train_iters, run.crystal.seq_length, run.kernels.path.fp8 is not None))
+        fp8 = run.kernels.path.fp8 is not None
+        sinks.append(ConsoleSink(run.optimizer.train_iters, run.crystal.seq_length, fp8, run.logging.timing_log_option))
         if run.logging.tensorboard_dir:
-            sinks.append(TensorBoardSink(run.logging.tensorboard_dir))
+            sinks.append(TensorBoardSink(run.logging.tensorboard_dir, run.logging.log_timers_to_tensorboard))
         if run.logging.metrics_jsonl:
             sinks.append(JsonlSink(run.logging.metrics_jsonl))
         if run.eval.eval_interval and run.eval.eval_results_jsonl:

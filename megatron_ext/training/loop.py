@@ -13,6 +13,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.timers import Timers
 
 from megatron_ext import accelerators, checkpointing, cpu_compat, megatron_workarounds
 from megatron_ext.data.index_cache import IndexCacheError
@@ -61,15 +62,24 @@ def sample_hash(tokens: torch.Tensor) -> int:
 
 
 def make_forward_step(
-    device: torch.device, num_sources: int = 0, data_hashes: list | None = None, num_slots: int | None = None
+    device: torch.device,
+    num_sources: int = 0,
+    data_hashes: list | None = None,
+    num_slots: int | None = None,
+    timers=None,
 ):
     """data_hashes: when given, the hashes of the samples this rank is the designated reader of (the model
-    chunk that embeds them, on tensor-parallel rank 0) are appended to it. num_slots: an evaluation's."""
+    chunk that embeds them, on tensor-parallel rank 0) are appended to it. num_slots: an evaluation's.
+    timers: Megatron-Core's, to time the wait for each batch (level 2, as Megatron-LM's batch-generator)."""
 
     def forward_step(data_iterator, model):
         if data_iterator is None:  # a chunk between the first and the last stage: its input is the activations
             return model(None, None, None), None
+        if timers is not None:
+            timers("batch-generator", log_level=2).start()
         batch = next(data_iterator)
+        if timers is not None:
+            timers("batch-generator").stop()
         reader = getattr(model, "module", model).pre_process and parallel_state.get_tensor_model_parallel_rank() == 0
         if data_hashes is not None and reader:
             data_hashes.extend(sample_hash(t) for t in batch["tokens"])
@@ -138,6 +148,12 @@ class Trainer:
         if layout.overlap_grad_reduce:  # the schedule starts each chunk's reduction as its backward ends
             grad_sync = [m.start_grad_sync for m in self.model]
             self.config.grad_sync_func = grad_sync if len(grad_sync) > 1 else grad_sync[0]
+        self.timers = None
+        if run.logging.timing_log_level:  # Megatron-Core's timers, in its schedules, gradient sync and optimizer
+            self.timers = Timers(run.logging.timing_log_level, "minmax")
+            self.config.timers = self.timers
+            for inner in megatron_workarounds.inner_optimizers(self.optimizer):
+                inner.config.timers = self.timers
         self.forward_backward = get_forward_backward_func()
         self.iteration = 0
         self.stop = StopRequest()  # before any DataLoader worker forks, so that the workers inherit the handler
@@ -150,7 +166,7 @@ class Trainer:
             raise TypeError(f"{type(feed).__name__} does not implement feeds.DataFeed")
         self.feed = feed
         self.data_hashes = [] if self.run.logging.log_data_hash else None
-        self.forward_step = make_forward_step(self.device, len(feed.source_names), self.data_hashes)
+        self.forward_step = make_forward_step(self.device, len(feed.source_names), self.data_hashes, timers=self.timers)
 
     def train_iterators(self, steps: int) -> list:
         """One per model chunk (the interleaved schedule draws from each): the training batches of the
@@ -192,7 +208,11 @@ class Trainer:
         skipped = self.guard.check(self.model, loss, self.stop.signalled is not None)
         grad_norm, update_successful = None, False
         if not skipped:
+            if self.timers is not None:
+                self.timers("optimizer", log_level=1).start()
             update_successful, grad_norm, _ = self.optimizer.step()
+            if self.timers is not None:
+                self.timers("optimizer").stop()
             if update_successful:
                 self.scheduler.step(increment=1)
         end_fp8_step(self.model, applied=update_successful)
@@ -222,6 +242,7 @@ class Trainer:
             return self._evaluate(evaluation)
 
     def _evaluate(self, evaluation: eval_set.EvalSet) -> list[eval_set.Figure] | None:
+        self.config.timers = None  # an evaluation is side work, timed on its own line, not a step's part
         for m in self.model:
             m.eval()
         its = readers.chunk_iterators(self.model, lambda: datasets.micro_batches(evaluation, 0, self.run), self.device)
@@ -232,6 +253,7 @@ class Trainer:
         end_fp8_step(self.model, applied=False)
         for m in self.model:
             m.train()
+        self.config.timers = self.timers
         _, slots = _reduce_loss(losses, key="slots")
         if slots is None or not readers.is_reader():  # the sets' rows are on the reading ranks
             return None

@@ -14,6 +14,7 @@ from megatron_ext.training.metrics import format_duration, mfu_text
 
 BY_SOURCE = "lm loss by source/"  # + source name: the step's mean loss over that source's tokens
 TOKENS_BY_SOURCE = "tokens by source/"  # + source name: the loss tokens that mean is over
+TIME, TIME_MIN = "time/", "time-min/"  # + timer name: ms per step, the slowest and the fastest rank's
 
 
 def sources_in(values: dict) -> list[str]:
@@ -44,8 +45,9 @@ class ConsoleSink(Sink):
     """The log line every --log-interval steps (the loss averaged over them, per source over their tokens),
     the line of each skipped update, and the validation line with its cost."""
 
-    def __init__(self, train_iters: int, seq_length: int, fp8: bool):
+    def __init__(self, train_iters: int, seq_length: int, fp8: bool, timing_log_option: str = "minmax"):
         self.train_iters, self.seq_length, self.fp8 = train_iters, seq_length, fp8
+        self.timing_log_option = timing_log_option
         self._reset()
 
     def _reset(self) -> None:
@@ -60,6 +62,9 @@ class ConsoleSink(Sink):
             sums[1] += values[TOKENS_BY_SOURCE + name]
         if "tokens-per-second" in values:  # a log step
             print(self._line(step, values, context), flush=True)
+            timers = self._timers_line(values)
+            if timers:
+                print(timers, flush=True)
             self._reset()
         if context.get("skipped"):
             print(
@@ -87,6 +92,17 @@ class ConsoleSink(Sink):
         ]
         return " | ".join(p for p in parts if p)
 
+    def _timers_line(self, values: dict) -> str | None:
+        """Where a step's time went, by Megatron-Core's timers (--timing-log-level)."""
+        names = [k[len(TIME) :] for k in values if k.startswith(TIME)]
+        if not names:
+            return None
+        if self.timing_log_option == "max":
+            parts = [f"{n} {values[TIME + n]:.1f}" for n in names]
+            return "time per step (ms, slowest rank) | " + " | ".join(parts)
+        parts = [f"{n} {values[TIME_MIN + n]:.1f}-{values[TIME + n]:.1f}" for n in names]
+        return "time per step (ms, fastest-slowest rank) | " + " | ".join(parts)
+
     def write_figures(self, step: int, figures: list, context: dict) -> None:
         seconds, trained = context["seconds"], context["trained_seconds"]
         cost = f"{seconds:.1f} s ({100 * seconds / trained:.1f}% of the {trained:.1f} s trained since the last)"
@@ -94,16 +110,19 @@ class ConsoleSink(Sink):
 
 
 class TensorBoardSink(Sink):
-    """Every value under its name (eval/<task>/<metric> for figures)."""
+    """Every value under its name (eval/<task>/<metric> for figures); the timers (the slowest rank's) only
+    with --log-timers-to-tensorboard."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, timers: bool = False):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(directory)
+        # counts and ids are not curves; the fastest rank's time is on the log line only
+        self.skipped = (TOKENS_BY_SOURCE, "data-hash", TIME_MIN) + (() if timers else (TIME,))
 
     def write_step(self, step: int, values: dict, context: dict) -> None:
         for name, value in values.items():
-            if not name.startswith(TOKENS_BY_SOURCE) and name != "data-hash":  # counts and ids, not curves
+            if not name.startswith(self.skipped):
                 self.writer.add_scalar(name, value, step)
 
     def write_figures(self, step: int, figures: list, context: dict) -> None:

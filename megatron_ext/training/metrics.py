@@ -137,3 +137,25 @@ class Throughput:
                 out["mfu-percent"] = mfu
         self._reset(now)
         return out
+
+
+# Megatron-Core's timers a step can have (level 1, then level 2), Megatron-LM's names; on a rank where one did
+# not run it reads 0 and is left out. The list is fixed because gathering them is a collective.
+TIMERS = (
+    "forward-backward", "all-grads-sync", "embedding-grads-all-reduce", "non-tensor-parallel-grads-all-reduce",
+    "params-all-gather", "optimizer", "optimizer-copy-to-main-grad", "optimizer-clip-main-grad",
+    "optimizer-inner-step", "optimizer-copy-main-to-model-params", "forward-compute", "backward-compute",
+    "batch-generator",
+)  # fmt: skip
+
+
+def timer_figures(timers, steps: int) -> dict[str, tuple[float, float]]:
+    """name -> (fastest rank, slowest rank) in ms per step over the last `steps` steps, and the timers reset.
+    Megatron-Core 0.16.1's Timers offers these figures only as text (get_all_timers_string) or to a
+    TensorBoard writer; its _get_global_min_max_time is what both use."""
+    return {
+        name: (fastest * 1000, slowest * 1000)
+        for name, (fastest, slowest) in timers._get_global_min_max_time(
+            list(TIMERS), reset=True, barrier=False, normalizer=max(steps, 1)
+        ).items()
+    }

@@ -447,6 +447,13 @@ class LoggingSection:
     """write TensorBoard scalars here"""
     metrics_jsonl: str | None = None
     """append one JSON line per step (loss, grad norm, lr) to this file"""
+    timing_log_level: int = option(0, choices=(0, 1, 2))
+    """Megatron-Core's timers on the log line: 1: a step's parts (forward-backward, gradient reduction, parameter
+    gather, optimizer); 2: also each micro-batch's forward and backward compute and the data wait"""
+    timing_log_option: str = option("minmax", choices=("max", "minmax"))
+    """the timers over ranks: the slowest rank's, or the fastest and the slowest"""
+    log_timers_to_tensorboard: bool = False
+    """write the timers to TensorBoard too (time/<name>, ms per step, the slowest rank's)"""
     log_data_hash: bool = False
     """add a hash of each step's input tokens to --metrics-jsonl: the same whatever the layout, so two runs (or a run
     and its resumption) can be shown to read the same data"""
