@@ -53,12 +53,12 @@ class FakeFeed:
 
 
 class FakeTrainer:
-    """What the callbacks use of a Trainer: the feed, the guard, save() (telling them), evaluate()."""
+    """What the callbacks use of a Trainer: the feed, the guard, the timers, save() (telling them), evaluate()."""
 
     def __init__(self, save_dir=None):
         self.feed, self.padded_vocab, self.iteration = FakeFeed(), 128, 0
         self.guard = SimpleNamespace(consecutive=0, total=0, exhausted=False)
-        self.save_dir, self.saved, self.callbacks = save_dir, [], []
+        self.save_dir, self.saved, self.callbacks, self.timers = save_dir, [], [], None
 
     def save(self):
         path = os.path.join(self.save_dir, f"iter_{self.iteration:07d}")
