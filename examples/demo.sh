@@ -10,9 +10,10 @@ RUN_DIR=${1:-runs/demo}
 NPROC=${NPROC:-2}
 TRAIN_ITERS=${TRAIN_ITERS:-300}
 # Downstream tasks scored by log-likelihood: a few code ones at every evaluation (each question is a row of
-# the sequence length: their cost grows with it), more from the final checkpoint at the end.
+# the sequence length: their cost grows with it), more from the final checkpoint at the end. The tasks the
+# loop scores are scored at the end on the same questions, so that their curves compare like with like.
 LOOP_TASKS=${LOOP_TASKS:-humaneval_gold:32,infill_single_gold:32}
-END_TASKS=${END_TASKS:-arc_easy:100,piqa:100,hellaswag:100,lambada:100,humaneval_gold,infill_single_gold:200}
+END_TASKS=${END_TASKS:-arc_easy:100,piqa:100,hellaswag:100,lambada:100,$LOOP_TASKS}
 rm -rf "$RUN_DIR" && mkdir -p "$RUN_DIR"
 
 OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc-per-node "$NPROC" --master-port "${MASTER_PORT:-29400}" \

@@ -36,7 +36,8 @@ def find_results(paths: list[str]) -> list[str]:
 
 def read_records(files: list[str]) -> list[dict]:
     """Every record; a bad line is counted and skipped. A figure evaluated twice (a rerun, a rescore) keeps
-    its latest record."""
+    its latest record. A figure's identity includes what it was computed on (n, the questions or samples):
+    the same task scored on 32 questions in the loop and on 164 at the end are two figures, never one."""
     latest: dict[tuple, dict] = {}
     bad = 0
     for path in files:
@@ -44,7 +45,7 @@ def read_records(files: list[str]) -> list[dict]:
             for line in f:
                 try:
                     r = json.loads(line)
-                    key = (r["run"], r["iteration"], r["task"], r["metric"])
+                    key = (r["run"], r["iteration"], r["task"], r["metric"], r.get("n"))
                     float(r["value"])
                 except (ValueError, KeyError, TypeError):
                     bad += 1
@@ -96,13 +97,18 @@ def cell(record: dict | None) -> str:
     return value + (f" ± {record['stderr']:.4f}" if record.get("stderr") else "")
 
 
+def cells(records: list[dict]) -> str:
+    """A table cell of one figure per question set at one point, each with the n it is over."""
+    return "; ".join(cell(r) + (f" (n={r['n']})" if r.get("n") is not None else "") for r in records)
+
+
 def markdown(records: list[dict], cols: list[tuple[str, str]]) -> str:
     runs = sorted({r["run"] for r in records})
     head = "| run | iteration | tokens | phase | " + " | ".join(f"{t} {m}" for t, m in cols) + " |"
     rule = "|" + "---|" * (4 + len(cols))
     by_point: dict[tuple, dict] = {}
-    for r in records:
-        by_point.setdefault((r["run"], r["iteration"]), {})[(r["task"], r["metric"])] = r
+    for r in sorted(records, key=lambda r: r.get("n") or 0):
+        by_point.setdefault((r["run"], r["iteration"]), {}).setdefault((r["task"], r["metric"]), []).append(r)
     lines = ["# Evaluation report", "", "## Final figures per run", "", head, rule]
     for run in runs:
         last = max(it for (rn, it) in by_point if rn == run)
@@ -114,11 +120,19 @@ def markdown(records: list[dict], cols: list[tuple[str, str]]) -> str:
 
 
 def _row(run: str, iteration: int, figures: dict, cols: list[tuple[str, str]]) -> str:
-    any_record = next(iter(figures.values()))
+    any_record = next(iter(figures.values()))[0]
     tokens = any_record.get("tokens")
     phase = any_record.get("phase") or ""
-    cells = [cell(figures.get(c)) for c in cols]
-    return f"| {run} | {iteration} | {'' if tokens is None else f'{tokens:,}'} | {phase} | " + " | ".join(cells) + " |"
+    row = [cells(figures.get(c, [])) for c in cols]
+    return f"| {run} | {iteration} | {'' if tokens is None else f'{tokens:,}'} | {phase} | " + " | ".join(row) + " |"
+
+
+def format_count(x: float, _position=None) -> str:
+    """An axis of tokens: 200000 -> 0.2M, 1.4e12 -> 1.4T."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= scale / 10:
+            return f"{x / scale:.3g}{suffix}"
+    return f"{x:.3g}"
 
 
 def plot(records: list[dict], cols: list[tuple[str, str]], directory: str) -> list[str]:
@@ -134,24 +148,32 @@ def plot(records: list[dict], cols: list[tuple[str, str]], directory: str) -> li
     written = []
     for task, metric in cols:
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        for run in runs:
+        series = sorted({(r["run"], r.get("n") or 0) for r in records if (r["task"], r["metric"]) == (task, metric)})
+        styles = ("-", "--", ":", "-.")
+        for run, n in series:  # one line per run and question set: figures over other questions are not a trend
             mine = sorted(
-                (r for r in records if r["run"] == run and (r["task"], r["metric"]) == (task, metric)), key=x_of
+                (r for r in records if (r["run"], r.get("n") or 0, r["task"], r["metric"]) == (run, n, task, metric)),
+                key=x_of,
             )
-            if not mine:
-                continue
             xs, ys = [x_of(r) for r in mine], [r["value"] for r in mine]
             errors = [r.get("stderr") or 0.0 for r in mine]
-            ax.plot(xs, ys, marker="o", markersize=3, color=colours[run], label=run)
+            style = styles[[m for r_, m in series if r_ == run].index(n) % len(styles)]
+            label = f"{run}, n={n}" if n else run
+            ax.plot(xs, ys, marker="o", markersize=3, color=colours[run], linestyle=style, label=label)
             if any(errors):
                 ax.fill_between(xs, [y - e for y, e in zip(ys, errors)], [y + e for y, e in zip(ys, errors)],
                                 color=colours[run], alpha=0.15, linewidth=0)  # fmt: skip
+        for run in sorted({run for run, _ in series}):
             for x, phase in boundaries[run]:
                 ax.axvline(x, color=colours[run], linestyle="--", linewidth=0.8, alpha=0.6)
                 ax.annotate(phase, (x, 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
                             va="top", ha="right", color=colours[run])  # fmt: skip
         tokens = all(r.get("tokens") is not None for r in records)
         ax.set_xlabel("tokens" if tokens else "iteration")
+        if tokens:
+            from matplotlib.ticker import FuncFormatter
+
+            ax.xaxis.set_major_formatter(FuncFormatter(format_count))
         ax.set_ylabel(metric)
         ax.set_title(f"{task} {metric}")
         ax.grid(alpha=0.3)
