@@ -79,10 +79,6 @@ def _model_keys(model_chunks: list) -> list[str]:
     return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
 
 
-def _model_sharded_state_dict(model_chunks: list) -> dict:
-    return {key: _unwrap(c).sharded_state_dict() for key, c in zip(_model_keys(model_chunks), model_chunks)}
-
-
 class ModelState:
     """The model chunks (any TP / PP / VP) under "model", or "model0", "model1", ... with virtual stages."""
 
@@ -90,7 +86,7 @@ class ModelState:
         self.chunks = model_chunks
 
     def sharded_state_dict(self, saved_so_far: dict, is_loading: bool) -> dict:
-        return _model_sharded_state_dict(self.chunks)
+        return {key: _unwrap(c).sharded_state_dict() for key, c in zip(_model_keys(self.chunks), self.chunks)}
 
     def load_sharded(self, loaded: dict) -> None:
         for key, chunk in zip(_model_keys(self.chunks), self.chunks):

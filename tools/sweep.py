@@ -34,8 +34,9 @@ def _tokenizer(sweep):
     if "--tokenizer-model" not in train:
         return None
     from megatron_ext.tokenizer import build_tokenizer
+    from megatron_ext.tokenizer.crystal_tokenizer import DEFAULT_TOKENIZER_TYPE
 
-    kind = train[train.index("--tokenizer-type") + 1] if "--tokenizer-type" in train else "CrystalTokenizer"
+    kind = train[train.index("--tokenizer-type") + 1] if "--tokenizer-type" in train else DEFAULT_TOKENIZER_TYPE
     return build_tokenizer(kind, train[train.index("--tokenizer-model") + 1])
 
 

@@ -31,6 +31,7 @@ def is_hf_directory(path: str) -> bool:
 def load(path: str, step: int | None = None, tokenizer_model: str | None = None, tokenizer_type: str | None = None,
          dtype: torch.dtype = torch.float32) -> LoadedModel:  # fmt: skip
     from megatron_ext.tokenizer import build_tokenizer
+    from megatron_ext.tokenizer.crystal_tokenizer import DEFAULT_TOKENIZER_TYPE
 
     if not os.path.isdir(path):
         raise CheckpointLoadError(f"--checkpoint {path}: no such directory")
@@ -65,8 +66,8 @@ def load(path: str, step: int | None = None, tokenizer_model: str | None = None,
     if tokenizer_model is None:
         raise CheckpointLoadError(f"{path}: no tokenizer found beside the checkpoint; give --tokenizer-model")
     model.eval()
-    return LoadedModel(model, build_tokenizer(tokenizer_type or "CrystalTokenizer", tokenizer_model), seq_length, where,
-                       iteration)  # fmt: skip
+    tokenizer = build_tokenizer(tokenizer_type or DEFAULT_TOKENIZER_TYPE, tokenizer_model)
+    return LoadedModel(model, tokenizer, seq_length, where, iteration)
 
 
 @torch.no_grad()

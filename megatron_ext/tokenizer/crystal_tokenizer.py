@@ -165,11 +165,12 @@ class HuggingFaceTokenizer:
 
 
 TOKENIZER_TYPES = {"CrystalTokenizer": CrystalTokenizer, "HuggingFaceTokenizer": HuggingFaceTokenizer}
+DEFAULT_TOKENIZER_TYPE = "CrystalTokenizer"  # pretrain_crystal.py's --tokenizer-type default too (run_config.py)
 
 
 def add_tokenizer_type_argument(parser) -> None:
     """--tokenizer-type, the same in every command line."""
-    parser.add_argument("--tokenizer-type", default="CrystalTokenizer", choices=list(TOKENIZER_TYPES))
+    parser.add_argument("--tokenizer-type", default=DEFAULT_TOKENIZER_TYPE, choices=list(TOKENIZER_TYPES))
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str):

@@ -34,7 +34,7 @@ from megatron_ext.training.run_config import (
     require,
 )
 
-__all__ = ["ArgumentError", "add_run_flags", "build_parser", "parse", "validate", "read_run_config"]
+__all__ = ["ArgumentError", "add_run_flags", "build_parser", "validate", "read_run_config"]
 
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -82,10 +82,6 @@ def add_run_flags(parser: argparse.ArgumentParser, *names: str) -> None:
         f, docs = fields[name]
         flags, options = _argument(f, docs[name])
         parser.add_argument(*flags, **options, default=f.default)
-
-
-def parse(argv: list[str] | None, world_size: int) -> RunConfig:
-    return validate(build_parser().parse_args(argv), world_size)
 
 
 def _flags(cls, values: dict) -> dict:

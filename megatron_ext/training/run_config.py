@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from megatron_ext.kernels.fp8_scaling import FORMATS, RECIPES
 from megatron_ext.kernels.selection import ATTENTION_BACKENDS, TE_ONLY_RECIPES
-from megatron_ext.tokenizer.crystal_tokenizer import TOKENIZER_TYPES
+from megatron_ext.tokenizer.crystal_tokenizer import DEFAULT_TOKENIZER_TYPE, TOKENIZER_TYPES
 
 if TYPE_CHECKING:  # the command line's checks import no Megatron-Core (they run in a second)
     from megatron_ext.data.phases_config import PhasesConfig
@@ -339,7 +339,7 @@ class DataSection:
     phases: str | None = None
     """phases file (YAML): sources, and phases with their blend, FIM rates, lr schedule and batch size; instead of
     --data-path, and the --lr* flags are refused beside it"""
-    tokenizer_type: str = option("CrystalTokenizer", choices=tuple(TOKENIZER_TYPES))
+    tokenizer_type: str = option(DEFAULT_TOKENIZER_TYPE, choices=tuple(TOKENIZER_TYPES))
     """CrystalTokenizer: a SentencePiece .model plus Crystal's specials; HuggingFaceTokenizer: a tokenizer.json"""
     tokenizer_model: str | None = None
     """SentencePiece .model (or tokenizers .json); sets the vocabulary size"""
