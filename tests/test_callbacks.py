@@ -134,6 +134,56 @@ def test_one_stream_reaches_every_sink(tmp_path, clock, capsys):
     assert [e.value for e in events.Scalars("lm loss by source/code")] == [3.0]
 
 
+def test_wandb_offline_run_holds_the_tensorboard_scalars(tmp_path, clock, monkeypatch):
+    """--wandb-project with WANDB_MODE=offline: the run directory under --wandb-save-dir holds every scalar
+    TensorBoard gets, at the same steps with the same values (training steps and evaluation figures), and
+    the run's configuration."""
+    from helpers.wandb_records import run_history, scalar_series
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_ext.training.metric_sinks import WandbSink
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = _run("--mock-data", "--log-interval", "2", "--train-iters", "4", "--wandb-project", "p", "--save",
+               str(tmp_path / "job" / "ckpt"))  # fmt: skip
+    log = run.logging
+    assert (log.wandb_exp_name, log.wandb_save_dir) == ("job", str(tmp_path / "job" / "ckpt" / "wandb"))
+    wandb_sink = WandbSink(log.wandb_project, log.wandb_exp_name, str(tmp_path / "wb"), json.loads(run.to_json()))
+    stream = metrics.Metrics([TensorBoardSink(str(tmp_path / "tb")), wandb_sink])
+    trainer = FakeTrainer()
+    cb = callbacks.MetricsCallback(run, trainer, stream, logging_rank=True)
+    for it, loss in enumerate((5.0, 4.0, 3.5, 3.0), start=1):
+        clock[0] = 0.1 * it
+        trainer.feed.consumed_samples += 8
+        cb.post_step(trainer, StepResult(it, loss, 1e-3, 0.5, None, 8, None, {"text": (loss, 1.0)}, 7))
+        if it == 2:
+            stream.log_figures(2, trainer.evaluate(None), {"seconds": 0.5})
+    cb.close()
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    tensorboard = {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
+    logged = scalar_series(str(tmp_path / "wb"))
+    assert set(logged) == set(tensorboard) and {"lm loss", "eval/valid/text/bpb", "step-time-ms"} <= set(logged)
+    for name, points in tensorboard.items():
+        assert [step for step, _ in logged[name]] == [step for step, _ in points], name
+        assert [v for _, v in logged[name]] == pytest.approx([v for _, v in points], rel=1e-6), name
+    assert logged["lm loss"] == [(1, 5.0), (2, 4.0), (3, 3.5), (4, 3.0)] and logged["eval/valid/text/bpb"] == [(2, 1.5)]
+    assert len(run_history(str(tmp_path / "wb"))) == 4  # one row per step, the figures in step 2's
+
+
+def test_wandb_flags_fail_in_one_line(monkeypatch):
+    import importlib.util
+
+    from megatron_ext.training.run_config import ArgumentError
+
+    with pytest.raises(ArgumentError, match="^--wandb-exp-name and --wandb-save-dir need --wandb-project$"):
+        _run("--mock-data", "--wandb-exp-name", "x")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ArgumentError, match=r"^--wandb-project needs the wandb package: pip install 'crystal-megatron"):
+        _run("--mock-data", "--wandb-project", "p")
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_log_line_on_a_gpu(monkeypatch, clock, capsys, fp8):
     """TFLOP/s per GPU from the Megatron-LM FLOP count, MFU against the peak of the GEMMs' precision."""

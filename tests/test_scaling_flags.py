@@ -74,9 +74,11 @@ def test_timers_say_where_a_step_goes_and_change_nothing(tmp_path):
     """--timing-log-level 2: after each log line, Megatron-Core's timers (fastest-slowest rank, ms per step):
     forward-backward within the step time, the gradient sync, the parameter gather and the optimizer apart,
     each micro-batch's compute and data wait; TensorBoard gets them with --log-timers-to-tensorboard; the
-    losses are those of the run without timers."""
+    losses are those of the run without timers. With --wandb-project (offline) the logging rank alone writes
+    W&B, the same losses."""
     import re
 
+    from helpers.wandb_records import scalar_series
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     dp2 = layout_flags(dist_opt=True) + ["--log-interval", "2"]
@@ -84,7 +86,11 @@ def test_timers_say_where_a_step_goes_and_change_nothing(tmp_path):
     tb = tmp_path / "tb"
     timed = dp2 + ["--timing-log-level", "2", "--tensorboard-dir", str(tb), "--log-timers-to-tensorboard"]
     assert _losses(tmp_path, "timed", 2, timed) == base
-    out = train(2, TINY_RUN + ["--train-iters", "2", *timed[:-3]]).stdout
+    # The same run writes W&B offline from the logging rank only (one run directory): the losses logged.
+    wandb = ["--wandb-project", "crystal-test", "--wandb-save-dir", str(tmp_path / "wb")]
+    offline = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    out = train(2, TINY_RUN + ["--train-iters", "2", *timed[:-3], *wandb], env_extra=offline).stdout
+    assert [v for _, v in scalar_series(str(tmp_path / "wb"))["lm loss"]] == pytest.approx([x for x, _ in base[:2]])
     step_ms = float(re.search(r"step time ([\d.]+) ms", out).group(1))
     line = next(x for x in out.splitlines() if x.startswith("time per step (ms, fastest-slowest rank) | "))
     times = {name: (float(a), float(b)) for name, a, b in re.findall(r"([\w-]+) ([\d.]+)-([\d.]+)", line)}

@@ -233,7 +233,11 @@ def validate(args: argparse.Namespace | dict, world_size: int) -> RunConfig:
         tasks=eval_tasks,
     )
     profile = ProfileSection(**_flags(ProfileSection, vars(a)))
-    logging = LoggingSection(**_flags(LoggingSection, vars(a)))
+    logging_flags = _flags(LoggingSection, vars(a))
+    if a.wandb_project:
+        logging_flags["wandb_exp_name"] = a.wandb_exp_name or evaluation.run_name
+        logging_flags["wandb_save_dir"] = a.wandb_save_dir or os.path.join(a.save or os.getcwd(), "wandb")
+    logging = LoggingSection(**logging_flags)
     require(not a.bf16 or torch.cuda.is_available(), "--bf16 needs a GPU; CPU runs train in fp32")
     kernel_flags = _flags(KernelSection, vars(a))
     try:

@@ -8,6 +8,7 @@ write (training/metric_sinks.py); none reads another's fields. OLMo-core's Callb
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from megatron_ext.training.metric_sinks import (
     EvalResultsSink,
     JsonlSink,
     TensorBoardSink,
+    WandbSink,
 )
 from megatron_ext.training.metrics import SIDE_WORK, Metrics, Throughput, timer_figures
 from megatron_ext.training.run_config import CheckpointSection, RunConfig
@@ -266,6 +268,11 @@ def build_callbacks(run: RunConfig, trainer) -> list[Callback]:
         sinks.append(ConsoleSink(run.optimizer.train_iters, run.crystal.seq_length, fp8, run.logging.timing_log_option))
         if run.logging.tensorboard_dir:
             sinks.append(TensorBoardSink(run.logging.tensorboard_dir, run.logging.log_timers_to_tensorboard))
+        log = run.logging
+        if log.wandb_project:
+            config = json.loads(run.to_json())
+            timers = log.log_timers_to_tensorboard
+            sinks.append(WandbSink(log.wandb_project, log.wandb_exp_name, log.wandb_save_dir, config, timers))
         if run.logging.metrics_jsonl:
             sinks.append(JsonlSink(run.logging.metrics_jsonl))
         if run.eval.eval_interval and run.eval.eval_results_jsonl:

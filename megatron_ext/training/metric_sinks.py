@@ -109,29 +109,60 @@ class ConsoleSink(Sink):
         print(f"validation at iteration {step} | {format_figures(figures)} | {cost}", flush=True)
 
 
-class TensorBoardSink(Sink):
-    """Every value under its name (eval/<task>/<metric> for figures); the timers (the slowest rank's) only
-    with --log-timers-to-tensorboard."""
+class ScalarSink(Sink):
+    """A dashboard's scalars: every value under its name and each figure as eval/<task>/<metric>, with the
+    evaluation's seconds. Counts and ids are not curves, and the fastest rank's time is on the log line only;
+    the timers (the slowest rank's) only with --log-timers-to-tensorboard. TensorBoard and W&B receive the
+    same scalars; a subclass says only how one is written."""
+
+    def __init__(self, timers: bool = False):
+        self.skipped = (TOKENS_BY_SOURCE, "data-hash", TIME_MIN) + (() if timers else (TIME,))
+
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        raise NotImplementedError
+
+    def write_step(self, step: int, values: dict, context: dict) -> None:
+        scalars = {name: value for name, value in values.items() if not name.startswith(self.skipped)}
+        self.write_scalars(step, scalars)
+
+    def write_figures(self, step: int, figures: list, context: dict) -> None:
+        scalars = {f"eval/{f.task}/{f.metric}": f.value for f in figures}
+        self.write_scalars(step, {**scalars, "eval/seconds": context["seconds"]})
+
+
+class TensorBoardSink(ScalarSink):
+    """--tensorboard-dir."""
 
     def __init__(self, directory: str, timers: bool = False):
         from torch.utils.tensorboard import SummaryWriter
 
+        super().__init__(timers)
         self.writer = SummaryWriter(directory)
-        # counts and ids are not curves; the fastest rank's time is on the log line only
-        self.skipped = (TOKENS_BY_SOURCE, "data-hash", TIME_MIN) + (() if timers else (TIME,))
 
-    def write_step(self, step: int, values: dict, context: dict) -> None:
-        for name, value in values.items():
-            if not name.startswith(self.skipped):
-                self.writer.add_scalar(name, value, step)
-
-    def write_figures(self, step: int, figures: list, context: dict) -> None:
-        for f in figures:
-            self.writer.add_scalar(f"eval/{f.task}/{f.metric}", f.value, step)
-        self.writer.add_scalar("eval/seconds", context["seconds"], step)
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
 
     def close(self) -> None:
         self.writer.close()
+
+
+class WandbSink(ScalarSink):
+    """--wandb-project: the same scalars to Weights & Biases (WANDB_MODE=offline keeps them in the run
+    directory under --wandb-save-dir, for `wandb sync` later). config: the run's resolved configuration."""
+
+    def __init__(self, project: str, name: str | None, directory: str, config: dict, timers: bool = False):
+        import wandb
+
+        super().__init__(timers)
+        os.makedirs(directory, exist_ok=True)
+        self.run = wandb.init(project=project, name=name, dir=directory, config=config)
+
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 class JsonlSink(Sink):

@@ -458,8 +458,28 @@ class LoggingSection:
     """add a hash of each step's input tokens to --metrics-jsonl: the same whatever the layout, so two runs (or a run
     and its resumption) can be shown to read the same data"""
 
+    wandb_project: str | None = None
+    """also write the TensorBoard scalars to this Weights & Biases project, from the logging rank (needs the wandb
+    extra; WANDB_MODE=offline keeps the run on disk)"""
+    wandb_exp_name: str | None = None
+    """the run's name in W&B (default: --run-name's default, the directory holding --save)"""
+    wandb_save_dir: str | None = None
+    """W&B's local run directory (default: wandb in --save, else in the working directory)"""
+
     def __post_init__(self):
         require(self.log_interval >= 1, "--log-interval must be >= 1")
+        if self.wandb_project is not None:
+            import importlib.util
+
+            require(
+                importlib.util.find_spec("wandb") is not None,
+                "--wandb-project needs the wandb package: pip install 'crystal-megatron[wandb]' (or pip install wandb)",
+            )
+        else:
+            require(
+                self.wandb_exp_name is None and self.wandb_save_dir is None,
+                "--wandb-exp-name and --wandb-save-dir need --wandb-project",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
