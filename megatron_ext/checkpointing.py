@@ -3,19 +3,32 @@
 Model weights and optimizer state are stored as global tensors (the distributed optimizer in its
 'fully_reshardable' form), so a checkpoint written at one TP / PP / VP / DP layout loads at any
 other. Layout:  DIR/iter_0000010/...  and  DIR/latest_checkpointed_iteration.txt, the tracker, which is
-written by rank 0 only after every rank has finished writing the step's files.
+written by rank 0 only after every rank has finished writing the step's files (CheckpointSaver: each
+data-parallel rank its share with --ckpt-fully-parallel-save, in a background process with --async-save).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 import torch
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.serialization import (
+    get_default_load_sharded_strategy,
+    get_default_save_sharded_strategy,
+)
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelLoadStrategyWrapper,
+    FullyParallelSaveStrategyWrapper,
+)
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -132,10 +145,158 @@ def checkpoint_metadata(crystal: CrystalConfig, padded_vocab: int, tokenizer: di
     return {"model_config": dataclasses.asdict(crystal), "padded_vocab_size": padded_vocab, "tokenizer": tokenizer}
 
 
+def _save_strategy(fully_parallel: bool):
+    """torch_dist, and with fully_parallel each data-parallel rank writing its share of what its
+    model-parallel group holds (Megatron-Core's FullyParallelSaveStrategyWrapper); without it the first
+    data-parallel rank writes everything."""
+    strategy = get_default_save_sharded_strategy("torch_dist")
+    if fully_parallel and parallel_state.model_parallel_is_initialized():
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        strategy = FullyParallelSaveStrategyWrapper(strategy, group)
+    return strategy
+
+
+def _load_strategy(path: str, fully_parallel: bool):
+    """The checkpoint's own strategy; with fully_parallel each data-parallel rank reads a share and the
+    ranks exchange the rest (FullyParallelLoadStrategyWrapper), instead of every rank reading everything."""
+    if not fully_parallel:
+        return None
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(path), group)
+
+
+@dataclasses.dataclass
+class _InFlight:
+    iteration: int
+    path: str
+    started: float
+
+
+class CheckpointSaver:
+    """Writes checkpoints under root: DIR/iter_N, then the files beside it (data_state.json), then the
+    tracker, which is written only once every rank's write is complete. A run resumes from the tracker's
+    checkpoint, so a save that dies half-way (a kill, a full disk) leaves the previous one as the resume point.
+
+    asynchronous (--async-save): save() prepares the state and hands the write to a background process
+    (Megatron-Core's AsyncCallsQueue over dist_checkpointing's async torch_dist strategy) and returns; the
+    step goes on. poll(), called by every rank after every step, completes a finished write (a collective,
+    only while one is in flight); wait() blocks until it is done, as the run's last save and a stop signal
+    do. One write is in flight at a time: a save waits for the one before it. on_complete(path) is called
+    on every rank when a checkpoint is complete (the training's post_checkpoint_saved).
+    """
+
+    def __init__(self, root: str, keep_last: int | None = None, fully_parallel: bool = False,
+                 asynchronous: bool = False, on_complete=None):  # fmt: skip
+        self.root, self.keep_last, self.fully_parallel = root, keep_last, fully_parallel
+        self.on_complete = on_complete or (lambda path: None)
+        self.queue = AsyncCallsQueue() if asynchronous else None
+        self.in_flight: _InFlight | None = None
+        self.gather_seconds = 0.0  # of the last save: building the state to write (see save)
+
+    def save(self, iteration: int, states: Mapping[str, object], metadata: dict, side_files=None) -> str:
+        """Write iteration's checkpoint of states (see save_checkpoint); side_files: {name: text} written
+        into it by rank 0 once the tensors are complete. Returns its path; with asynchronous, the write
+        may still be in flight."""
+        self.wait()
+        path = iteration_dir(self.root, iteration)
+        if torch.distributed.get_rank() == 0:
+            if iteration in abandoned_iterations(self.root):  # a rolled-back run's, or a failed save's
+                shutil.rmtree(path)
+            os.makedirs(path, exist_ok=True)
+        torch.distributed.barrier()
+        state: dict = {}
+        started = time.perf_counter()
+        for name, part in states.items():
+            if isinstance(part, ShardedStateful):
+                state.update(part.sharded_state_dict(state, is_loading=False))
+            else:
+                state[name] = part.state_dict()
+        # The distributed optimizer's reshardable form gathers its state over the data-parallel ranks here:
+        # part of what a step waits for even with --async-save.
+        self.gather_seconds = time.perf_counter() - started
+        plain = sorted(name for name, part in states.items() if not isinstance(part, ShardedStateful))
+        state.update(metadata, iteration=iteration, has_optimizer="optimizer" in states, parts=plain)
+        self.in_flight = _InFlight(iteration, path, time.perf_counter())
+        complete = functools.partial(self._complete, path, dict(side_files or {}))
+        with self._failures_reported():
+            strategy = _save_strategy(self.fully_parallel)
+            request = dist_checkpointing.save(state, path, sharded_strategy=strategy,
+                                              async_sharded_save=self.queue is not None)  # fmt: skip
+            if self.queue is None:
+                complete()
+            else:
+                request.add_finalize_fn(complete)
+                self.queue.schedule_async_request(request)
+        return path
+
+    def poll(self) -> None:
+        """Complete a background write that has finished on every rank (a collective while one is in flight)."""
+        if self.queue is not None and self.queue.get_num_unfinalized_calls():
+            with self._failures_reported():
+                self.queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Block until the write in flight, if any, is complete."""
+        if self.queue is not None and self.queue.get_num_unfinalized_calls():
+            with self._failures_reported():
+                self.queue.maybe_finalize_async_calls(blocking=True)
+
+    def close(self, abort: bool = False) -> None:
+        """Wait for the write in flight; abort: stop it instead (after an error, when other ranks may be
+        gone), leaving the tracker at the previous checkpoint."""
+        if self.queue is None:
+            return
+        if abort:
+            self.queue.close(abort=True)
+            self.in_flight = None
+        else:
+            self.wait()
+
+    def _complete(self, path: str, side_files: dict) -> None:
+        """Every rank's tensors are written: the side files, the tracker, pruning, then on_complete."""
+        torch.distributed.barrier()
+        if torch.distributed.get_rank() == 0:
+            for name, text in side_files.items():
+                write_text_atomically(os.path.join(path, name), text)
+            write_text_atomically(os.path.join(self.root, TRACKER), str(self.in_flight.iteration))
+            if self.keep_last is not None:
+                prune_checkpoints(self.root, self.keep_last)
+        torch.distributed.barrier()
+        if self.queue is not None:
+            seconds = time.perf_counter() - self.in_flight.started
+            if torch.distributed.get_rank() == 0:
+                print(f"checkpoint {path} complete: written in the background in {seconds:.1f} s", flush=True)
+        self.in_flight = None
+        self.on_complete(path)
+
+    @contextlib.contextmanager
+    def _failures_reported(self):
+        """A failed write (a full disk, a quota), synchronous or in the background, becomes one
+        CheckpointError on every rank, the partial directory removed."""
+        try:
+            yield
+        # It surfaces as any of several types; torch's CheckpointException, which carries every rank's
+        # failure, derives from BaseException.
+        except (Exception, CheckpointException) as e:  # noqa: BLE001
+            failed, self.in_flight = self.in_flight, None
+            if failed is None:
+                raise
+            latest = latest_iteration(self.root)
+            if torch.distributed.get_rank() == 0:
+                shutil.rmtree(failed.path, ignore_errors=True)
+            last = iteration_dir(self.root, latest) if latest is not None else "none"
+            free = shutil.disk_usage(self.root).free
+            raise CheckpointError(
+                f"--save {self.root}: the save of iteration {failed.iteration} failed ({save_failure_cause(e)}; "
+                f"{free:,} bytes free there); its partial directory is removed; the last complete "
+                f"checkpoint: {last}"
+            ) from None
+
+
 def save_checkpoint(
     root: str, iteration: int, states: Mapping[str, object], metadata: dict, keep_last: int | None = None
 ) -> str:
-    """Write DIR/iter_N and then the tracker.
+    """Write DIR/iter_N and then the tracker, synchronously (CheckpointSaver writes in the background).
 
     states: every part of the run by name, in order (TorchTitan's states registry): sharded ones (ModelState,
     OptimizerState) through dist_checkpointing's sharded tensors, plain ones (the scheduler, the data feed,
@@ -144,42 +305,7 @@ def save_checkpoint(
     takes its weights and starts at iteration 0. metadata: checkpoint_metadata(...).
     keep_last: afterwards remove all but the newest keep_last checkpoints.
     """
-    path = iteration_dir(root, iteration)
-    if torch.distributed.get_rank() == 0:
-        if iteration in abandoned_iterations(root):  # a rolled-back run's, or a failed save's: not ours to mix with
-            shutil.rmtree(path)
-        os.makedirs(path, exist_ok=True)
-    torch.distributed.barrier()
-    state: dict = {}
-    for name, part in states.items():
-        if isinstance(part, ShardedStateful):
-            state.update(part.sharded_state_dict(state, is_loading=False))
-        else:
-            state[name] = part.state_dict()
-    plain = sorted(name for name, part in states.items() if not isinstance(part, ShardedStateful))
-    state.update(metadata, iteration=iteration, has_optimizer="optimizer" in states, parts=plain)
-    try:
-        dist_checkpointing.save(state, path, sharded_strategy=("torch_dist", 1))
-    # A failed write (a full disk, a quota) surfaces as any of several types; torch's CheckpointException,
-    # which carries every rank's failure, derives from BaseException.
-    except (Exception, CheckpointException) as e:  # noqa: BLE001
-        latest = latest_iteration(root)
-        if torch.distributed.get_rank() == 0:
-            shutil.rmtree(path, ignore_errors=True)
-        last = iteration_dir(root, latest) if latest is not None else "none"
-        free = shutil.disk_usage(root).free
-        raise CheckpointError(
-            f"--save {root}: the save of iteration {iteration} failed ({save_failure_cause(e)}; "
-            f"{free:,} bytes free there); its partial directory is removed; the last complete "
-            f"checkpoint: {last}"
-        ) from None
-    torch.distributed.barrier()
-    if torch.distributed.get_rank() == 0:
-        write_text_atomically(os.path.join(root, TRACKER), str(iteration))
-        if keep_last is not None:
-            prune_checkpoints(root, keep_last)
-    torch.distributed.barrier()
-    return path
+    return CheckpointSaver(root, keep_last).save(iteration, states, metadata)
 
 
 def save_failure_cause(error: BaseException) -> str:
@@ -328,10 +454,12 @@ def load_checkpoint(
     padded_vocab: int,
     step: int | None = None,
     weights_only: bool = False,
+    fully_parallel: bool = False,
 ) -> int:
     """Resume from the checkpoint of iteration step (default: the latest) under root: every part of
     `states` by its name (see save_checkpoint; a plain part the checkpoint lacks gets None).
 
+    fully_parallel (--ckpt-fully-parallel-load): each data-parallel rank reads a share and they exchange it.
     Returns the iteration; 0, with the other parts untouched, when root has no checkpoint yet or when only
     the model's weights are taken: with weights_only (--finetune), or from a checkpoint without optimizer
     state.
@@ -349,7 +477,7 @@ def load_checkpoint(
     template: dict = {}
     for part in sharded.values():
         template.update(part.sharded_state_dict(template, is_loading=True))
-    loaded = dist_checkpointing.load(template, path)
+    loaded = dist_checkpointing.load(template, path, sharded_strategy=_load_strategy(path, fully_parallel))
     for part in sharded.values():
         part.load_sharded(loaded)
     if weights_only:

@@ -75,3 +75,24 @@ def test_train_throughput_runs_and_compares_fp8():
     assert (fp8_final, fp32_final) == (runs["fp8"][4], runs["fp32"][4])
     assert worst < 0.5  # test_fp8.py's tolerance of emulated FP8 against fp32
     assert abs(fp8_final - fp32_final) / fp32_final <= worst / 100 + 1e-4
+
+
+@pytest.mark.slow
+def test_checkpoint_io_benchmark_prints_consistent_figures(tmp_path):
+    """benchmarks/checkpoint_io.py at DP 2, small: each row's parallel shares add up to the one writer's
+    bytes (about half each), and its ratio is the printed sync / async blocking times."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           str(REPO / "benchmarks" / "checkpoint_io.py"), "--hidden-sizes", "64", "--repeats", "1", "--dir",
+           str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, env=subprocess_environment(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if re.match(r"^\| 64 \| ", line)]
+    assert [row[1] for row in rows] == ["distributed", "plain"], proc.stdout
+    for row in rows:
+        total, one, shared = float(row[3]), [float(x) for x in row[4].split("/")], [float(x) for x in row[5].split("/")]
+        assert one[1] == 0 and one[0] == pytest.approx(total, abs=0.1)
+        assert sum(shared) == pytest.approx(total, abs=0.1 + 1e-9) and min(shared) > 0.4 * total  # 0.05 MB each
+        sync, async_ = float(row[6]), float(row[7].split(" ")[0])
+        # times printed to 1 ms, the ratio to 0.1: their rounding is the tolerance
+        rounding = 0.0005 / sync + 0.0005 / async_
+        assert float(row[9].rstrip("x")) == pytest.approx(sync / async_, rel=rounding, abs=0.05)

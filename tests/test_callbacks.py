@@ -60,9 +60,11 @@ class FakeTrainer:
         self.guard = SimpleNamespace(consecutive=0, total=0, exhausted=False)
         self.save_dir, self.saved, self.callbacks, self.timers = save_dir, [], [], None
 
-    def save(self):
+    def save(self, side_files=None):
         path = os.path.join(self.save_dir, f"iter_{self.iteration:07d}")
         os.makedirs(path)
+        for name, text in (side_files or {}).items():
+            open(os.path.join(path, name), "w").write(text)
         self.saved.append(self.iteration)
         for callback in self.callbacks:
             callback.post_checkpoint_saved(self, path)
@@ -70,6 +72,22 @@ class FakeTrainer:
 
     def evaluate(self, evaluation):
         return [Figure("valid/text", "bpb", 1.5, 32, 0.1), Figure("valid/text", "loss", 2.0, 32, None)]
+
+
+class FakeSaver:
+    """What CheckpointCallback asks of the CheckpointSaver, recorded."""
+
+    def __init__(self):
+        self.calls = []
+
+    def poll(self):
+        self.calls.append("poll")
+
+    def wait(self):
+        self.calls.append("wait")
+
+    def close(self, abort=False):
+        self.calls.append("abort" if abort else "close")
 
 
 @pytest.fixture
@@ -171,6 +189,32 @@ def test_wandb_offline_run_holds_the_tensorboard_scalars(tmp_path, clock, monkey
     assert len(run_history(str(tmp_path / "wb"))) == 4  # one row per step, the figures in step 2's
 
 
+def test_gpu_memory_reaches_the_log_line_always_and_tensorboard_with_its_flag(tmp_path, monkeypatch, capsys):
+    """On a GPU the logging rank's allocated / reserved / peak memory (torch.cuda's allocator, faked here)
+    is on the log line; TensorBoard gets memory/<name> with --log-memory-to-tensorboard only."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_ext.training import memory_report
+
+    gib = 1024**3
+    monkeypatch.setattr(memory_report.cpu_compat, "is_active", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 41.25 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 44 * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 52.3 * gib)
+    values = {"lm loss": 4.0, "learning-rate": 1e-3, "consumed-tokens": 64, "tokens-per-second": 1.0,
+              "step-time-ms": 1.0, "eta-seconds": 0.0, **memory_report.measured()}  # fmt: skip
+    ConsoleSink(1, 32, fp8=False).write_step(1, values, {})
+    assert capsys.readouterr().out.rstrip().endswith("| memory (GiB) allocated 41.2 | reserved 44.0 | peak 52.3")
+    for flag in (False, True):
+        sink = TensorBoardSink(str(tmp_path / str(flag)), memory=flag)
+        sink.write_step(1, values, {})
+        sink.close()
+        tags = EventAccumulator(str(tmp_path / str(flag))).Reload().Tags()["scalars"]
+        memory_tags = {"memory/allocated-gib", "memory/reserved-gib", "memory/peak-allocated-gib"}
+        assert (memory_tags <= set(tags)) is flag and "lm loss" in tags
+
+
 def test_wandb_flags_fail_in_one_line(monkeypatch):
     import importlib.util
 
@@ -262,15 +306,22 @@ def test_checkpoints_at_the_interval_and_the_end_with_their_data_state(tmp_path,
     run = _run("--mock-data", "--save", str(tmp_path), "--save-interval", "2")
     trainer = FakeTrainer(str(tmp_path))
     stream = metrics.Metrics()
-    trainer.callbacks = [callbacks.CheckpointCallback(run.checkpoint, stream)]
+    saver = FakeSaver()
+    trainer.callbacks = [callbacks.CheckpointCallback(run.checkpoint, stream, saver)]
     for it in (1, 2, 3):
         trainer.iteration, trainer.feed.consumed_samples = it, 8 * it
         trainer.callbacks[0].post_step(trainer, StepResult(it, 4.0, 1e-3, 0.5, None, 8, None, None, None))
     assert trainer.saved == [2] and stream.values[metrics.SIDE_WORK] == 0.25
+    # data_state.json is what the run had read when the save began, whenever its write completes
+    trainer.feed.consumed_samples = 99
+    assert json.loads((tmp_path / "iter_0000002" / "data_state.json").read_text())["consumed_samples"] == 16
     trainer.callbacks[0].post_train(trainer, stopped_by_signal=True)
     assert trainer.saved == [2, 3]
-    assert json.loads((tmp_path / "iter_0000003" / "data_state.json").read_text())["consumed_samples"] == 24
+    assert json.loads((tmp_path / "iter_0000003" / "data_state.json").read_text())["consumed_samples"] == 99
     assert (tmp_path / callbacks.STOP_MARKER).read_text() == "3"
+    # A background write is completed after each step and waited for at the end; an error stops it.
+    trainer.callbacks[0].on_error(trainer, RuntimeError())
+    assert saver.calls == ["poll", "poll", "poll", "wait", "abort"]
 
 
 def _take(run, feed, steps):

@@ -138,6 +138,24 @@ def test_a_rank_killed_during_a_save_leaves_the_previous_resume_point(straight, 
 
 
 @pytest.mark.timeout(300)
+def test_the_job_killed_during_an_async_write_resumes_from_the_previous_checkpoint(straight, tmp_path):
+    """--async-save: the whole job SIGKILLed while iteration 8's background write is in flight (its files
+    written, the checkpoint never completed): the tracker still names 4, iteration 8 has no metadata.json,
+    and a resume from 4 continues exactly as the straight run."""
+    ckpt = tmp_path / "ckpt"
+    flags = RUN + ["--save", str(ckpt), "--save-interval", "4", "--async-save"]
+    proc = train(2, flags, check=False, env_extra={"CRYSTAL_TEST_KILL_IN_ASYNC_WRITE": "8"})
+    assert proc.returncode != 0
+    assert "checkpoint " + str(ckpt / "iter_0000004") + " complete" in proc.stdout
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "4"
+    assert (ckpt / "iter_0000008").is_dir() and not (ckpt / "iter_0000008" / "metadata.json").exists()
+    train(2, RUN + ["--load", str(ckpt), "--metrics-jsonl", str(tmp_path / "m.jsonl")])
+    resumed = _metrics(tmp_path / "m.jsonl")
+    assert sorted(resumed) == list(range(5, STEPS + 1))
+    _same(resumed, straight, range(5, STEPS + 1))
+
+
+@pytest.mark.timeout(300)
 def test_loss_spikes_are_skipped_and_the_window_survives_a_resume(straight, tmp_path):
     """The detector sees ten times the loss of iterations 6 and 10 (test hook): both updates are skipped,
     no other step is (training losses fall, none lies 6 sigma above its window), and a run resumed at
@@ -257,12 +275,15 @@ def small_filesystem(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_a_full_disk_during_a_save_ends_the_job_in_one_line(small_filesystem):
+@pytest.mark.parametrize("write", [[], ["--async-save"]], ids=["sync", "async"])
+def test_a_full_disk_during_a_save_ends_the_job_in_one_line(small_filesystem, write):
+    """The same line and exit code whether the write fails in the step or in the background (--async-save,
+    where the failure is known when the write is completed after a later step)."""
     import resource
 
     mount, file_limit = small_filesystem
     ckpt = mount / "ckpt"
-    flags = TINY_RUN + ["--train-iters", "3", "--save", str(ckpt), "--save-interval", "1"]
+    flags = TINY_RUN + ["--train-iters", "3", "--save", str(ckpt), "--save-interval", "1", *write]
     env = dict(subprocess_environment(), MASTER_PORT=str(free_port()))
 
     def limit():

@@ -91,6 +91,11 @@ def test_timers_say_where_a_step_goes_and_change_nothing(tmp_path):
     offline = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     out = train(2, TINY_RUN + ["--train-iters", "2", *timed[:-3], *wandb], env_extra=offline).stdout
     assert [v for _, v in scalar_series(str(tmp_path / "wb"))["lm loss"]] == pytest.approx([x for x, _ in base[:2]])
+    # The start-up memory report (CPU, fp32; DP 2, distributed optimizer): every rank's parts.
+    parts = r"weights [\d.]+ GiB \| gradients [\d.]+ GiB \| optimizer [\d.]+ GiB \| activations [\d.]+ GiB \("
+    assert re.search(
+        rf"^memory predicted per rank \(every rank\): {parts}.* in flight\) \| total [\d.]+ GiB$", out, re.M
+    )
     step_ms = float(re.search(r"step time ([\d.]+) ms", out).group(1))
     line = next(x for x in out.splitlines() if x.startswith("time per step (ms, fastest-slowest rank) | "))
     times = {name: (float(a), float(b)) for name, a, b in re.findall(r"([\w-]+) ([\d.]+)-([\d.]+)", line)}

@@ -46,8 +46,8 @@ def _argument(f: dataclasses.Field, doc: str) -> tuple[list[str], dict]:
     default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
     shown = "" if f.default in (None, False) else f" (default: {default})"
     options = {"help": doc + shown, "dest": f.name}
-    if kind == "bool":
-        return names, {**options, "action": "store_true"}
+    if kind == "bool":  # on by default: --flag / --no-flag, as Megatron-LM's --no-ckpt-fully-parallel-save
+        return names, {**options, "action": argparse.BooleanOptionalAction if f.default else "store_true"}
     if kind.startswith("tuple[") and kind.endswith(", ...]"):
         options["nargs"] = "+"
         kind = kind[len("tuple[") : -len(", ...]")]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_ext.atomic_files import write_text_atomically
-from megatron_ext.training import distributed
+from megatron_ext.training import distributed, memory_report
 from megatron_ext.training.batches import readers
 from megatron_ext.training.metric_sinks import (
     BY_SOURCE,
@@ -109,6 +109,8 @@ class MetricsCallback(Callback):
                     record(f"{TIME}{name}", slowest)
                     record(f"{TIME_MIN}{name}", fastest)
             self.window_steps = 0
+            for name, value in memory_report.measured().items():  # on a GPU
+                record(name, value)
             record("consumed-tokens", self.feed.consumed_samples * self.seq_length)
             for name, value in self.feed.scalars().items() if self.logging_rank else ():
                 record(name, value)  # the logging rank reads data: it has the sources' positions
@@ -178,30 +180,45 @@ class EvaluationCallback(Callback):
 
 
 class CheckpointCallback(Callback):
-    """Saves every --save-interval steps and at the end of the run; beside each checkpoint, what the run has
-    read so far (data_state.json, for people); after a stop signal, also the marker that the SLURM launch
-    script requeues on (examples/slurm/launch.sh: the job exits 0 here)."""
+    """Saves every --save-interval steps and at the end of the run, with what the run has read so far beside
+    each checkpoint (data_state.json, for people, as of the save); after a stop signal, also the marker that
+    the SLURM launch script requeues on (examples/slurm/launch.sh: the job exits 0 here). With --async-save
+    it completes each background write after the step in which it finished, waits for the one in flight at
+    the end of the run (and on a stop signal), and stops it after an error (the tracker stays at the
+    previous checkpoint)."""
 
-    def __init__(self, checkpoint: CheckpointSection, metrics: Metrics):
-        self.save_dir, self.interval, self.metrics = checkpoint.save, checkpoint.save_interval, metrics
+    def __init__(self, checkpoint: CheckpointSection, metrics: Metrics, saver):
+        self.save_dir, self.interval, self.metrics, self.saver = (
+            checkpoint.save,
+            checkpoint.save_interval,
+            metrics,
+            saver,
+        )
 
     def _due(self, iteration: int) -> bool:
         return bool(self.interval) and iteration % self.interval == 0
 
-    def post_step(self, trainer, step: StepResult) -> None:
-        if self._due(step.iteration) and not trainer.guard.exhausted:  # stopping on skips: without saving
-            self.metrics.record(SIDE_WORK, trainer.save(), reduce="sum")
-
-    def post_checkpoint_saved(self, trainer, path: str) -> None:
+    def _save(self, trainer) -> float:
         books = trainer.feed.bookkeeping_json(trainer.iteration) if torch.distributed.get_rank() == 0 else None
-        if books:  # per source and per phase
-            write_text_atomically(os.path.join(path, "data_state.json"), books)
+        return trainer.save({"data_state.json": books} if books else None)  # per source and per phase
+
+    def post_step(self, trainer, step: StepResult) -> None:
+        self.saver.poll()
+        if self._due(step.iteration) and not trainer.guard.exhausted:  # stopping on skips: without saving
+            self.metrics.record(SIDE_WORK, self._save(trainer), reduce="sum")
 
     def post_train(self, trainer, stopped_by_signal: bool) -> None:
         if not self._due(trainer.iteration):
-            trainer.save()
+            self._save(trainer)
+        self.saver.wait()
         if stopped_by_signal and torch.distributed.get_rank() == 0:
             write_text_atomically(os.path.join(self.save_dir, STOP_MARKER), str(trainer.iteration))
+
+    def on_error(self, trainer, error: BaseException) -> None:
+        self.saver.close(abort=True)
+
+    def close(self) -> None:
+        self.saver.close()  # a run ending on skipped steps keeps the checkpoint being written
 
 
 class ProfilerCallback(Callback):
@@ -266,13 +283,15 @@ def build_callbacks(run: RunConfig, trainer) -> list[Callback]:
     if logging_rank:
         fp8 = run.kernels.path.fp8 is not None
         sinks.append(ConsoleSink(run.optimizer.train_iters, run.crystal.seq_length, fp8, run.logging.timing_log_option))
-        if run.logging.tensorboard_dir:
-            sinks.append(TensorBoardSink(run.logging.tensorboard_dir, run.logging.log_timers_to_tensorboard))
         log = run.logging
+        if log.tensorboard_dir:
+            sinks.append(
+                TensorBoardSink(log.tensorboard_dir, log.log_timers_to_tensorboard, log.log_memory_to_tensorboard)
+            )
         if log.wandb_project:
             config = json.loads(run.to_json())
-            timers = log.log_timers_to_tensorboard
-            sinks.append(WandbSink(log.wandb_project, log.wandb_exp_name, log.wandb_save_dir, config, timers))
+            sinks.append(WandbSink(log.wandb_project, log.wandb_exp_name, log.wandb_save_dir, config,
+                                   log.log_timers_to_tensorboard, log.log_memory_to_tensorboard))  # fmt: skip
         if run.logging.metrics_jsonl:
             sinks.append(JsonlSink(run.logging.metrics_jsonl))
         if run.eval.eval_interval and run.eval.eval_results_jsonl:
@@ -284,7 +303,7 @@ def build_callbacks(run: RunConfig, trainer) -> list[Callback]:
     if run.data.num_workers:
         callbacks.append(DataWorkersCallback(run.data.num_workers))
     if run.checkpoint.save:
-        callbacks.append(CheckpointCallback(run.checkpoint, metrics))
+        callbacks.append(CheckpointCallback(run.checkpoint, metrics, trainer.checkpoints))
     if run.profile.profile:
         callbacks.append(ProfilerCallback(run, run.logging.tensorboard_dir or run.checkpoint.save or os.getcwd()))
     return callbacks

@@ -21,7 +21,7 @@ from megatron_ext.data.phases_config import PhasesConfigError
 from megatron_ext.evaluation import eval_set
 from megatron_ext.kernels.fp8_linear import end_fp8_step
 from megatron_ext.model.crystal_gpt import build_model, transformer_config
-from megatron_ext.training import distributed, phase_lr
+from megatron_ext.training import distributed, memory_report, phase_lr
 from megatron_ext.training.batches import datasets, feeds, readers
 from megatron_ext.training.callbacks import StepResult, build_callbacks
 from megatron_ext.training.faults import StopRequest, UpdateGuard
@@ -158,6 +158,13 @@ class Trainer:
         self.iteration = 0
         self.stop = StopRequest()  # before any DataLoader worker forks, so that the workers inherit the handler
         self.callbacks: list = []  # the loop's side work (callbacks.build_callbacks), told of each save
+        ckpt = run.checkpoint
+        self.checkpoints = None
+        if ckpt.save:
+            self.checkpoints = checkpointing.CheckpointSaver(
+                ckpt.save, ckpt.keep_last_checkpoints, ckpt.ckpt_fully_parallel_save, ckpt.async_save,
+                on_complete=self._checkpoint_complete,
+            )  # fmt: skip
         opt = run.optimizer
         self.guard = UpdateGuard(opt.max_skipped_steps, device, opt.loss_spike_window, opt.loss_spike_sigma)
 
@@ -272,29 +279,42 @@ class Trainer:
             "update_guard": self.guard,
         }
 
-    def save(self) -> float:
-        """Save a checkpoint, then tell the callbacks (post_checkpoint_saved); returns the seconds it took."""
+    def save(self, side_files: dict | None = None) -> float:
+        """Save a checkpoint, with side_files ({name: text}, rank 0's) beside it; the callbacks are told
+        (post_checkpoint_saved) when it is complete, which with --async-save is after a background write.
+        Returns the seconds the step waited for it."""
         started = time.perf_counter()
         data, tokenizer = self.run.data, None
         if data.tokenizer_model:
             tokenizer = {"type": data.tokenizer_type, "model": os.path.abspath(data.tokenizer_model)}
-        ckpt = self.run.checkpoint
         metadata = checkpointing.checkpoint_metadata(self.crystal, self.padded_vocab, tokenizer)
         with self.parameters_gathered():
-            path = checkpointing.save_checkpoint(
-                ckpt.save, self.iteration, self.states(), metadata, ckpt.keep_last_checkpoints
+            path = self.checkpoints.save(self.iteration, self.states(), metadata, side_files)
+        seconds = time.perf_counter() - started
+        if self.checkpoints.in_flight is not None:
+            distributed.print_rank_0(
+                f"checkpoint {path}: writing in the background; the step waited {seconds:.2f} s "
+                f"({self.checkpoints.gather_seconds:.2f} s of it gathering the state to write)"
             )
+        else:
+            distributed.print_rank_0(f"saved checkpoint {path} in {seconds:.1f} s")
+        return seconds
+
+    def _checkpoint_complete(self, path: str) -> None:
         for callback in self.callbacks:
             callback.post_checkpoint_saved(self, path)
-        seconds = time.perf_counter() - started
-        distributed.print_rank_0(f"saved checkpoint {path} in {seconds:.1f} s")
-        return seconds
 
     def load(self) -> None:
         wanted = phase_lr.saved_schedule(self.scheduler.state_dict())  # the flags' schedule, before the load
         ckpt = self.run.checkpoint
         self.iteration = checkpointing.load_checkpoint(
-            ckpt.load, self.states(), self.crystal, self.padded_vocab, step=ckpt.ckpt_step, weights_only=ckpt.finetune
+            ckpt.load,
+            self.states(),
+            self.crystal,
+            self.padded_vocab,
+            step=ckpt.ckpt_step,
+            weights_only=ckpt.finetune,
+            fully_parallel=ckpt.ckpt_fully_parallel_load,
         )
         note = self.feed.resume_note
         if note:
@@ -345,6 +365,8 @@ def _train(run: RunConfig, device: torch.device) -> int:
         + (" (phase 1's batch)" if run.data.phases else "")
     )
     distributed.print_rank_0(_describe_path(run))
+    for line in memory_report.predicted_lines(run):
+        distributed.print_rank_0(line)
     if run.checkpoint.save and torch.distributed.get_rank() == 0:
         os.makedirs(run.checkpoint.save, exist_ok=True)
         path = os.path.join(run.checkpoint.save, "run_config.json")

@@ -15,6 +15,7 @@ from megatron_ext.training.metrics import format_duration, mfu_text
 BY_SOURCE = "lm loss by source/"  # + source name: the step's mean loss over that source's tokens
 TOKENS_BY_SOURCE = "tokens by source/"  # + source name: the loss tokens that mean is over
 TIME, TIME_MIN = "time/", "time-min/"  # + timer name: ms per step, the slowest and the fastest rank's
+MEMORY = "memory/"  # + allocated-gib, reserved-gib, peak-allocated-gib (training/memory_report.py)
 
 
 def sources_in(values: dict) -> list[str]:
@@ -31,6 +32,14 @@ class Sink:
 
     def close(self) -> None:
         pass
+
+
+def memory_text(values: dict) -> str | None:
+    """ "memory (GiB) allocated 41.2 | reserved 44.0 | peak 52.3": the logging rank's, on a GPU."""
+    if MEMORY + "allocated-gib" not in values:
+        return None
+    parts = (("allocated", "allocated-gib"), ("reserved", "reserved-gib"), ("peak", "peak-allocated-gib"))
+    return "memory (GiB) " + " | ".join(f"{label} {values[MEMORY + key]:.1f}" for label, key in parts)
 
 
 def format_figures(figures) -> str:
@@ -89,6 +98,7 @@ class ConsoleSink(Sink):
             f"ETA {format_duration(values['eta-seconds'])}",
             f"TFLOP/s/GPU {tflops:.1f}" if tflops is not None else None,
             mfu_text(tflops, self.fp8) if tflops is not None else None,
+            memory_text(values),
         ]
         return " | ".join(p for p in parts if p)
 
@@ -112,11 +122,13 @@ class ConsoleSink(Sink):
 class ScalarSink(Sink):
     """A dashboard's scalars: every value under its name and each figure as eval/<task>/<metric>, with the
     evaluation's seconds. Counts and ids are not curves, and the fastest rank's time is on the log line only;
-    the timers (the slowest rank's) only with --log-timers-to-tensorboard. TensorBoard and W&B receive the
+    the timers (the slowest rank's) only with --log-timers-to-tensorboard, the GPU memory figures only with
+    --log-memory-to-tensorboard. TensorBoard and W&B receive the
     same scalars; a subclass says only how one is written."""
 
-    def __init__(self, timers: bool = False):
+    def __init__(self, timers: bool = False, memory: bool = False):
         self.skipped = (TOKENS_BY_SOURCE, "data-hash", TIME_MIN) + (() if timers else (TIME,))
+        self.skipped += () if memory else (MEMORY,)
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
         raise NotImplementedError
@@ -133,10 +145,10 @@ class ScalarSink(Sink):
 class TensorBoardSink(ScalarSink):
     """--tensorboard-dir."""
 
-    def __init__(self, directory: str, timers: bool = False):
+    def __init__(self, directory: str, timers: bool = False, memory: bool = False):
         from torch.utils.tensorboard import SummaryWriter
 
-        super().__init__(timers)
+        super().__init__(timers, memory)
         self.writer = SummaryWriter(directory)
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
@@ -151,10 +163,12 @@ class WandbSink(ScalarSink):
     """--wandb-project: the same scalars to Weights & Biases (WANDB_MODE=offline keeps them in the run
     directory under --wandb-save-dir, for `wandb sync` later). config: the run's resolved configuration."""
 
-    def __init__(self, project: str, name: str | None, directory: str, config: dict, timers: bool = False):
+    def __init__(
+        self, project: str, name: str | None, directory: str, config: dict, timers: bool = False, memory: bool = False
+    ):
         import wandb
 
-        super().__init__(timers)
+        super().__init__(timers, memory)
         os.makedirs(directory, exist_ok=True)
         self.run = wandb.init(project=project, name=name, dir=directory, config=config)
 

@@ -388,6 +388,15 @@ class CheckpointSection:
     """save every this many steps (default: only at the end when --save is given)"""
     keep_last_checkpoints: int | None = None
     """remove older checkpoints, keeping this many (default: all)"""
+    ckpt_fully_parallel_save: bool = True
+    """each data-parallel rank writes its share of the checkpoint (Megatron-LM's default); with
+    --no-ckpt-fully-parallel-save the first data-parallel rank of each model-parallel group writes all of it"""
+    ckpt_fully_parallel_load: bool = False
+    """each data-parallel rank reads a share of the checkpoint and they exchange the rest, instead of every rank
+    reading all of it"""
+    async_save: bool = False
+    """write checkpoints in a background process while training goes on; the tracker (the resume point) moves
+    only when every rank's write is complete, and the run's last save waits for it"""
 
     def __post_init__(self):
         if self.load is not None:
@@ -406,6 +415,7 @@ class CheckpointSection:
             self.keep_last_checkpoints is None or self.keep_last_checkpoints >= 1,
             "--keep-last-checkpoints must be >= 1",
         )
+        require(self.save or not self.async_save, "--async-save needs --save")
         if self.save_interval is not None:
             require(self.save, "--save-interval needs --save")
             require(self.save_interval >= 1, "--save-interval must be >= 1")
@@ -454,6 +464,9 @@ class LoggingSection:
     """the timers over ranks: the slowest rank's, or the fastest and the slowest"""
     log_timers_to_tensorboard: bool = False
     """write the timers to TensorBoard too (time/<name>, ms per step, the slowest rank's)"""
+    log_memory_to_tensorboard: bool = False
+    """write the logging rank's GPU memory (allocated, reserved, peak; on the log line in any case) to TensorBoard
+    and W&B too (memory/<name>, GiB)"""
     log_data_hash: bool = False
     """add a hash of each step's input tokens to --metrics-jsonl: the same whatever the layout, so two runs (or a run
     and its resumption) can be shown to read the same data"""

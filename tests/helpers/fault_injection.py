@@ -6,7 +6,10 @@ tests/helpers/fork_launch.py installs them in each rank from these environment v
 - CRYSTAL_TEST_SPIKE_ITERS="7": the guard is shown ten times those iterations' loss (the logged loss
   stays the true one);
 - CRYSTAL_TEST_KILL_IN_SAVE=N: the last rank SIGKILLs itself as the save of iteration N begins to write,
-  after the other ranks have started writing.
+  after the other ranks have started writing;
+- CRYSTAL_TEST_KILL_IN_ASYNC_WRITE=N: with --async-save, each rank's background writer of iteration N,
+  having written its files, SIGKILLs its rank and then itself: the whole job dies with the write begun and
+  never completed (no metadata.json, tracker not moved) while the ranks train on.
 """
 
 from __future__ import annotations
@@ -58,3 +61,29 @@ def install(environ) -> None:
             return save(state, path, *args, **kwargs)
 
         dist_checkpointing.save = killing_save
+
+    kill_in_async = environ.get("CRYSTAL_TEST_KILL_IN_ASYNC_WRITE")
+    if kill_in_async:
+        from megatron_ext import checkpointing
+
+        saver_save, schedule = checkpointing.CheckpointSaver.save, checkpointing.AsyncCallsQueue.schedule_async_request
+        saving = {"iteration": None}
+
+        def noting_save(self, iteration, *args, **kwargs):
+            saving["iteration"] = iteration
+            return saver_save(self, iteration, *args, **kwargs)
+
+        def killing_schedule(self, request):
+            if saving["iteration"] == int(kill_in_async):
+                write = request.async_fn
+
+                def write_then_kill_the_job(*args, **kwargs):
+                    write(*args, **kwargs)
+                    os.kill(os.getppid(), signal.SIGKILL)
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+                request = request._replace(async_fn=write_then_kill_the_job)
+            return schedule(self, request)
+
+        checkpointing.CheckpointSaver.save = noting_save
+        checkpointing.AsyncCallsQueue.schedule_async_request = killing_schedule
