@@ -19,8 +19,9 @@ activations' dtype unless marked fp32):
 Recomputation: full keeps a recomputed unit's input only (sbh, /t with sequence parallelism); selective
 (core_attn) drops the attention's log-sum-exp (SDPA's other inputs and output are kept by the layers around
 it). After the last layer (last stage): the final norm (2 sbh, 2 sb), the logits the loss keeps, s b V/t
-in fp32, and its labels and mask (9 sb bytes); before the first (first stage) the token ids (24 sb bytes). Pipeline: the first stage holds min(PP, micro-batches) micro-batches in flight (1F1B), times
-Megatron-LM's interleaving penalty 1 + (PP-1)/(PP x VP).
+in fp32, and its labels and mask (9 sb bytes); before the first (first stage) the token ids (24 sb bytes).
+Pipeline: the first stage holds min(PP, micro-batches) micro-batches in flight (1F1B), times Megatron-LM's
+interleaving penalty 1 + (PP-1)/(PP x VP).
 """
 
 from __future__ import annotations
