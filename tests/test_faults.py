@@ -1,6 +1,7 @@
 """Faults: a stop signal saves and exits 0, damaged or half-written checkpoints are passed over, old ones
 pruned, non-finite updates and loss spikes skipped (and the run stopped after too many in a row)."""
 
+import re
 import shutil
 import signal
 import subprocess
@@ -153,6 +154,33 @@ def test_the_job_killed_during_an_async_write_resumes_from_the_previous_checkpoi
     resumed = _metrics(tmp_path / "m.jsonl")
     assert sorted(resumed) == list(range(5, STEPS + 1))
     _same(resumed, straight, range(5, STEPS + 1))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_stopped_rank_ends_the_job_within_the_timeout_in_one_line():
+    """The last rank SIGSTOPs itself at step 3 (alive, never answering) under --distributed-timeout-minutes 1:
+    rank 0, waiting in the step's gradient reduction, ends after the minute with one line naming the timeout
+    and the collective (exit code 4), no traceback; the launcher then ends the stopped rank."""
+    started = time.monotonic()
+    flags = TINY_RUN + ["--train-iters", "6", "--distributed-timeout-minutes", "1"]
+    proc = train(2, flags, check=False, env_extra={"CRYSTAL_TEST_STOP_AT": "3"}, timeout=240)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # rank 0's line; the launcher then ends the stopped rank, which (continued to take its SIGTERM) may say
+    # in one line of its own that it lost rank 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain_crystal.py: error:")]
+    assert len([e for e in errors if "waited longer" in e]) == 1, proc.stderr[-3000:]
+    assert all(e.startswith("pretrain_crystal.py: error: rank 1 lost another rank in ") for e in errors[1:]), errors
+    assert re.match(
+        r"pretrain_crystal.py: error: rank 0 waited longer than --distributed-timeout-minutes 1 in "
+        r"(all_reduce|coalesced collectives), called from \w+ \(megatron/core/[\w/]+\.py:\d+\): ",
+        errors[0],
+    ), errors[0]
+    assert errors[0].endswith("another rank stopped answering (hung, stopped, or its node lost); the job ends; "
+                              "resume from the last checkpoint")  # fmt: skip
+    assert 60 <= elapsed < 120, elapsed
 
 
 @pytest.mark.timeout(300)

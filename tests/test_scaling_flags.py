@@ -92,9 +92,9 @@ def test_timers_say_where_a_step_goes_and_change_nothing(tmp_path):
     out = train(2, TINY_RUN + ["--train-iters", "2", *timed[:-3], *wandb], env_extra=offline).stdout
     assert [v for _, v in scalar_series(str(tmp_path / "wb"))["lm loss"]] == pytest.approx([x for x, _ in base[:2]])
     # The start-up memory report (CPU, fp32; DP 2, distributed optimizer): every rank's parts.
-    parts = r"weights [\d.]+ GiB \| gradients [\d.]+ GiB \| optimizer [\d.]+ GiB \| activations [\d.]+ GiB \("
+    parts = r"weights [\d.]+ MiB \| gradients [\d.]+ MiB \| optimizer [\d.]+ MiB \| activations [\d.]+ MiB \("
     assert re.search(
-        rf"^memory predicted per rank \(every rank\): {parts}.* in flight\) \| total [\d.]+ GiB$", out, re.M
+        rf"^memory predicted per rank \(every rank\): {parts}.* in flight\) \| total [\d.]+ MiB$", out, re.M
     )
     step_ms = float(re.search(r"step time ([\d.]+) ms", out).group(1))
     line = next(x for x in out.splitlines() if x.startswith("time per step (ms, fastest-slowest rank) | "))

@@ -71,11 +71,16 @@ class Memory:
 
     def describe(self) -> str:
         return (
-            f"weights {self.weights / GIB:.2f} GiB | gradients {self.gradients / GIB:.2f} GiB | optimizer "
-            f"{self.optimizer / GIB:.2f} GiB | activations {self.activations / GIB:.2f} GiB "
-            f"({self.activations_per_microbatch / GIB:.3f} GiB a micro-batch x {self.microbatches_in_flight:g} "
-            f"in flight) | total {self.total / GIB:.2f} GiB"
+            f"weights {size_text(self.weights)} | gradients {size_text(self.gradients)} | optimizer "
+            f"{size_text(self.optimizer)} | activations {size_text(self.activations)} "
+            f"({size_text(self.activations_per_microbatch)} a micro-batch x {self.microbatches_in_flight:g} in "
+            f"flight) | total {size_text(self.total)}"
         )
+
+
+def size_text(nbytes: float) -> str:
+    """GiB with two decimals, or MiB below one GiB (a test model's figures)."""
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB else f"{nbytes / 2**20:.2f} MiB"
 
 
 def layer_parameters(crystal: CrystalConfig, tp: int) -> int:

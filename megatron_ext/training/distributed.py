@@ -36,6 +36,7 @@ def initialize(run: RunConfig) -> torch.device:
         tensor_model_parallel_size=run.layout.tensor_model_parallel_size,
         pipeline_model_parallel_size=run.layout.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=run.layout.virtual_pipeline_model_parallel_size,
+        distributed_timeout_minutes=run.layout.distributed_timeout_minutes,  # its groups' (default 30)
     )
     # Different pipeline stages hold different layers and must not initialise them identically.
     seed = run.optimizer.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()

@@ -10,13 +10,21 @@ non-finite update is skipped instead of poisoning the weights.
 - Loss spikes (optional, --loss-spike-window W): a step whose loss lies above mean + k sigma of the last
   W applied steps' losses is handled the same way, so that one bad batch does not throw the weights off.
 - After --max-skipped-steps skipped steps in a row the run stops with a message rather than spin.
+- A rank that stops answering (hung, stopped, its node lost): a collective waiting for it longer than
+  --distributed-timeout-minutes raises on gloo, and every rank still alive ends with one line naming the
+  timeout and the collective it waited in (collective_failure), not a traceback; a rank whose peer's
+  process ended while it waited says so in one line too. With NCCL, torch's own
+  watchdog ends the process at the same timeout, with its own message.
 The tests inject faults from outside (tests/helpers/fault_injection.py); nothing here reads a test hook.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
+import sysconfig
+import traceback
 from collections import deque
 
 import torch
@@ -119,3 +127,37 @@ class UpdateGuard:
         self.consecutive, self.total = state["consecutive"], state["total"]
         if self.recent is not None:
             self.recent.extend(state["recent"][-self.recent.maxlen :])
+
+
+# How gloo reports a collective that waited past the timeout, and one whose peer went away.
+_TIMED_OUT = ("timed out",)
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe")
+
+
+def collective_failure(error: BaseException) -> tuple[str, str] | None:
+    """(kind, where) for a collective that failed because another rank did not answer: kind "timeout" (it
+    waited past --distributed-timeout-minutes) or "peer gone" (the other rank's process ended); where: the
+    collective and its caller ("all_reduce, called from finalize_model_grads (megatron/core/distributed/
+    finalize_model_grads.py:312)"). None for any other error."""
+    if not isinstance(error, RuntimeError):
+        return None
+    text = str(error).lower()
+    kind = (
+        "timeout" if any(t in text for t in _TIMED_OUT) else "peer gone" if any(t in text for t in _PEER_GONE) else None
+    )
+    frames = traceback.extract_tb(error.__traceback__)
+    in_c10d = [
+        i for i, f in enumerate(frames) if f.filename.endswith(os.path.join("distributed", "distributed_c10d.py"))
+    ]
+    if kind is None or not in_c10d:
+        return None
+    collective = frames[in_c10d[-1]].name
+    collective = {"_coalescing_manager": "coalesced collectives"}.get(collective, collective)  # DDP's buckets
+    stdlib = sysconfig.get_paths()["stdlib"]
+    callers = [f for f in frames[: in_c10d[0]] if os.sep + "torch" + os.sep not in f.filename
+               and not f.filename.startswith(stdlib)]  # fmt: skip
+    if not callers:
+        return kind, collective
+    caller = callers[-1]
+    where = os.path.join(*caller.filename.split(os.sep)[-4:])
+    return kind, f"{collective}, called from {caller.name} ({where}:{caller.lineno})"

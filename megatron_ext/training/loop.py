@@ -24,7 +24,7 @@ from megatron_ext.model.crystal_gpt import build_model, transformer_config
 from megatron_ext.training import distributed, memory_report, phase_lr
 from megatron_ext.training.batches import datasets, feeds, readers
 from megatron_ext.training.callbacks import StepResult, build_callbacks
-from megatron_ext.training.faults import StopRequest, UpdateGuard
+from megatron_ext.training.faults import StopRequest, UpdateGuard, collective_failure
 from megatron_ext.training.optimizer import build_optimizer
 from megatron_ext.training.run_config import RunConfig
 
@@ -349,6 +349,20 @@ def pretrain(run: RunConfig) -> int:
     except (checkpointing.CheckpointError, PhasesConfigError, IndexCacheError) as e:
         distributed.print_rank_0(f"pretrain_crystal.py: error: {e}", error=True)
         return 2
+    except RuntimeError as e:
+        failure = collective_failure(e)
+        if failure is None:
+            raise
+        kind, waited_in = failure
+        rank, minutes = torch.distributed.get_rank(), run.layout.distributed_timeout_minutes
+        if kind == "timeout":
+            what = f"waited longer than --distributed-timeout-minutes {minutes} in {waited_in}: another rank stopped "
+            what += "answering (hung, stopped, or its node lost)"
+        else:
+            what = f"lost another rank in {waited_in}: its process ended (see its error) or its node was lost"
+        print(f"pretrain_crystal.py: error: rank {rank} {what}; the job ends; resume from the last checkpoint",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return 4
     finally:
         distributed.shutdown()
 

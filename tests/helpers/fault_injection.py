@@ -9,7 +9,8 @@ tests/helpers/fork_launch.py installs them in each rank from these environment v
   after the other ranks have started writing;
 - CRYSTAL_TEST_KILL_IN_ASYNC_WRITE=N: with --async-save, each rank's background writer of iteration N,
   having written its files, SIGKILLs its rank and then itself: the whole job dies with the write begun and
-  never completed (no metadata.json, tracker not moved) while the ranks train on.
+  never completed (no metadata.json, tracker not moved) while the ranks train on;
+- CRYSTAL_TEST_STOP_AT=N: the last rank SIGSTOPs itself as it begins step N: alive, silent, never answering.
 """
 
 from __future__ import annotations
@@ -87,3 +88,17 @@ def install(environ) -> None:
 
         checkpointing.CheckpointSaver.save = noting_save
         checkpointing.AsyncCallsQueue.schedule_async_request = killing_schedule
+
+    stop_at = environ.get("CRYSTAL_TEST_STOP_AT")
+    if stop_at:
+        from megatron_ext.training.loop import Trainer
+
+        train_step = Trainer.train_step
+
+        def stopping_train_step(self, iterators):
+            last = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+            if last and self.iteration + 1 == int(stop_at):
+                os.kill(os.getpid(), signal.SIGSTOP)
+            return train_step(self, iterators)
+
+        Trainer.train_step = stopping_train_step

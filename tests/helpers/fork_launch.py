@@ -71,6 +71,7 @@ def launch(world_size: int, args: list[str]) -> int:
     # worker's process group. The ranks were forked with SIGTERM's default action; this process ignores it.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.killpg(0, signal.SIGTERM)
+    os.killpg(0, signal.SIGCONT)  # a stopped rank (SIGSTOP) acts on the pending SIGTERM only once continued
     for p in ranks:
         p.join()
     if not failed:
