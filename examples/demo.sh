@@ -16,18 +16,22 @@ LOOP_TASKS=${LOOP_TASKS:-humaneval_gold:32,infill_single_gold:32}
 END_TASKS=${END_TASKS:-arc_easy:100,piqa:100,hellaswag:100,lambada:100,$LOOP_TASKS}
 rm -rf "$RUN_DIR" && mkdir -p "$RUN_DIR"
 
-OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc-per-node "$NPROC" --master-port "${MASTER_PORT:-29400}" \
-  pretrain_crystal.py \
-  --model crystal-tiny --seq-length 256 \
-  --tokenizer-model data/demo/crystal_demo.model \
-  --phases examples/phases/demo.yaml --num-workers 1 \
-  --micro-batch-size 4 --global-batch-size 8 \
-  --use-distributed-optimizer \
-  --train-iters "$TRAIN_ITERS" \
-  --eval-interval 100 --eval-samples-per-source 32 --log-interval 20 \
-  --eval-tasks "$LOOP_TASKS" \
-  --save "$RUN_DIR/checkpoints" --save-interval 150 \
+TRAIN_ARGS=(
+  --model crystal-tiny --seq-length 256
+  --tokenizer-model data/demo/crystal_demo.model
+  --phases examples/phases/demo.yaml --num-workers 1
+  --micro-batch-size 4 --global-batch-size 8
+  --use-distributed-optimizer
+  --train-iters "$TRAIN_ITERS"
+  --eval-interval 100 --eval-samples-per-source 32 --log-interval 20
+  --eval-tasks "$LOOP_TASKS"
+  --save "$RUN_DIR/checkpoints" --save-interval 150
   --tensorboard-dir "$RUN_DIR/tensorboard" --metrics-jsonl "$RUN_DIR/metrics.jsonl"
+)
+# Checked once in this process before torchrun: a mistake (e.g. in LOOP_TASKS) is one line, not one per rank.
+WORLD_SIZE=$NPROC .venv/bin/python pretrain_crystal.py --check-args "${TRAIN_ARGS[@]}"
+OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc-per-node "$NPROC" --master-port "${MASTER_PORT:-29400}" \
+  pretrain_crystal.py "${TRAIN_ARGS[@]}"
 
 # A fast evaluation of the final checkpoint (converted in memory): the in-loop tasks again, from the
 # checkpoint, and derived single-line infilling by exact match. Running the generated programs (HumanEval

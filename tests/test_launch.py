@@ -18,14 +18,20 @@ printf 'gpu001\\ngpu002\\ngpu003\\ngpu004\\n'
 # srun: instead of the training, what a job's training ends with (a signal-triggered save writes the
 # marker; tests/test_faults.py checks that pretrain_crystal.py does).
 FAKE_SRUN = """#!/usr/bin/env bash
+echo "$@" >> "$SRUN_LOG"
 if [ "${FAKE_STOPPED_AT:-}" ]; then echo "$FAKE_STOPPED_AT" > "$CKPT_DIR/stopped_by_signal"; fi
+"""
+# The flags' check before srun (pretrain_crystal.py --check-args): its --bf16 needs a GPU, so the requeue
+# tests pass it with this stand-in; test_a_typo_is_one_line_per_job_before_srun runs the real one.
+FAKE_CHECK = """#!/usr/bin/env bash
+echo "WORLD_SIZE=$WORLD_SIZE $*" >> "$CHECK_LOG"
 """
 
 
 def _slurm_env(tmp_path, **env):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
+    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN), ("fake_check", FAKE_CHECK)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     return dict(
@@ -36,7 +42,9 @@ def _slurm_env(tmp_path, **env):
         SLURM_JOB_ID="12345",
         SLURM_SUBMIT_DIR=str(REPO),
         SCONTROL_LOG=str(tmp_path / "scontrol.log"),
-        **env,
+        SRUN_LOG=str(tmp_path / "srun.log"),
+        CHECK_LOG=str(tmp_path / "check.log"),
+        **{"PYTHON": str(bin_dir / "fake_check"), **env},
     )
 
 
@@ -125,6 +133,9 @@ def test_a_signal_stopped_job_requeues_itself(tmp_path, stopped, restarts, reque
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
+    check = (tmp_path / "check.log").read_text()
+    assert check.startswith("WORLD_SIZE=32 pretrain_crystal.py --check-args --model crystal-7b ")
+    assert (tmp_path / "srun.log").read_text().startswith("--nodes 4 --ntasks-per-node 1")
     log = tmp_path / "scontrol.log"
     assert (log.read_text() if log.exists() else "") == ("requeue 12345\n" if requeued else "")
     if requeued:
@@ -133,6 +144,28 @@ def test_a_signal_stopped_job_requeues_itself(tmp_path, stopped, restarts, reque
         )
     elif stopped:
         assert "not requeued: 20 requeues already" in proc.stderr
+
+
+def test_a_typo_is_one_line_per_job_before_srun(tmp_path):
+    """The real check (pretrain_crystal.py --check-args, in the batch script's own process) refuses a bad
+    flag in one line, and neither srun nor torchrun starts."""
+    env = _slurm_env(tmp_path, CKPT_DIR=str(tmp_path / "ckpt"), PYTHON=sys.executable,
+                     EXTRA_ARGS="--recompute-granularty full")  # fmt: skip
+    proc = subprocess.run(["bash", str(REPO / "examples" / "crystal_7b.sh")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr == "pretrain_crystal.py: error: unrecognized arguments: --recompute-granularty full\n"
+    assert not (tmp_path / "srun.log").exists()
+
+
+def test_the_demo_checks_its_flags_once_before_torchrun(tmp_path):
+    env = dict(subprocess_environment(), LOOP_TASKS="humaneval_gold:32,no_such_task:4")
+    proc = subprocess.run(["bash", str(REPO / "examples" / "demo.sh"), str(tmp_path / "demo")], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("pretrain_crystal.py: error: --eval-tasks")
+    assert "no_such_task" in proc.stderr
+    assert not (tmp_path / "demo" / "metrics.jsonl").exists() and not list(tmp_path.glob("demo/checkpoints/iter_*"))
 
 
 SCRIPTS = ["crystal_7b.sh", "crystal_1b.sh", "slurm/launch.sh", "demo.sh"]

@@ -133,6 +133,21 @@ end_tasks: humaneval_gold:4
 """
 
 
+def test_a_typo_in_the_sweeps_train_flags_is_one_line_before_any_run(tmp_path):
+    """tools/sweep.py run checks every run's flags in its own process before the first torchrun."""
+    sweep_file = tmp_path / "typo.yaml"
+    body = SMALL_SWEEP.replace('--micro-batch-size, "4"', '--micro-batch-sise, "4"')
+    sweep_file.write_text(body.format(base=REPO / "tests" / "data" / "phases_small.yaml",
+                                      tokenizer=REPO / "data" / "demo" / "crystal_demo.model"))  # fmt: skip
+    command = [sys.executable, "tools/sweep.py", "run", str(sweep_file), "--output", str(tmp_path)]
+    proc = subprocess.run(command, cwd=REPO, env=subprocess_environment(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (
+        "sweep.py: error: code0.2: pretrain_crystal.py: unrecognized arguments: --micro-batch-sise 4\n"
+    )
+    assert not list(tmp_path.glob("typo/*/train.log"))  # no run started
+
+
 @pytest.mark.launch
 @pytest.mark.slow
 @pytest.mark.timeout(600)

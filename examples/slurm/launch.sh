@@ -67,11 +67,15 @@ TRAIN_ARGS+=("${EXTRA[@]}")
 NODE_COMMAND="trap '' USR1; cd $(printf '%q' "$REPO") && exec torchrun --nnodes $NODES --nproc-per-node $GPUS_PER_NODE \
 --node-rank \"\$SLURM_NODEID\" --master-addr $MASTER_ADDR --master-port $MASTER_PORT pretrain_crystal.py \
 $(printf '%q ' "${TRAIN_ARGS[@]}")"
+# The flags checked once, here, before torchrun (the same validation, no process group): a mistake is one line
+# per job, not a line per rank and torchrun's traceback per node. PYTHON: the environment torchrun runs in.
+CHECK=(env WORLD_SIZE="$WORLD" "${PYTHON:-python}" pretrain_crystal.py --check-args "${TRAIN_ARGS[@]}")
 SRUN=(srun --nodes "$NODES" --ntasks-per-node 1 --kill-on-bad-exit=1 bash -c "$NODE_COMMAND")
 
 echo "crystal-megatron: $NODES node(s) x $GPUS_PER_NODE GPUs = $WORLD ranks: TP $TP x PP $PP x DP $DP;" \
      "rendezvous $MASTER_ADDR:$MASTER_PORT; checkpoints $CKPT_DIR"
 if [ "${DRY_RUN:-0}" = "1" ]; then
+  echo "cd $(printf '%q' "$REPO") && $(printf '%q ' "${CHECK[@]}")"
   echo "mkdir -p $CKPT_DIR"
   printf '%q ' "${SRUN[@]}"
   echo
@@ -80,6 +84,7 @@ if [ "${DRY_RUN:-0}" = "1" ]; then
   done
   exit 0
 fi
+(cd "$REPO" && "${CHECK[@]}") || exit 2
 mkdir -p "$CKPT_DIR"   # an empty --load directory starts fresh; a requeued job finds its checkpoints here
 STOP_MARKER="$CKPT_DIR/stopped_by_signal"   # pretrain_crystal.py writes it after a signal-triggered save
 rm -f "$STOP_MARKER"

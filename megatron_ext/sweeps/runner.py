@@ -61,9 +61,23 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def check_runs(sweep: Sweep) -> None:
+    """Every run's pretrain_crystal.py flags validated here, before the first run starts (no process group):
+    a mistake in the sweep's train flags is one line naming the run, not a failed run's log to read."""
+    from megatron_ext.training.arguments import ArgumentError, check_command_line
+
+    for variant in sweep.variants:
+        try:
+            check_command_line(train_flags(sweep, variant), sweep.nproc)
+        except ArgumentError as e:
+            raise SweepRunError(f"{variant.name}: pretrain_crystal.py: {e}") from None
+
+
 def run_local(sweep: Sweep, log=print) -> list[str]:
-    """Every run not yet done, in order; returns the names run now. A failed run stops the sweep with its
-    log's path (rerun to continue where it stopped: the run resumes from its last checkpoint)."""
+    """Every run not yet done, in order, its flags checked first; returns the names run now. A failed run
+    stops the sweep with its log's path (rerun to continue where it stopped: the run resumes from its last
+    checkpoint)."""
+    check_runs(sweep)
     ran = []
     for variant in sweep.variants:
         run_dir = sweep.variant_dir(variant)

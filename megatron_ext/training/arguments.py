@@ -34,7 +34,7 @@ from megatron_ext.training.run_config import (
     require,
 )
 
-__all__ = ["ArgumentError", "add_run_flags", "build_parser", "validate", "read_run_config"]
+__all__ = ["ArgumentError", "add_run_flags", "build_parser", "check_command_line", "validate", "read_run_config"]
 
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -57,10 +57,18 @@ def _argument(f: dataclasses.Field, doc: str) -> tuple[list[str], dict]:
     return names, {**options, "type": _TYPES[kind], **({"choices": list(choices)} if choices else {})}
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's own error prints the whole usage first (some 200 flags, 80 lines): here an unknown flag or
+    a bad value is an ArgumentError like every other check, printed by the caller in one line."""
+
+    def error(self, message: str):
+        raise ArgumentError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line, built from the configuration's sections: a group per section, a flag per field.
     Flags not given stay out of the Namespace (argparse.SUPPRESS), so that validate knows what was given."""
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="pretrain_crystal.py",
         description="Pretrain Crystal on Megatron-Core (tensor, pipeline and data parallel).",
         argument_default=argparse.SUPPRESS,
@@ -266,6 +274,13 @@ def validate(args: argparse.Namespace | dict, world_size: int) -> RunConfig:
         profile=profile,
         flags={key: list(v) if isinstance(v, tuple) else v for key, v in given.items()},
     )
+
+
+def check_command_line(argv: list[str], world_size: int) -> RunConfig:
+    """pretrain_crystal.py's flags parsed and validated for a world of world_size ranks, in this process and
+    without a process group: what the launchers run once before torchrun (pretrain_crystal.py --check-args,
+    tools/sweep.py run), so that a mistake is one line per job rather than one traceback per node."""
+    return validate(build_parser().parse_args(argv), world_size)
 
 
 def read_run_config(path: str) -> RunConfig:
