@@ -15,6 +15,9 @@ TRAIN_ITERS=${TRAIN_ITERS:-300}
 LOOP_TASKS=${LOOP_TASKS:-humaneval_gold:32,infill_single_gold:32}
 END_TASKS=${END_TASKS:-arc_easy:100,piqa:100,hellaswag:100,lambada:100,$LOOP_TASKS}
 rm -rf "$RUN_DIR" && mkdir -p "$RUN_DIR"
+# The corpus is built from this machine's Python (tools/build_demo_corpus.py): what it was built from comes
+# first, so that two machines' figures can be compared (README, "Which figures are machine-dependent").
+.venv/bin/python tools/build_demo_corpus.py --describe data/demo | tee "$RUN_DIR/corpus.txt"
 
 TRAIN_ARGS=(
   --model crystal-tiny --seq-length 256

@@ -162,7 +162,7 @@ def test_the_demo_checks_its_flags_once_before_torchrun(tmp_path):
     env = dict(subprocess_environment(), LOOP_TASKS="humaneval_gold:32,no_such_task:4")
     proc = subprocess.run(["bash", str(REPO / "examples" / "demo.sh"), str(tmp_path / "demo")], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.returncode == 2 and proc.stdout.startswith("demo corpus: built from ")  # its first line
     assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("pretrain_crystal.py: error: --eval-tasks")
     assert "no_such_task" in proc.stderr
     assert not (tmp_path / "demo" / "metrics.jsonl").exists() and not list(tmp_path.glob("demo/checkpoints/iter_*"))
@@ -289,3 +289,29 @@ def test_dockerfile_is_pinned_and_installs_what_make_setup_installs():
         [sys.executable, "-m", "megatron_ext.accelerators"], capture_output=True, text=True, cwd=REPO, timeout=120
     )
     assert out.returncode == 0 and "kernel path: Megatron-Core local spec" in out.stdout
+
+
+def test_the_demo_corpus_records_what_it_was_built_from():
+    """The manifest beside the corpus (make setup's build, this interpreter) and the demo's first line."""
+    import hashlib
+    import json
+    import platform
+
+    corpus = REPO / "data" / "demo"
+    manifest = json.loads((corpus / "raw" / "manifest.json").read_text())
+    assert manifest["python"] == f"{platform.python_implementation()} {platform.python_version()}"
+    for name in ("text", "code"):
+        jsonl = (corpus / "raw" / f"{name}.jsonl").read_bytes()
+        source = manifest["sources"][name]
+        assert source["sha256"] == hashlib.sha256(jsonl).hexdigest()
+        assert source["documents"] == jsonl.count(b"\n")
+    proc = subprocess.run([sys.executable, "tools/build_demo_corpus.py", "--describe", str(corpus)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    line = proc.stdout.strip()
+    assert line.startswith(f"demo corpus: built from {manifest['python']} (") and "\n" not in line
+    for name in ("text", "code"):
+        tokens = (corpus / f"{name}_text_document.bin").stat().st_size // 2  # uint16 ids: an 8000-token vocabulary
+        source = manifest["sources"][name]
+        assert f"{name} {source['documents']:,} documents, " in line and f"{tokens:,} tokens" in line
+        assert f"(sha256 {source['sha256'][:12]})" in line
