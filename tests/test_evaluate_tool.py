@@ -89,6 +89,11 @@ def test_offline_loglikelihood_figures_equal_the_training_loops(run, source):
     assert set(offline) == set(in_loop)
     for key, value in in_loop.items():
         assert offline[key] == pytest.approx(value, abs=1e-5), key
+    if source == "hf":  # requests packed (the default, as in the loop) or one per row: the same figures
+        evaluate("--checkpoint", checkpoint, "--tasks", TASKS, "--output-dir", out / "one_per_row",
+                 "--no-eval-pack-requests")  # fmt: skip
+        alone = _figures(records(out / "one_per_row" / "eval_results.jsonl"))
+        assert alone == pytest.approx(offline, abs=1e-5)
     if source == "megatron":  # the records say which checkpoint, iteration, phase and tokens
         assert {(r["iteration"], r["phase"], r["tokens"], r["run"]) for r in rows} == {
             (2, "text", 2 * 8 * 32, run.name)

@@ -106,8 +106,9 @@ def test_uniform_logits_give_log2_vocab_times_tokens_over_bytes():
 
 
 def test_choice_tasks_from_the_request_files_and_an_oracle_scores_one():
-    """OLMo's ARC-Easy requests become one row per choice, the continuation masked in; an oracle that
-    gives the gold choice the highest likelihood scores accuracy 1.0 (normalised too), the reverse 0."""
+    """OLMo's ARC-Easy requests become one slot per choice, packed several to a row, each continuation
+    masked in under its slot; an oracle that gives the gold choice the highest likelihood scores accuracy
+    1.0 (normalised too), the reverse 0."""
     from megatron_ext.evaluation.tasks import build_task_set
 
     tok = CrystalTokenizer(str(DEMO_TOKENIZER))
@@ -119,9 +120,13 @@ def test_choice_tasks_from_the_request_files_and_an_oracle_scores_one():
     assert tok.decode(first.context[1:] + first.continuation) == question + " cellular telephone"
     assert tok.decode(first.context[1:]) == question and first.gold == 0
     item = task[0]
-    scored = item["labels"][item["loss_mask"].bool()].tolist()
-    assert scored == first.continuation  # exactly the continuation's labels are scored
-    assert item["tokens"][0] == tok.eod  # a question starts a document
+    assert len(task.rows[0]) > 1 and task.rows[0][0] == 0  # several requests share the first row
+    for j in task.rows[0]:
+        mine = item["slot"] == j
+        scored = item["labels"][item["loss_mask"].bool() & mine].tolist()
+        assert scored == task.requests[j].continuation  # exactly each continuation's labels, under its slot
+        start = int(mine.nonzero()[0])
+        assert item["tokens"][start] == tok.eod and item["position_ids"][start] == 0  # a question starts a document
     gold = np.array([r.choice == r.gold for r in task.requests], dtype=np.float64)
     oracle = np.stack([1.0 - gold, np.ones_like(gold), np.ones_like(gold)], axis=1)  # loss 0 for the gold choice
     figures = {f.metric: f for f in task.figures(oracle)}

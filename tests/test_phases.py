@@ -417,21 +417,27 @@ def test_validation_is_per_source_in_bits_per_byte(straight):
 @pytest.mark.launch
 @pytest.mark.timeout(600)
 def test_validation_is_the_same_at_every_layout(tmp_path):
-    """The per-source validation of the same weights at (TP, PP, DP) = (1, 1, 1) and (2, 2, 2): within 1e-5.
-    The 8-rank run resumes the single-process run's checkpoint of step 1, trains step 2 and evaluates.
-    There only tensor rank 0 of each stage's data-parallel ranks reads data (4 of 8 ranks), broadcasting to
-    its tensor group: step 2 reads the same samples (data hash) with the same loss, per source too."""
+    """The per-source validation and the tasks of the same weights at (TP, PP, DP) = (1, 1, 1) and (2, 2, 2)
+    with interleaving (a chunk between the first and the last stage: it gets the packed rows' positions
+    alone), and with the tasks' requests packed (the default: several arc_easy requests, two LAMBADA ones
+    a row of 256) or one per row: within 1e-5. The 8-rank run resumes the single-process run's checkpoint
+    of step 1, trains step 2 and evaluates; so does the unpacked single-process run. There only tensor rank 0
+    of each stage's data-parallel ranks reads data (4 of 8 ranks), broadcasting to its tensor group: step 2
+    reads the same samples (data hash) with the same loss, per source too."""
     ckpt, one, eight = tmp_path / "ckpt", tmp_path / "one.jsonl", tmp_path / "eight.jsonl"
     common = [*RUN, "--data-cache-path", str(tmp_path / "cache"), "--train-iters", "2", "--eval-interval", "1"]
-    common += ["--eval-samples-per-source", "4", "--eval-tasks", "arc_easy:6,infill_single_gold:4"]
+    common += ["--seq-length", "256", "--eval-samples-per-source", "4"]
+    common += ["--eval-tasks", "arc_easy:6,lambada:8,infill_single_gold:4"]
     steps_one, steps_eight = tmp_path / "steps_one.jsonl", tmp_path / "steps_eight.jsonl"
+    # Weights 4x the initialisation's: attention over another request would move the figures well past 1e-5.
+    scaled = {"CRYSTAL_TEST_SCALE_INIT": "4"}
     single = train(1, [*common, "--save", str(ckpt), "--save-interval", "1", "--eval-results-jsonl", str(one),
-                       "--metrics-jsonl", str(steps_one)])  # fmt: skip
+                       "--metrics-jsonl", str(steps_one)], env_extra=scaled)  # fmt: skip
     spread = train(
         8,
         [
             *common,
-            *layout_flags(tp=2, pp=2),
+            *layout_flags(tp=2, pp=2, vp_layers=1),
             "--load",
             str(ckpt),
             "--ckpt-step",
@@ -442,12 +448,18 @@ def test_validation_is_the_same_at_every_layout(tmp_path):
             str(steps_eight),
         ],
         timeout=500,
+        env_extra=scaled,
     )
+    unpacked = tmp_path / "unpacked.jsonl"
+    train(1, [*common, "--load", str(ckpt), "--ckpt-step", "1", "--no-eval-pack-requests", "--eval-results-jsonl",
+              str(unpacked)], env_extra=scaled)  # fmt: skip
     want = {(r["task"], r["metric"]): r["value"] for r in read_metrics(one) if r["iteration"] == 2}
-    got = {(r["task"], r["metric"]): r["value"] for r in read_metrics(eight)}
-    assert set(got) == set(want) and len(want) == 5 + 3  # validation; arc_easy acc, acc_norm; infilling bpb
-    for key, value in want.items():
-        assert got[key] == pytest.approx(value, abs=1e-5), key
+    assert len(want) == 5 + 4  # validation; arc_easy acc, acc_norm; LAMBADA and infilling bpb
+    for other in (eight, unpacked):
+        got = {(r["task"], r["metric"]): r["value"] for r in read_metrics(other)}
+        assert set(got) == set(want)
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, abs=1e-5), (other.name, key)
     assert "data: read on 1 of 1 ranks" in single.stdout and "data: read on 4 of 8 ranks" in spread.stdout
     [step_one] = [r for r in read_metrics(steps_one) if r["iteration"] == 2]
     [step_eight] = read_metrics(steps_eight)

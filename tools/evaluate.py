@@ -28,6 +28,7 @@ from megatron_ext.upstream_warnings import silence  # noqa: E402
 silence()  # before Megatron-Core is imported
 
 from megatron_ext.tokenizer import add_tokenizer_type_argument  # noqa: E402
+from megatron_ext.training.arguments import add_run_flags  # noqa: E402
 
 PROG = "evaluate.py"
 
@@ -48,6 +49,7 @@ def parse_args(argv):
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward / generate call")
+    add_run_flags(p, "eval_pack_requests")  # as in the training loop, whose figures these equal
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-code-execution", action="store_true", help="run the generated programs (sandboxed)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
@@ -125,7 +127,7 @@ def evaluate_once(args, step: int | None, output_dir: str, results_path: str) ->
     print(f"{PROG}: {loaded.path} (iteration {loaded.iteration}), {parameters:,} parameters, loaded in {seconds:.1f} s")
     figures = []
     for name, cap in loglikelihood_tasks:
-        task = build_task_set(name, cap, loaded.tokenizer, loaded.seq_length, args.batch_size)
+        task = build_task_set(name, cap, loaded.tokenizer, loaded.seq_length, args.batch_size, args.eval_pack_requests)
         with tqdm(total=len(task), desc=name, unit="row", file=sys.stderr) as bar:
             figures += task.figures(checkpoint_model.score(loaded, task, args.batch_size, bar))
     samples_dir = os.path.join(output_dir, "samples")

@@ -76,7 +76,7 @@ def score(loaded: LoadedModel, evaluation, batch_rows: int = 8, progress=None):
     summed negative log-likelihood of its masked labels, its tokens and label bytes."""
     import numpy as np
 
-    from megatron_ext.evaluation.eval_set import SLOT_COLUMNS, slot_table
+    from megatron_ext.evaluation.eval_set import SLOT_COLUMNS, packed_attention_mask, slot_table
 
     slots = torch.zeros(evaluation.num_slots, SLOT_COLUMNS, dtype=torch.float64)
     rows = len(evaluation)
@@ -84,14 +84,19 @@ def score(loaded: LoadedModel, evaluation, batch_rows: int = 8, progress=None):
         items = [evaluation[i] for i in range(start, min(start + batch_rows, rows))]
         batch = {
             k: torch.stack([item[k] for item in items])
-            for k in ("tokens", "labels", "loss_mask", "slot", "label_bytes")
+            for k in ("tokens", "labels", "loss_mask", "slot", "label_bytes", "position_ids")
         }
         used = int(batch["loss_mask"].nonzero()[:, 1].max()) + 1 if batch["loss_mask"].any() else 1
-        logits = loaded.model(input_ids=batch["tokens"][:, :used], use_cache=False).logits.float()
+        packing = {}
+        if getattr(evaluation, "packed", False):  # several requests a row, each attending only to itself
+            positions = batch["position_ids"][:, :used]
+            packing = {"position_ids": positions, "attention_mask": packed_attention_mask(positions)}
+        logits = loaded.model(input_ids=batch["tokens"][:, :used], use_cache=False, **packing).logits.float()
         per_token = torch.nn.functional.cross_entropy(
             logits.flatten(0, 1), batch["labels"][:, :used].flatten(), reduction="none"
         ).view(len(items), used)
-        slots += slot_table(per_token, batch["loss_mask"][:, :used], batch["label_bytes"][:, :used], batch["slot"],
+        slot = batch["slot"][:, :used] if batch["slot"].dim() == 2 else batch["slot"]  # per token or per row
+        slots += slot_table(per_token, batch["loss_mask"][:, :used], batch["label_bytes"][:, :used], slot,
                             evaluation.num_slots).double()  # fmt: skip
         if progress is not None:
             progress.update(len(items))

@@ -7,8 +7,8 @@
   prompts (OLMo's "gold bpb" requests); and the derived HumanEval infilling middles given prefix and
   suffix in the FIM layout training used (data/fim.py's infilling_prompt, shared with the data path).
 
-Each task is an evaluation set (eval_set.py): one slot per (question, choice), rows of the model's
-sequence length (a context longer than that loses its start).
+Each task is an evaluation set (eval_set.py): one slot per (question, choice), packed into rows of the
+model's sequence length (a context longer than that loses its start), unless packing is turned off.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from megatron_ext.evaluation import benchmark_data
-from megatron_ext.evaluation.eval_set import LOSS, Figure, mean_and_stderr, row
+from megatron_ext.evaluation.eval_set import LOSS, Figure, Piece, mean_and_stderr, pack, packed_row
 
 
 @dataclass(frozen=True)
@@ -135,10 +135,13 @@ def _infilling_requests(form: str, tokenizer, cap: int | None) -> list[Request]:
 
 
 class LoglikelihoodSet(torch.utils.data.Dataset):
-    def __init__(self, spec: TaskSpec, requests: list[Request], seq_length: int, batch_size: int, pad_id: int):
+    def __init__(
+        self, spec: TaskSpec, requests: list[Request], seq_length: int, batch_size: int, pad_id: int, packed: bool
+    ):
         self.spec, self.requests, self.seq_length, self.pad_id = spec, requests, seq_length, pad_id
-        self.name, self.num_slots, self.batch_size = spec.name, len(requests), batch_size
-        self.steps = -(-len(requests) // batch_size)
+        self.name, self.num_slots, self.batch_size, self.packed = spec.name, len(requests), batch_size, packed
+        self.rows = pack([len(r.context) + len(r.continuation) for r in requests], seq_length, together=packed)
+        self.steps = -(-len(self.rows) // batch_size)
         self.docs = len({r.doc for r in requests})
         # Continuations longer than a row: scored on the part that fits (the bits per byte come out low).
         self.truncated = sum(len(r.continuation) > seq_length for r in requests)
@@ -147,13 +150,13 @@ class LoglikelihoodSet(torch.utils.data.Dataset):
         return self.steps * self.batch_size
 
     def __getitem__(self, i: int) -> dict:
-        request = self.requests[min(i, len(self.requests) - 1)]
-        ids = request.context + request.continuation
-        per_label = np.zeros(len(ids) - 1, dtype=np.float32)
-        out = row(
-            ids, len(request.context) - 1, self.seq_length, min(i, len(self.requests) - 1), per_label, self.pad_id
-        )
-        if i >= len(self.requests):  # padding to a whole batch
+        pieces = [
+            Piece(r.context + r.continuation, len(r.context) - 1, np.zeros(0, dtype=np.float32), j)
+            for j in self.rows[min(i, len(self.rows) - 1)]
+            for r in (self.requests[j],)
+        ]
+        out = packed_row(pieces, self.seq_length, self.pad_id)
+        if i >= len(self.rows):  # padding to a whole batch
             out["loss_mask"].zero_()
         return out
 
@@ -187,7 +190,9 @@ def choice_figures(name: str, requests: list[Request], loglikelihoods: np.ndarra
     return out
 
 
-def build_task_set(name: str, cap: int | None, tokenizer, seq_length: int, batch_size: int) -> LoglikelihoodSet:
+def build_task_set(
+    name: str, cap: int | None, tokenizer, seq_length: int, batch_size: int, packed: bool = True
+) -> LoglikelihoodSet:
     spec = TASKS[name]
     if spec.request_file is not None:
         requests = _text_requests(spec, tokenizer, cap)
@@ -195,4 +200,4 @@ def build_task_set(name: str, cap: int | None, tokenizer, seq_length: int, batch
         requests = _mmlu_requests(tokenizer, cap)
     else:
         requests = _infilling_requests(name.split("_")[1], tokenizer, cap)
-    return LoglikelihoodSet(spec, requests, seq_length, batch_size, tokenizer.eod)
+    return LoglikelihoodSet(spec, requests, seq_length, batch_size, tokenizer.eod, packed)

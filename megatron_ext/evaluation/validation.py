@@ -22,6 +22,7 @@ class HeldOutSet(torch.utils.data.Dataset):
     """samples: (source index, where the sample is) per slot; read(where) gives its seq_length + 1 tokens."""
 
     task = "valid"
+    packed = False  # a row is one held-out sample
 
     def __init__(self, names: list[str], samples: list[tuple[int, int]], batch_size: int, table: TokenBytes | None):
         self.names, self.samples, self.table = names, samples, table

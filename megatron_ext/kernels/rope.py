@@ -187,6 +187,8 @@ class FusedRopeSelfAttention(SelfAttention):
         self._rope_angles = None
         if rotary_pos_emb is not None:
             freqs = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
+            if freqs.shape[1] != 1:  # angles per token (packed evaluation rows): Megatron-Core's rotation
+                return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
             self._rope_angles = angles_from_megatron(freqs)
         return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs)
 

@@ -126,11 +126,22 @@ class CrystalGPTModel(GPTModel):
             loss = cross_entropy_reference(logits, labels.t().contiguous(), first, self.unpadded_vocab_size)
         return loss.t().contiguous()
 
+    def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
+        # An explicit mask comes only with packed evaluation rows, whose positions restart with each request:
+        # RoPE must then follow position_ids, which Megatron-Core's rotary embedding (positions 0..s-1 of
+        # the row, for any position_ids outside the THD packed format) does not.
+        self._packed_positions = position_ids if attention_mask is not None else None
+        return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+
     def _preprocess(self, input_ids, position_ids, decoder_input=None, **kwargs):
         from_lookup = decoder_input is None and self.pre_process
         out = super()._preprocess(input_ids, position_ids, decoder_input=decoder_input, **kwargs)
         if from_lookup:
             out = (out[0] * self.embedding_multiplier, *out[1:])
+        positions = getattr(self, "_packed_positions", None)
+        if positions is not None and out[1] is not None:
+            # [s, 1, 1, d] by row position -> [s, b, 1, d] by each token's own position (the same angles)
+            out = (out[0], out[1][:, 0][positions.t()], *out[2:])
         return out
 
 

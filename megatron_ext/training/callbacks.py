@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_ext.atomic_files import write_text_atomically
+from megatron_ext.kernels.selection import CoreAttention
 from megatron_ext.training import distributed, memory_report
 from megatron_ext.training.batches import readers
 from megatron_ext.training.metric_sinks import (
@@ -168,8 +169,14 @@ class EvaluationCallback(Callback):
 
             run = self.run
             self._sets = [trainer.feed.validation_set()]
+            packed = run.eval.eval_pack_requests and run.kernels.path.attention != CoreAttention.TRANSFORMER_ENGINE
+            if run.eval.tasks and run.eval.eval_pack_requests and not packed:
+                # TE's attention takes packed rows as THD with packed_seq_params only, which is not wired here.
+                distributed.print_rank_0("evaluation: one request per row (packing needs the local attention path)")
             for name, cap in run.eval.tasks:
-                task = build_task_set(name, cap, run.data.tokenizer, self.seq_length, run.optimizer.global_batch_size)
+                task = build_task_set(
+                    name, cap, run.data.tokenizer, self.seq_length, run.optimizer.global_batch_size, packed
+                )
                 if task.truncated:
                     distributed.print_rank_0(
                         f"warning: {name}: {task.truncated} of {task.num_slots} continuations are longer than the "

@@ -67,10 +67,16 @@ def make_forward_step(
     data_hashes: list | None = None,
     num_slots: int | None = None,
     timers=None,
+    packed: bool = False,
 ):
     """data_hashes: when given, the hashes of the samples this rank is the designated reader of (the model
     chunk that embeds them, on tensor-parallel rank 0) are appended to it. num_slots: an evaluation's.
-    timers: Megatron-Core's, to time the wait for each batch (level 2, as Megatron-LM's batch-generator)."""
+    timers: Megatron-Core's, to time the wait for each batch (level 2, as Megatron-LM's batch-generator).
+    packed: rows hold several requests (evaluation/eval_set.py): each attends only to itself, the mask
+    derived from the position ids, which the chunks between the first and the last stage get alone."""
+
+    def attention_mask(position_ids):
+        return ~eval_set.packed_attention_mask(position_ids) if packed else None  # Megatron: True = masked
 
     def forward_step(data_iterator, model):
         if data_iterator is None:  # a chunk between the first and the last stage: its input is the activations
@@ -80,6 +86,9 @@ def make_forward_step(
         batch = next(data_iterator)
         if timers is not None:
             timers("batch-generator").stop()
+        if "tokens" not in batch:  # such a chunk in a packed evaluation: the positions, for the mask and RoPE
+            position_ids = batch["position_ids"].to(device)
+            return model(None, position_ids, attention_mask(position_ids)), None
         reader = getattr(model, "module", model).pre_process and parallel_state.get_tensor_model_parallel_rank() == 0
         if data_hashes is not None and reader:
             data_hashes.extend(sample_hash(t) for t in batch["tokens"])
@@ -90,7 +99,7 @@ def make_forward_step(
         scored = None
         if num_slots is not None:
             scored = (batch["slot"].to(device), batch["label_bytes"].to(device), num_slots)
-        output = model(tokens, position_ids, None, labels=labels)
+        output = model(tokens, position_ids, attention_mask(position_ids), labels=labels)
         return output, partial(loss_func, loss_mask, source_id, num_sources, scored)
 
     return forward_step
@@ -252,8 +261,13 @@ class Trainer:
         self.config.timers = None  # an evaluation is side work, timed on its own line, not a step's part
         for m in self.model:
             m.eval()
-        its = readers.chunk_iterators(self.model, lambda: datasets.micro_batches(evaluation, 0, self.run), self.device)
-        forward_step = make_forward_step(self.device, num_slots=evaluation.num_slots)
+        its = readers.chunk_iterators(
+            self.model,
+            lambda: datasets.micro_batches(evaluation, 0, self.run),
+            self.device,
+            positions=(lambda: datasets.positions_only(evaluation, self.run)) if evaluation.packed else None,
+        )
+        forward_step = make_forward_step(self.device, num_slots=evaluation.num_slots, packed=evaluation.packed)
         losses = []
         for _ in range(evaluation.steps):
             losses.extend(self._run(its, True, evaluation.batch_size, forward_step))

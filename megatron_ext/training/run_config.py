@@ -438,6 +438,9 @@ class EvalSection:
     """the run's name in evaluation records (default: the directory holding --save)"""
     eval_results_jsonl: str | None = None
     """append every evaluation figure here, one JSON record each (default: eval_results.jsonl in --save)"""
+    eval_pack_requests: bool = True
+    """pack the tasks' requests several to a row, each attending only to itself (equal figures, a fraction of the rows);
+    --no-eval-pack-requests: one per row. Not on the Transformer Engine attention path (one per row there)"""
     tasks: tuple = derived()
     """--eval-tasks parsed: ((task, question cap or None), ...)"""
 

@@ -10,7 +10,10 @@ tests/helpers/fork_launch.py installs them in each rank from these environment v
 - CRYSTAL_TEST_KILL_IN_ASYNC_WRITE=N: with --async-save, each rank's background writer of iteration N,
   having written its files, SIGKILLs its rank and then itself: the whole job dies with the write begun and
   never completed (no metadata.json, tracker not moved) while the ranks train on;
-- CRYSTAL_TEST_STOP_AT=N: the last rank SIGSTOPs itself as it begins step N: alive, silent, never answering.
+- CRYSTAL_TEST_STOP_AT=N: the last rank SIGSTOPs itself as it begins step N: alive, silent, never answering;
+- CRYSTAL_TEST_SCALE_INIT=F: every initial weight times F (then any checkpoint loads over them): a model
+  whose predictions depend on its context from the first step, so that attention over the wrong tokens
+  shows in an evaluation's figures (an untrained one scores nearly as a unigram model does).
 """
 
 from __future__ import annotations
@@ -102,3 +105,19 @@ def install(environ) -> None:
             return train_step(self, iterators)
 
         Trainer.train_step = stopping_train_step
+
+    scale_init = environ.get("CRYSTAL_TEST_SCALE_INIT")
+    if scale_init:
+        from megatron_ext.training import loop
+
+        build_model = loop.build_model
+
+        def scaled_build_model(*args, **kwargs):
+            chunks = build_model(*args, **kwargs)
+            with torch.no_grad():
+                for chunk in chunks:
+                    for p in chunk.parameters():
+                        p.mul_(float(scale_init))
+            return chunks
+
+        loop.build_model = scaled_build_model

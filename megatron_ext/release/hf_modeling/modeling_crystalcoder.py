@@ -150,11 +150,16 @@ class CrystalCoderModel(CrystalCoderPreTrainedModel):
         angles = position_ids.to(torch.float64)[:, None, :, None] * inv_freq.to(inputs_embeds.device)
         cos, sin = angles.cos().to(inputs_embeds.dtype), angles.sin().to(inputs_embeds.dtype)
 
-        # [b, 1, s, past + s]: causal, and padding keys (attention_mask 0) hidden.
-        key_pos = torch.arange(past + s, device=inputs_embeds.device)
-        mask = (key_pos[None, :] <= torch.arange(past, past + s, device=inputs_embeds.device)[:, None])[None, None]
-        if attention_mask is not None:
-            mask = mask & attention_mask[:, None, None, : past + s].bool()
+        # [b, 1, s, past + s]: causal, and padding keys (attention_mask 0) hidden; a 4D boolean attention_mask
+        # (True: may attend) replaces it, e.g. block-diagonal for several sequences packed in a row, whose
+        # position_ids restart with each sequence.
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask.bool()
+        else:
+            key_pos = torch.arange(past + s, device=inputs_embeds.device)
+            mask = (key_pos[None, :] <= torch.arange(past, past + s, device=inputs_embeds.device)[:, None])[None, None]
+            if attention_mask is not None:
+                mask = mask & attention_mask[:, None, None, : past + s].bool()
 
         x = inputs_embeds * self.config.mup_embeddings_scale
         for block in self.h:

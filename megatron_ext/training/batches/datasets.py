@@ -92,6 +92,20 @@ def micro_batches(dataset, consumed_samples: int, run: RunConfig) -> Iterator[di
     return _load(dataset, sampler, run.data.num_workers)
 
 
+def positions_only(dataset, run: RunConfig) -> Iterator[dict]:
+    """This rank's micro-batches of a packed evaluation set as a chunk between the first and the last
+    pipeline stage needs them: the position ids alone (the set is on every rank; rows are cheap to build)."""
+    sampler = MicroBatchSampler(
+        len(dataset),
+        0,
+        run.layout.micro_batch_size,
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
+    )
+    for indices in sampler:
+        yield {"position_ids": torch.stack([dataset[i]["position_ids"] for i in indices])}
+
+
 def _load(dataset, batch_sampler, num_workers: int) -> Iterator[dict]:
     loader = torch.utils.data.DataLoader(
         dataset,

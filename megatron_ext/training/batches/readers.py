@@ -34,14 +34,17 @@ def chunk_takes_batches(chunk) -> bool:
     return bool(module.pre_process or module.post_process)
 
 
-def chunk_iterators(model: list, read: Callable[[], Iterator[dict]], device: torch.device) -> list:
+def chunk_iterators(
+    model: list, read: Callable[[], Iterator[dict]], device: torch.device, positions: Callable | None = None
+) -> list:
     """One entry per model chunk: the chunks that take batches get them (read() on tensor rank 0, whose
-    batches the group's other ranks receive); the others None."""
+    batches the group's other ranks receive); the others None, or with `positions` (a packed evaluation,
+    whose set every rank holds) its micro-batches' position ids, computed on each rank."""
     tensor_group_size = parallel_state.get_tensor_model_parallel_world_size()
     out = []
     for chunk in model:
         if not chunk_takes_batches(chunk):
-            out.append(None)
+            out.append(positions() if positions is not None else None)
             continue
         batches = read() if parallel_state.get_tensor_model_parallel_rank() == 0 else None
         out.append(TensorGroupBatches(batches, device) if tensor_group_size > 1 else batches)
@@ -128,7 +131,10 @@ def build_on_readers(build: Callable[[], object]):
 
 
 class EvalShape:
-    """An evaluation set as a rank without data sees it: the batches to step through with the others."""
+    """An evaluation set as a rank without data sees it: the batches to step through with the others (only
+    held-out sets come to such ranks this way, never packed)."""
+
+    packed = False
 
     def __init__(self, name: str, num_slots: int, steps: int, batch_size: int):
         self.name, self.num_slots, self.steps, self.batch_size = name, num_slots, steps, batch_size
