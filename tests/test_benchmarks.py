@@ -136,3 +136,12 @@ def test_checkpoint_io_benchmark_prints_consistent_figures(tmp_path):
         value for name, value in _summary(tmp_path, "checkpoint_io", proc.stdout) if name.startswith("checkpoint")
     ]
     assert len(summary) == 2 and summary[1].startswith(f"synchronous blocks {rows[1][6]} s; asynchronous blocks")
+
+
+def test_eval_cost_refuses_a_missing_checkpoint_in_one_line(tmp_path):
+    """benchmarks/eval_cost.py (its figures in benchmarks/README.md need a `make demo` checkpoint and about
+    4 minutes): without the checkpoint it says so in one line, before starting any run."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "eval_cost.py"), "--checkpoint",
+                           str(tmp_path / "none")], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"eval_cost.py: error: --checkpoint {tmp_path / 'none'}: no such directory (make demo)\n"

@@ -132,7 +132,9 @@ class EvaluationCallback(Callback):
         self.run, self.metrics = run, metrics
         self.interval, self.seq_length = run.eval.eval_interval, run.crystal.seq_length
         self.since = time.perf_counter()
-        self._sets = None
+        self._validation = None
+        # The tasks are built before the first step, so that an evaluation's cost on the log line is its own.
+        self._tasks = self._build_tasks()
 
     def post_step(self, trainer, step: StepResult) -> None:
         if step.iteration % self.interval or trainer.guard.exhausted:  # a run stopping on skips: no side work
@@ -163,27 +165,39 @@ class EvaluationCallback(Callback):
         return sum(p.iters * p.global_batch_size for p in before) * self.seq_length
 
     def sets(self, trainer) -> list:
-        """The held-out samples, then the downstream tasks; built at the first evaluation."""
-        if self._sets is None:
-            from megatron_ext.evaluation.tasks import build_task_set
+        """The held-out samples (built at the first evaluation), then the downstream tasks."""
+        if self._validation is None:
+            self._validation = trainer.feed.validation_set()
+        return [s for s in (self._validation, *self._tasks) if s.num_slots]
 
-            run = self.run
-            self._sets = [trainer.feed.validation_set()]
-            packed = run.eval.eval_pack_requests and run.kernels.path.attention != CoreAttention.TRANSFORMER_ENGINE
-            if run.eval.tasks and run.eval.eval_pack_requests and not packed:
-                # TE's attention takes packed rows as THD with packed_seq_params only, which is not wired here.
-                distributed.print_rank_0("evaluation: one request per row (packing needs the local attention path)")
-            for name, cap in run.eval.tasks:
-                task = build_task_set(
-                    name, cap, run.data.tokenizer, self.seq_length, run.optimizer.global_batch_size, packed
+    def _build_tasks(self) -> list:
+        """The downstream tasks' sets, on every rank (a pipeline stage without data needs a packed set's
+        positions); one line says how they were packed."""
+        from megatron_ext.evaluation.tasks import build_task_set
+
+        run = self.run
+        packed = run.eval.eval_pack_requests and run.kernels.path.attention != CoreAttention.TRANSFORMER_ENGINE
+        if run.eval.tasks and run.eval.eval_pack_requests and not packed:
+            # TE's attention takes packed rows as THD with packed_seq_params only, which is not wired here.
+            distributed.print_rank_0("evaluation: one request per row (packing needs the local attention path)")
+        tasks = []
+        for name, cap in run.eval.tasks:
+            task = build_task_set(
+                name, cap, run.data.tokenizer, self.seq_length, run.optimizer.global_batch_size, packed
+            )
+            if task.truncated:
+                distributed.print_rank_0(
+                    f"warning: {name}: {task.truncated} of {task.num_slots} continuations are longer than the "
+                    f"sequence length {self.seq_length}; they are scored on the part that fits"
                 )
-                if task.truncated:
-                    distributed.print_rank_0(
-                        f"warning: {name}: {task.truncated} of {task.num_slots} continuations are longer than the "
-                        f"sequence length {self.seq_length}; they are scored on the part that fits"
-                    )
-                self._sets.append(task)
-        return [s for s in self._sets if s.num_slots]
+            tasks.append(task)
+        if tasks:
+            requests, rows = sum(t.num_slots for t in tasks), sum(len(t.rows) for t in tasks)
+            distributed.print_rank_0(
+                f"evaluation: {len(tasks)} task(s), {requests:,} requests in {rows:,} rows of {self.seq_length} "
+                f"({'packed, ' if packed else ''}{requests / max(rows, 1):.1f} a row)"
+            )
+        return tasks
 
 
 class CheckpointCallback(Callback):

@@ -263,7 +263,9 @@ class Trainer:
             m.eval()
         its = readers.chunk_iterators(
             self.model,
-            lambda: datasets.micro_batches(evaluation, 0, self.run),
+            # Read in this process: an evaluation's rows are cheap (requests in memory, held-out samples from
+            # memory-mapped indices), and a worker process per set per evaluation cost ~0.3 s each to start.
+            lambda: datasets.micro_batches(evaluation, 0, self.run, num_workers=0),
             self.device,
             positions=(lambda: datasets.positions_only(evaluation, self.run)) if evaluation.packed else None,
         )

@@ -78,8 +78,9 @@ class MicroBatchSampler(torch.utils.data.Sampler):
         return (self.total - self.consumed) // (self.mbs * self.dp_size)
 
 
-def micro_batches(dataset, consumed_samples: int, run: RunConfig) -> Iterator[dict]:
-    """This rank's micro-batches from sample `consumed_samples` on (empty without a dataset)."""
+def micro_batches(dataset, consumed_samples: int, run: RunConfig, num_workers: int | None = None) -> Iterator[dict]:
+    """This rank's micro-batches from sample `consumed_samples` on (empty without a dataset); num_workers:
+    DataLoader workers (default --num-workers)."""
     if dataset is None or len(dataset) == 0:
         return iter(())
     sampler = MicroBatchSampler(
@@ -89,7 +90,7 @@ def micro_batches(dataset, consumed_samples: int, run: RunConfig) -> Iterator[di
         parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size(),
     )
-    return _load(dataset, sampler, run.data.num_workers)
+    return _load(dataset, sampler, run.data.num_workers if num_workers is None else num_workers)
 
 
 def positions_only(dataset, run: RunConfig) -> Iterator[dict]:
