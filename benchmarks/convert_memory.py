@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Peak resident memory of the release tools on a model of the 7B's width (fewer layers), in one run:
   (0) baseline: a process that imports the tools' modules and nothing more;
-  (1) tools/convert_from_hf.py (HF -> dist checkpoint; holds the model in memory, by design);
+  (1) tools/convert_from_hf.py (HF -> dist checkpoint, streaming tensor by tensor);
   (2) tools/convert_to_hf.py --no-verify (dist checkpoint -> HF, streaming tensor by tensor).
 Prints each peak, and each tool's peak above the baseline as a multiple of the largest tensor and of the
-model's fp32 size (goal for the export: a small multiple of the largest tensor, well below the model).
+model's fp32 size (goal for both: a small multiple of the largest tensor, flat as the layers grow).
 
-  python benchmarks/convert_memory.py --layers 2 --workdir /tmp/convert-bench
+  python benchmarks/convert_memory.py --layers 2 4 --workdir /tmp/convert-bench
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from megatron_ext.release import hf_export, hf_format  # noqa: E402
 from megatron_ext.release.safetensors_writer import write_sharded  # noqa: E402
 
 IMPORTS = (
-    "import megatron_ext.release.hf_export, megatron_ext.release.dist_checkpoint_reader, megatron_ext.release.parity"
+    "import megatron_ext.release.hf_export, megatron_ext.release.dist_checkpoint_reader, megatron_ext.release.parity, "
+    "megatron_ext.release.hf_import"
 )
 
 
@@ -80,37 +81,42 @@ def write_random_hf(directory: str, cfg) -> tuple[int, int]:
     return index["metadata"]["total_size"], largest
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--workdir", default="/tmp/convert-bench")
-    args = p.parse_args()
-    cfg = get_preset("crystal-7b").replace(num_layers=args.layers)
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    hf_in, ckpt, hf_out = (os.path.join(args.workdir, d) for d in ("hf_in", "ckpt", "hf_out"))
+def measure(layers: int, workdir: str, base: int) -> None:
+    cfg = get_preset("crystal-7b").replace(num_layers=layers)
+    shutil.rmtree(workdir, ignore_errors=True)
+    hf_in, ckpt, hf_out = (os.path.join(workdir, d) for d in ("hf_in", "ckpt", "hf_out"))
     model_bytes, largest = write_random_hf(hf_in, cfg)
     mib = 2**20
     print(
-        f"model: 7B width, {args.layers} layers, {cfg.num_parameters():,} parameters, "
+        f"model: 7B width, {layers} layers, {cfg.num_parameters():,} parameters, "
         f"{model_bytes / mib:,.0f} MiB fp32; "
         f"largest tensor {largest / mib:,.0f} MiB"
     )
-
-    base, _ = peak_rss(["-c", IMPORTS])
     imported, t_import = peak_rss(["tools/convert_from_hf.py", "--input", hf_in, "--save", ckpt])
     exported, t_export = peak_rss(
         ["tools/convert_to_hf.py", "--load", ckpt, "--output", hf_out, "--dtype", "fp32", "--no-verify"]
     )
     print(f"(0) baseline (imports only)       peak {base / mib:8,.0f} MiB")
     for label, peak, seconds in (
-        ("(1) convert_from_hf.py", imported, t_import),
+        ("(1) convert_from_hf.py (streaming)", imported, t_import),
         ("(2) convert_to_hf.py (streaming)", exported, t_export),
     ):
         above = peak - base
         print(
-            f"{label:33s} peak {peak / mib:8,.0f} MiB ({seconds:.1f}s): above baseline {above / mib:,.0f} MiB = "
+            f"{label:34s} peak {peak / mib:8,.0f} MiB ({seconds:.1f}s): above baseline {above / mib:,.0f} MiB = "
             f"{above / largest:.2f} x largest tensor = {above / model_bytes:.2f} x model"
         )
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--workdir", default="/tmp/convert-bench")
+    args = p.parse_args()
+    base, _ = peak_rss(["-c", IMPORTS])
+    for layers in args.layers:
+        measure(layers, args.workdir, base)
 
 
 if __name__ == "__main__":

