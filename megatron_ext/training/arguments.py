@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(
         prog="pretrain_crystal.py",
         description="Pretrain Crystal on Megatron-Core (tensor, pipeline and data parallel).",
+        epilog="--check-args: only check the flags for WORLD_SIZE ranks (as torchrun will set it), in this one "
+        "process, print one line and exit; the launch scripts run it before torchrun.",
         argument_default=argparse.SUPPRESS,
     )
     for cls in SECTION_CLASSES.values():
