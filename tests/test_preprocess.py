@@ -14,7 +14,7 @@ import psutil
 import pytest
 from helpers.distributed_run import REPO
 
-from megatron_ext.tokenizer import CRYSTAL_SPECIAL_TOKENS, CrystalTokenizer
+from megatron_ext.tokenizer import CRYSTAL_SPECIAL_TOKENS, CrystalTokenizer, TokenizerError
 
 pytestmark = pytest.mark.launch  # every test here starts processes
 
@@ -96,13 +96,27 @@ def tok(tokenizer_model):
     return CrystalTokenizer(str(tokenizer_model))
 
 
-def test_special_tokens_follow_the_vocabulary_in_release_order(tok):
+def test_special_tokens_follow_the_vocabulary_in_release_order(tok, tokenizer_model, tmp_path):
+    """Crystal's 18 in the release's order, then (train_tokenizer.py's default) CodeGen2's 8 sentinels with
+    <sep> and <eom>; none is ever produced from text. --codegen2-sentinels 0 leaves Crystal's alone."""
     assert [t.strip("<|>") for t in CRYSTAL_SPECIAL_TOKENS] == RELEASED_SPECIALS
     assert [tok.special_token_id(t) for t in CRYSTAL_SPECIAL_TOKENS] == list(range(1000, 1018))
-    assert tok.vocab_size == 1024  # 1018 padded to a multiple of 32, as LLaMA's 32018 -> 32032
+    sentinels = [f"<mask_{i}>" for i in range(1, 9)] + ["<sep>", "<eom>"]
+    assert [tok.special_token_id(t) for t in sentinels] == list(range(1018, 1028))
+    assert tok.vocab_size == 1056  # 1028 padded to a multiple of 32
     assert (tok.bos, tok.eod, tok.unk) == (1, 2, 0)
-    ids = tok.encode("x <|fim_prefix|><|fim_middle|><|reponame|> y")
+    ids = tok.encode("x <|fim_prefix|><|fim_middle|><|reponame|> <mask_1> <sep> <eom> y")
     assert all(i < 1000 for i in ids)  # specials are never produced from text
+    assert tok.decode([5, 1018, 1026, 1027]) == tok.decode([5]) + "<mask_1><sep><eom>"
+    plain = tmp_path / "plain"
+    for ext in (".model", ".vocab"):
+        (tmp_path / f"plain{ext}").write_bytes(tokenizer_model.with_suffix(ext).read_bytes())
+    assert (
+        CrystalTokenizer(str(plain) + ".model").vocab_size == 1024
+    )  # no specials file: 1018 -> 1024, as 32018 -> 32032
+    (tmp_path / "plain.specials.json").write_text('{"after_crystal": ["<sep>", "<|fim_pad|>"]}')
+    with pytest.raises(TokenizerError, match=r"plain.specials.json: special tokens must be .* \['<\|fim_pad\|>'\]"):
+        CrystalTokenizer(str(plain) + ".model")
 
 
 def test_tokenizer_round_trips_text(tok):

@@ -178,6 +178,21 @@ def test_tokenizer_files_encode_as_training_did(exported):
         ids = hf(prompt, add_special_tokens=False)["input_ids"]
         assert ids == infilling_prompt(ours, FimTokenIds.of(ours), prefix, suffix), prompt
         assert hf.decode(ids) == ours.decode(ids) == prompt
+    # CodeGen2's sentinels (the demo tokenizer's, after Crystal's 18): exported with their ids and the
+    # specials file beside tokenizer.model, and an infilling prompt in CodeGen2's layout encodes as the
+    # parts would (the document's start with its dummy-prefix space, text after a special without).
+    from megatron_ext.tokenizer import codegen2_sentinels, extra_special_tokens
+
+    sentinels = list(codegen2_sentinels(8))
+    assert list(extra_special_tokens(str(exported[0] / "tokenizer.model"))) == sentinels
+    assert (
+        hf.convert_tokens_to_ids(sentinels) == [ours.special_token_id(t) for t in sentinels] == list(range(8018, 8028))
+    )
+    prefix, suffix = "def f(x):\n    ", "\n    return y\n"
+    ids = hf(f"{prefix}<mask_1>{suffix}</s><sep><mask_1>", add_special_tokens=False)["input_ids"]
+    mask, sep = ours.special_token_id("<mask_1>"), ours.special_token_id("<sep>")
+    assert ids == [*ours.encode(prefix), mask, *ours.encode_after_special(suffix), ours.eod, sep, mask]
+    assert CrystalTokenizer(str(exported[0] / "tokenizer.model")).special_tokens == ours.special_tokens
 
 
 @pytest.mark.launch

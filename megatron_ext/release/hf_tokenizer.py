@@ -6,7 +6,7 @@ import os
 import shutil
 
 from megatron_ext.tokenizer import build_tokenizer
-from megatron_ext.tokenizer.crystal_tokenizer import CRYSTAL_SPECIAL_TOKENS, CrystalTokenizer
+from megatron_ext.tokenizer.crystal_tokenizer import CrystalTokenizer, specials_path
 from megatron_ext.tokenizer.hf_pipeline import sentencepiece_to_tokenizers
 
 
@@ -27,10 +27,12 @@ def save_hf_tokenizer(tokenizer_type: str, model_path: str, directory: str):
             bos_token=tokenizer.sp.IdToPiece(tokenizer.bos),
             eos_token=tokenizer.sp.IdToPiece(tokenizer.eod),
             unk_token=tokenizer.sp.IdToPiece(tokenizer.unk),
-            additional_special_tokens=list(CRYSTAL_SPECIAL_TOKENS),
+            additional_special_tokens=list(tokenizer.special_tokens),  # Crystal's 18, then the model's own
             clean_up_tokenization_spaces=False,
         )
         shutil.copy(model_path, os.path.join(directory, "tokenizer.model"))
+        if os.path.isfile(specials_path(model_path)):  # beside the copy, so that an import finds them too
+            shutil.copy(specials_path(model_path), specials_path(os.path.join(directory, "tokenizer.model")))
     else:
         hf = PreTrainedTokenizerFast(tokenizer_file=model_path, clean_up_tokenization_spaces=False)
     hf.save_pretrained(directory)

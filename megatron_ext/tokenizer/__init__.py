@@ -9,6 +9,9 @@ from megatron_ext.tokenizer.crystal_tokenizer import (
     TokenizerError,
     add_tokenizer_type_argument,
     build_tokenizer,
+    codegen2_sentinels,
+    extra_special_tokens,
+    specials_path,
 )
 
 __all__ = [
@@ -20,4 +23,7 @@ __all__ = [
     "TokenizerError",
     "add_tokenizer_type_argument",
     "build_tokenizer",
+    "codegen2_sentinels",
+    "extra_special_tokens",
+    "specials_path",
 ]

@@ -4,11 +4,17 @@ The specials follow the SentencePiece vocabulary in the released order (ids 3200
 32000 pieces) and the vocabulary is padded to a multiple of 32 (32032). They live outside the
 SentencePiece model, so plain encoding of user text never produces them: "<|fim_prefix|>" typed in a
 document is ordinary text. BOS, EOS (the end-of-document id) and UNK are the model's own (1, 2, 0).
+
+A model may carry more specials after Crystal's 18, listed in a file beside it (PREFIX.specials.json,
+which tools/train_tokenizer.py writes): CodeGen2's span-corruption sentinels <mask_1>..<mask_N>, <sep>,
+<eom>. With up to 14 of them a 32000-piece vocabulary stays at 32032 rows (the padding rows take them),
+so the export keeps the release's shape. Crystal's released tokenizer has no such file, hence none.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 CRYSTAL_SPECIAL_TOKENS = (
@@ -32,6 +38,35 @@ CRYSTAL_SPECIAL_TOKENS = (
     "<|reponame|>",
 )
 VOCAB_PAD_MULTIPLE = 32
+SPECIALS_SUFFIX = ".specials.json"  # beside PREFIX.model: {"after_crystal": [token, ...]}
+
+
+def codegen2_sentinels(spans: int) -> tuple[str, ...]:
+    """CodeGen2's infilling specials: a sentinel per masked span, the separator before the spans, and the
+    end-of-mask token each span ends with (its model card's names)."""
+    return (*(f"<mask_{i}>" for i in range(1, spans + 1)), "<sep>", "<eom>") if spans else ()
+
+
+def specials_path(model_path: str) -> str:
+    return os.path.splitext(model_path)[0] + SPECIALS_SUFFIX
+
+
+def extra_special_tokens(model_path: str) -> tuple[str, ...]:
+    """The specials after Crystal's 18 that the file beside the model lists (none without one)."""
+    path = specials_path(model_path)
+    if not os.path.isfile(path):
+        return ()
+    try:
+        with open(path) as f:
+            tokens = tuple(json.load(f)["after_crystal"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TokenizerError(f'{path}: not a specials file ({{"after_crystal": [...]}}): {e}') from None
+    clash = [t for t in tokens if t in CRYSTAL_SPECIAL_TOKENS or tokens.count(t) > 1]
+    if clash or not all(isinstance(t, str) and t for t in tokens):
+        raise TokenizerError(f"{path}: special tokens must be non-empty, distinct and not Crystal's: {clash or tokens}")
+    return tokens
+
+
 # LLaMA's ids, which Crystal keeps: BOS, and EOS, which ends every document (the release's eos_token_id).
 BOS_ID, EOD_ID = 1, 2
 
@@ -53,9 +88,10 @@ class CrystalTokenizer:
         except (OSError, RuntimeError) as e:
             raise TokenizerError(f"--tokenizer-model {model_path}: not a SentencePiece model ({e})") from None
         self.base_vocab_size = self.sp.GetPieceSize()
-        self.special_tokens = {tok: self.base_vocab_size + i for i, tok in enumerate(CRYSTAL_SPECIAL_TOKENS)}
+        specials = (*CRYSTAL_SPECIAL_TOKENS, *extra_special_tokens(model_path))
+        self.special_tokens = {tok: self.base_vocab_size + i for i, tok in enumerate(specials)}
         self._id_to_special = {i: tok for tok, i in self.special_tokens.items()}
-        unpadded = self.base_vocab_size + len(CRYSTAL_SPECIAL_TOKENS)
+        unpadded = self.base_vocab_size + len(specials)
         self.vocab_size = -(-unpadded // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
         self.bos, self.eod, self.unk = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
         if self.eod < 0:

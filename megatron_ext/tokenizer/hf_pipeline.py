@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 
-from megatron_ext.tokenizer.crystal_tokenizer import CRYSTAL_SPECIAL_TOKENS, TokenizerError
+from megatron_ext.tokenizer.crystal_tokenizer import CRYSTAL_SPECIAL_TOKENS, TokenizerError, extra_special_tokens
 
 META = "\u2581"
 
@@ -49,7 +49,8 @@ def apply_sentencepiece_rule(tokenizer, add_dummy_prefix: bool = True) -> None:
 
 def sentencepiece_to_tokenizers(model_path: str):
     """A CrystalTokenizer's SentencePiece model as a `tokenizers.Tokenizer` with the same ids: its pieces
-    (transformers' conversion of the BPE model and its byte fallback), Crystal's specials after them, and
+    (transformers' conversion of the BPE model and its byte fallback), Crystal's specials and the model's
+    own after them (crystal_tokenizer.py: the specials file), and
     the rule above. A model whose normalisation the rule cannot express is one line naming the field."""
     from sentencepiece import sentencepiece_model_pb2
     from transformers import LlamaTokenizer
@@ -67,10 +68,11 @@ def sentencepiece_to_tokenizers(model_path: str):
     with tempfile.TemporaryDirectory() as staging:
         shutil.copy(model_path, os.path.join(staging, "tokenizer.model"))
         llama = LlamaTokenizer.from_pretrained(staging, add_bos_token=False, add_eos_token=False, legacy=False)
-    llama.add_special_tokens({"additional_special_tokens": list(CRYSTAL_SPECIAL_TOKENS)})
-    ids = llama.convert_tokens_to_ids(list(CRYSTAL_SPECIAL_TOKENS))
+    specials = [*CRYSTAL_SPECIAL_TOKENS, *extra_special_tokens(model_path)]
+    llama.add_special_tokens({"additional_special_tokens": specials})
+    ids = llama.convert_tokens_to_ids(specials)
     base = len(proto.pieces)
-    if ids != list(range(base, base + len(CRYSTAL_SPECIAL_TOKENS))):
+    if ids != list(range(base, base + len(specials))):
         raise TokenizerError(
             f"{model_path}: the converted tokenizer puts the special tokens at {ids[:3]}..., training used {base}..."
         )
