@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.distributed_run import REPO, layout_flags, read_metrics, torchrun_command, train
+from helpers.sample_rows import load_rows
 
 from megatron_ext.data.phase_schedule import PhaseSchedule
 from megatron_ext.data.phases_config import (
@@ -173,18 +174,11 @@ def _dataset(rate, spm=0.5, seq=128):
     return PhasedDataset(_fim_config(rate, spm), seq, CrystalTokenizer(str(TOKENIZER)))
 
 
-def _load_all(dataset, refs, workers):
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=[refs[i : i + 4] for i in range(0, len(refs), 4)], num_workers=workers
-    )
-    return torch.cat([b["tokens"] for b in loader]), torch.cat([b["loss_mask"] for b in loader])
-
-
 def test_fim_is_the_same_for_any_worker_count_and_access_order():
     dataset = _dataset(rate=0.9)
     refs = PhaseSchedule(dataset.config).take(32)
-    one = _load_all(dataset, refs, 0)
-    four = _load_all(dataset, refs, 4)
+    one = load_rows(dataset, refs, 0)
+    four = load_rows(dataset, refs, 4)
     backwards = [dataset[r] for r in reversed(refs)][::-1]
     assert torch.equal(one[0], four[0]) and torch.equal(one[1], four[1])
     assert torch.equal(one[0], torch.stack([b["tokens"] for b in backwards]))

@@ -37,6 +37,27 @@ def test_code_share_plan_rescales_the_blend_and_keeps_the_budget(tmp_path):
     assert all(os.path.isabs(p) for s in derived["sources"].values() for p in s["prefixes"])
 
 
+def test_span_corruption_is_a_sweep_axis_checked_against_the_tokenizer(tmp_path):
+    """phases[i].span_corruption.<source>.rate varies CodeGen2's causal / span-corruption mixture; each
+    variant's phases file is checked with the tokenizer's sentinels (a FIM source refused in one line)."""
+    from megatron_ext.tokenizer import CrystalTokenizer
+
+    sweep_file = tmp_path / "spans.yaml"
+    body = CODE_SHARE.read_text().replace("phases[0].blend.code: [0.0, 0.25, 0.5, 0.75, 1.0]",
+                                          "phases[0].span_corruption.code.rate: [0.0, 0.5]")  # fmt: skip
+    sweep_file.write_text(body.replace("base: examples/", f"base: {REPO}/examples/"))
+    sweep = load_sweep(str(sweep_file), str(tmp_path))
+    assert [v.name for v in sweep.variants] == ["rate0", "rate0.5"]
+    tok = CrystalTokenizer(str(REPO / "data" / "demo" / "crystal_demo.model"))
+    paths = write_phases_files(sweep, tok)
+    assert yaml.safe_load(open(paths[1]))["phases"][0]["span_corruption"] == {"code": {"rate": 0.5}}
+    both_axes = "phases[0].span_corruption.code.rate: [0.5]\n  phases[0].fim.code.fim_rate: [0.5]"
+    with_fim = body.replace("phases[0].span_corruption.code.rate: [0.0, 0.5]", both_axes)
+    sweep_file.write_text(with_fim.replace("base: examples/", f"base: {REPO}/examples/"))
+    with pytest.raises(SweepError, match=r"^rate0.5_fim_rate0.5: .*span_corruption.code: source 'code' has FIM"):
+        write_phases_files(load_sweep(str(sweep_file), str(tmp_path / "fim")), tok)
+
+
 def test_crystal_ablation_plan_scales_three_phases_to_the_budget(tmp_path):
     sweep = load_sweep(str(CRYSTAL), str(tmp_path))
     assert len(sweep.variants) == 3 * 2 * 2

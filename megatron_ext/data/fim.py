@@ -9,7 +9,8 @@ tokenizer encodes an infilling prompt, so the ids of prefix + middle + suffix de
 The row is then cut back to seq_length + 1 tokens, or padded with <fim_pad>, whose positions carry no loss.
 
 Every draw comes from a generator seeded by (seed, source, epoch, document id, the run's start inside the
-document): the output for a document does not depend on the worker that builds it or on access order.
+document): the output for a document does not depend on the worker that builds it or on access order
+(data/run_transforms.py, which span corruption shares).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_ext.data.run_transforms import rewrite_runs
 from megatron_ext.data.source_stream import Segment
 
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>")
@@ -75,19 +77,5 @@ def apply_fim(
     """(tokens of the same length, loss mask for the labels tokens[1:]). key: (seed, source, epoch)."""
     if rate <= 0:
         return tokens, np.ones(len(tokens) - 1, dtype=np.float32)
-    out: list[int] = []
-    for seg in segments:
-        run = tokens[seg.start : seg.start + seg.length].tolist()
-        end = [run.pop()] if seg.ends_document else []
-        rng = np.random.default_rng([*key, _FIM_STREAM, seg.doc_id, seg.doc_offset])
-        if run and rng.random() < rate:
-            text = tokenizer.decode(run)
-            if text:
-                run = permute_document(text, rng, spm_rate, tokenizer, ids)
-        out += run + end
-    n = len(tokens)
-    row = np.full(n, ids.pad, dtype=np.int64)
-    row[: min(n, len(out))] = out[:n]
-    loss_mask = np.ones(n - 1, dtype=np.float32)
-    loss_mask[max(len(out) - 1, 0) :] = 0.0  # labels that are padding
-    return row, loss_mask
+    rewrite = lambda text, rng: permute_document(text, rng, spm_rate, tokenizer, ids)  # noqa: E731
+    return rewrite_runs(tokens, segments, rate, key, _FIM_STREAM, tokenizer, rewrite, ids.pad)

@@ -19,6 +19,7 @@ from megatron_ext.data.fim import FimTokenIds, apply_fim
 from megatron_ext.data.phase_schedule import PhaseSchedule, SampleRef
 from megatron_ext.data.phases_config import PhasesConfig, PhasesConfigError
 from megatron_ext.data.source_stream import SourceStream
+from megatron_ext.data.span_corruption import SentinelIds, apply_span_corruption
 
 
 class PhasedDataset(torch.utils.data.Dataset):
@@ -39,13 +40,19 @@ class PhasedDataset(torch.utils.data.Dataset):
                 )
         self.tokenizer = tokenizer
         self.fim_ids = FimTokenIds.of(tokenizer) if tokenizer is not None else None
+        self.sentinel_ids = SentinelIds.of(tokenizer) if tokenizer is not None else None
         self.position_ids = torch.arange(seq_length, dtype=torch.long)
 
     def __getitem__(self, ref: SampleRef) -> dict:
         stream = self.streams[ref.source]
         row, segments, epoch = stream.sample(ref.index)
-        fim = self.config.phases[ref.phase].fim.get(stream.spec.name)
-        if fim is not None:
+        phase = self.config.phases[ref.phase]
+        fim, span_corruption = phase.fim.get(stream.spec.name), phase.span_corruption.get(stream.spec.name)
+        if span_corruption is not None:  # a source has one of the two in a phase (phases_config.py)
+            row, loss_mask = apply_span_corruption(
+                row, segments, span_corruption, (self.config.seed, stream.key, epoch), self.tokenizer, self.sentinel_ids
+            )
+        elif fim is not None:
             row, loss_mask = apply_fim(
                 row,
                 segments,

@@ -11,6 +11,7 @@
       global_batch_size: 2112    # optional (default --global-batch-size)
       blend: {text: 1.0}
       fim: {}                    # source -> {fim_rate, fim_spm_rate}
+      span_corruption: {}        # source -> {rate, max_spans, max_ratio} (CodeGen2's; not with FIM)
       lr: {warmup_iters: 86, peak: 0.012, min: 1.2408e-4, decay_style: linear, decay_iters: 294337}
 
 Everything is checked when the file is loaded, before any model or data is built; errors name the file
@@ -52,6 +53,15 @@ class FimSpec:
 
 
 @dataclass(frozen=True)
+class SpanCorruptionSpec:
+    """CodeGen2's span corruption of a source's documents (data/span_corruption.py)."""
+
+    rate: float = 0.0  # the share of documents rewritten; the rest stay causal LM
+    max_spans: int | None = None  # at most this many spans a document (None: the tokenizer's <mask_N> count)
+    max_ratio: float = 0.5  # at most this share of a document's characters masked
+
+
+@dataclass(frozen=True)
 class LRSpec:
     peak: float
     min: float = 0.0
@@ -68,6 +78,7 @@ class PhaseSpec:
     blend: dict[str, float]  # normalised, sources with weight 0 dropped
     fim: dict[str, FimSpec]
     lr: LRSpec
+    span_corruption: dict[str, SpanCorruptionSpec] = field(default_factory=dict)
 
     @property
     def samples(self) -> int:
@@ -107,7 +118,10 @@ class PhasesConfig:
             n: {"files": [file_shape(p) for p in s.prefixes], "subset": s.subset, "max_epochs": s.max_epochs}
             for n, s in self.sources.items()
         }
-        phases = [{k: v for k, v in asdict(p).items() if k != "lr"} for p in self.phases]
+        # Without span corruption a phase reads as it did before the key existed (the same fingerprint).
+        phases = [
+            {k: v for k, v in asdict(p).items() if k != "lr" and (k != "span_corruption" or v)} for p in self.phases
+        ]
         described = {
             "seed": self.seed,
             "validation_fraction": self.validation_fraction,
@@ -194,10 +208,17 @@ def _source(name: str, raw, where: str) -> SourceSpec:
 
 
 def _phase(
-    i: int, raw, where: str, sources: dict, seq_length: int, default_gbs: int, has_fim_tokens: bool
+    i: int,
+    raw,
+    where: str,
+    sources: dict,
+    seq_length: int,
+    default_gbs: int,
+    has_fim_tokens: bool,
+    sentinels: int | None,
 ) -> PhaseSpec:
     raw = _mapping(raw, where)
-    _only_keys(raw, {"name", "iters", "tokens", "global_batch_size", "blend", "fim", "lr"}, where)
+    _only_keys(raw, {"name", "iters", "tokens", "global_batch_size", "blend", "fim", "span_corruption", "lr"}, where)
     name = raw.get("name", f"phase{i}")
     if not isinstance(name, str) or not name:
         raise PhasesConfigError(f"{where}.name: expected a non-empty string")
@@ -238,6 +259,8 @@ def _phase(
         if rate > 0:
             fim[source] = FimSpec(float(rate), float(spm))
 
+    span_corruption = _span_corruption(raw, where, sources, fim, sentinels)
+
     lr_raw = _mapping(raw.get("lr"), f"{where}.lr")
     _only_keys(lr_raw, {"peak", "min", "warmup_iters", "decay_style", "decay_iters"}, f"{where}.lr")
     peak = _number(lr_raw.get("peak"), f"{where}.lr.peak", low=0.0, low_open=True)
@@ -254,7 +277,36 @@ def _phase(
         raise PhasesConfigError(f"{where}.lr.decay_style: {lr.decay_style!r} is not one of {', '.join(DECAY_STYLES)}")
     if lr.warmup_iters >= (lr.decay_iters or iters) and lr.decay_style != "constant":
         raise PhasesConfigError(f"{where}.lr.warmup_iters: {lr.warmup_iters} must be below the decay length")
-    return PhaseSpec(name, iters, gbs, blend, fim, lr)
+    return PhaseSpec(name, iters, gbs, blend, fim, lr, span_corruption)
+
+
+def _span_corruption(raw: dict, where: str, sources: dict, fim: dict, sentinels: int | None) -> dict:
+    """A phase's span_corruption: source -> {rate, max_spans, max_ratio}; sentinels: the tokenizer's
+    <mask_N> count (0: it lacks them; None: not checked here)."""
+    out = {}
+    for source, spec in _mapping(raw.get("span_corruption", {}) or {}, f"{where}.span_corruption").items():
+        at = f"{where}.span_corruption.{source}"
+        if source not in sources:
+            raise PhasesConfigError(f"{at}: unknown source {source!r}")
+        spec = _mapping(spec, at)
+        _only_keys(spec, {"rate", "max_spans", "max_ratio"}, at)
+        rate = _number(spec.get("rate", 0.0), f"{at}.rate", low=0.0, high=1.0)
+        max_ratio = _number(spec.get("max_ratio", 0.5), f"{at}.max_ratio", low=0.0, high=1.0, low_open=True)
+        max_spans = spec.get("max_spans")
+        if max_spans is not None:
+            max_spans = _number(max_spans, f"{at}.max_spans", integer=True, low=1)
+        if rate > 0 and source in fim:
+            raise PhasesConfigError(f"{at}: source {source!r} has FIM in this phase too; a source takes one of the two")
+        if rate > 0 and sentinels == 0:
+            raise PhasesConfigError(
+                f"{at}.rate: span corruption needs a tokenizer with CodeGen2's <mask_1>.., <sep> and <eom> "
+                "(tools/train_tokenizer.py --codegen2-sentinels; give --tokenizer-model)"
+            )
+        if rate > 0 and sentinels and max_spans is not None and max_spans > sentinels:
+            raise PhasesConfigError(f"{at}.max_spans: {max_spans} is more than the tokenizer's {sentinels} <mask_N>")
+        if rate > 0:
+            out[source] = SpanCorruptionSpec(float(rate), max_spans, float(max_ratio))
+    return out
 
 
 def read_yaml_mapping(path: str, error: type[Exception], missing: str) -> dict:
@@ -272,8 +324,15 @@ def read_yaml_mapping(path: str, error: type[Exception], missing: str) -> dict:
 
 
 def load_phases(
-    path: str, seq_length: int, default_global_batch_size: int, default_seed: int, has_fim_tokens: bool
+    path: str,
+    seq_length: int,
+    default_global_batch_size: int,
+    default_seed: int,
+    has_fim_tokens: bool,
+    sentinels: int | None = None,
 ) -> PhasesConfig:
+    """has_fim_tokens: the tokenizer has FIM's; sentinels: its count of CodeGen2's <mask_N> (None: the
+    tokenizer is not known here, as in the data tools, and span corruption is not checked against it)."""
     raw = read_yaml_mapping(path, PhasesConfigError, f"--phases {path}: no such file")
     _only_keys(raw, {"seed", "validation_fraction", "sources", "phases"}, path)
     seed = _number(raw.get("seed", default_seed), f"{path}: seed", integer=True, low=0)
@@ -286,7 +345,7 @@ def load_phases(
     if not isinstance(phases_raw, list) or not phases_raw:
         raise PhasesConfigError(f"{path}: phases: expected a non-empty list")
     phases = tuple(
-        _phase(i, p, f"{path}: phases[{i}]", sources, seq_length, default_global_batch_size, has_fim_tokens)
+        _phase(i, p, f"{path}: phases[{i}]", sources, seq_length, default_global_batch_size, has_fim_tokens, sentinels)
         for i, p in enumerate(phases_raw)
     )
     names = [p.name for p in phases]

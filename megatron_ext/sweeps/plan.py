@@ -173,6 +173,8 @@ def _apply(phases: dict, path: str, value, where: str) -> None:
         phase["blend"] = dict(value)
     elif key == "fim" and len(rest) == 2 and rest[1] in ("fim_rate", "fim_spm_rate"):
         phase.setdefault("fim", {}).setdefault(rest[0], {})[rest[1]] = value
+    elif key == "span_corruption" and len(rest) == 2 and rest[1] in ("rate", "max_spans", "max_ratio"):
+        phase.setdefault("span_corruption", {}).setdefault(rest[0], {})[rest[1]] = value
     elif key in ("iters", "global_batch_size") and not rest:
         phase.pop("tokens", None)
         phase[key] = value
@@ -230,8 +232,11 @@ def write_phases_files(sweep: Sweep, tokenizer=None, check: bool = True) -> list
     a SLURM script previewed away from the cluster's corpus); returns their paths."""
     from megatron_ext.data.fim import FimTokenIds
     from megatron_ext.data.phases_config import PhasesConfigError, load_phases
+    from megatron_ext.data.span_corruption import SentinelIds
 
     has_fim = tokenizer is not None and FimTokenIds.of(tokenizer) is not None
+    sentinel_ids = SentinelIds.of(tokenizer) if tokenizer is not None else None
+    sentinels = len(sentinel_ids.masks) if sentinel_ids else 0
     paths = []
     for variant in sweep.variants:
         path = sweep.phases_file(variant)
@@ -243,7 +248,7 @@ def write_phases_files(sweep: Sweep, tokenizer=None, check: bool = True) -> list
         write_text_atomically(path, text)
         try:
             if check:
-                load_phases(path, sweep.seq_length, sweep.global_batch_size, sweep.seed, has_fim_tokens=has_fim)
+                load_phases(path, sweep.seq_length, sweep.global_batch_size, sweep.seed, has_fim, sentinels)
         except PhasesConfigError as e:
             raise SweepError(f"{variant.name}: {e}") from None
         paths.append(path)

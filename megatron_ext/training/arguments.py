@@ -343,9 +343,13 @@ def _check_batch(mbs: int, vp: int | None, where: str, gbs: int, dp: int, pp: in
 
 
 def _load_phases(args: argparse.Namespace, given: dict, crystal: CrystalConfig, tokenizer):
-    """The phases file, checked against the model, the flags and the tokenizer (FIM needs its tokens)."""
+    """The phases file, checked against the model, the flags and the tokenizer (FIM and span corruption
+    need their tokens)."""
     from megatron_ext.data.fim import FimTokenIds
     from megatron_ext.data.phases_config import PhasesConfigError, load_phases, read_yaml_mapping
+    from megatron_ext.data.span_corruption import SentinelIds
+
+    sentinel_ids = SentinelIds.of(tokenizer) if tokenizer is not None else None
 
     try:
         config = load_phases(
@@ -354,6 +358,7 @@ def _load_phases(args: argparse.Namespace, given: dict, crystal: CrystalConfig, 
             args.global_batch_size,
             args.seed,
             has_fim_tokens=tokenizer is not None and FimTokenIds.of(tokenizer) is not None,
+            sentinels=len(sentinel_ids.masks) if sentinel_ids else 0,
         )
         raw = read_yaml_mapping(args.phases, PhasesConfigError, "")
     except PhasesConfigError as e:

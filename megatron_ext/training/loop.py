@@ -471,8 +471,9 @@ def _enter_phase(run: RunConfig, trainer: Trainer, feed, phase: int) -> None:
     phase_lr.enter_phase(trainer.scheduler, feed, run.checkpoint.use_checkpoint_opt_param_scheduler,
                          run.optimizer.weight_decay)  # fmt: skip
     fim = ", ".join(f"{n} rate {f.rate} spm {f.spm_rate}" for n, f in feed.phase.fim.items()) or "none"
+    spans = ", ".join(f"{n} rate {c.rate}" for n, c in feed.phase.span_corruption.items())
     distributed.print_rank_0(
         f"phase {feed.phase_name} ({phase + 1}/{len(run.data.phases_config.phases)}) from "
         f"iteration {trainer.iteration + 1}: global batch {feed.step_batch_size()}, "
-        f"blend {feed.phase.blend}, FIM {fim}"
+        f"blend {feed.phase.blend}, FIM {fim}" + (f", span corruption {spans}" if spans else "")
     )
