@@ -124,6 +124,31 @@ def test_generation_is_batched_greedy_and_rescored(run):
     assert "pass --allow-code-execution" in stderr
 
 
+def test_codegen2_infilling_generates_to_eom_and_the_reference_spans_score_one(run):
+    """The derived infilling sets in CodeGen2's layout (prefix <mask_1> suffix <eod> <sep> <mask_1>, the
+    completion ending at <eom>): greedy generation runs; samples holding the reference middles, rescored,
+    match exactly and pass the problems' tests (prefix + middle + suffix is the canonical program)."""
+    from megatron_ext.evaluation.generation import problems
+    from megatron_ext.tokenizer import CrystalTokenizer
+
+    evaluate("--checkpoint", run / "hf", "--tasks", "infill_single_codegen2:2", "--max-new-tokens", "6",
+             "--output-dir", run / "cg2_gen")  # fmt: skip
+    generated = records(run / "cg2_gen" / "samples" / "infill_single_codegen2.jsonl")
+    assert len(generated) == 2 and all(isinstance(r["completion"], str) and "exact_match" in r for r in generated)
+    tok = CrystalTokenizer(str(TOKENIZER))
+    out = run / "cg2_ref"
+    (out / "samples").mkdir(parents=True)
+    for task in ("infill_single_codegen2", "infill_multi_codegen2"):
+        reference = [{"task": task, "task_id": p.task_id, "sample": 0, "completion": p.reference}
+                     for p in problems(task, tok, 12)]  # fmt: skip
+        (out / "samples" / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reference))
+    evaluate("--checkpoint", run / "hf", "--tasks", "infill_single_codegen2:12,infill_multi_codegen2:12", "--rescore",
+             "--allow-code-execution", "--timeout", "10", "--output-dir", out)  # fmt: skip
+    figures = {(r["task"], r["metric"]): (r["value"], r["n"]) for r in records(out / "eval_results.jsonl")}
+    for task in ("infill_single_codegen2", "infill_multi_codegen2"):
+        assert figures[task, "exact_match"] == (1.0, 12) and figures[task, "pass@1"] == (1.0, 12), figures
+
+
 def test_sampling_gives_n_samples_per_problem_reproducibly(run):
     common = ["--checkpoint", run / "hf", "--tasks", "humaneval:2", "--n-samples", "3", "--temperature", "0.8"]
     common += ["--max-new-tokens", "8", "--allow-code-execution", "--timeout", "5", "--seed", "3"]

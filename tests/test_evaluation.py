@@ -168,6 +168,28 @@ def test_gold_bpb_and_infilling_tasks_use_the_training_fim_layout():
     assert bpb.value == pytest.approx(8 * tokens / sum(r.continuation_bytes for r in humaneval.requests))
 
 
+def test_codegen2_gold_infilling_uses_the_span_corruption_layout(tmp_path):
+    """infill_single_gold_codegen2: the middle (the same ids and bytes as the FIM task's) after CodeGen2's
+    prompt, prefix <mask_1> suffix <eod> <sep> <mask_1>, as training lays out a document with one span."""
+    from megatron_ext.evaluation import benchmark_data
+    from megatron_ext.evaluation.infilling import derive
+    from megatron_ext.evaluation.tasks import TaskError, build_task_set
+
+    tok = CrystalTokenizer(str(DEMO_TOKENIZER))
+    codegen2 = build_task_set("infill_single_gold_codegen2", 5, tok, seq_length=1024, batch_size=4)
+    fim = build_task_set("infill_single_gold", 5, tok, seq_length=1024, batch_size=4)
+    first = derive(benchmark_data.humaneval_problems(), "single")[0]
+    request = codegen2.requests[0]
+    mask, sep = tok.special_token_id("<mask_1>"), tok.special_token_id("<sep>")
+    assert request.context[0] == tok.eod and request.context[-3:] == [tok.eod, sep, mask]
+    assert tok.decode(request.context[1:-3]) == first.prefix + "<mask_1>" + first.suffix
+    assert tok.decode([mask, *request.continuation]) == "<mask_1>" + first.middle
+    assert [r.continuation for r in codegen2.requests] == [r.continuation for r in fim.requests]
+    assert [r.continuation_bytes for r in codegen2.requests] == [r.continuation_bytes for r in fim.requests]
+    with pytest.raises(TaskError, match="infill_multi_gold_codegen2: the tokenizer has no CodeGen2 sentinels"):
+        build_task_set("infill_multi_gold_codegen2", 2, _hf_tokenizer(tmp_path, "byte_level"), 256, 4)
+
+
 def test_mmlu_spans_its_subjects_and_scores_like_the_other_choice_tasks():
     from megatron_ext.evaluation import benchmark_data
     from megatron_ext.evaluation.tasks import build_task_set

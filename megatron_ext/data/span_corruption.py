@@ -88,13 +88,25 @@ def corrupt_document(
         cut.append(text[at + gap : at + gap + span])
         at += gap + span
     parts.append(text[at:])
-    out = tokenizer.encode(parts[0]) if parts[0] else []
-    for i, part in enumerate(parts[1:]):
-        out += [ids.masks[i], *encode_part(tokenizer, part)]
-    out += [tokenizer.eod, ids.sep]
+    out = corrupted(tokenizer, ids, parts)
     for i, span in enumerate(cut):
         out += [ids.masks[i], *encode_part(tokenizer, span), ids.eom]
     return out
+
+
+def corrupted(tokenizer, ids: SentinelIds, parts: list[str]) -> list[int]:
+    """part_0 <mask_1> part_1 ... <mask_k> part_k <eod> <sep>: the document with its k spans cut out, part 0
+    encoded as a document's start, the others as text after a special token."""
+    out = tokenizer.encode(parts[0]) if parts[0] else []
+    for i, part in enumerate(parts[1:]):
+        out += [ids.masks[i], *encode_part(tokenizer, part)]
+    return out + [tokenizer.eod, ids.sep]
+
+
+def infilling_prompt(tokenizer, ids: SentinelIds, prefix: str, suffix: str) -> list[int]:
+    """CodeGen2's infilling prompt, a training document with one span cut out, up to that span:
+    prefix <mask_1> suffix <eod> <sep> <mask_1>. The model continues with the middle and <eom>."""
+    return [*corrupted(tokenizer, ids, [prefix, suffix]), ids.masks[0]]
 
 
 def apply_span_corruption(

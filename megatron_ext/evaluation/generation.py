@@ -3,8 +3,9 @@ the unbiased estimator), MBPP (pass@1), and the derived HumanEval infilling sets
 
 Prompts: a problem starts a document (the end-of-document id first, as training separated documents);
 HumanEval's prompt as given, MBPP's as its paper's base-model prompt (the description and the first test
-in a docstring), infilling in the exact token layout training used (data/fim.py's infilling_prompt). Each
-generation stops at the end-of-document id or a stop sequence. Generation is Hugging Face's generate()
+in a docstring), infilling in the exact token layout training used (data/fim.py's infilling_prompt, or for
+the `_codegen2` sets CodeGen2's span-corruption layout, data/span_corruption.py's, ending at <eom>). Each
+generation stops at the end-of-document id (or <eom>) or a stop sequence. Generation is Hugging Face's generate()
 with its KV cache, rows left-padded in batches.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -19,7 +21,8 @@ import torch
 from megatron_ext.evaluation import benchmark_data
 from megatron_ext.evaluation.eval_set import Figure
 
-GENERATION_TASKS = ("humaneval", "mbpp", "infill_single", "infill_multi")
+GENERATION_TASKS = ("humaneval", "mbpp", "infill_single", "infill_multi", "infill_single_codegen2",
+                    "infill_multi_codegen2")  # fmt: skip
 # Codex's stop sequences for a function body; MBPP adds the end of its docstring prompt and a test.
 HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 MBPP_STOPS = ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```")
@@ -56,17 +59,27 @@ def problems(task: str, tokenizer, cap: int | None = None) -> list[Problem]:
             prompt = f'"""\n{p["text"]}\n{p["test_list"][0]}\n"""\n'
             tests = p["test_setup_code"] + "\n" + "\n".join(p["test_list"])
             out.append(Problem(task, str(p["task_id"]), [eod, *tokenizer.encode(prompt)], MBPP_STOPS, tests))
-    elif task in ("infill_single", "infill_multi"):
-        from megatron_ext.data.fim import FimTokenIds, infilling_prompt
+    elif task.startswith("infill_"):
+        from megatron_ext.data import fim, span_corruption
         from megatron_ext.evaluation.infilling import derive
 
-        ids = FimTokenIds.of(tokenizer)
-        if ids is None:
-            raise ValueError(f"{task}: the tokenizer has no FIM tokens")
+        if task.endswith("_codegen2"):  # the completion follows <mask_1> and ends with <eom>
+            ids = span_corruption.SentinelIds.of(tokenizer)
+            if ids is None:
+                raise ValueError(f"{task}: the tokenizer has no CodeGen2 sentinels (<mask_1>, <sep>, <eom>)")
+            prompt, after = (
+                partial(span_corruption.infilling_prompt, tokenizer, ids),
+                {"after": ids.masks[0], "end": ids.eom},
+            )
+        else:  # the completion follows <|fim_middle|>
+            ids = fim.FimTokenIds.of(tokenizer)
+            if ids is None:
+                raise ValueError(f"{task}: the tokenizer has no FIM tokens")
+            prompt, after = partial(fim.infilling_prompt, tokenizer, ids), {"after": ids.middle}
         out = [
-            Problem(task, t.task_id, [eod, *infilling_prompt(tokenizer, ids, t.prefix, t.suffix)], (),
+            Problem(task, t.task_id, [eod, *prompt(t.prefix, t.suffix)], (),
                     f"{t.problem['test']}\ncheck({t.problem['entry_point']})", prefix=t.prefix, suffix=t.suffix,
-                    reference=t.middle, single_line=task == "infill_single", extra={"fim_middle": ids.middle})
+                    reference=t.middle, single_line=task.startswith("infill_single"), extra=after)
             for t in derive(benchmark_data.humaneval_problems(), task.split("_")[1])
         ]  # fmt: skip
     else:
@@ -76,11 +89,12 @@ def problems(task: str, tokenizer, cap: int | None = None) -> list[Problem]:
 
 def _completion_text(tokenizer, problem: Problem, new_ids: list[int]) -> str:
     """The text of the generated ids, cut at the end-of-document id and the first stop sequence."""
-    if tokenizer.eod in new_ids:
-        new_ids = new_ids[: new_ids.index(tokenizer.eod)]
-    if problem.reference is not None:  # after <|fim_middle|>: decoded as the text following a special token
-        marker = tokenizer.decode([problem.extra["fim_middle"]])
-        text = tokenizer.decode([problem.extra["fim_middle"], *new_ids])[len(marker) :]
+    for end in (tokenizer.eod, problem.extra.get("end")):
+        if end in new_ids:
+            new_ids = new_ids[: new_ids.index(end)]
+    if problem.reference is not None:  # after <|fim_middle|> or <mask_1>: the text following a special token
+        marker = tokenizer.decode([problem.extra["after"]])
+        text = tokenizer.decode([problem.extra["after"], *new_ids])[len(marker) :]
         if problem.single_line:
             text = text.split("\n", 1)[0] + "\n" if "\n" in text else text
     else:  # continuing the prompt's text: decode both, take the difference (spaces at the seam kept)
@@ -99,7 +113,7 @@ class _StopOnSequences:
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         done = []
         for problem, ids in zip(self.rows, input_ids[:, self.start :].tolist()):
-            if self.tokenizer.eod in ids:
+            if self.tokenizer.eod in ids or problem.extra.get("end") in ids:
                 done.append(True)
                 continue
             text = self.tokenizer.decode(ids[-64:])

@@ -5,7 +5,9 @@
   OLMo's zero-shot request files ("rc": each choice scored as the continuation of the question).
 - Bits per byte of a gold continuation: LAMBADA; HumanEval's and MBPP's canonical solutions given their
   prompts (OLMo's "gold bpb" requests); and the derived HumanEval infilling middles given prefix and
-  suffix in the FIM layout training used (data/fim.py's infilling_prompt, shared with the data path).
+  suffix in the FIM layout training used (data/fim.py's infilling_prompt, shared with the data path), or
+  in CodeGen2's span-corruption layout (`_codegen2`: data/span_corruption.py's infilling_prompt), so that
+  a model is scored in the format it learned.
 
 Each task is an evaluation set (eval_set.py): one slot per (question, choice), packed into rows of the
 model's sequence length (a context longer than that loses its start), unless packing is turned off.
@@ -50,6 +52,9 @@ TASKS = {
         TaskSpec("mbpp_gold", "bpb", ("codex_mbpp", "gold_bpb_0shot"), "CC BY 4.0"),
         TaskSpec("infill_single_gold", "bpb", None, "MIT (derived from HumanEval)"),
         TaskSpec("infill_multi_gold", "bpb", None, "MIT (derived from HumanEval)"),
+        # The same middles in CodeGen2's span-corruption layout, for models trained with that objective.
+        TaskSpec("infill_single_gold_codegen2", "bpb", None, "MIT (derived from HumanEval)"),
+        TaskSpec("infill_multi_gold_codegen2", "bpb", None, "MIT (derived from HumanEval)"),
     )
 }
 UNCONDITIONAL_DOC_IDS = 1_000_000  # OLMo's request files also hold answer-only requests from this doc id on
@@ -119,19 +124,28 @@ def _mmlu_requests(tokenizer, cap: int | None) -> list[Request]:
     ]
 
 
-def _infilling_requests(form: str, tokenizer, cap: int | None) -> list[Request]:
-    from megatron_ext.data.fim import FimTokenIds, encode_part, infilling_prompt
+def _infilling_requests(name: str, tokenizer, cap: int | None) -> list[Request]:
+    """infill_<form>_gold[_codegen2]: each derived middle given its prefix and suffix, in the layout the
+    objective trained: FIM's (data/fim.py) or CodeGen2's span corruption (data/span_corruption.py)."""
+    from megatron_ext.data import fim, span_corruption
     from megatron_ext.evaluation.infilling import derive
 
-    ids = FimTokenIds.of(tokenizer)
-    if ids is None:
-        raise TaskError(f"infill_{form}_gold: the tokenizer has no FIM tokens")
+    form = name.split("_")[1]
+    if name.endswith("_codegen2"):
+        ids = span_corruption.SentinelIds.of(tokenizer)
+        if ids is None:
+            raise TaskError(f"{name}: the tokenizer has no CodeGen2 sentinels (<mask_1>, <sep>, <eom>)")
+        prompt = lambda t: span_corruption.infilling_prompt(tokenizer, ids, t.prefix, t.suffix)  # noqa: E731
+    else:
+        ids = fim.FimTokenIds.of(tokenizer)
+        if ids is None:
+            raise TaskError(f"{name}: the tokenizer has no FIM tokens")
+        prompt = lambda t: fim.infilling_prompt(tokenizer, ids, t.prefix, t.suffix)  # noqa: E731
     tasks = derive(benchmark_data.humaneval_problems(), form)[:cap]
     return [
-        Request(i, 0, None, [tokenizer.eod, *infilling_prompt(tokenizer, ids, t.prefix, t.suffix)],
-                encode_part(tokenizer, t.middle), len(t.middle.encode()))
+        Request(i, 0, None, [tokenizer.eod, *prompt(t)], fim.encode_part(tokenizer, t.middle), len(t.middle.encode()))
         for i, t in enumerate(tasks)
-    ]  # fmt: skip
+    ]
 
 
 class LoglikelihoodSet(torch.utils.data.Dataset):
@@ -199,5 +213,5 @@ def build_task_set(
     elif name == "mmlu":
         requests = _mmlu_requests(tokenizer, cap)
     else:
-        requests = _infilling_requests(name.split("_")[1], tokenizer, cap)
+        requests = _infilling_requests(name, tokenizer, cap)
     return LoglikelihoodSet(spec, requests, seq_length, batch_size, tokenizer.eod, packed)
