@@ -20,6 +20,7 @@ from megatron_ext.sweeps.plan import SweepError, load_sweep, write_phases_files
 
 CODE_SHARE = REPO / "examples" / "sweeps" / "code_share.yaml"
 CRYSTAL = REPO / "examples" / "sweeps" / "crystal_ablation.yaml"
+OBJECTIVES = REPO / "examples" / "sweeps" / "objectives.yaml"
 
 
 def test_code_share_plan_rescales_the_blend_and_keeps_the_budget(tmp_path):
@@ -56,6 +57,19 @@ def test_span_corruption_is_a_sweep_axis_checked_against_the_tokenizer(tmp_path)
     sweep_file.write_text(with_fim.replace("base: examples/", f"base: {REPO}/examples/"))
     with pytest.raises(SweepError, match=r"^rate0.5_fim_rate0.5: .*span_corruption.code: source 'code' has FIM"):
         write_phases_files(load_sweep(str(sweep_file), str(tmp_path / "fim")), tok)
+
+
+def test_the_objectives_sweep_plans_causal_fim_and_span_corruption_on_one_budget(tmp_path):
+    from megatron_ext.tokenizer import CrystalTokenizer
+
+    sweep = load_sweep(str(OBJECTIVES), str(tmp_path))
+    paths = write_phases_files(sweep, CrystalTokenizer(str(REPO / "data" / "demo" / "crystal_demo.model")))
+    phases = {v.name: yaml.safe_load(open(p))["phases"][0] for v, p in zip(sweep.variants, paths)}
+    for seed in (1, 2):
+        assert "fim" not in phases[f"causal_seed{seed}"] and "span_corruption" not in phases[f"causal_seed{seed}"]
+        assert phases[f"fim0.5_seed{seed}"]["fim"] == {"code": {"fim_rate": 0.5}}
+        assert phases[f"span0.5_seed{seed}"]["span_corruption"] == {"code": {"rate": 0.5}}
+    assert {v.tokens for v in sweep.variants} == {307200} and {v.overrides["seed"] for v in sweep.variants} == {1, 2}
 
 
 def test_crystal_ablation_plan_scales_three_phases_to_the_budget(tmp_path):
