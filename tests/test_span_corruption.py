@@ -1,5 +1,5 @@
 """CodeGen2's span corruption (data/span_corruption.py): the ids decode to the document byte for byte in
-both tokenizer forms, the layout is CodeGen2's, the stream is the same for any worker count, access order
+three tokenizer forms, the layout is CodeGen2's, the stream is the same for any worker count, access order
 and after a resume, the rate is realised, the loss covers every token but padding, and the phases file
 refuses what cannot run in one line each."""
 
@@ -31,15 +31,31 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["sentencepiece", "tokenizer_json"])
+@pytest.fixture(scope="module", params=["sentencepiece", "tokenizer_json", "byte_level"])
 def tok(request, tmp_path_factory):
+    """The demo model as trained (SentencePiece), as exported (its tokenizer.json), and a byte-level BPE
+    of one's own with the sentinels among its special tokens."""
     from megatron_ext.tokenizer import build_tokenizer
     from megatron_ext.tokenizer.hf_pipeline import save_tokenizer_json
 
     if request.param == "sentencepiece":
         return build_tokenizer("CrystalTokenizer", str(TOKENIZER))
     path = tmp_path_factory.mktemp("tokenizer_json") / "tokenizer.json"
-    save_tokenizer_json(str(TOKENIZER), str(path))
+    if request.param == "tokenizer_json":
+        save_tokenizer_json(str(TOKENIZER), str(path))
+    else:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        from megatron_ext.tokenizer import codegen2_sentinels
+
+        hf = Tokenizer(models.BPE(unk_token="<unk>"))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        specials = ["<unk>", "</s>", "<|fim_prefix|>", "<|fim_pad|>", *codegen2_sentinels(8)]
+        trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+        hf.train_from_iterator(TEXTS * 50, trainer)
+        hf.save(str(path))
     return build_tokenizer("HuggingFaceTokenizer", str(path))
 
 
