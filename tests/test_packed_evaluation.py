@@ -18,7 +18,7 @@ def _requests(vocab: int) -> list[Piece]:
     """14 requests of 9 to 60 ids (the context's first id scored from position 3 on), one longer than a row."""
     rng = np.random.default_rng(0)
     lengths = [*rng.integers(9, 61, size=13), SEQ + 20]
-    return [Piece(list(rng.integers(1, vocab, size=n)), 3, np.zeros(0, np.float32), i) for i, n in enumerate(lengths)]
+    return [Piece(list(rng.integers(1, vocab, size=n)), 3, i) for i, n in enumerate(lengths)]
 
 
 def _batches(pieces: list[Piece], together: bool) -> dict:

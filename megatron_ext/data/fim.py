@@ -21,6 +21,7 @@ import numpy as np
 
 from megatron_ext.data.run_transforms import rewrite_runs
 from megatron_ext.data.source_stream import Segment
+from megatron_ext.tokenizer.crystal_tokenizer import special_token_ids
 
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>")
 _FIM_STREAM = 2
@@ -36,10 +37,7 @@ class FimTokenIds:
     @classmethod
     def of(cls, tokenizer) -> "FimTokenIds | None":
         """The ids in this tokenizer, or None when it lacks any of them."""
-        ids = getattr(tokenizer, "special_tokens", None)
-        if ids is None:  # a tokenizers JSON file: its added tokens
-            vocab = tokenizer.tokenizer.get_vocab(with_added_tokens=True) if hasattr(tokenizer, "tokenizer") else {}
-            ids = {t: vocab[t] for t in FIM_TOKENS if t in vocab}
+        ids = special_token_ids(tokenizer)
         if not all(t in ids for t in FIM_TOKENS):
             return None
         return cls(*(ids[t] for t in FIM_TOKENS))

@@ -33,6 +33,7 @@ import numpy as np
 from megatron_ext.data.fim import encode_part
 from megatron_ext.data.run_transforms import rewrite_runs
 from megatron_ext.data.source_stream import Segment
+from megatron_ext.tokenizer.crystal_tokenizer import special_token_ids
 
 _SPAN_STREAM = 3  # FIM draws from stream 2
 
@@ -47,15 +48,20 @@ class SentinelIds:
     @classmethod
     def of(cls, tokenizer) -> "SentinelIds | None":
         """The ids in this tokenizer, or None when it lacks <mask_1>, <sep> or <eom>."""
-        ids = getattr(tokenizer, "special_tokens", None)
-        if ids is None:  # a tokenizers JSON file: its added tokens
-            ids = tokenizer.tokenizer.get_vocab(with_added_tokens=True) if hasattr(tokenizer, "tokenizer") else {}
+        ids = special_token_ids(tokenizer)
         masks = []
         while f"<mask_{len(masks) + 1}>" in ids:
             masks.append(ids[f"<mask_{len(masks) + 1}>"])
         if not masks or "<sep>" not in ids or "<eom>" not in ids:
             return None
         return cls(tuple(masks), ids["<sep>"], ids["<eom>"], ids.get("<|fim_pad|>", tokenizer.eod))
+
+
+def sentinel_count(tokenizer) -> int:
+    """How many spans a document of this tokenizer's can have cut (its <mask_N>); 0 without the sentinels
+    or without a tokenizer. What the phases file is checked against."""
+    ids = SentinelIds.of(tokenizer) if tokenizer is not None else None
+    return len(ids.masks) if ids else 0
 
 
 def _composition(total: int, parts: int, rng: np.random.Generator, positive: bool) -> list[int]:

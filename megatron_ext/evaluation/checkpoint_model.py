@@ -88,7 +88,7 @@ def score(loaded: LoadedModel, evaluation, batch_rows: int = 8, progress=None):
         }
         used = int(batch["loss_mask"].nonzero()[:, 1].max()) + 1 if batch["loss_mask"].any() else 1
         packing = {}
-        if getattr(evaluation, "packed", False):  # several requests a row, each attending only to itself
+        if evaluation.packed:  # several requests a row, each attending only to itself
             positions = batch["position_ids"][:, :used]
             packing = {"position_ids": positions, "attention_mask": packed_attention_mask(positions)}
         logits = loaded.model(input_ids=batch["tokens"][:, :used], use_cache=False, **packing).logits.float()

@@ -69,11 +69,10 @@ def slot_table(
 
 class Piece(NamedTuple):
     """One request in a row: ids whose labels from position `scored_from` on are scored (ids[scored_from + 1:],
-    the continuation); label_bytes per label (empty: none counted)."""
+    the continuation). A task's bytes are its continuation's, counted by the set, so rows carry none."""
 
     ids: list[int]
     scored_from: int
-    label_bytes: np.ndarray
     slot: int
 
 
@@ -118,8 +117,6 @@ def packed_row(pieces: list[Piece], seq_length: int, pad_id: int) -> dict:
             raise ValueError(f"requests of {at + n} positions packed into a row of {seq_length}")
         tokens[at : at + n], labels[at : at + n] = ids[:-1], ids[1:]
         mask[at + first : at + n] = 1
-        if len(piece.label_bytes):
-            nbytes[at : at + n] = piece.label_bytes[cut:][:n]
         positions[at : at + n] = np.arange(n)
         slots[at : at + n] = piece.slot
         at += n

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 import torch
@@ -60,26 +59,14 @@ def problems(task: str, tokenizer, cap: int | None = None) -> list[Problem]:
             tests = p["test_setup_code"] + "\n" + "\n".join(p["test_list"])
             out.append(Problem(task, str(p["task_id"]), [eod, *tokenizer.encode(prompt)], MBPP_STOPS, tests))
     elif task.startswith("infill_"):
-        from megatron_ext.data import fim, span_corruption
-        from megatron_ext.evaluation.infilling import derive
+        from megatron_ext.evaluation.infilling import derive, layout
 
-        if task.endswith("_codegen2"):  # the completion follows <mask_1> and ends with <eom>
-            ids = span_corruption.SentinelIds.of(tokenizer)
-            if ids is None:
-                raise ValueError(f"{task}: the tokenizer has no CodeGen2 sentinels (<mask_1>, <sep>, <eom>)")
-            prompt, after = (
-                partial(span_corruption.infilling_prompt, tokenizer, ids),
-                {"after": ids.masks[0], "end": ids.eom},
-            )
-        else:  # the completion follows <|fim_middle|>
-            ids = fim.FimTokenIds.of(tokenizer)
-            if ids is None:
-                raise ValueError(f"{task}: the tokenizer has no FIM tokens")
-            prompt, after = partial(fim.infilling_prompt, tokenizer, ids), {"after": ids.middle}
+        lay = layout(task, tokenizer)  # the completion follows lay.after (and ends at lay.end)
         out = [
-            Problem(task, t.task_id, [eod, *prompt(t.prefix, t.suffix)], (),
+            Problem(task, t.task_id, [eod, *lay.prompt(t.prefix, t.suffix)], (),
                     f"{t.problem['test']}\ncheck({t.problem['entry_point']})", prefix=t.prefix, suffix=t.suffix,
-                    reference=t.middle, single_line=task.startswith("infill_single"), extra=after)
+                    reference=t.middle, single_line=task.startswith("infill_single"),
+                    extra={"after": lay.after, "end": lay.end})
             for t in derive(benchmark_data.humaneval_problems(), task.split("_")[1])
         ]  # fmt: skip
     else:

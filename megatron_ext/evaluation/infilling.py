@@ -10,6 +10,7 @@ when prompt + completed solution passes the problem's tests. Labelled "derived" 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -46,3 +47,33 @@ def derive(problems: list[dict], form: str) -> list[InfillingTask]:
                 )
             )
     return tasks
+
+
+@dataclass(frozen=True)
+class InfillingLayout:
+    """How a model is prompted to fill a middle: prompt(prefix, suffix) -> ids, the special token the middle
+    follows, and the one that ends it (None: the end-of-document id)."""
+
+    prompt: Callable[[str, str], list[int]]
+    after: int
+    end: int | None = None
+
+
+def layout(task: str, tokenizer) -> InfillingLayout:
+    """The layout an infilling task (gold bits per byte or generation) prompts in: CodeGen2's span
+    corruption for the `_codegen2` tasks (data/span_corruption.py), FIM's for the others (data/fim.py), as
+    training laid its documents out; ValueError naming the task when the tokenizer lacks the tokens."""
+    from functools import partial
+
+    from megatron_ext.data import fim, span_corruption
+
+    if task.endswith("_codegen2"):
+        sentinels = span_corruption.SentinelIds.of(tokenizer)
+        if sentinels is None:
+            raise ValueError(f"{task}: the tokenizer has no CodeGen2 sentinels (<mask_1>, <sep>, <eom>)")
+        return InfillingLayout(partial(span_corruption.infilling_prompt, tokenizer, sentinels), sentinels.masks[0],
+                               sentinels.eom)  # fmt: skip
+    fim_ids = fim.FimTokenIds.of(tokenizer)
+    if fim_ids is None:
+        raise ValueError(f"{task}: the tokenizer has no FIM tokens")
+    return InfillingLayout(partial(fim.infilling_prompt, tokenizer, fim_ids), fim_ids.middle)

@@ -127,25 +127,19 @@ def _mmlu_requests(tokenizer, cap: int | None) -> list[Request]:
 def _infilling_requests(name: str, tokenizer, cap: int | None) -> list[Request]:
     """infill_<form>_gold[_codegen2]: each derived middle given its prefix and suffix, in the layout the
     objective trained: FIM's (data/fim.py) or CodeGen2's span corruption (data/span_corruption.py)."""
-    from megatron_ext.data import fim, span_corruption
-    from megatron_ext.evaluation.infilling import derive
+    from megatron_ext.data.fim import encode_part
+    from megatron_ext.evaluation.infilling import derive, layout
 
-    form = name.split("_")[1]
-    if name.endswith("_codegen2"):
-        ids = span_corruption.SentinelIds.of(tokenizer)
-        if ids is None:
-            raise TaskError(f"{name}: the tokenizer has no CodeGen2 sentinels (<mask_1>, <sep>, <eom>)")
-        prompt = lambda t: span_corruption.infilling_prompt(tokenizer, ids, t.prefix, t.suffix)  # noqa: E731
-    else:
-        ids = fim.FimTokenIds.of(tokenizer)
-        if ids is None:
-            raise TaskError(f"{name}: the tokenizer has no FIM tokens")
-        prompt = lambda t: fim.infilling_prompt(tokenizer, ids, t.prefix, t.suffix)  # noqa: E731
-    tasks = derive(benchmark_data.humaneval_problems(), form)[:cap]
+    try:
+        prompt = layout(name, tokenizer).prompt
+    except ValueError as e:
+        raise TaskError(str(e)) from None
+    tasks = derive(benchmark_data.humaneval_problems(), name.split("_")[1])[:cap]
     return [
-        Request(i, 0, None, [tokenizer.eod, *prompt(t)], fim.encode_part(tokenizer, t.middle), len(t.middle.encode()))
+        Request(i, 0, None, [tokenizer.eod, *prompt(t.prefix, t.suffix)], encode_part(tokenizer, t.middle),
+                len(t.middle.encode()))
         for i, t in enumerate(tasks)
-    ]
+    ]  # fmt: skip
 
 
 class LoglikelihoodSet(torch.utils.data.Dataset):
@@ -165,7 +159,7 @@ class LoglikelihoodSet(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         pieces = [
-            Piece(r.context + r.continuation, len(r.context) - 1, np.zeros(0, dtype=np.float32), j)
+            Piece(r.context + r.continuation, len(r.context) - 1, j)
             for j in self.rows[min(i, len(self.rows) - 1)]
             for r in (self.requests[j],)
         ]

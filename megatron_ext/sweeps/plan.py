@@ -232,11 +232,10 @@ def write_phases_files(sweep: Sweep, tokenizer=None, check: bool = True) -> list
     a SLURM script previewed away from the cluster's corpus); returns their paths."""
     from megatron_ext.data.fim import FimTokenIds
     from megatron_ext.data.phases_config import PhasesConfigError, load_phases
-    from megatron_ext.data.span_corruption import SentinelIds
+    from megatron_ext.data.span_corruption import sentinel_count
 
     has_fim = tokenizer is not None and FimTokenIds.of(tokenizer) is not None
-    sentinel_ids = SentinelIds.of(tokenizer) if tokenizer is not None else None
-    sentinels = len(sentinel_ids.masks) if sentinel_ids else 0
+    sentinels = sentinel_count(tokenizer)
     paths = []
     for variant in sweep.variants:
         path = sweep.phases_file(variant)

@@ -11,6 +11,7 @@ from megatron_ext.tokenizer.crystal_tokenizer import (
     build_tokenizer,
     codegen2_sentinels,
     extra_special_tokens,
+    special_token_ids,
     specials_path,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "build_tokenizer",
     "codegen2_sentinels",
     "extra_special_tokens",
+    "special_token_ids",
     "specials_path",
 ]

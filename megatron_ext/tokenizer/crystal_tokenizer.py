@@ -200,6 +200,15 @@ class HuggingFaceTokenizer:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """Where a tokenizer's special tokens are looked up by name (FIM's, CodeGen2's sentinels): a
+    CrystalTokenizer's specials, or a tokenizers JSON file's vocabulary with its added tokens."""
+    ids = getattr(tokenizer, "special_tokens", None)
+    if ids is not None:
+        return ids
+    return tokenizer.tokenizer.get_vocab(with_added_tokens=True) if hasattr(tokenizer, "tokenizer") else {}
+
+
 TOKENIZER_TYPES = {"CrystalTokenizer": CrystalTokenizer, "HuggingFaceTokenizer": HuggingFaceTokenizer}
 DEFAULT_TOKENIZER_TYPE = "CrystalTokenizer"  # pretrain_crystal.py's --tokenizer-type default too (run_config.py)
 

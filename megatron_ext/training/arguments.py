@@ -347,9 +347,7 @@ def _load_phases(args: argparse.Namespace, given: dict, crystal: CrystalConfig, 
     need their tokens)."""
     from megatron_ext.data.fim import FimTokenIds
     from megatron_ext.data.phases_config import PhasesConfigError, load_phases, read_yaml_mapping
-    from megatron_ext.data.span_corruption import SentinelIds
-
-    sentinel_ids = SentinelIds.of(tokenizer) if tokenizer is not None else None
+    from megatron_ext.data.span_corruption import sentinel_count
 
     try:
         config = load_phases(
@@ -358,7 +356,7 @@ def _load_phases(args: argparse.Namespace, given: dict, crystal: CrystalConfig, 
             args.global_batch_size,
             args.seed,
             has_fim_tokens=tokenizer is not None and FimTokenIds.of(tokenizer) is not None,
-            sentinels=len(sentinel_ids.masks) if sentinel_ids else 0,
+            sentinels=sentinel_count(tokenizer),
         )
         raw = read_yaml_mapping(args.phases, PhasesConfigError, "")
     except PhasesConfigError as e:

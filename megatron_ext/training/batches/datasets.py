@@ -83,28 +83,25 @@ def micro_batches(dataset, consumed_samples: int, run: RunConfig, num_workers: i
     DataLoader workers (default --num-workers)."""
     if dataset is None or len(dataset) == 0:
         return iter(())
-    sampler = MicroBatchSampler(
-        len(dataset),
-        consumed_samples,
-        run.layout.micro_batch_size,
-        parallel_state.get_data_parallel_rank(),
-        parallel_state.get_data_parallel_world_size(),
-    )
+    sampler = _rank_sampler(dataset, consumed_samples, run)
     return _load(dataset, sampler, run.data.num_workers if num_workers is None else num_workers)
 
 
 def positions_only(dataset, run: RunConfig) -> Iterator[dict]:
     """This rank's micro-batches of a packed evaluation set as a chunk between the first and the last
     pipeline stage needs them: the position ids alone (the set is on every rank; rows are cheap to build)."""
-    sampler = MicroBatchSampler(
+    for indices in _rank_sampler(dataset, 0, run):
+        yield {"position_ids": torch.stack([dataset[i]["position_ids"] for i in indices])}
+
+
+def _rank_sampler(dataset, consumed_samples: int, run: RunConfig) -> MicroBatchSampler:
+    return MicroBatchSampler(
         len(dataset),
-        0,
+        consumed_samples,
         run.layout.micro_batch_size,
         parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size(),
     )
-    for indices in sampler:
-        yield {"position_ids": torch.stack([dataset[i]["position_ids"] for i in indices])}
 
 
 def _load(dataset, batch_sampler, num_workers: int) -> Iterator[dict]:
