@@ -29,7 +29,7 @@ from megatron_ext.upstream_warnings import silence  # noqa: E402
 
 silence()  # before Megatron-Core is imported
 
-from megatron_ext import checkpointing  # noqa: E402
+from megatron_ext import checkpoint_files, checkpointing  # noqa: E402
 from megatron_ext.training import arguments, distributed  # noqa: E402
 from megatron_ext.training.batches import feeds  # noqa: E402
 from megatron_ext.training.loop import Trainer  # noqa: E402
@@ -94,7 +94,7 @@ def measure(run, directory: str, repeats: int) -> dict:
             complete.append(time.perf_counter() - start)
         saver.close()
         figures[name] = (statistics.median(blocking), statistics.median(complete), statistics.median(gather))
-        figures[name + "_bytes"] = bytes_by_rank(checkpointing.iteration_dir(root, 1 + repeats))
+        figures[name + "_bytes"] = bytes_by_rank(checkpoint_files.iteration_dir(root, 1 + repeats))
     for name, fully_parallel in (("load", False), ("load_parallel", True)):
         root = os.path.join(directory, "sync")
         crystal, padded = run.crystal, run.model.padded_vocab

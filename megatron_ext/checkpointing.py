@@ -1,5 +1,6 @@
 """Save and resume through Megatron-Core dist_checkpointing (torch_dist).
 
+On-disk layout, completeness and the common state: checkpoint_files.py (no Megatron-Core there).
 Model weights and optimizer state are stored as global tensors (the distributed optimizer in its
 'fully_reshardable' form), so a checkpoint written at one TP / PP / VP / DP layout loads at any
 other. Layout:  DIR/iter_0000010/...  and  DIR/latest_checkpointed_iteration.txt, the tracker, which is
@@ -34,9 +35,18 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ext import megatron_workarounds
 from megatron_ext.atomic_files import write_text_atomically
+from megatron_ext.checkpoint_files import (
+    TRACKER,
+    CheckpointError,
+    abandoned_iterations,
+    checkpoint_path,
+    iteration_dir,
+    latest_iteration,
+    prune_checkpoints,
+    read_common_state,
+    saved_part,
+)
 from megatron_ext.model.crystal_config import CrystalConfig
-
-TRACKER = "latest_checkpointed_iteration.txt"
 
 
 @runtime_checkable
@@ -63,25 +73,6 @@ class ShardedStateful(Protocol):
 # ('fully_sharded_model_space', Megatron-Core 0.16.1's default, relies on flattened ranges that its own
 # dist_checkpointing no longer accepts.)
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def latest_iteration(root: str) -> int | None:
-    """The iteration named by the tracker, or None for a directory with no checkpoint yet."""
-    path = os.path.join(root, TRACKER)
-    if not os.path.isfile(path):
-        return None
-    text = open(path).read().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}")
-    return int(text)
 
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -325,105 +316,6 @@ def save_failure_cause(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _saved_iterations(root: str) -> list[int]:
-    return sorted(int(d[5:]) for d in os.listdir(root) if d.startswith("iter_") and d[5:].isdigit())
-
-
-def saved_iterations(root: str) -> list[int]:
-    """The complete checkpoints a resume could read (at or before the tracker's iteration), oldest first."""
-    latest = latest_iteration(root) if os.path.isdir(root) else None
-    if latest is None:
-        return []
-    return [it for it in _saved_iterations(root) if it <= latest and incomplete_reason(iteration_dir(root, it)) is None]
-
-
-def incomplete_reason(path: str, tensors: str = "all") -> str | None:
-    """Why the checkpoint at path cannot be read in full (None if it can): its index files, and every
-    file its tensors live in, present and long enough. tensors="model" checks the model's alone."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    for name in ("metadata.json", "common.pt", ".metadata"):
-        if not os.path.isfile(os.path.join(path, name)):
-            return (
-                f"{path} is not a dist checkpoint (no {name})"
-                if name == "metadata.json"
-                else f"{path}: {name} is missing"
-            )
-    try:
-        metadata = FileSystemReader(path).read_metadata()
-    except Exception as e:  # a truncated or garbled .metadata raises whatever its unpickling hits
-        return f"{path}: cannot read the DCP metadata ({type(e).__name__})"
-    needed: dict[str, int] = {}
-    for index, info in metadata.storage_data.items():
-        if tensors == "all" or not index.fqn.startswith("optimizer"):
-            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, end in sorted(needed.items()):
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            return f"{path}: shard file {name} is missing"
-        if os.path.getsize(file) < end:
-            return f"{path}: shard file {name} is truncated ({os.path.getsize(file)} < {end} bytes)"
-    return None
-
-
-def checkpoint_path(root: str, step: int | None = None) -> str | None:
-    """DIR/iter_N for --ckpt-step N, else the tracker's iteration; None when root has no checkpoint yet.
-
-    The latest checkpoint, when damaged (a file lost or cut short after it was written), is passed over
-    with a warning for the newest complete one before it."""
-    if step is not None:
-        path = iteration_dir(root, step)
-        if not os.path.isdir(path):
-            saved = sorted(d for d in os.listdir(root) if d.startswith("iter_"))
-            raise CheckpointError(f"{root} has no checkpoint of iteration {step} (found: {', '.join(saved) or 'none'})")
-        return path
-    latest = latest_iteration(root)
-    if latest is None:
-        return None
-    reasons = []
-    for candidate in [it for it in reversed(_saved_iterations(root)) if it <= latest]:
-        path = iteration_dir(root, candidate)
-        reason = incomplete_reason(path)
-        if reason is None:
-            return path
-        print(f"warning: skipping a damaged checkpoint: {reason}", flush=True)
-        reasons.append(reason)
-    raise CheckpointError(
-        f"no complete checkpoint at or before iteration {latest}: "
-        f"{reasons[0] if reasons else f'{iteration_dir(root, latest)} is missing'}"
-    )
-
-
-def abandoned_iterations(root: str) -> list[int]:
-    """Checkpoints newer than the tracker's: left by a run that was rolled back (--ckpt-step), or
-    half-written by a save that failed. No resume reads them."""
-    latest = latest_iteration(root)
-    return [] if latest is None else [it for it in _saved_iterations(root) if it > latest]
-
-
-def prune_checkpoints(root: str, keep: int) -> None:
-    """Keep the newest `keep` checkpoints at or before the tracker's iteration (the last among them is
-    the tracker's own); remove older ones, and first the abandoned ones newer than the tracker, which
-    would otherwise count towards `keep` and push out a rollback's fallback."""
-    latest = latest_iteration(root)
-    valid = [it for it in _saved_iterations(root) if latest is None or it <= latest]
-    for iteration in abandoned_iterations(root) + valid[:-keep]:
-        shutil.rmtree(iteration_dir(root, iteration), ignore_errors=True)
-
-
-def read_common_state(path: str) -> dict:
-    """The non-tensor part of a checkpoint (iteration, model config, ...), with a one-line error if absent."""
-    if not os.path.isfile(os.path.join(path, "metadata.json")):
-        raise CheckpointError(f"{path} is not a dist checkpoint (no metadata.json)")
-    try:
-        common = dist_checkpointing.load_common_state_dict(path)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{path}: cannot read common.pt ({e})") from None
-    if "model_config" not in common:
-        raise CheckpointError(f"{path} was not written by pretrain_crystal.py (no model_config)")
-    return common
-
-
 def check_model_matches(path: str, common: dict, crystal: CrystalConfig, padded_vocab: int) -> None:
     saved = CrystalConfig(**common["model_config"])
     if saved != crystal:
@@ -488,16 +380,3 @@ def load_checkpoint(
         if not isinstance(part, ShardedStateful):
             part.load_state_dict(saved_part(common, name))
     return common["iteration"]
-
-
-def saved_part(common: dict, name: str):
-    """The saved state of a plain part, from a checkpoint's common state; None if it has none. Checkpoints
-    written before parts were saved by name kept the data stream and the update guard under keys of their
-    own (consumed_samples, data_state, guard_state)."""
-    if name in common:
-        return common[name]
-    if name == "data":
-        return {"consumed_samples": common.get("consumed_samples", 0), "schedule": common.get("data_state")}
-    if name == "update_guard":
-        return common.get("guard_state")
-    return None

@@ -124,6 +124,44 @@ def test_generation_is_batched_greedy_and_rescored(run):
     assert "pass --allow-code-execution" in stderr
 
 
+def test_batches_hold_prompts_of_similar_length_and_each_completion_is_its_problems(run):
+    """generate() batches the longest prompts first; every completion comes back to its own problem: the
+    same as that problem generated alone."""
+    import torch
+
+    from megatron_ext.evaluation import checkpoint_model, generation
+
+    loaded = checkpoint_model.load(str(run / "hf"))
+    torch.manual_seed(0)
+    with torch.no_grad():  # two steps of training predict one token everywhere: random weights let context decide
+        for parameter in loaded.model.parameters():
+            parameter.normal_(0.0, 0.5)
+    todo = generation.problems("infill_single", loaded.tokenizer, 7)
+    lengths = [len(p.prompt_ids) for p in todo]
+    assert lengths != sorted(lengths, reverse=True)  # the batches' order is not the problems' order
+    together = generation.generate(loaded, todo, max_new_tokens=8, batch_size=3)
+    alone = [generation.generate(loaded, [p], max_new_tokens=8, batch_size=1)[0] for p in todo]
+    assert together == alone
+    assert len({c[0] for c in alone}) > 1  # different completions: a mix-up would show
+
+
+def test_evaluation_never_imports_megatron_core(run):
+    """tools/evaluate.py reads a Megatron checkpoint without Megatron-Core (checkpoint_files.py, the
+    reader), which costs 1.5 s of every start."""
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = ['evaluate.py', '--checkpoint', {str(run / 'ckpt')!r}, '--tasks', 'arc_easy:2,infill_single:2',"
+        f" '--max-new-tokens', '4', '--output-dir', {str(run / 'no_megatron')!r}]\n"
+        "try:\n"
+        "    runpy.run_path('tools/evaluate.py', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    print('exit', e.code, sorted(m for m in sys.modules if m.startswith('megatron.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env=subprocess_environment())  # fmt: skip
+    assert out.stdout.splitlines()[-1] == "exit 0 []", out.stderr[-2000:]
+
+
 def test_codegen2_infilling_generates_to_eom_and_the_reference_spans_score_one(run):
     """The derived infilling sets in CodeGen2's layout (prefix <mask_1> suffix <eod> <sep> <mask_1>, the
     completion ending at <eom>): greedy generation runs; samples holding the reference middles, rescored,

@@ -129,7 +129,7 @@ def test_a_rank_killed_during_a_save_leaves_the_previous_resume_point(straight, 
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "4"
     # Begun, never finished: removed by a rank that saw the save fail, or left incomplete if none lived to.
     partial = ckpt / "iter_0000008"
-    from megatron_ext.checkpointing import incomplete_reason
+    from megatron_ext.checkpoint_files import incomplete_reason
 
     assert not partial.exists() or incomplete_reason(str(partial)) is not None
     train(2, RUN + ["--load", str(ckpt), "--metrics-jsonl", str(tmp_path / "m.jsonl")])

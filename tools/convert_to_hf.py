@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from megatron_ext.checkpointing import CheckpointError
+    from megatron_ext.checkpoint_files import CheckpointError
     from megatron_ext.release import hf_export, parity
     from megatron_ext.release.dist_checkpoint_reader import DistCheckpointReader
     from megatron_ext.release.hf_tokenizer import save_hf_tokenizer

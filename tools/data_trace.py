@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         return _fail(str(e))
     schedule, done = PhaseSchedule(config), 0
     if args.load:
-        from megatron_ext.checkpointing import CheckpointError, checkpoint_path, read_common_state, saved_part
+        from megatron_ext.checkpoint_files import CheckpointError, checkpoint_path, read_common_state, saved_part
 
         try:
             path = checkpoint_path(args.load, args.ckpt_step)

@@ -169,7 +169,7 @@ def evaluate_once(args, step: int | None, output_dir: str, results_path: str) ->
 def watch(args, output_dir: str, results_path: str) -> int:
     """Evaluate every saved checkpoint not yet evaluated, oldest first; the evaluated iterations are kept in
     <output-dir>/watch_state.json, so a restarted watcher (a requeued SLURM job) goes on where it was."""
-    from megatron_ext.checkpointing import saved_iterations
+    from megatron_ext.checkpoint_files import saved_iterations
 
     state_path = os.path.join(output_dir, "watch_state.json")
     done = set(json.load(open(state_path))["evaluated"]) if os.path.isfile(state_path) else set()

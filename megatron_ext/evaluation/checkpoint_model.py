@@ -46,7 +46,7 @@ def load(path: str, step: int | None = None, tokenizer_model: str | None = None,
                     break
         seq_length, iteration, where = model.config.n_positions, None, path
     else:
-        from megatron_ext.checkpointing import CheckpointError
+        from megatron_ext.checkpoint_files import CheckpointError
         from megatron_ext.release import hf_format
         from megatron_ext.release.dist_checkpoint_reader import DistCheckpointReader
         from megatron_ext.release.hf_modeling.configuration_crystalcoder import CrystalCoderConfig

@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorSt
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megatron_ext.checkpointing import CheckpointError, checkpoint_path, incomplete_reason, read_common_state
+from megatron_ext.checkpoint_files import CheckpointError, checkpoint_path, incomplete_reason, read_common_state
 from megatron_ext.model.crystal_config import CrystalConfig
 from megatron_ext.release.hf_format import reference_names
 from megatron_ext.release.weight_mapping import (

@@ -14,7 +14,8 @@ import os
 import torch
 
 from megatron_ext.atomic_files import write_text_atomically
-from megatron_ext.checkpointing import TRACKER, checkpoint_metadata, iteration_dir
+from megatron_ext.checkpoint_files import TRACKER, iteration_dir
+from megatron_ext.checkpointing import checkpoint_metadata
 from megatron_ext.model.crystal_gpt import padded_vocab_size
 from megatron_ext.release.dist_checkpoint_writer import Chunk, serialized, write_checkpoint
 from megatron_ext.release.hf_weights import HFWeights

@@ -11,7 +11,6 @@ Vocabulary rows are zero-padded up to Megatron's padded size.
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state
 
 from megatron_ext.model.crystal_config import CrystalConfig
 
@@ -68,11 +67,18 @@ def qkv_from_megatron(tensor: torch.Tensor, cfg: CrystalConfig) -> torch.Tensor:
     return per_head.transpose(0, 1).reshape(tensor.shape)
 
 
+def _tensor_parallel_rank() -> tuple[int, int]:
+    """(TP size, TP rank). Imported here, not at the top: the names and layouts above serve the checkpoint
+    reader, which runs without Megatron-Core (checkpoint_files.py says why)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+
+
 def _local_shard(full: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
     if not getattr(param, "tensor_model_parallel", False):
         return full
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
+    tp, rank = _tensor_parallel_rank()
     return full.chunk(tp, dim=param.partition_dim)[rank]
 
 
@@ -80,8 +86,7 @@ def load_reference_weights(
     chunks: list[torch.nn.Module], ref: dict[str, torch.Tensor], cfg: CrystalConfig, padded_vocab: int
 ) -> None:
     """Copy a reference state dict into this rank's (unwrapped) Megatron model chunks, any TP / PP / VP."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
+    tp, rank = _tensor_parallel_rank()
     with torch.no_grad():
         for chunk in chunks:
             layers = chunk.decoder.layers

@@ -15,7 +15,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.timers import Timers
 
-from megatron_ext import accelerators, checkpointing, cpu_compat, megatron_workarounds
+from megatron_ext import accelerators, checkpoint_files, checkpointing, cpu_compat, megatron_workarounds
+from megatron_ext.atomic_files import write_text_atomically
 from megatron_ext.data.index_cache import IndexCacheError
 from megatron_ext.data.phases_config import PhasesConfigError
 from megatron_ext.evaluation import eval_set
@@ -338,7 +339,7 @@ class Trainer:
         if self.iteration:
             phase_lr.check_resumed_schedule(self.run, self.scheduler, wanted, self.feed)
             distributed.print_rank_0(f"resumed from {ckpt.load} at iteration {self.iteration}")
-        elif checkpointing.checkpoint_path(ckpt.load, ckpt.ckpt_step) is None:
+        elif checkpoint_files.checkpoint_path(ckpt.load, ckpt.ckpt_step) is None:
             distributed.print_rank_0(f"{ckpt.load} holds no checkpoint: starting fresh")
         else:
             distributed.print_rank_0(f"took the weights of {ckpt.load}: iteration 0, fresh optimizer and schedule")
@@ -362,7 +363,7 @@ def pretrain(run: RunConfig) -> int:
     device = distributed.initialize(run)
     try:
         return _train(run, device)
-    except (checkpointing.CheckpointError, PhasesConfigError, IndexCacheError) as e:
+    except (checkpoint_files.CheckpointError, PhasesConfigError, IndexCacheError) as e:
         distributed.print_rank_0(f"pretrain_crystal.py: error: {e}", error=True)
         return 2
     except RuntimeError as e:
@@ -400,7 +401,7 @@ def _train(run: RunConfig, device: torch.device) -> int:
     if run.checkpoint.save and torch.distributed.get_rank() == 0:
         os.makedirs(run.checkpoint.save, exist_ok=True)
         path = os.path.join(run.checkpoint.save, "run_config.json")
-        checkpointing.write_text_atomically(path, run.to_json())
+        write_text_atomically(path, run.to_json())
         print(f"configuration (flags as given and every resolved value): {path}", flush=True)
     setup = readers.SetupCost()
     with setup:

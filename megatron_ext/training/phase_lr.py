@@ -9,7 +9,7 @@ position.
 
 from __future__ import annotations
 
-from megatron_ext.checkpointing import CheckpointError
+from megatron_ext.checkpoint_files import CheckpointError
 from megatron_ext.data.phases_config import PhaseSpec
 from megatron_ext.training import distributed
 
