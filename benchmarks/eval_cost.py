@@ -11,9 +11,11 @@ model load and scoring, as `make demo` pays it):
 - the demo's log-likelihood tasks at 25, 50 and 100 questions each, requests packed several to a row
   (the default) and one per row (--no-eval-pack-requests): how the cost grows, and what packing saves
   where the rows are already cut to their batch's longest request;
-- the demo's end-of-run evaluation before (those tasks at 100 questions, one per row, then 100 single-line
-  infilling generations) and now (the generations only: the loop's last evaluation scored the others on
-  the final weights).
+- the demo's end-of-run evaluation before and now, each with its own code: before is commit 9e88b28 (the
+  tree when the evaluation-cost issue was taken up), exported with `git archive`, running its demo's end
+  pass (the log-likelihood tasks at 100 questions, HumanEval's 164 and 200 infillings, one request per row,
+  then 100 single-line infillings generated); now is this tree running today's (the generations alone: the
+  loop's last evaluation scored the rest on the final weights).
 """
 
 from __future__ import annotations
@@ -29,14 +31,19 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("arc_easy", "piqa", "hellaswag", "lambada", "humaneval_gold", "infill_single_gold")
 CODE_TASKS = ("humaneval_gold", "infill_single_gold")
-GENERATION = "infill_single:100"
+# The demo's end pass, before (commit BEFORE's examples/demo.sh: END_TASKS then GENERATION) and now (today's
+# examples/demo.sh; tests/test_benchmarks.py checks that the two agree).
+BEFORE = "9e88b28"
+BEFORE_END_PASS = ("--tasks", "arc_easy:100,piqa:100,hellaswag:100,lambada:100,humaneval_gold,infill_single_gold:200,"
+                   "infill_single:100")  # fmt: skip
+NOW_END_PASS = ("--tasks", "infill_single:100", "--batch-size", "32")
 
 
-def timed_evaluation(checkpoint: str, tasks: str, *flags: str) -> float:
-    """Seconds of one tools/evaluate.py run (its output in a temporary directory)."""
+def timed_evaluation(checkpoint: str, *flags: str, tree: str = REPO) -> float:
+    """Seconds of one run of tree's tools/evaluate.py (its output in a temporary directory)."""
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--checkpoint", checkpoint,
-                   "--tasks", tasks, "--output-dir", out, "--max-new-tokens", "64", *flags]  # fmt: skip
+        command = [sys.executable, os.path.join(tree, "tools", "evaluate.py"), "--checkpoint", checkpoint,
+                   "--output-dir", out, "--max-new-tokens", "64", *flags]  # fmt: skip
         started = time.perf_counter()
         proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         seconds = time.perf_counter() - started
@@ -63,6 +70,17 @@ def loop_evaluation_seconds(tasks: str, *flags: str) -> float:
     return float(found.group(1))
 
 
+def exported_tree(commit: str, into: str) -> str:
+    """The files of commit (this repository's), written under into: its tools/evaluate.py imports its own
+    megatron_ext (the script puts its tree first on sys.path)."""
+    archive = subprocess.run(["git", "-C", REPO, "archive", commit], capture_output=True)
+    if archive.returncode != 0:
+        raise SystemExit(f"eval_cost.py: error: cannot export commit {commit} (a git clone is needed): "
+                         f"{archive.stderr.decode().strip()}")  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", into], input=archive.stdout, check=True)
+    return into
+
+
 def loglikelihood_tasks(cap: int) -> str:
     """The tasks at `cap` questions, the code ones at about a third (the old demo's 100 and 32)."""
     code_cap = max(cap * 32 // 100, 1)
@@ -72,8 +90,8 @@ def loglikelihood_tasks(cap: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default="runs/demo/checkpoints", help="a --save directory or an exported one")
-    p.add_argument("--caps", type=int, nargs="+", default=[25, 50, 100], help="questions per task (evaluate.py)")
-    p.add_argument("--loop-caps", type=int, nargs="+", default=[32, 100], help="questions per task (the loop)")
+    p.add_argument("--caps", type=int, nargs="*", default=[25, 50, 100], help="questions per task (evaluate.py)")
+    p.add_argument("--loop-caps", type=int, nargs="*", default=[32, 100], help="questions per task (the loop)")
     args = p.parse_args(argv)
     if not os.path.isdir(args.checkpoint):
         print(f"eval_cost.py: error: --checkpoint {args.checkpoint}: no such directory (make demo)", file=sys.stderr)
@@ -87,14 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| in the loop | {cap} | {tasks} | {alone:.1f} | {packed:.1f} | {alone / packed:.2f}x |", flush=True)
     for cap in args.caps:
         tasks = loglikelihood_tasks(cap)
-        alone = timed_evaluation(args.checkpoint, tasks, "--no-eval-pack-requests")
-        packed = timed_evaluation(args.checkpoint, tasks)
+        alone = timed_evaluation(args.checkpoint, "--tasks", tasks, "--no-eval-pack-requests")
+        packed = timed_evaluation(args.checkpoint, "--tasks", tasks)
         print(f"| evaluate.py | {cap} | {tasks} | {alone:.1f} | {packed:.1f} | {alone / packed:.2f}x |", flush=True)
-    before = timed_evaluation(args.checkpoint, f"{loglikelihood_tasks(100)},{GENERATION}", "--no-eval-pack-requests")
-    now = timed_evaluation(args.checkpoint, GENERATION)
-    print(f"\nthe demo's end-of-run evaluation: before {before:.1f} s (log-likelihood tasks one per row, then "
-          f"{GENERATION} generated); now {now:.1f} s ({GENERATION} only: the loop scored the rest): "
-          f"{before / now:.1f}x faster")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tree:
+        before = timed_evaluation(args.checkpoint, *BEFORE_END_PASS, tree=exported_tree(BEFORE, tree))
+    now = timed_evaluation(args.checkpoint, *NOW_END_PASS)
+    print(f"\nthe demo's end-of-run evaluation: before {before:.1f} s (commit {BEFORE}: {' '.join(BEFORE_END_PASS)}); "
+          f"now {now:.1f} s ({' '.join(NOW_END_PASS)}): {before / now:.1f}x faster")  # fmt: skip
     return 0
 
 

@@ -145,3 +145,21 @@ def test_eval_cost_refuses_a_missing_checkpoint_in_one_line(tmp_path):
                            str(tmp_path / "none")], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == f"eval_cost.py: error: --checkpoint {tmp_path / 'none'}: no such directory (make demo)\n"
+
+
+def test_eval_cost_times_the_demos_end_pass_then_and_now():
+    """The end-of-run evaluation eval_cost.py times is the demo's: today's from examples/demo.sh, the one
+    before from the demo script of the commit it exports (its END_TASKS, then its GENERATION)."""
+    spec = importlib.util.spec_from_file_location("eval_cost", REPO / "benchmarks" / "eval_cost.py")
+    eval_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_cost)
+    now = (REPO / "examples" / "demo.sh").read_text()
+    flag, tasks, *rest = eval_cost.NOW_END_PASS
+    assert flag == "--tasks" and f"GENERATION={tasks}\n" in now
+    assert re.search(r'--tasks "\$GENERATION" --max-new-tokens 64 ' + " ".join(rest), now)
+    then = subprocess.run(["git", "show", f"{eval_cost.BEFORE}:examples/demo.sh"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout  # fmt: skip
+    end_tasks = re.search(r"^END_TASKS=\$\{END_TASKS:-(.*)\}$", then, re.M).group(1)
+    generation = re.search(r"^GENERATION=(.*)$", then, re.M).group(1)
+    assert '--tasks "$END_TASKS,$GENERATION" --max-new-tokens 64 ${EXECUTE' in then
+    assert eval_cost.BEFORE_END_PASS == ("--tasks", f"{end_tasks},{generation}")
