@@ -243,12 +243,7 @@ def _phase(
     blend = {s: w / total for s, w in blend.items() if w > 0}
 
     fim = {}
-    for source, spec in _mapping(raw.get("fim", {}) or {}, f"{where}.fim").items():
-        at = f"{where}.fim.{source}"
-        if source not in sources:
-            raise PhasesConfigError(f"{at}: unknown source {source!r}")
-        spec = _mapping(spec, at)
-        _only_keys(spec, {"fim_rate", "fim_spm_rate"}, at)
+    for source, at, spec in _per_source(raw, "fim", {"fim_rate", "fim_spm_rate"}, where, sources):
         rate = _number(spec.get("fim_rate", 0.0), f"{at}.fim_rate", low=0.0, high=1.0)
         spm = _number(spec.get("fim_spm_rate", 0.5), f"{at}.fim_spm_rate", low=0.0, high=1.0)
         if rate > 0 and not has_fim_tokens:
@@ -280,16 +275,23 @@ def _phase(
     return PhaseSpec(name, iters, gbs, blend, fim, lr, span_corruption)
 
 
+def _per_source(raw: dict, key: str, keys: set, where: str, sources: dict):
+    """(source, where, settings) of a phase's per-source block (fim, span_corruption), each source known
+    and each settings mapping holding only `keys`."""
+    for source, spec in _mapping(raw.get(key, {}) or {}, f"{where}.{key}").items():
+        at = f"{where}.{key}.{source}"
+        if source not in sources:
+            raise PhasesConfigError(f"{at}: unknown source {source!r}")
+        spec = _mapping(spec, at)
+        _only_keys(spec, keys, at)
+        yield source, at, spec
+
+
 def _span_corruption(raw: dict, where: str, sources: dict, fim: dict, sentinels: int | None) -> dict:
     """A phase's span_corruption: source -> {rate, max_spans, max_ratio}; sentinels: the tokenizer's
     <mask_N> count (0: it lacks them; None: not checked here)."""
     out = {}
-    for source, spec in _mapping(raw.get("span_corruption", {}) or {}, f"{where}.span_corruption").items():
-        at = f"{where}.span_corruption.{source}"
-        if source not in sources:
-            raise PhasesConfigError(f"{at}: unknown source {source!r}")
-        spec = _mapping(spec, at)
-        _only_keys(spec, {"rate", "max_spans", "max_ratio"}, at)
+    for source, at, spec in _per_source(raw, "span_corruption", {"rate", "max_spans", "max_ratio"}, where, sources):
         rate = _number(spec.get("rate", 0.0), f"{at}.rate", low=0.0, high=1.0)
         max_ratio = _number(spec.get("max_ratio", 0.5), f"{at}.max_ratio", low=0.0, high=1.0, low_open=True)
         max_spans = spec.get("max_spans")
