@@ -218,6 +218,7 @@ def test_fim_layouts_reassemble_the_document(form, request):
     infilling prompt starts): no part gains a dummy-prefix space. Decoding the parts one by one, as this
     test once did, cannot see such a space."""
     from megatron_ext.data.fim import FimTokenIds, permute_document
+    from megatron_ext.data.run_transforms import RunText
     from megatron_ext.tokenizer import build_tokenizer
 
     if form == "sentencepiece":
@@ -231,7 +232,7 @@ def test_fim_layouts_reassemble_the_document(form, request):
         text = tok.decode(tok.encode(raw))  # what apply_fim decodes a document run to
         for seed in range(40):
             for spm in (0.0, 1.0):
-                out = permute_document(text, np.random.default_rng(seed), spm, tok, ids)
+                out = permute_document(RunText(text), np.random.default_rng(seed), spm, tok, ids)
                 if spm:  # <fim_prefix> <fim_suffix> suffix <fim_middle> prefix middle
                     assert out[:2] == [ids.prefix, ids.suffix]
                     suffix, prefix_middle = _split(out[2:], ids.middle)
@@ -265,7 +266,7 @@ def test_fim_pads_short_rows_without_loss():
     row = np.array([tok.sp.piece_to_id(c) for c in text] + [2], dtype=np.int64)
     assert tok.unk not in row.tolist()
     seg = [Segment(doc_id=0, doc_offset=0, start=0, length=len(row), ends_document=True)]
-    out, mask = apply_fim(row, seg, 1.0, 0.0, (1, 2, 3), tok, ids)
+    out, mask, _ = apply_fim(row, seg, 1.0, 0.0, (1, 2, 3), tok, ids)
     assert len(out) == len(row) and len(mask) == len(row) - 1
     first_pad = int((out == ids.pad).nonzero()[0][0])
     assert first_pad > 5 and (out[first_pad:] == ids.pad).all() and out[first_pad - 1] == 2  # EOD kept
@@ -526,6 +527,24 @@ def test_killed_run_resumes_the_same_stream(straight, tmp_path):
     _kill_after(7, tmp_path, ckpt)
     data_state = (ckpt / "iter_0000006" / "data_state.json").read_text()
     assert '"phase": "text+code"' in data_state and '"realised_mixture"' in data_state
+    # The runs FIM chose in steps 1-6, counted over both ranks' readers, as replaying the rows counts them.
+    import json
+
+    from megatron_ext.data.phase_schedule import PhaseSchedule
+    from megatron_ext.data.phased_dataset import PhasedDataset
+    from megatron_ext.data.run_transforms import OUTCOMES
+    from megatron_ext.tokenizer import CrystalTokenizer
+
+    config = load_phases(str(SMALL), 32, 8, 7, has_fim_tokens=True)
+    dataset = PhasedDataset(config, 32, CrystalTokenizer(str(TOKENIZER)))
+    replayed = {name: [0] * len(OUTCOMES) for name in config.source_names}
+    for ref in PhaseSchedule(config).take(6 * 8):
+        counts = dataset[ref]["rewrites"].tolist()
+        name = config.source_names[ref.source]
+        replayed[name] = [a + b for a, b in zip(replayed[name], counts)]
+    books = json.loads(data_state)["sources"]
+    assert {n: list(books[n]["rewritten_runs"].values()) for n in replayed} == replayed
+    assert sum(replayed["code"]) > 0 and sum(replayed["text"]) == 0
 
     # The data trace replays the stream from the checkpoint's schedule: its samples hash to what ran.
     _check_trace(straight, ["--steps", "7-8", "--load", str(ckpt), "--ckpt-step", "6"], [7, 8])
@@ -613,11 +632,29 @@ def _check_trace(straight, flags, steps):
         refs = [SampleRef(s["phase_index"], names.index(s["source"]), s["index"]) for s in line["samples"]]
         assert sum(sample_hash(dataset[r]["tokens"]) for r in refs) == straight[line["step"]]["data_hash"]
         assert all(run[2] > 0 for s in line["samples"] for run in s["runs"])
+        if "--ids" in flags:  # what the model read, after FIM: the inputs hash to what the run trained on
+            import torch
+
+            inputs = [torch.tensor(s["ids"][:-1]) for s in line["samples"]]
+            assert sum(sample_hash(t) for t in inputs) == straight[line["step"]]["data_hash"]
+            assert all(len(s["ids"]) == 33 and isinstance(s["text"], str) for s in line["samples"])
+    return lines
 
 
 @pytest.mark.launch
 def test_data_trace_names_the_documents_of_each_step(straight):
     _check_trace(straight, ["--steps", "3-6"], [3, 4, 5, 6])
+
+
+@pytest.mark.launch
+def test_data_trace_ids_are_what_the_model_read_with_the_rewritten_runs_marked(straight):
+    """Phase 2 has FIM on code at rate 0.5: --ids prints each row after FIM, and marks its runs."""
+    lines = _check_trace(straight, ["--steps", "5-8", "--ids", "--tokenizer-model", str(TOKENIZER)], [5, 6, 7, 8])
+    marks = [run[3] for line in lines for s in line["samples"] for run in s["runs"] if s["source"] == "code"]
+    assert {None, "rewritten"} <= set(marks) or {None, "shortened"} <= set(marks), marks
+    assert all(run[3] is None for line in lines for s in line["samples"] for run in s["runs"] if s["source"] == "text")
+    tok_ids = next(s["ids"] for line in lines for s in line["samples"] if any(r[3] for r in s["runs"]))
+    assert 8000 in tok_ids  # <|fim_prefix|> (the demo model's 8000 pieces, then Crystal's specials)
 
 
 @pytest.mark.launch
@@ -751,9 +788,9 @@ def test_sources_sharing_files_are_named_and_counted_per_file(tmp_path):
     assert books["files"][str(code)]["documents_read"] == mixed["documents_per_file"][str(code)]
 
 
-def _assert_resumes_steps_6_and_7(tmp_path, ckpt, straight):
+def _assert_resumes_steps_6_and_7(tmp_path, ckpt, straight, extra=()):
     """A run of this code resumed from ckpt (saved at step 5) reads and trains steps 6-7 as straight did."""
-    resumed = _metrics(1, tmp_path, "resumed", ["--train-iters", "7", "--load", str(ckpt)])
+    resumed = _metrics(1, tmp_path, "resumed", ["--train-iters", "7", "--load", str(ckpt), *extra])
     assert sorted(resumed) == [6, 7]
     for i in (6, 7):
         assert (resumed[i]["data_hash"], resumed[i]["lm_loss"], resumed[i]["lr"]) == (
@@ -801,13 +838,18 @@ def test_a_checkpoint_of_the_revision_before_the_registry_resumes(tmp_path):
         pytest.skip(f"this checkout has no history to read revision {PRE_REGISTRY} from (a source archive?)")
     old = tmp_path / "old"
     tarfile.open(fileobj=io.BytesIO(archive.stdout)).extractall(old, filter="data")
-    straight = _metrics(1, tmp_path, "straight", ["--train-iters", "7"])
+    # Without FIM: the online transforms changed since (runs inside a document keep their text, answers are
+    # not cut), so the two revisions' FIM rows differ; what is tested here is the checkpoint's layout.
+    causal = tmp_path / "causal.yaml"
+    causal.write_text("".join(line for line in SMALL.read_text().splitlines(True) if "fim:" not in line))
+    run = [str(causal) if flag == str(SMALL) else flag for flag in RUN]
+    straight = _metrics(1, tmp_path, "straight", ["--train-iters", "7", "--phases", str(causal)])
     ckpt, first = tmp_path / "ckpt", tmp_path / "first.jsonl"
-    flags = RUN + ["--data-cache-path", str(tmp_path / "cache"), "--train-iters", "7", "--exit-interval", "5"]
+    flags = run + ["--data-cache-path", str(tmp_path / "cache"), "--train-iters", "7", "--exit-interval", "5"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port()),
            str(old / "pretrain_crystal.py"), *flags, "--save", str(ckpt), "--metrics-jsonl", str(first)]  # fmt: skip
     env = {**subprocess_environment(), "PYTHONPATH": str(old)}  # the old revision's package, not this one
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (ckpt / "run_config.json").exists()  # written by the old code indeed
-    _assert_resumes_steps_6_and_7(tmp_path, ckpt, straight)
+    _assert_resumes_steps_6_and_7(tmp_path, ckpt, straight, ["--phases", str(causal)])

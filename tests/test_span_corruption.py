@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers.distributed_run import REPO
 from helpers.sample_rows import load_rows
+from helpers.tokenizer_forms import FORMS, build_form
 
 from megatron_ext.data.phase_schedule import PhaseSchedule
 from megatron_ext.data.phases_config import (
@@ -31,32 +32,9 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["sentencepiece", "tokenizer_json", "byte_level"])
+@pytest.fixture(scope="module", params=FORMS)
 def tok(request, tmp_path_factory):
-    """The demo model as trained (SentencePiece), as exported (its tokenizer.json), and a byte-level BPE
-    of one's own with the sentinels among its special tokens."""
-    from megatron_ext.tokenizer import build_tokenizer
-    from megatron_ext.tokenizer.hf_pipeline import save_tokenizer_json
-
-    if request.param == "sentencepiece":
-        return build_tokenizer("CrystalTokenizer", str(TOKENIZER))
-    path = tmp_path_factory.mktemp("tokenizer_json") / "tokenizer.json"
-    if request.param == "tokenizer_json":
-        save_tokenizer_json(str(TOKENIZER), str(path))
-    else:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-        from megatron_ext.tokenizer import codegen2_sentinels
-
-        hf = Tokenizer(models.BPE(unk_token="<unk>"))
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        hf.decoder = decoders.ByteLevel()
-        specials = ["<unk>", "</s>", "<|fim_prefix|>", "<|fim_pad|>", *codegen2_sentinels(8)]
-        trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-        hf.train_from_iterator(TEXTS * 50, trainer)
-        hf.save(str(path))
-    return build_tokenizer("HuggingFaceTokenizer", str(path))
+    return build_form(request.param, tmp_path_factory.mktemp(request.param), TEXTS)
 
 
 def _after(tok, special: int, ids: list[int]) -> str:
@@ -85,6 +63,7 @@ def _reassemble(out: list[int], tok, ids) -> str:
 
 
 def test_the_layout_decodes_to_the_document_byte_for_byte(tok):
+    from megatron_ext.data.run_transforms import RunText
     from megatron_ext.data.span_corruption import SentinelIds, corrupt_document
     from megatron_ext.tokenizer import CrystalTokenizer
 
@@ -97,17 +76,18 @@ def test_the_layout_decodes_to_the_document_byte_for_byte(tok):
     for raw in TEXTS if typed else [t.replace("<mask_1>", "mask").replace("<eom>", "eom") for t in TEXTS]:
         text = tok.decode(tok.encode(raw))  # what apply_span_corruption decodes a document run to
         for seed in range(60):
-            out = corrupt_document(text, np.random.default_rng(seed), 8, 0.5, tok, ids)
+            out = corrupt_document(RunText(text), np.random.default_rng(seed), 8, 0.5, tok, ids)
             assert _reassemble(out, tok, ids) == text, seed
             spans_seen.add(sum(t in ids.masks for t in out) // 2)
     assert spans_seen == set(range(1, 9))  # one to eight spans, as drawn
 
 
 def test_a_document_too_short_to_cut_stays_as_it_is(tok):
+    from megatron_ext.data.run_transforms import RunText
     from megatron_ext.data.span_corruption import SentinelIds, corrupt_document
 
     ids = SentinelIds.of(tok)
-    assert corrupt_document("x", np.random.default_rng(0), 8, 0.5, tok, ids) == tok.encode("x")
+    assert corrupt_document(RunText("x"), np.random.default_rng(0), 8, 0.5, tok, ids) is None
 
 
 def _config(rate, fim=False):
@@ -156,7 +136,7 @@ def test_the_rate_is_realised_and_the_loss_covers_every_token_but_padding():
     spec, n, corrupted, checked = SpanCorruptionSpec(0.3), 10_000, 0, 0
     for doc_id in range(n):
         seg = [Segment(doc_id=doc_id, doc_offset=0, start=0, length=len(doc), ends_document=True)]
-        out, mask = apply_span_corruption(tokens, seg, spec, (1, 2, 3), tok, ids)
+        out, mask, _ = apply_span_corruption(tokens, seg, spec, (1, 2, 3), tok, ids)
         if ids.sep not in out.tolist():
             assert out[: len(doc)].tolist() == doc.tolist()
             continue
@@ -238,3 +218,26 @@ def test_the_command_line_refuses_fim_and_span_corruption_on_one_source_in_one_l
         f"pretrain_crystal.py: error: {path}: phases[1].span_corruption.code: source 'code' has FIM in this "
         "phase too; a source takes one of the two\n"
     )
+
+
+def test_a_refused_start_leaves_no_directory(tmp_path):
+    """A phases file refused in one line (more spans than the tokenizer's sentinels) leaves nothing under
+    --save: the data cache's directory is checked writable but made only when the data is built."""
+    import subprocess
+    import sys
+
+    from helpers.distributed_run import subprocess_environment
+
+    phases = tmp_path / "spans.yaml"
+    phases.write_text(
+        f"sources:\n  code: {{prefixes: [{DEMO / 'code_text_document'}]}}\n"
+        "phases:\n  - {iters: 2, blend: {code: 1}, lr: {peak: 1.0e-3},\n"
+        "     span_corruption: {code: {rate: 0.5, max_spans: 9}}}\n"
+    )
+    save = tmp_path / "runs" / "ckpt"
+    command = [sys.executable, "pretrain_crystal.py", "--model", "crystal-test", "--tokenizer-model", str(TOKENIZER),
+               "--phases", str(phases), "--save", str(save)]  # fmt: skip
+    proc = subprocess.run(command, cwd=REPO, env=subprocess_environment(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "max_spans: 9 is more than the tokenizer's 8" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert not (tmp_path / "runs").exists()

@@ -12,6 +12,11 @@ schedule, so nothing needs to be logged during training: this tool replays it. O
 
 With --load, the replay starts from that checkpoint's saved schedule (needed when the phases file was
 edited during the run; faster for late steps); otherwise from the first step.
+
+With --ids (and the run's --tokenizer-model), each sample also carries what the model read: "ids", the
+row of seq_length + 1 ids after FIM or span corruption (inputs ids[:-1], labels ids[1:]), "text", their
+decoding, and each run a fourth field, what the objective did with it ("rewritten", "shortened",
+"no_room", "not_rewritable"; null: left causal by the draw; data/run_transforms.py).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ext.tokenizer import add_tokenizer_type_argument  # noqa: E402
 from megatron_ext.training.arguments import add_run_flags  # noqa: E402
 from megatron_ext.upstream_warnings import silence  # noqa: E402
 
@@ -42,19 +48,33 @@ def main(argv=None) -> int:
     p.add_argument("--steps", required=True, help="FIRST-LAST (1-based, inclusive)")
     p.add_argument("--load", help="checkpoint directory: start from its saved schedule")
     p.add_argument("--ckpt-step", type=int)
+    p.add_argument("--ids", action="store_true", help="print each sample's ids and text after the transforms")
+    p.add_argument("--tokenizer-model", help="the run's tokenizer (needed with --ids)")
+    add_tokenizer_type_argument(p)
     args = p.parse_args(argv)
 
     from megatron_ext.data.phase_schedule import PhaseSchedule
     from megatron_ext.data.phased_dataset import PhasedDataset
     from megatron_ext.data.phases_config import PhasesConfigError, load_phases
+    from megatron_ext.data.run_transforms import OUTCOMES, UNCHOSEN
 
     try:
         first, last = (int(x) for x in args.steps.split("-"))
         assert 1 <= first <= last
     except (ValueError, AssertionError):
         return _fail(f"--steps {args.steps}: expected FIRST-LAST with 1 <= FIRST <= LAST")
+    tokenizer = None
+    if args.ids:
+        from megatron_ext.tokenizer import TokenizerError, build_tokenizer
+
+        if not args.tokenizer_model:
+            return _fail("--ids needs the run's --tokenizer-model (FIM and span corruption re-encode text)")
+        try:
+            tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+        except TokenizerError as e:
+            return _fail(str(e))
     try:
-        config = load_phases(args.phases, args.seq_length, args.global_batch_size, args.seed, has_fim_tokens=True)
+        config = load_phases(args.phases, args.seq_length, args.global_batch_size, args.seed, **_tokens_of(tokenizer))
     except PhasesConfigError as e:
         return _fail(str(e))
     schedule, done = PhaseSchedule(config), 0
@@ -75,7 +95,8 @@ def main(argv=None) -> int:
         done = common["iteration"]
         if first <= done:
             return _fail(f"--steps {args.steps}: the checkpoint is at step {done}; trace steps after it")
-    streams = PhasedDataset(config, args.seq_length).streams
+    dataset = PhasedDataset(config, args.seq_length, tokenizer)
+    streams = dataset.streams
     total = config.total_iters
     if last > total:
         return _fail(f"--steps {args.steps}: the phases have {total} steps")
@@ -88,17 +109,33 @@ def main(argv=None) -> int:
             stream = streams[ref.source]
             epoch, position = stream.locate(ref.index)
             _, runs = stream.packed(epoch, position)
-            samples.append(
-                {
-                    "source": stream.spec.name,
-                    "phase_index": ref.phase,
-                    "index": ref.index,
-                    "epoch": epoch,
-                    "runs": [[r.doc_id, r.doc_offset, r.length] for r in runs],
-                }
-            )
+            sample = {
+                "source": stream.spec.name,
+                "phase_index": ref.phase,
+                "index": ref.index,
+                "epoch": epoch,
+                "runs": [[r.doc_id, r.doc_offset, r.length] for r in runs],
+            }
+            if tokenizer is not None:
+                row, _, outcomes, _, _ = dataset.transformed(ref)
+                sample["ids"] = row.tolist()
+                sample["text"] = tokenizer.decode(row)
+                for run, outcome in zip(sample["runs"], outcomes):
+                    run.append(None if outcome == UNCHOSEN else OUTCOMES[outcome])
+            samples.append(sample)
         print(json.dumps({"step": step, "phase": config.phases[refs[0].phase].name, "samples": samples}))
     return 0
+
+
+def _tokens_of(tokenizer) -> dict:
+    """What the phases file is checked against: the tokenizer's FIM tokens and sentinels (without one,
+    the transforms are not replayed, so any phases file the run accepted is accepted)."""
+    if tokenizer is None:
+        return {"has_fim_tokens": True, "sentinels": None}
+    from megatron_ext.data.fim import FimTokenIds
+    from megatron_ext.data.span_corruption import sentinel_count
+
+    return {"has_fim_tokens": FimTokenIds.of(tokenizer) is not None, "sentinels": sentinel_count(tokenizer)}
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
 With probability fim_rate a document run (its end-of-document token kept outside) is decoded to text,
 cut at two character positions drawn uniformly, and the three parts re-encoded each as text that follows
 a special token (encode_part: no SentencePiece dummy-prefix space, exactly as the exported Hugging Face
-tokenizer encodes an infilling prompt, so the ids of prefix + middle + suffix decode to the document):
+tokenizer encodes an infilling prompt, so the ids of prefix + middle + suffix decode to the run, whether
+it starts its document or inside one: data/run_transforms.py):
   PSM: <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle
   SPM (probability fim_spm_rate): <fim_prefix> <fim_suffix> suffix <fim_middle> prefix middle
-The row is then cut back to seq_length + 1 tokens, or padded with <fim_pad>, whose positions carry no loss.
+A rewrite never loses its middle to the row's end: a run whose rewrite does not fit the room left is
+rewritten shortened (data/run_transforms.py); short rows are padded with <fim_pad>, which carries no loss.
 
 Every draw comes from a generator seeded by (seed, source, epoch, document id, the run's start inside the
 document): the output for a document does not depend on the worker that builds it or on access order
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_ext.data.run_transforms import rewrite_runs
+from megatron_ext.data.run_transforms import UNCHOSEN, RunText, rewrite_runs
 from megatron_ext.data.source_stream import Segment
 from megatron_ext.tokenizer.crystal_tokenizer import special_token_ids
 
@@ -55,9 +57,10 @@ def infilling_prompt(tokenizer, ids: FimTokenIds, prefix: str, suffix: str) -> l
     return [ids.prefix, *encode_part(tokenizer, prefix), ids.suffix, *encode_part(tokenizer, suffix), ids.middle]
 
 
-def permute_document(text: str, rng: np.random.Generator, spm_rate: float, tokenizer, ids: FimTokenIds) -> list[int]:
+def permute_document(run: RunText, rng: np.random.Generator, spm_rate: float, tokenizer, ids: FimTokenIds) -> list[int]:
+    text = run.text
     lo, hi = sorted(rng.integers(0, len(text) + 1, size=2))
-    prefix, middle, suffix = (encode_part(tokenizer, part) for part in (text[:lo], text[lo:hi], text[hi:]))
+    prefix, middle, suffix = run.encode(tokenizer, [text[:lo], text[lo:hi], text[hi:]], first_follows_special=True)
     if rng.random() < spm_rate:
         return [ids.prefix, ids.suffix, *suffix, ids.middle, *prefix, *middle]
     return [ids.prefix, *prefix, ids.suffix, *suffix, ids.middle, *middle]
@@ -71,9 +74,10 @@ def apply_fim(
     key: tuple[int, ...],
     tokenizer,
     ids: FimTokenIds,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens of the same length, loss mask for the labels tokens[1:]). key: (seed, source, epoch)."""
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(tokens of the same length, loss mask for the labels tokens[1:], each run's outcome: run_transforms).
+    key: (seed, source, epoch)."""
     if rate <= 0:
-        return tokens, np.ones(len(tokens) - 1, dtype=np.float32)
-    rewrite = lambda text, rng: permute_document(text, rng, spm_rate, tokenizer, ids)  # noqa: E731
+        return tokens, np.ones(len(tokens) - 1, dtype=np.float32), [UNCHOSEN] * len(list(segments))
+    rewrite = lambda run, rng: permute_document(run, rng, spm_rate, tokenizer, ids)  # noqa: E731
     return rewrite_runs(tokens, segments, rate, key, _FIM_STREAM, tokenizer, rewrite, ids.pad)

@@ -41,6 +41,19 @@ def make_writable_directory(path: str) -> None:
     os.remove(probe)
 
 
+def check_writable_directory(path: str) -> None:
+    """Whether path is, or can be made, a directory this process writes in, creating nothing (a refused
+    start must leave no directory behind): its nearest existing ancestor is a directory it may write to.
+    An OSError says why not."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), existing)
+
+
 def smallest_index_type(count: int):
     return np.int32 if count < 2**31 else np.int64
 

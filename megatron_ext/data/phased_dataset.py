@@ -18,6 +18,7 @@ import torch
 from megatron_ext.data.fim import FimTokenIds, apply_fim
 from megatron_ext.data.phase_schedule import PhaseSchedule, SampleRef
 from megatron_ext.data.phases_config import PhasesConfig, PhasesConfigError
+from megatron_ext.data.run_transforms import UNCHOSEN, outcome_counts
 from megatron_ext.data.source_stream import SourceStream
 from megatron_ext.data.span_corruption import SentinelIds, apply_span_corruption
 
@@ -44,26 +45,7 @@ class PhasedDataset(torch.utils.data.Dataset):
         self.position_ids = torch.arange(seq_length, dtype=torch.long)
 
     def __getitem__(self, ref: SampleRef) -> dict:
-        stream = self.streams[ref.source]
-        row, segments, epoch = stream.sample(ref.index)
-        phase = self.config.phases[ref.phase]
-        fim, span_corruption = phase.fim.get(stream.spec.name), phase.span_corruption.get(stream.spec.name)
-        if span_corruption is not None:  # a source has one of the two in a phase (phases_config.py)
-            row, loss_mask = apply_span_corruption(
-                row, segments, span_corruption, (self.config.seed, stream.key, epoch), self.tokenizer, self.sentinel_ids
-            )
-        elif fim is not None:
-            row, loss_mask = apply_fim(
-                row,
-                segments,
-                fim.rate,
-                fim.spm_rate,
-                (self.config.seed, stream.key, epoch),
-                self.tokenizer,
-                self.fim_ids,
-            )
-        else:
-            loss_mask = np.ones(len(row) - 1, dtype=np.float32)
+        row, loss_mask, outcomes, _, _ = self.transformed(ref)
         row = torch.from_numpy(row)
         return {
             "tokens": row[:-1],
@@ -71,7 +53,31 @@ class PhasedDataset(torch.utils.data.Dataset):
             "loss_mask": torch.from_numpy(loss_mask),
             "position_ids": self.position_ids,
             "source_id": torch.tensor(ref.source),
+            # The runs FIM or span corruption chose, by run_transforms.OUTCOMES: every row has them, so that a
+            # reader's micro-batches keep one layout across phases (readers.TensorGroupBatches).
+            "rewrites": torch.from_numpy(outcome_counts(outcomes)),
         }
+
+    def transformed(self, ref: SampleRef):
+        """(tokens [seq_length + 1] after the phase's FIM or span corruption, loss mask of the labels, each
+        run's outcome (run_transforms.OUTCOMES index, or UNCHOSEN), the document runs, the epoch)."""
+        stream = self.streams[ref.source]
+        row, segments, epoch = stream.sample(ref.index)
+        segments = list(segments)
+        phase = self.config.phases[ref.phase]
+        fim, span_corruption = phase.fim.get(stream.spec.name), phase.span_corruption.get(stream.spec.name)
+        key = (self.config.seed, stream.key, epoch)
+        if span_corruption is not None:  # a source has one of the two in a phase (phases_config.py)
+            row, loss_mask, outcomes = apply_span_corruption(
+                row, segments, span_corruption, key, self.tokenizer, self.sentinel_ids
+            )
+        elif fim is not None and fim.rate > 0:
+            row, loss_mask, outcomes = apply_fim(
+                row, segments, fim.rate, fim.spm_rate, key, self.tokenizer, self.fim_ids
+            )
+        else:
+            loss_mask, outcomes = np.ones(len(row) - 1, dtype=np.float32), [UNCHOSEN] * len(segments)
+        return row, loss_mask, outcomes, segments, epoch
 
     def open_epochs(self, positions: dict[str, int]) -> None:
         """Every source's indices for the epoch its next sample (positions: samples read) lies in, the

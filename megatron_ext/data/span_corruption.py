@@ -9,7 +9,9 @@ the layout of CodeGen2's infilling prompts (its model card: prefix <mask_1> suff
 <mask_1>, the model writing the span and <eom>). The rest of the documents stay causal LM, so `rate` is
 CodeGen2's causal / span-corruption mixture (its final recipe: half and half). Part 0 is encoded as a
 document's start (with SentencePiece's dummy-prefix space), every other part and span as text that follows
-a special token (fim.encode_part), so the ids decode to the document byte for byte. The loss is taken on
+a special token (fim.encode_part), so the ids decode to the document byte for byte; a run that starts
+inside its document encodes part 0 as text inside one (data/run_transforms.py), and a rewrite never loses
+its last span or <eom> to the row's end (it is shortened to fit). The loss is taken on
 every token, the spans and <eom> included.
 
 How the spans are chosen: CodeGen2's paper says it "first sample[s] a dynamic ratio of sequence to mask
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_ext.data.fim import encode_part
-from megatron_ext.data.run_transforms import rewrite_runs
+from megatron_ext.data.run_transforms import RunText, rewrite_runs
 from megatron_ext.data.source_stream import Segment
 from megatron_ext.tokenizer.crystal_tokenizer import special_token_ids
 
@@ -75,16 +77,17 @@ def _composition(total: int, parts: int, rng: np.random.Generator, positive: boo
 
 
 def corrupt_document(
-    text: str, rng: np.random.Generator, max_spans: int | None, max_ratio: float, tokenizer, ids: SentinelIds
-) -> list[int]:
-    """The run's ids in the layout above (the document unchanged when it is shorter than two characters);
-    max_spans None: as many as the tokenizer has sentinels."""
+    run: RunText, rng: np.random.Generator, max_spans: int | None, max_ratio: float, tokenizer, ids: SentinelIds
+) -> list[int] | None:
+    """The run's ids in the layout above, None (left as it is) when its text is shorter than two
+    characters; max_spans None: as many as the tokenizer has sentinels."""
+    text = run.text
     n = len(text)
     limit = len(ids.masks) if max_spans is None else min(max_spans, len(ids.masks))
     k = int(rng.integers(1, limit + 1))
     k = min(k, n // 2)
     if k == 0:
-        return tokenizer.encode(text)
+        return None
     masked = min(max(round(float(rng.uniform(0.0, max_ratio)) * n), k), n - 1)
     spans = _composition(masked, k, rng, positive=True)
     gaps = _composition(n - masked, k + 1, rng, positive=False)
@@ -94,25 +97,26 @@ def corrupt_document(
         cut.append(text[at + gap : at + gap + span])
         at += gap + span
     parts.append(text[at:])
-    out = corrupted(tokenizer, ids, parts)
+    out = corrupted(ids, run.encode(tokenizer, parts, first_follows_special=False), tokenizer.eod)
     for i, span in enumerate(cut):
         out += [ids.masks[i], *encode_part(tokenizer, span), ids.eom]
     return out
 
 
-def corrupted(tokenizer, ids: SentinelIds, parts: list[str]) -> list[int]:
-    """part_0 <mask_1> part_1 ... <mask_k> part_k <eod> <sep>: the document with its k spans cut out, part 0
-    encoded as a document's start, the others as text after a special token."""
-    out = tokenizer.encode(parts[0]) if parts[0] else []
+def corrupted(ids: SentinelIds, parts: list[list[int]], eod: int) -> list[int]:
+    """part_0 <mask_1> part_1 ... <mask_k> part_k <eod> <sep>: the document with its k spans cut out, from
+    the parts' ids (RunText.encode: part 0 as the run's own start, the others as text after a special)."""
+    out = list(parts[0])
     for i, part in enumerate(parts[1:]):
-        out += [ids.masks[i], *encode_part(tokenizer, part)]
-    return out + [tokenizer.eod, ids.sep]
+        out += [ids.masks[i], *part]
+    return out + [eod, ids.sep]
 
 
 def infilling_prompt(tokenizer, ids: SentinelIds, prefix: str, suffix: str) -> list[int]:
     """CodeGen2's infilling prompt, a training document with one span cut out, up to that span:
     prefix <mask_1> suffix <eod> <sep> <mask_1>. The model continues with the middle and <eom>."""
-    return [*corrupted(tokenizer, ids, [prefix, suffix]), ids.masks[0]]
+    parts = RunText(prefix + suffix).encode(tokenizer, [prefix, suffix], first_follows_special=False)
+    return [*corrupted(ids, parts, tokenizer.eod), ids.masks[0]]
 
 
 def apply_span_corruption(
@@ -122,8 +126,8 @@ def apply_span_corruption(
     key: tuple[int, ...],
     tokenizer,
     ids: SentinelIds,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens of the same length, loss mask for the labels tokens[1:]). spec: phases_config.SpanCorruptionSpec;
-    key: (seed, source, epoch)."""
-    rewrite = lambda text, rng: corrupt_document(text, rng, spec.max_spans, spec.max_ratio, tokenizer, ids)  # noqa: E731
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(tokens of the same length, loss mask for the labels tokens[1:], each run's outcome: run_transforms).
+    spec: phases_config.SpanCorruptionSpec; key: (seed, source, epoch)."""
+    rewrite = lambda run, rng: corrupt_document(run, rng, spec.max_spans, spec.max_ratio, tokenizer, ids)  # noqa: E731
     return rewrite_runs(tokens, segments, spec.rate, key, _SPAN_STREAM, tokenizer, rewrite, ids.pad)

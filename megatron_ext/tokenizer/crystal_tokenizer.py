@@ -135,11 +135,19 @@ class CrystalTokenizer:
         """Pieces decode as SentencePiece does; special ids render as their strings; padding ids vanish.
         Text after a special token keeps its leading space (it was encoded without a dummy prefix), as
         the exported Hugging Face tokenizer decodes it."""
+        return self._decode(ids, after_special=False)
+
+    def decode_after_special(self, ids) -> str:
+        """ids as they decode right after a special token, or inside a document: a leading "▁" stays a
+        space (decode drops it as the dummy prefix). What encode_after_special gives back these ids from."""
+        return self._decode(ids, after_special=True)
+
+    def _decode(self, ids, after_special: bool) -> str:
         out, run = [], []
 
         def flush():
             if run:
-                out.append((self._sp_after_special if out else self.sp).DecodeIds(run))
+                out.append((self._sp_after_special if out or after_special else self.sp).DecodeIds(run))
                 run.clear()
 
         for i in ids:
@@ -198,6 +206,14 @@ class HuggingFaceTokenizer:
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def decode_after_special(self, ids) -> str:
+        """ids as they decode right after a special token (a Metaspace decoder keeps the first piece's
+        space there): decoded behind one, whose text is then dropped."""
+        if self._special is None:
+            return self.decode(ids)
+        special = self.tokenizer.token_to_id(self._special)
+        return self.decode([special, *ids])[len(self.decode([special])) :]
 
 
 def special_token_ids(tokenizer) -> dict[str, int]:

@@ -294,17 +294,18 @@ def read_run_config(path: str) -> RunConfig:
 
 def _index_cache_dir(args: argparse.Namespace) -> str | None:
     """Where the phases' source indices live: --data-cache-path/phases, else data_cache in --save (None
-    without either: built in each process's memory). Checked writable here, before any work."""
+    without either: built in each process's memory). Checked writable here, before any work; created
+    only when the data is built, so that a start refused later leaves nothing behind."""
     if not args.phases or not (args.data_cache_path or args.save):
         return None
     root = (
         os.path.join(args.data_cache_path, "phases") if args.data_cache_path else os.path.join(args.save, "data_cache")
     )
     flag = "--data-cache-path" if args.data_cache_path else "--save"
-    from megatron_ext.data.index_cache import make_writable_directory
+    from megatron_ext.data.index_cache import check_writable_directory
 
     try:
-        make_writable_directory(root)
+        check_writable_directory(root)
     except OSError as e:
         raise ArgumentError(f"{flag} {args.data_cache_path or args.save}: cannot write the data indices to {root} "
                             f"({e.strerror or e})") from None  # fmt: skip

@@ -19,6 +19,7 @@ from megatron_ext import accelerators, checkpoint_files, checkpointing, cpu_comp
 from megatron_ext.atomic_files import write_text_atomically
 from megatron_ext.data.index_cache import IndexCacheError
 from megatron_ext.data.phases_config import PhasesConfigError
+from megatron_ext.data.run_transforms import OUTCOMES
 from megatron_ext.evaluation import eval_set
 from megatron_ext.kernels.fp8_linear import end_fp8_step
 from megatron_ext.model.crystal_gpt import build_model, transformer_config
@@ -69,9 +70,12 @@ def make_forward_step(
     num_slots: int | None = None,
     timers=None,
     packed: bool = False,
+    rewrites: torch.Tensor | None = None,
 ):
     """data_hashes: when given, the hashes of the samples this rank is the designated reader of (the model
-    chunk that embeds them, on tensor-parallel rank 0) are appended to it. num_slots: an evaluation's.
+    chunk that embeds them, on tensor-parallel rank 0) are appended to it. rewrites: when given, [sources,
+    run_transforms.OUTCOMES], to which the same reader adds its samples' counts of rewritten runs.
+    num_slots: an evaluation's.
     timers: Megatron-Core's, to time the wait for each batch (level 2, as Megatron-LM's batch-generator).
     packed: rows hold several requests (evaluation/eval_set.py): each attends only to itself, the mask
     derived from the position ids, which the chunks between the first and the last stage get alone."""
@@ -93,6 +97,8 @@ def make_forward_step(
         reader = getattr(model, "module", model).pre_process and parallel_state.get_tensor_model_parallel_rank() == 0
         if data_hashes is not None and reader:
             data_hashes.extend(sample_hash(t) for t in batch["tokens"])
+        if rewrites is not None and reader:
+            rewrites.index_add_(0, batch["source_id"].to(device), batch["rewrites"].to(device))
         tokens, labels, loss_mask, position_ids = (
             batch[k].to(device, non_blocking=True) for k in ("tokens", "labels", "loss_mask", "position_ids")
         )
@@ -183,7 +189,14 @@ class Trainer:
             raise TypeError(f"{type(feed).__name__} does not implement feeds.DataFeed")
         self.feed = feed
         self.data_hashes = [] if self.run.logging.log_data_hash else None
-        self.forward_step = make_forward_step(self.device, len(feed.source_names), self.data_hashes, timers=self.timers)
+        # The runs FIM or span corruption rewrote, counted on the samples' designated readers, summed each step.
+        phases = self.run.data.phases_config.phases if feed.phase is not None else ()
+        transforms = any(p.fim or p.span_corruption for p in phases)
+        shape = (len(feed.source_names), len(OUTCOMES))
+        self.rewrites = torch.zeros(shape, dtype=torch.int64, device=self.device) if transforms else None
+        self.forward_step = make_forward_step(
+            self.device, len(feed.source_names), self.data_hashes, timers=self.timers, rewrites=self.rewrites
+        )
 
     def train_iterators(self, steps: int) -> list:
         """One per model chunk (the interleaved schedule draws from each): the training batches of the
@@ -194,9 +207,19 @@ class Trainer:
         """The sum over all ranks of the last training step's sample hashes."""
         if self.data_hashes is None:
             return None
-        total = torch.tensor([sum(self.data_hashes)], dtype=torch.int64)
+        total = torch.tensor([sum(self.data_hashes)], dtype=torch.int64, device=self.device)
         torch.distributed.all_reduce(total)
         return int(total.item())
+
+    def _count_rewrites(self) -> None:
+        """The step's counts of rewritten runs, summed over all ranks (only the designated readers add to
+        them), into the feed's books (data_state.json, the checkpoint)."""
+        if self.rewrites is None:
+            return
+        total = self.rewrites.clone()
+        torch.distributed.all_reduce(total)
+        self.feed.add_rewrites(total.cpu())
+        self.rewrites.zero_()
 
     def _run(self, iterators: list, forward_only: bool, global_batch_size: int, forward_step=None) -> list[dict]:
         """One step's micro-batches through the pipeline schedule; iterators: one per model chunk (the
@@ -221,6 +244,7 @@ class Trainer:
         if self.data_hashes is not None:
             self.data_hashes.clear()  # what evaluation read is not part of the step
         losses = self._run(iterators, forward_only=False, global_batch_size=self.feed.step_batch_size())
+        self._count_rewrites()
         loss, by_source = _reduce_loss(losses)
         skipped = self.guard.check(self.model, loss, self.stop.signalled is not None)
         grad_norm, update_successful = None, False

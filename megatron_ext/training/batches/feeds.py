@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Protocol, runtime_checkable
 
+from megatron_ext.data.run_transforms import OUTCOMES
 from megatron_ext.training.batches import datasets, readers
 from megatron_ext.training.run_config import RunConfig
 
@@ -120,6 +121,14 @@ class PhaseFeed:
         self.consumed_samples = 0
         self.resume_note: str | None = None
         self._validation = None  # built at the first evaluation
+        # Per source, the runs FIM or span corruption chose, by run_transforms.OUTCOMES (Trainer adds each step's).
+        self.rewrites = {name: [0] * len(OUTCOMES) for name in self.source_names}
+        self.rewrites_since: int | None = None  # set when resumed from a checkpoint that had no counts
+
+    def add_rewrites(self, counts) -> None:
+        """counts: [sources, OUTCOMES], one step's over all ranks."""
+        for name, row in zip(self.source_names, counts.tolist()):
+            self.rewrites[name] = [a + b for a, b in zip(self.rewrites[name], row)]
 
     def step_phase(self) -> int:
         """The phase of the step about to run (the last phase once all are done)."""
@@ -165,7 +174,8 @@ class PhaseFeed:
         self.consumed_samples += gbs
 
     def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples, "schedule": self.schedule.state_dict()}
+        schedule = self.schedule.state_dict()
+        return {"consumed_samples": self.consumed_samples, "schedule": schedule, "rewrites": self.rewrites}
 
     def load_state_dict(self, state: dict | None) -> None:
         """The saved stream; resume_note says what changed when the phases file was edited since."""
@@ -174,6 +184,12 @@ class PhaseFeed:
         self.consumed_samples = state["consumed_samples"] if state else 0
         if not state or state["schedule"] is None:  # a blend's checkpoint: the phases start from the top
             return
+        # A checkpoint from before the counts: they count from this resume on (data_state.json says so).
+        saved = state.get("rewrites") or {}
+        self.rewrites_since = None if "rewrites" in state else self.consumed_samples
+        for name in self.source_names:
+            if name in saved:
+                self.rewrites[name] = list(saved[name])
         self.schedule, self.resume_note = PhaseSchedule.from_state_dict(
             self.config, state["schedule"], self.consumed_samples
         )
@@ -184,6 +200,10 @@ class PhaseFeed:
         sources = {
             stream.spec.name: stream.consumed(state.positions[stream.spec.name]) for stream in self.train.streams
         }
+        for name, used in sources.items():  # the runs FIM or span corruption chose (data/run_transforms.py)
+            used["rewritten_runs"] = dict(zip(OUTCOMES, self.rewrites[name]))
+            if self.rewrites_since is not None:
+                used["rewritten_runs"]["counted_from_sample"] = self.rewrites_since
         files: dict[str, dict] = {}  # over all sources: a file two sources read counts both
         for name, used in sources.items():
             for prefix, documents in used["documents_per_file"].items():
