@@ -40,7 +40,12 @@ def _validate(argv, world_size=1):
             2,
             "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2",
         ),
-        (["--load", "/nonexistent/ckpt"], 1, "--load /nonexistent/ckpt: no such directory"),
+        (
+            ["--load", "/nonexistent/ckpt", "--exit-on-missing-checkpoint"],
+            1,
+            "--load /nonexistent/ckpt: no checkpoint there (no latest_checkpointed_iteration.txt), and "
+            "--exit-on-missing-checkpoint is given",
+        ),
         (["--model", "crystal-13b"], 1, "--model 'crystal-13b' is not a preset"),
         (
             ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"],
@@ -58,6 +63,13 @@ def test_bad_layout_is_named(argv, world_size, message):
         _validate(argv, world_size)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_load_of_a_directory_not_made_yet_starts_fresh(tmp_path):
+    """Megatron-LM's meaning, which a first launch of a --save = --load script relies on: accepted (the
+    run prints that it starts fresh); --exit-on-missing-checkpoint refuses it (test_bad_layout_is_named)."""
+    run = _validate(["--mock-data", "--load", str(tmp_path / "not_yet"), "--save", str(tmp_path / "not_yet")], 1)
+    assert run.checkpoint.load == str(tmp_path / "not_yet") and not (tmp_path / "not_yet").exists()
 
 
 def test_good_layout_derives_sizes(tmp_path):

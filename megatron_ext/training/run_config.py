@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from megatron_ext.checkpoint_files import TRACKER
 from megatron_ext.kernels.fp8_scaling import FORMATS, RECIPES
 from megatron_ext.kernels.selection import ATTENTION_BACKENDS, TE_ONLY_RECIPES
 from megatron_ext.tokenizer.crystal_tokenizer import DEFAULT_TOKENIZER_TYPE, TOKENIZER_TYPES
@@ -374,7 +375,10 @@ class CheckpointSection:
     save: str | None = None
     """checkpoint directory"""
     load: str | None = None
-    """checkpoint directory to resume from (an empty directory starts fresh)"""
+    """checkpoint directory to resume from; one with no checkpoint, or none yet, starts fresh with a line
+    saying so (Megatron-LM's behaviour, which first launches of --save = --load scripts rely on)"""
+    exit_on_missing_checkpoint: bool = False
+    """with --load: refuse to start when it holds no checkpoint, instead of starting fresh (Megatron-LM)"""
     ckpt_step: int | None = None
     """with --load: resume from this iteration's checkpoint (default: the latest)"""
     finetune: bool = False
@@ -400,7 +404,12 @@ class CheckpointSection:
 
     def __post_init__(self):
         if self.load is not None:
-            require(os.path.isdir(self.load), f"--load {self.load}: no such directory")
+            require(not os.path.exists(self.load) or os.path.isdir(self.load), f"--load {self.load}: not a directory")
+            require(
+                not self.exit_on_missing_checkpoint or os.path.isfile(os.path.join(self.load, TRACKER)),
+                f"--load {self.load}: no checkpoint there (no {TRACKER}), and --exit-on-missing-checkpoint is given",
+            )
+        require(self.load or not self.exit_on_missing_checkpoint, "--exit-on-missing-checkpoint needs --load")
         if self.ckpt_step is not None:
             require(self.load is not None, "--ckpt-step needs --load")
             require(
