@@ -539,7 +539,7 @@ def test_killed_run_resumes_the_same_stream(straight, tmp_path):
     dataset = PhasedDataset(config, 32, CrystalTokenizer(str(TOKENIZER)))
     replayed = {name: [0] * len(OUTCOMES) for name in config.source_names}
     for ref in PhaseSchedule(config).take(6 * 8):
-        counts = dataset[ref]["rewrites"].tolist()
+        counts = dataset[ref]["row_counts"][: len(OUTCOMES)].tolist()
         name = config.source_names[ref.source]
         replayed[name] = [a + b for a, b in zip(replayed[name], counts)]
     books = json.loads(data_state)["sources"]

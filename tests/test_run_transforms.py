@@ -175,8 +175,8 @@ def test_rows_at_sequence_256_end_with_complete_answers_and_count_them():
             out = [*item["tokens"].tolist(), item["labels"][-1].item()]
             raw, runs, _ = stream.sample(ref.index)
             found = _walk(out, raw.tolist(), list(runs), tok, dataset, kind)
-            assert found.tolist() == item["rewrites"][[REWRITTEN, SHORTENED]].tolist(), ref
-            totals += item["rewrites"].numpy()
+            assert found.tolist() == item["row_counts"][[REWRITTEN, SHORTENED]].tolist(), ref
+            totals += item["row_counts"][: len(OUTCOMES)].numpy()
             seen += found
         # A code document is longer than a row: most rows are one run from inside a document that fills it.
         assert seen[0] >= 3 and seen[1] > 100 and totals[REWRITTEN] + totals[SHORTENED] == seen.sum(), (seen, totals)

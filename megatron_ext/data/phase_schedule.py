@@ -9,6 +9,9 @@ phase of Crystal's size (452M samples) would take gigabytes; the tests hold the 
 A source's position (the number of its samples consumed) carries over from phase to phase, so a source
 used again continues where it stopped. The state (phase, sample within the phase, the rule's counts, every
 source's position) is a few integers, saved in each checkpoint: resuming continues the same stream.
+
+A phase with `order: cerebras` (HDF5 sources) takes Cerebras's Mixture order instead (data/cerebras_order.py):
+its samples are a function of the sample within the phase alone.
 """
 
 from __future__ import annotations
@@ -70,17 +73,37 @@ class PhaseSchedule:
             s.phase, s.phase_sample, s.segment_start, s.counts = s.phase + 1, 0, 0, [0] * len(self.names)
         if self.finished:
             raise StopIteration("the phases file's last phase is over")
-        i = max(s.phase_sample - s.segment_start, 1)
-        errors = [w * i - c if w > 0 else float("-inf") for w, c in zip(self._weights(), s.counts)]
-        source = max(range(len(errors)), key=errors.__getitem__)
+        if self.phase.order == "cerebras":
+            source, index = self._cerebras_next()
+        else:
+            i = max(s.phase_sample - s.segment_start, 1)
+            errors = [w * i - c if w > 0 else float("-inf") for w, c in zip(self._weights(), s.counts)]
+            source = max(range(len(errors)), key=errors.__getitem__)
+            index = s.positions[self.names[source]]
         name = self.names[source]
-        ref = SampleRef(s.phase, source, s.positions[name])
+        ref = SampleRef(s.phase, source, index)
         s.counts[source] += 1
         s.positions[name] += 1
         realised = s.realised[s.phase]
         realised[name] = realised.get(name, 0) + 1
         s.phase_sample += 1
         return ref
+
+    def _cerebras_next(self) -> tuple[int, int]:
+        """(source, its sample) at the phase's next position in Cerebras's order (data/cerebras_order.py)."""
+        from megatron_ext.data.cerebras_order import mixture
+
+        phase, sources = self.phase, self.config.sources
+        names = list(phase.blend)
+        mix = mixture(tuple(sources[n].samples for n in names), tuple(phase.blend.values()), phase.order_seed)
+        per_epoch = len(mix) // phase.global_batch_size * phase.global_batch_size
+        if per_epoch == 0:
+            raise PhasesConfigError(
+                f"{self.config.path}: phase {phase.name!r}: its Cerebras mixture holds {len(mix)} samples, fewer "
+                f"than one global batch of {phase.global_batch_size}"
+            )
+        source, index = mix.at(self.state.phase_sample % per_epoch)
+        return self.names.index(names[source]), index
 
     def take(self, n: int) -> list[SampleRef]:
         return [self.next() for _ in range(n)]

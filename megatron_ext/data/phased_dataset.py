@@ -16,11 +16,16 @@ import numpy as np
 import torch
 
 from megatron_ext.data.fim import FimTokenIds, apply_fim
+from megatron_ext.data.hdf5_source import Hdf5Source
 from megatron_ext.data.phase_schedule import PhaseSchedule, SampleRef
 from megatron_ext.data.phases_config import PhasesConfig, PhasesConfigError
-from megatron_ext.data.run_transforms import UNCHOSEN, outcome_counts
+from megatron_ext.data.run_transforms import OUTCOMES, UNCHOSEN, outcome_counts
 from megatron_ext.data.source_stream import SourceStream
 from megatron_ext.data.span_corruption import SentinelIds, apply_span_corruption
+
+# Per row, what the loss should know happened to it: the runs FIM or span corruption chose, by
+# run_transforms.OUTCOMES; an HDF5 sample whose labels are not its next inputs; one that could not be read.
+ROW_COUNTS = (*OUTCOMES, "labels_not_next_input", "unreadable")
 
 
 class PhasedDataset(torch.utils.data.Dataset):
@@ -29,10 +34,13 @@ class PhasedDataset(torch.utils.data.Dataset):
     ):
         """cache_dir: the sources' indices on disk (data/index_cache.py); None: in this process's memory."""
         self.config = config
-        self.streams = _side_by_side(
-            lambda spec: SourceStream(spec, seq_length, config.seed, config.validation_fraction, split, cache_dir),
-            list(config.sources.values()),
-        )
+
+        def stream(spec):
+            if spec.is_hdf5:
+                return Hdf5Source(spec, seq_length)
+            return SourceStream(spec, seq_length, config.seed, config.validation_fraction, split, cache_dir)
+
+        self.streams = _side_by_side(stream, list(config.sources.values()))
         for stream in self.streams:
             if stream.samples_per_epoch == 0:
                 raise PhasesConfigError(
@@ -45,18 +53,36 @@ class PhasedDataset(torch.utils.data.Dataset):
         self.position_ids = torch.arange(seq_length, dtype=torch.long)
 
     def __getitem__(self, ref: SampleRef) -> dict:
-        row, loss_mask, outcomes, _, _ = self.transformed(ref)
-        row = torch.from_numpy(row)
+        counts = np.zeros(len(ROW_COUNTS), dtype=np.int64)
+        if isinstance(self.streams[ref.source], Hdf5Source):
+            tokens, labels, loss_mask = self._ready_sample(ref, counts)
+        else:
+            row, loss_mask, outcomes, _, _ = self.transformed(ref)
+            counts[: len(OUTCOMES)] = outcome_counts(outcomes)
+            row = torch.from_numpy(row)
+            tokens, labels, loss_mask = row[:-1], row[1:], torch.from_numpy(loss_mask)
         return {
-            "tokens": row[:-1],
-            "labels": row[1:],
-            "loss_mask": torch.from_numpy(loss_mask),
+            "tokens": tokens,
+            "labels": labels,
+            "loss_mask": loss_mask,
             "position_ids": self.position_ids,
             "source_id": torch.tensor(ref.source),
-            # The runs FIM or span corruption chose, by run_transforms.OUTCOMES: every row has them, so that a
-            # reader's micro-batches keep one layout across phases (readers.TensorGroupBatches).
-            "rewrites": torch.from_numpy(outcome_counts(outcomes)),
+            # What happened to the row, by ROW_COUNTS: every row has them, so that a reader's micro-batches keep
+            # one layout across phases (readers.TensorGroupBatches).
+            "row_counts": torch.from_numpy(counts),
         }
+
+    def _ready_sample(self, ref: SampleRef, counts: np.ndarray):
+        """An HDF5 sample as stored: (input ids, labels, loss mask); a row that cannot be read becomes one
+        without loss, counted."""
+        sample, _ = self.streams[ref.source].read(ref.index)
+        if sample is None:
+            counts[ROW_COUNTS.index("unreadable")] = 1
+            zeros = torch.zeros(len(self.position_ids), dtype=torch.int64)
+            return zeros, zeros, torch.zeros(len(self.position_ids), dtype=torch.float32)
+        ids, mask, labels = sample
+        counts[ROW_COUNTS.index("labels_not_next_input")] = int(not np.array_equal(labels[:-1], ids[1:]))
+        return torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy((mask != 0).astype(np.float32))
 
     def transformed(self, ref: SampleRef):
         """(tokens [seq_length + 1] after the phase's FIM or span corruption, loss mask of the labels, each

@@ -41,9 +41,24 @@ class PhasesConfigError(ValueError):
 @dataclass(frozen=True)
 class SourceSpec:
     name: str
-    prefixes: tuple[str, ...]
+    prefixes: tuple[str, ...]  # indexed datasets (empty for an HDF5 source)
     subset: float = 1.0
     max_epochs: int | None = None
+    hdf5: tuple[str, ...] = ()  # directories of ready samples (data/hdf5_source.py)
+    data_subset: tuple[tuple[float, float], ...] | None = None  # Cerebras's fraction ranges of an HDF5 source
+    hdf5_files: object = None  # hdf5_source.Hdf5Files: the files in reading order, scanned at load
+
+    @property
+    def is_hdf5(self) -> bool:
+        return bool(self.hdf5)
+
+    @property
+    def samples(self) -> int:
+        """An HDF5 source's samples after data_subset (what Cerebras's Mixture takes as its length)."""
+        from megatron_ext.data.hdf5_source import subset_rows
+
+        kept = subset_rows(self.hdf5_files.total, self.data_subset)
+        return int((kept[:, 1] - kept[:, 0]).sum())
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,10 @@ class PhaseSpec:
     fim: dict[str, FimSpec]
     lr: LRSpec
     span_corruption: dict[str, SpanCorruptionSpec] = field(default_factory=dict)
+    # "blend": Megatron-Core's blending rule; "cerebras": Cerebras's Mixture over HDF5 sources
+    # (phase_schedule.py), interleaved with order_seed (its shuffle_seed).
+    order: str = "blend"
+    order_seed: int = 1
 
     @property
     def samples(self) -> int:
@@ -118,9 +137,15 @@ class PhasesConfig:
             n: {"files": [file_shape(p) for p in s.prefixes], "subset": s.subset, "max_epochs": s.max_epochs}
             for n, s in self.sources.items()
         }
-        # Without span corruption a phase reads as it did before the key existed (the same fingerprint).
+        for n, s in self.sources.items():
+            if s.is_hdf5:  # file names and sample counts, not where they sit
+                names = [os.path.basename(p) for p in s.hdf5_files.paths]
+                sources[n].update(hdf5=list(zip(names, s.hdf5_files.rows)), data_subset=s.data_subset)
+        # Keys at their defaults are left out, so that a phase reads as it did before they existed.
+        defaults = {"span_corruption": {}, "order": "blend", "order_seed": 1}
         phases = [
-            {k: v for k, v in asdict(p).items() if k != "lr" and (k != "span_corruption" or v)} for p in self.phases
+            {k: v for k, v in asdict(p).items() if k != "lr" and not (k in defaults and v == defaults[k])}
+            for p in self.phases
         ]
         described = {
             "seed": self.seed,
@@ -134,7 +159,10 @@ class PhasesConfig:
 def overlapping_sources(config: PhasesConfig) -> list[str]:
     """One line per pair of sources that read the same files. Each source keeps its own read position,
     so a document read through one is read again through the other, and max_epochs cannot see it."""
-    files = {name: {os.path.realpath(p) for p in spec.prefixes} for name, spec in config.sources.items()}
+    files = {
+        name: {os.path.realpath(p) for p in (*spec.prefixes, *(spec.hdf5_files.paths if spec.is_hdf5 else ()))}
+        for name, spec in config.sources.items()
+    }
     names, lines = list(files), []
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
@@ -187,7 +215,16 @@ def _only_keys(value: dict, allowed: set[str], where: str) -> None:
 
 def _source(name: str, raw, where: str) -> SourceSpec:
     raw = _mapping(raw, where)
-    _only_keys(raw, {"prefixes", "subset", "max_epochs"}, where)
+    _only_keys(raw, {"prefixes", "subset", "max_epochs", "hdf5", "data_subset"}, where)
+    if ("prefixes" in raw) == ("hdf5" in raw):
+        raise PhasesConfigError(f"{where}: give exactly one of 'prefixes' (indexed datasets) and 'hdf5' (directories)")
+    max_epochs = raw.get("max_epochs")
+    if max_epochs is not None:
+        max_epochs = _number(max_epochs, f"{where}.max_epochs", integer=True, low=1)
+    if "hdf5" in raw:
+        return _hdf5_source(name, raw, where, max_epochs)
+    if "data_subset" in raw:
+        raise PhasesConfigError(f"{where}.data_subset: only for an hdf5 source (an indexed one takes 'subset')")
     prefixes = raw.get("prefixes")
     if isinstance(prefixes, str):
         prefixes = [prefixes]
@@ -201,10 +238,30 @@ def _source(name: str, raw, where: str) -> SourceSpec:
                 raise PhasesConfigError(f"{where}.prefixes: {path + ext} does not exist")
         resolved.append(path)
     subset = _number(raw.get("subset", 1.0), f"{where}.subset", low=0.0, high=1.0, low_open=True)
-    max_epochs = raw.get("max_epochs")
-    if max_epochs is not None:
-        max_epochs = _number(max_epochs, f"{where}.max_epochs", integer=True, low=1)
     return SourceSpec(name, tuple(resolved), float(subset), max_epochs)
+
+
+def _hdf5_source(name: str, raw: dict, where: str, max_epochs: int | None) -> SourceSpec:
+    """Directories of ready samples (data/hdf5_source.py), every file's header checked here."""
+    from megatron_ext.data.hdf5_source import Hdf5SourceError, parse_subset, scan
+
+    if "subset" in raw:
+        raise PhasesConfigError(f"{where}.subset: an hdf5 source takes data_subset (Cerebras's ranges, e.g. 0.0-0.1)")
+    directories = raw["hdf5"]
+    if isinstance(directories, str):
+        directories = [directories]
+    if not directories or not all(isinstance(d, str) for d in directories):
+        raise PhasesConfigError(f"{where}.hdf5: give one or more directories of *.h5 files")
+    directories = [os.path.normpath(os.path.expandvars(d)) for d in directories]
+    try:
+        subset = parse_subset(raw["data_subset"], f"{where}.data_subset") if "data_subset" in raw else None
+        files = scan(directories, f"{where}.hdf5")
+    except Hdf5SourceError as e:
+        raise PhasesConfigError(str(e)) from None
+    spec = SourceSpec(name, (), 1.0, max_epochs, tuple(directories), subset, files)
+    if spec.samples == 0:
+        raise PhasesConfigError(f"{where}.data_subset: {raw['data_subset']!r} keeps none of the {files.total} samples")
+    return spec
 
 
 def _phase(
@@ -218,7 +275,8 @@ def _phase(
     sentinels: int | None,
 ) -> PhaseSpec:
     raw = _mapping(raw, where)
-    _only_keys(raw, {"name", "iters", "tokens", "global_batch_size", "blend", "fim", "span_corruption", "lr"}, where)
+    keys = {"name", "iters", "tokens", "global_batch_size", "blend", "fim", "span_corruption", "lr", "order", "seed"}
+    _only_keys(raw, keys, where)
     name = raw.get("name", f"phase{i}")
     if not isinstance(name, str) or not name:
         raise PhasesConfigError(f"{where}.name: expected a non-empty string")
@@ -255,6 +313,24 @@ def _phase(
             fim[source] = FimSpec(float(rate), float(spm))
 
     span_corruption = _span_corruption(raw, where, sources, fim, sentinels)
+    for source in (*fim, *span_corruption):
+        if sources[source].is_hdf5:
+            kind = "fim" if source in fim else "span_corruption"
+            raise PhasesConfigError(
+                f"{where}.{kind}.{source}: an hdf5 source's samples are used as they are (Crystal's released data "
+                "has FIM applied offline); drop the online transform"
+            )
+    order = raw.get("order", "blend")
+    if order not in ("blend", "cerebras"):
+        raise PhasesConfigError(f"{where}.order: {order!r} is not one of blend, cerebras")
+    order_seed = _number(raw.get("seed", 1), f"{where}.seed", integer=True, low=0)
+    if "seed" in raw and order != "cerebras":
+        raise PhasesConfigError(f"{where}.seed: only with order: cerebras (its shuffle seed)")
+    not_hdf5 = [s for s in blend if not sources[s].is_hdf5]
+    if order == "cerebras" and not_hdf5:
+        raise PhasesConfigError(f"{where}.order: cerebras needs hdf5 sources; {not_hdf5[0]!r} is not one")
+    if order == "cerebras" and max(blend.values()) <= 0.05:
+        raise PhasesConfigError(f"{where}.blend: order cerebras needs a source of weight above 0.05 (its epoch rule)")
 
     lr_raw = _mapping(raw.get("lr"), f"{where}.lr")
     _only_keys(lr_raw, {"peak", "min", "warmup_iters", "decay_style", "decay_iters"}, f"{where}.lr")
@@ -272,7 +348,7 @@ def _phase(
         raise PhasesConfigError(f"{where}.lr.decay_style: {lr.decay_style!r} is not one of {', '.join(DECAY_STYLES)}")
     if lr.warmup_iters >= (lr.decay_iters or iters) and lr.decay_style != "constant":
         raise PhasesConfigError(f"{where}.lr.warmup_iters: {lr.warmup_iters} must be below the decay length")
-    return PhaseSpec(name, iters, gbs, blend, fim, lr, span_corruption)
+    return PhaseSpec(name, iters, gbs, blend, fim, lr, span_corruption, order, order_seed)
 
 
 def _per_source(raw: dict, key: str, keys: set, where: str, sources: dict):
@@ -353,4 +429,17 @@ def load_phases(
     names = [p.name for p in phases]
     if len(set(names)) != len(names):
         raise PhasesConfigError(f"{path}: phases: names must be unique, got {names}")
+    for name, source in sources.items():
+        if not source.is_hdf5:
+            continue
+        if source.hdf5_files.width != seq_length:
+            raise PhasesConfigError(
+                f"{path}: sources.{name}: its samples are {source.hdf5_files.width} tokens wide "
+                f"({source.hdf5_files.paths[0]}); run with --seq-length {source.hdf5_files.width}"
+            )
+        if validation:
+            raise PhasesConfigError(
+                f"{path}: validation_fraction: source {name!r} is hdf5, whose samples hold no documents to hold out; "
+                "use 0 (evaluate on held-out sets instead)"
+            )
     return PhasesConfig(path, seed, float(validation), sources, phases)

@@ -18,8 +18,8 @@ from megatron.core.timers import Timers
 from megatron_ext import accelerators, checkpoint_files, checkpointing, cpu_compat, megatron_workarounds
 from megatron_ext.atomic_files import write_text_atomically
 from megatron_ext.data.index_cache import IndexCacheError
+from megatron_ext.data.phased_dataset import ROW_COUNTS
 from megatron_ext.data.phases_config import PhasesConfigError
-from megatron_ext.data.run_transforms import OUTCOMES
 from megatron_ext.evaluation import eval_set
 from megatron_ext.kernels.fp8_linear import end_fp8_step
 from megatron_ext.model.crystal_gpt import build_model, transformer_config
@@ -74,7 +74,7 @@ def make_forward_step(
 ):
     """data_hashes: when given, the hashes of the samples this rank is the designated reader of (the model
     chunk that embeds them, on tensor-parallel rank 0) are appended to it. rewrites: when given, [sources,
-    run_transforms.OUTCOMES], to which the same reader adds its samples' counts of rewritten runs.
+    phased_dataset.ROW_COUNTS], to which the same reader adds its samples' counts.
     num_slots: an evaluation's.
     timers: Megatron-Core's, to time the wait for each batch (level 2, as Megatron-LM's batch-generator).
     packed: rows hold several requests (evaluation/eval_set.py): each attends only to itself, the mask
@@ -98,7 +98,7 @@ def make_forward_step(
         if data_hashes is not None and reader:
             data_hashes.extend(sample_hash(t) for t in batch["tokens"])
         if rewrites is not None and reader:
-            rewrites.index_add_(0, batch["source_id"].to(device), batch["rewrites"].to(device))
+            rewrites.index_add_(0, batch["source_id"].to(device), batch["row_counts"].to(device))
         tokens, labels, loss_mask, position_ids = (
             batch[k].to(device, non_blocking=True) for k in ("tokens", "labels", "loss_mask", "position_ids")
         )
@@ -189,10 +189,12 @@ class Trainer:
             raise TypeError(f"{type(feed).__name__} does not implement feeds.DataFeed")
         self.feed = feed
         self.data_hashes = [] if self.run.logging.log_data_hash else None
-        # The runs FIM or span corruption rewrote, counted on the samples' designated readers, summed each step.
-        phases = self.run.data.phases_config.phases if feed.phase is not None else ()
-        transforms = any(p.fim or p.span_corruption for p in phases)
-        shape = (len(feed.source_names), len(OUTCOMES))
+        # What happened to the rows (phased_dataset.ROW_COUNTS: rewritten runs, HDF5 rows whose labels are not
+        # the next inputs), counted on the samples' designated readers, summed each step.
+        config = self.run.data.phases_config if feed.phase is not None else None
+        phases, sources = (config.phases, config.sources.values()) if config else ((), ())
+        transforms = any(p.fim or p.span_corruption for p in phases) or any(s.is_hdf5 for s in sources)
+        shape = (len(feed.source_names), len(ROW_COUNTS))
         self.rewrites = torch.zeros(shape, dtype=torch.int64, device=self.device) if transforms else None
         self.forward_step = make_forward_step(
             self.device, len(feed.source_names), self.data_hashes, timers=self.timers, rewrites=self.rewrites

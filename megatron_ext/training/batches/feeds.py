@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Protocol, runtime_checkable
 
+from megatron_ext.data.phased_dataset import ROW_COUNTS
 from megatron_ext.data.run_transforms import OUTCOMES
 from megatron_ext.training.batches import datasets, readers
 from megatron_ext.training.run_config import RunConfig
@@ -121,12 +122,12 @@ class PhaseFeed:
         self.consumed_samples = 0
         self.resume_note: str | None = None
         self._validation = None  # built at the first evaluation
-        # Per source, the runs FIM or span corruption chose, by run_transforms.OUTCOMES (Trainer adds each step's).
-        self.rewrites = {name: [0] * len(OUTCOMES) for name in self.source_names}
+        # Per source, phased_dataset.ROW_COUNTS (Trainer adds each step's).
+        self.rewrites = {name: [0] * len(ROW_COUNTS) for name in self.source_names}
         self.rewrites_since: int | None = None  # set when resumed from a checkpoint that had no counts
 
     def add_rewrites(self, counts) -> None:
-        """counts: [sources, OUTCOMES], one step's over all ranks."""
+        """counts: [sources, ROW_COUNTS], one step's over all ranks."""
         for name, row in zip(self.source_names, counts.tolist()):
             self.rewrites[name] = [a + b for a, b in zip(self.rewrites[name], row)]
 
@@ -189,7 +190,7 @@ class PhaseFeed:
         self.rewrites_since = None if "rewrites" in state else self.consumed_samples
         for name in self.source_names:
             if name in saved:
-                self.rewrites[name] = list(saved[name])
+                self.rewrites[name] = [*saved[name], 0, 0][: len(ROW_COUNTS)]
         self.schedule, self.resume_note = PhaseSchedule.from_state_dict(
             self.config, state["schedule"], self.consumed_samples
         )
@@ -201,7 +202,10 @@ class PhaseFeed:
             stream.spec.name: stream.consumed(state.positions[stream.spec.name]) for stream in self.train.streams
         }
         for name, used in sources.items():  # the runs FIM or span corruption chose (data/run_transforms.py)
-            used["rewritten_runs"] = dict(zip(OUTCOMES, self.rewrites[name]))
+            counts = dict(zip(ROW_COUNTS, self.rewrites[name]))
+            used["rewritten_runs"] = {k: counts[k] for k in OUTCOMES}
+            if self.config.sources[name].is_hdf5:
+                used.update({k: counts[k] for k in ROW_COUNTS[len(OUTCOMES) :]})
             if self.rewrites_since is not None:
                 used["rewritten_runs"]["counted_from_sample"] = self.rewrites_since
         files: dict[str, dict] = {}  # over all sources: a file two sources read counts both
