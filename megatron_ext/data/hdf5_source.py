@@ -121,7 +121,7 @@ class Hdf5Source:
         kept = subset_rows(self.files.total, spec.data_subset)
         self._kept = kept
         self._kept_ends = np.cumsum(kept[:, 1] - kept[:, 0])
-        self.samples_per_epoch = int(self._kept_ends[-1])
+        self.samples_per_epoch = spec.samples
         self.tokens_per_epoch = self.samples_per_epoch * seq_length
         self._open: collections.OrderedDict = collections.OrderedDict()
         self._pid = os.getpid()
@@ -158,7 +158,9 @@ class Hdf5Source:
         try:
             sample = np.asarray(self._handle(path)["data"][row], dtype=np.int64)
         except (OSError, KeyError, ValueError):
-            self._open.pop(path, None)
+            handle = self._open.pop(path, None)
+            if handle is not None:
+                handle.close()
             sample = None
         return sample, k // self.samples_per_epoch
 

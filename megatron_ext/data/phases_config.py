@@ -52,7 +52,7 @@ class SourceSpec:
     def is_hdf5(self) -> bool:
         return bool(self.hdf5)
 
-    @property
+    @functools.cached_property  # asked for at every sample of a Cerebras-ordered phase (phase_schedule.py)
     def samples(self) -> int:
         """An HDF5 source's samples after data_subset (what Cerebras's Mixture takes as its length)."""
         from megatron_ext.data.hdf5_source import subset_rows

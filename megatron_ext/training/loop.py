@@ -70,10 +70,10 @@ def make_forward_step(
     num_slots: int | None = None,
     timers=None,
     packed: bool = False,
-    rewrites: torch.Tensor | None = None,
+    row_counts: torch.Tensor | None = None,
 ):
     """data_hashes: when given, the hashes of the samples this rank is the designated reader of (the model
-    chunk that embeds them, on tensor-parallel rank 0) are appended to it. rewrites: when given, [sources,
+    chunk that embeds them, on tensor-parallel rank 0) are appended to it. row_counts: when given, [sources,
     phased_dataset.ROW_COUNTS], to which the same reader adds its samples' counts.
     num_slots: an evaluation's.
     timers: Megatron-Core's, to time the wait for each batch (level 2, as Megatron-LM's batch-generator).
@@ -97,8 +97,8 @@ def make_forward_step(
         reader = getattr(model, "module", model).pre_process and parallel_state.get_tensor_model_parallel_rank() == 0
         if data_hashes is not None and reader:
             data_hashes.extend(sample_hash(t) for t in batch["tokens"])
-        if rewrites is not None and reader:
-            rewrites.index_add_(0, batch["source_id"].to(device), batch["row_counts"].to(device))
+        if row_counts is not None and reader:
+            row_counts.index_add_(0, batch["source_id"].to(device), batch["row_counts"].to(device))
         tokens, labels, loss_mask, position_ids = (
             batch[k].to(device, non_blocking=True) for k in ("tokens", "labels", "loss_mask", "position_ids")
         )
@@ -193,11 +193,11 @@ class Trainer:
         # the next inputs), counted on the samples' designated readers, summed each step.
         config = self.run.data.phases_config if feed.phase is not None else None
         phases, sources = (config.phases, config.sources.values()) if config else ((), ())
-        transforms = any(p.fim or p.span_corruption for p in phases) or any(s.is_hdf5 for s in sources)
+        counted = any(p.fim or p.span_corruption for p in phases) or any(s.is_hdf5 for s in sources)
         shape = (len(feed.source_names), len(ROW_COUNTS))
-        self.rewrites = torch.zeros(shape, dtype=torch.int64, device=self.device) if transforms else None
+        self.row_counts = torch.zeros(shape, dtype=torch.int64, device=self.device) if counted else None
         self.forward_step = make_forward_step(
-            self.device, len(feed.source_names), self.data_hashes, timers=self.timers, rewrites=self.rewrites
+            self.device, len(feed.source_names), self.data_hashes, timers=self.timers, row_counts=self.row_counts
         )
 
     def train_iterators(self, steps: int) -> list:
@@ -213,15 +213,15 @@ class Trainer:
         torch.distributed.all_reduce(total)
         return int(total.item())
 
-    def _count_rewrites(self) -> None:
-        """The step's counts of rewritten runs, summed over all ranks (only the designated readers add to
-        them), into the feed's books (data_state.json, the checkpoint)."""
-        if self.rewrites is None:
+    def _count_rows(self) -> None:
+        """The step's row counts, summed over all ranks (only the designated readers add to them), into the
+        feed's books (data_state.json, the checkpoint)."""
+        if self.row_counts is None:
             return
-        total = self.rewrites.clone()
+        total = self.row_counts.clone()
         torch.distributed.all_reduce(total)
-        self.feed.add_rewrites(total.cpu())
-        self.rewrites.zero_()
+        self.feed.add_row_counts(total.cpu())
+        self.row_counts.zero_()
 
     def _run(self, iterators: list, forward_only: bool, global_batch_size: int, forward_step=None) -> list[dict]:
         """One step's micro-batches through the pipeline schedule; iterators: one per model chunk (the
@@ -246,7 +246,7 @@ class Trainer:
         if self.data_hashes is not None:
             self.data_hashes.clear()  # what evaluation read is not part of the step
         losses = self._run(iterators, forward_only=False, global_batch_size=self.feed.step_batch_size())
-        self._count_rewrites()
+        self._count_rows()
         loss, by_source = _reduce_loss(losses)
         skipped = self.guard.check(self.model, loss, self.stop.signalled is not None)
         grad_norm, update_successful = None, False

@@ -123,13 +123,13 @@ class PhaseFeed:
         self.resume_note: str | None = None
         self._validation = None  # built at the first evaluation
         # Per source, phased_dataset.ROW_COUNTS (Trainer adds each step's).
-        self.rewrites = {name: [0] * len(ROW_COUNTS) for name in self.source_names}
-        self.rewrites_since: int | None = None  # set when resumed from a checkpoint that had no counts
+        self.row_counts = {name: [0] * len(ROW_COUNTS) for name in self.source_names}
+        self.row_counts_since: int | None = None  # set when resumed from a checkpoint that had no counts
 
-    def add_rewrites(self, counts) -> None:
+    def add_row_counts(self, counts) -> None:
         """counts: [sources, ROW_COUNTS], one step's over all ranks."""
         for name, row in zip(self.source_names, counts.tolist()):
-            self.rewrites[name] = [a + b for a, b in zip(self.rewrites[name], row)]
+            self.row_counts[name] = [a + b for a, b in zip(self.row_counts[name], row)]
 
     def step_phase(self) -> int:
         """The phase of the step about to run (the last phase once all are done)."""
@@ -176,7 +176,7 @@ class PhaseFeed:
 
     def state_dict(self) -> dict:
         schedule = self.schedule.state_dict()
-        return {"consumed_samples": self.consumed_samples, "schedule": schedule, "rewrites": self.rewrites}
+        return {"consumed_samples": self.consumed_samples, "schedule": schedule, "row_counts": self.row_counts}
 
     def load_state_dict(self, state: dict | None) -> None:
         """The saved stream; resume_note says what changed when the phases file was edited since."""
@@ -186,11 +186,11 @@ class PhaseFeed:
         if not state or state["schedule"] is None:  # a blend's checkpoint: the phases start from the top
             return
         # A checkpoint from before the counts: they count from this resume on (data_state.json says so).
-        saved = state.get("rewrites") or {}
-        self.rewrites_since = None if "rewrites" in state else self.consumed_samples
+        saved = state.get("row_counts") or {}
+        self.row_counts_since = None if "row_counts" in state else self.consumed_samples
         for name in self.source_names:
             if name in saved:
-                self.rewrites[name] = [*saved[name], 0, 0][: len(ROW_COUNTS)]
+                self.row_counts[name] = list(saved[name])
         self.schedule, self.resume_note = PhaseSchedule.from_state_dict(
             self.config, state["schedule"], self.consumed_samples
         )
@@ -202,12 +202,12 @@ class PhaseFeed:
             stream.spec.name: stream.consumed(state.positions[stream.spec.name]) for stream in self.train.streams
         }
         for name, used in sources.items():  # the runs FIM or span corruption chose (data/run_transforms.py)
-            counts = dict(zip(ROW_COUNTS, self.rewrites[name]))
+            counts = dict(zip(ROW_COUNTS, self.row_counts[name]))
             used["rewritten_runs"] = {k: counts[k] for k in OUTCOMES}
             if self.config.sources[name].is_hdf5:
                 used.update({k: counts[k] for k in ROW_COUNTS[len(OUTCOMES) :]})
-            if self.rewrites_since is not None:
-                used["rewritten_runs"]["counted_from_sample"] = self.rewrites_since
+            if self.row_counts_since is not None:
+                used["rewritten_runs"]["counted_from_sample"] = self.row_counts_since
         files: dict[str, dict] = {}  # over all sources: a file two sources read counts both
         for name, used in sources.items():
             for prefix, documents in used["documents_per_file"].items():
