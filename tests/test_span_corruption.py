@@ -191,7 +191,9 @@ def _config_fingerprint_without_the_key(config):
         for n, s in config.sources.items()
     }
     phases = [
-        {k: v for k, v in dataclasses.asdict(p).items() if k not in ("lr", "span_corruption")} for p in config.phases
+        # The phase's fields before span_corruption (and the later order / order_seed) existed.
+        {k: v for k, v in dataclasses.asdict(p).items() if k not in ("lr", "span_corruption", "order", "order_seed")}
+        for p in config.phases
     ]
     described = {"seed": config.seed, "validation_fraction": config.validation_fraction, "sources": sources,
                  "phases": phases}  # fmt: skip
