@@ -4,9 +4,12 @@ written in this test from its description, through an epoch restart and a small 
 DataLoader workers and after a resume at another data-parallel size; masks and labels are served as
 stored; bad input is one line naming the file."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
+from helpers.distributed_run import REPO
 from helpers.sample_rows import load_rows
 
 WIDTH = 64
@@ -226,3 +229,33 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, tree):
     )
     with pytest.raises(PhasesConfigError, match="phases\\[0\\].fim.s: an hdf5 source's samples are used as they are"):
         load_phases(str(path), WIDTH, 4, 1, has_fim_tokens=True)
+
+
+def test_data_trace_names_hdf5_samples_as_file_and_row(tmp_path, tree, capsys):
+    """tools/data_trace.py on a Cerebras-ordered phase: each sample as FILE:ROW, and with --ids its rows as
+    stored (the labels of the small source's unshifted row too)."""
+    import json
+
+    import h5py
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import data_trace
+
+    body = "  - {iters: 3, global_batch_size: 4, blend: {big: 0.7, small: 0.3}, order: cerebras, lr: {peak: 1.0}}\n"
+    phases = _phases(tmp_path, tree, body)
+    flags = ["--phases", phases, "--seq-length", str(WIDTH), "--global-batch-size", "4", "--steps", "2-3"]
+    assert data_trace.main(flags) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = _cerebras_reference([20, 3], [0.7, 0.3], 1, 4, 3)[4:]
+    got = [s["sample"] for line in lines for s in line["samples"]]
+    big = sorted([*(tree / "big_part0of2").glob("*.h5"), *(tree / "big_part1of2").glob("*.h5")], key=lambda p: p.name)
+    small = tree / "small" / "data-00000.h5"
+    assert got == [f"{big[i // 5]}:{i % 5}" if s == 0 else f"{small}:{i}" for s, i in expected]
+    tokenizer = str(REPO / "data" / "demo" / "crystal_demo.model")
+    assert data_trace.main([*flags, "--ids", "--tokenizer-model", tokenizer]) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[0])["samples"][0]
+    path, row = first["sample"].rsplit(":", 1)
+    with h5py.File(path) as f:
+        stored = f["data"][int(row)]
+    assert (first["ids"], first["loss_mask"], first["labels"]) == tuple(r.tolist() for r in stored)
+    assert isinstance(first["text"], str) and first["text"]

@@ -16,7 +16,9 @@ edited during the run; faster for late steps); otherwise from the first step.
 With --ids (and the run's --tokenizer-model), each sample also carries what the model read: "ids", the
 row of seq_length + 1 ids after FIM or span corruption (inputs ids[:-1], labels ids[1:]), "text", their
 decoding, and each run a fourth field, what the objective did with it ("rewritten", "shortened",
-"no_room", "not_rewritable"; null: left causal by the draw; data/run_transforms.py).
+"no_room", "not_rewritable"; null: left causal by the draw; data/run_transforms.py). An HDF5 sample
+(data/hdf5_source.py) is named "sample": "FILE:ROW"; with --ids its "ids", "labels" and "loss_mask" are
+the rows as stored.
 """
 
 from __future__ import annotations
@@ -56,7 +58,6 @@ def main(argv=None) -> int:
     from megatron_ext.data.phase_schedule import PhaseSchedule
     from megatron_ext.data.phased_dataset import PhasedDataset
     from megatron_ext.data.phases_config import PhasesConfigError, load_phases
-    from megatron_ext.data.run_transforms import OUTCOMES, UNCHOSEN
 
     try:
         first, last = (int(x) for x in args.steps.split("-"))
@@ -96,7 +97,6 @@ def main(argv=None) -> int:
         if first <= done:
             return _fail(f"--steps {args.steps}: the checkpoint is at step {done}; trace steps after it")
     dataset = PhasedDataset(config, args.seq_length, tokenizer)
-    streams = dataset.streams
     total = config.total_iters
     if last > total:
         return _fail(f"--steps {args.steps}: the phases have {total} steps")
@@ -104,27 +104,37 @@ def main(argv=None) -> int:
         refs = schedule.take(schedule.next_step_batch_size())
         if step < first:
             continue
-        samples = []
-        for ref in refs:
-            stream = streams[ref.source]
-            epoch, position = stream.locate(ref.index)
-            _, runs = stream.packed(epoch, position)
-            sample = {
-                "source": stream.spec.name,
-                "phase_index": ref.phase,
-                "index": ref.index,
-                "epoch": epoch,
-                "runs": [[r.doc_id, r.doc_offset, r.length] for r in runs],
-            }
-            if tokenizer is not None:
-                row, _, outcomes, _, _ = dataset.transformed(ref)
-                sample["ids"] = row.tolist()
-                sample["text"] = tokenizer.decode(row)
-                for run, outcome in zip(sample["runs"], outcomes):
-                    run.append(None if outcome == UNCHOSEN else OUTCOMES[outcome])
-            samples.append(sample)
+        samples = [_described(dataset, ref, tokenizer) for ref in refs]
         print(json.dumps({"step": step, "phase": config.phases[refs[0].phase].name, "samples": samples}))
     return 0
+
+
+def _described(dataset, ref, tokenizer) -> dict:
+    """One sample's line entry: its document runs (an HDF5 sample: FILE:ROW), and with a tokenizer (--ids)
+    what the model read."""
+    from megatron_ext.data.hdf5_source import Hdf5Source
+    from megatron_ext.data.run_transforms import OUTCOMES, UNCHOSEN
+
+    stream = dataset.streams[ref.source]
+    epoch, position = stream.locate(ref.index)
+    sample = {"source": stream.spec.name, "phase_index": ref.phase, "index": ref.index, "epoch": epoch}
+    if isinstance(stream, Hdf5Source):  # a ready sample: where it lies, and (--ids) its rows as stored
+        sample["sample"] = "%s:%d" % stream.where(ref.index)
+        if tokenizer is not None:
+            item = dataset[ref]
+            sample["ids"], sample["labels"] = item["tokens"].tolist(), item["labels"].tolist()
+            sample["loss_mask"] = item["loss_mask"].int().tolist()
+            sample["text"] = tokenizer.decode(item["tokens"])
+        return sample
+    _, runs = stream.packed(epoch, position)
+    sample["runs"] = [[r.doc_id, r.doc_offset, r.length] for r in runs]
+    if tokenizer is not None:
+        row, _, outcomes, _, _ = dataset.transformed(ref)
+        sample["ids"] = row.tolist()
+        sample["text"] = tokenizer.decode(row)
+        for run, outcome in zip(sample["runs"], outcomes):
+            run.append(None if outcome == UNCHOSEN else OUTCOMES[outcome])
+    return sample
 
 
 def _tokens_of(tokenizer) -> dict:
