@@ -54,8 +54,31 @@ def _validate(argv, world_size=1):
         ),
         (["--data-path", "0.5", "/nonexistent/prefix"], 1, "--data-path: /nonexistent/prefix.bin does not exist"),
         (["--bf16"], 1, "--bf16 needs a GPU"),
+        (["--split", "not,a,split"], 1, "--split not,a,split: expected up to three non-negative proportions"),
+        (["--split", "0,0"], 1, "--split 0,0: expected up to three non-negative proportions"),
+        (["--recompute-act"], 1, "unrecognized arguments: --recompute-act"),  # no prefix of --recompute-activations
+        (["--pretrained-checkpoint", "/nonexistent"], 1, "--pretrained-checkpoint /nonexistent: no checkpoint there"),
+        (["--phases-start", "a:1"], 1, "--phases-start a:1: needs --phases (the phase it names)"),
+        (["--eval-iters", "-1"], 1, "--eval-iters must be >= 0 (0: no validation)"),
     ],
-    ids=["tp_ffn", "tp_heads", "pp_layers", "world", "batch", "load", "preset", "vp", "data", "bf16_on_cpu"],
+    ids=[
+        "tp_ffn",
+        "tp_heads",
+        "pp_layers",
+        "world",
+        "batch",
+        "load",
+        "preset",
+        "vp",
+        "data",
+        "bf16_on_cpu",
+        "split",
+        "split_zero",
+        "abbrev",
+        "pretrained",
+        "start_no_phases",
+        "eval_iters",
+    ],  # fmt: skip
 )
 def test_bad_layout_is_named(argv, world_size, message):
     argv = argv if "--data-path" in argv else argv + ["--mock-data"]
@@ -63,6 +86,32 @@ def test_bad_layout_is_named(argv, world_size, message):
         _validate(argv, world_size)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_phases_start_names_a_phase_and_a_step_within_it():
+    phases = ["--phases", str(REPO / "tests" / "data" / "phases_small.yaml")]  # text: 4 steps, text+code: 6
+    phases += ["--tokenizer-model", str(REPO / "data" / "demo" / "crystal_demo.model")]
+    for start, point in (("text:0", (0, 0)), ("text+code:3", (1, 3)), ("2:5", (1, 5))):
+        assert _validate(phases + ["--phases-start", start]).data.start_point == point
+    for start, message in (
+        ("text:4", "--phases-start text:4: phase 'text' has 4 steps (0-3)"),
+        ("code:1", "--phases-start code:1: expected PHASE:STEP, PHASE one of text, text+code or 1-2"),
+        ("3:0", "--phases-start 3:0: expected PHASE:STEP"),
+        ("text", "--phases-start text: expected PHASE:STEP"),
+        ("2:1", "--phases-start 2:1 is iteration 5, not before --train-iters 5"),
+    ):
+        with pytest.raises(ArgumentError, match=re.escape(message)):
+            _validate(phases + ["--phases-start", start] + (["--train-iters", "5"] if start == "2:1" else []))
+
+
+def test_a_new_width_keeps_the_mup_base_width():
+    """--hidden-size 8192 on crystal-7b (base width 256): width scale 1/32, not the 4096-wide model's 1/16."""
+    run = _validate(["--model", "crystal-7b", "--mock-data", "--hidden-size", "8192"])
+    assert run.crystal.mup_width_scale == 256 / 8192 and run.crystal.output_multiplier == 2.22 / 32
+    assert _validate(["--model", "crystal-7b", "--mock-data"]).crystal.mup_width_scale == 0.0625
+    assert (
+        _validate(["--model", "crystal-7b", "--mock-data", "--hidden-size", "4096"]).crystal.mup_width_scale == 0.0625
+    )
 
 
 def test_load_of_a_directory_not_made_yet_starts_fresh(tmp_path):
@@ -190,9 +239,11 @@ def test_a_batch_size_flag_that_every_phase_overrides_is_an_error(tmp_path):
 
 def test_every_flag_is_a_section_field_with_a_default_and_a_doc():
     """The configuration's sections are the one definition of the command line: each flag field has a
-    default and a docstring, and the parser holds no flag that is not such a field."""
+    default and a docstring, and the parser holds no flag that is not such a field or a row of the table of
+    Megatron-LM flags (training/megatron_flags.py), which names no section field."""
     import dataclasses
 
+    from megatron_ext.training.megatron_flags import FLAGS
     from megatron_ext.training.run_config import SECTION_CLASSES, field_docs, flag_fields, flag_name
 
     defined = {}
@@ -205,7 +256,9 @@ def test_every_flag_is_a_section_field_with_a_default_and_a_doc():
             assert flag_name(f) not in defined, f"{flag_name(f)} is defined twice"
             defined[flag_name(f)] = f
     parsed = {a.option_strings[0]: a for a in build_parser()._actions if a.option_strings != ["-h", "--help"]}
-    assert set(parsed) == set(defined)  # no flag outside the sections, none missing
+    table = {f.flag for f in FLAGS}
+    assert not table & set(defined) and len(table) == len(FLAGS)
+    assert set(parsed) == set(defined) | table  # no flag outside the sections and the table, none missing
     help_text = " ".join(build_parser().format_help().split())
     for flag, f in defined.items():
         assert re.search(rf"{re.escape(flag)}[ ,\]]", help_text), flag

@@ -285,6 +285,24 @@ def test_evaluation_logs_figures_once_to_every_sink(tmp_path, capsys):
     ]
 
 
+def test_eval_iters_0_turns_validation_off_as_in_megatron_lm(tmp_path, capsys):
+    """--eval-iters 0: no held-out set is built or scored; with no tasks, an evaluation step does nothing."""
+    run = _run("--mock-data", "--eval-interval", "2", "--eval-iters", "0")
+    recording = Recording()
+    trainer = FakeTrainer()
+    trainer.feed.validation_set = lambda: pytest.fail("--eval-iters 0 built the validation set")
+    cb = callbacks.EvaluationCallback(run, metrics.Metrics([ConsoleSink(100, 32, False), recording]))
+    for it in (1, 2, 4):
+        cb.post_step(trainer, StepResult(it, 4.0, 1e-3, 0.5, None, 8, None, None, None))
+    assert recording.figures == [] and capsys.readouterr().out == ""
+    assert cb.sets(trainer) == []
+    small, tokenizer = REPO / "tests" / "data" / "phases_small.yaml", REPO / "data" / "demo" / "crystal_demo.model"
+    phased = _run(
+        "--phases", str(small), "--tokenizer-model", str(tokenizer), "--eval-interval", "2", "--eval-iters", "0"
+    )
+    assert not phased.eval.validates
+
+
 @pytest.fixture(scope="module")
 def one_rank():
     """A one-rank gloo group with Megatron's parallel state, in this process."""

@@ -10,29 +10,8 @@ import numpy as np
 import pytest
 import torch
 from helpers.distributed_run import REPO
+from helpers.released_layout import WIDTH, cerebras_reference, write_samples
 from helpers.sample_rows import load_rows
-
-WIDTH = 64
-
-
-def _write(path, first_id: int, n: int, shifted: bool = True):
-    """n samples whose ids are first_id, first_id + 1, ... at position 0 (a sample's identity), the rest a
-    packed stream; mask 0 on the last 3 positions of odd samples; labels the next ids (or not)."""
-    import h5py
-
-    stream = np.arange(n * WIDTH + 1, dtype=np.int64) % 900 + 3
-    ids = np.stack([stream[i * WIDTH : (i + 1) * WIDTH] for i in range(n)])
-    labels = np.stack([stream[i * WIDTH + 1 : (i + 1) * WIDTH + 1] for i in range(n)])
-    ids[:, 0] = np.arange(first_id, first_id + n)
-    if not shifted:
-        labels[:, 5] += 1
-    mask = np.ones_like(ids)
-    mask[1::2, -3:] = 0
-    samples = np.stack([ids, mask, labels], axis=1).astype(np.int32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        f.attrs["n_examples"] = n
-        f.create_dataset("data", data=samples, dtype="i4", chunks=(1, 3, WIDTH), compression="gzip")
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +20,8 @@ def tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("released")
     for chunk in range(4):
         half = "part0of2" if chunk % 2 == 0 else "part1of2"
-        _write(root / f"big_{half}" / f"data-{chunk:05d}.h5", 100 + 10 * chunk, 5)
-    _write(root / "small" / "data-00000.h5", 200, 3, shifted=False)
+        write_samples(root / f"big_{half}" / f"data-{chunk:05d}.h5", 100 + 10 * chunk, 5)
+    write_samples(root / "small" / "data-00000.h5", 200, 3, shifted=False)
     return root
 
 
@@ -61,23 +40,6 @@ def _load(path: str):
     from megatron_ext.data.phases_config import load_phases
 
     return load_phases(path, WIDTH, 4, 1, has_fim_tokens=False)
-
-
-def _cerebras_reference(lengths, weights, seed, global_batch, steps):
-    """Cerebras's Mixture(interleave=True) and its in-order sampler, from the description in
-    shared/notes/crystal-release-data.md: [(source, sample)] of `steps` global batches."""
-    weights = [w / sum(weights) for w in weights]
-    total = max(n / w for n, w in zip(lengths, weights) if w > 0.05)
-    dataset_indices = np.concatenate([np.full(int(total * w), i) for i, w in enumerate(weights)])
-    dataset_samples = np.concatenate([np.arange(int(total * w)) % n for n, w in zip(lengths, weights)])
-    indices = np.arange(len(dataset_indices))
-    np.random.default_rng(seed).shuffle(indices)
-    bounds = np.insert(np.cumsum([int(total * w) for w in weights]), 0, 0)
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        indices[np.where((start <= indices) & (indices < end))] = np.arange(start, end)
-    order = list(zip(dataset_indices[indices].tolist(), dataset_samples[indices].tolist()))
-    per_epoch = len(order) // global_batch * global_batch
-    return [order[p % per_epoch] for p in range(steps * global_batch)]
 
 
 def test_files_are_read_in_file_name_order_across_the_halves(tmp_path, tree):
@@ -109,7 +71,7 @@ def test_cerebras_order_equals_the_mixture_through_a_restart_and_a_wrap(tmp_path
     body = "  - {iters: 12, global_batch_size: 4, blend: {big: 0.7, small: 0.3}, order: cerebras, seed: 1,\n"
     body += "     lr: {peak: 1.0}}\n"
     config = _load(_phases(tmp_path, tree, body))
-    expected = _cerebras_reference([20, 3], [0.7, 0.3], 1, 4, 12)
+    expected = cerebras_reference([20, 3], [0.7, 0.3], 1, 4, 12)
     refs = PhaseSchedule(config).take(48)
     names = config.source_names
     assert [(["big", "small"].index(names[r.source]), r.index) for r in refs] == expected
@@ -164,6 +126,31 @@ def test_a_resume_at_another_data_parallel_size_reads_the_same_samples(tmp_path,
     assert at_one == [key(x) for x in PhaseSchedule.from_state_dict(config, state, 12)[0].take(16)]
 
 
+@pytest.mark.parametrize("phase, step", [(0, 8), (1, 0), (1, 3), (1, 13), (2, 4)])
+def test_a_jump_to_a_start_point_holds_the_replayed_state(tmp_path, tree, phase, step):
+    """advance_to (--phases-start) leaves the schedule as next() sample by sample does: over a
+    Cerebras-ordered phase with epoch restarts and wraps (a: epochs of 28 samples, 36 read; b: of 96, 112
+    read), a blended phase, and phase switches."""
+    from megatron_ext.data.phase_schedule import PhaseSchedule
+
+    body = "  - {name: a, iters: 9, global_batch_size: 4, blend: {big: 0.7, small: 0.3}, order: cerebras,\n"
+    body += "     lr: {peak: 1.0}}\n"
+    body += "  - {name: b, iters: 14, global_batch_size: 8, blend: {big: 0.2, small: 0.8}, order: cerebras,\n"
+    body += "     seed: 3, lr: {peak: 1.0}}\n"
+    body += "  - {name: c, iters: 6, global_batch_size: 4, blend: {big: 0.5, small: 0.5}, lr: {peak: 1.0}}\n"
+    config = _load(_phases(tmp_path, tree, body))
+    replayed = PhaseSchedule(config)
+    replayed.take(sum(p.samples for p in config.phases[:phase]) + step * config.phases[phase].global_batch_size)
+    jumped = PhaseSchedule(config)
+    jumped.advance_to(phase, step)
+    state = jumped.state_dict()
+    if step == 0:  # next() switches phase lazily, at the next sample; the jump has already switched
+        assert (state["phase"], state["phase_sample"]) == (phase, 0)
+        state.update(phase=phase - 1, phase_sample=config.phases[phase - 1].samples, counts=replayed.state.counts)
+    assert state == replayed.state_dict()
+    assert jumped.take(8) == replayed.take(8)
+
+
 def test_a_cut_file_becomes_a_row_without_loss_counted(tmp_path, tree):
     import shutil
 
@@ -192,7 +179,7 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, tree):
     (bad / "not_hdf5").mkdir(parents=True)
     (bad / "not_hdf5" / "data-00000.h5").write_text("not an HDF5 file")
     (bad / "cut").mkdir()
-    _write(bad / "cut" / "data-00000.h5", 0, 4)
+    write_samples(bad / "cut" / "data-00000.h5", 0, 4)
     whole = (bad / "cut" / "data-00000.h5").read_bytes()
     (bad / "cut" / "data-00000.h5").write_bytes(whole[: len(whole) // 3])
     (bad / "shape").mkdir()
@@ -246,7 +233,7 @@ def test_data_trace_names_hdf5_samples_as_file_and_row(tmp_path, tree, capsys):
     flags = ["--phases", phases, "--seq-length", str(WIDTH), "--global-batch-size", "4", "--steps", "2-3"]
     assert data_trace.main(flags) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    expected = _cerebras_reference([20, 3], [0.7, 0.3], 1, 4, 3)[4:]
+    expected = cerebras_reference([20, 3], [0.7, 0.3], 1, 4, 3)[4:]
     got = [s["sample"] for line in lines for s in line["samples"]]
     big = sorted([*(tree / "big_part0of2").glob("*.h5"), *(tree / "big_part1of2").glob("*.h5")], key=lambda p: p.name)
     small = tree / "small" / "data-00000.h5"

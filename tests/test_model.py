@@ -90,10 +90,17 @@ def test_megatron_tp2_matches_reference_logits(sequence_parallel):
     run_in_process_group(_compare_with_reference, sequence_parallel, world_size=2, tp=2)
 
 
-def _check_init():
+def _check_init(hidden_size=None):
     from megatron_ext.model.crystal_gpt import build_model, transformer_config
+    from megatron_ext.training.arguments import build_parser, validate
 
-    c = get_preset("crystal-tiny").replace(vocab_size=4096)
+    argv = ["--model", "crystal-tiny", "--mock-data", "--vocab-size", "4096"]
+    c = validate(
+        build_parser().parse_args(argv + (["--hidden-size", str(hidden_size)] if hidden_size else [])), 1
+    ).crystal
+    if hidden_size:  # muP at twice the base width: half the width scale, the hidden std / sqrt(2)
+        assert (c.mup_width_scale, c.output_multiplier) == (0.5, 2.22 * 0.5)
+        assert c.init_std == pytest.approx(0.073 * 0.5**0.5) and c.embedding_init_std == 0.073
     (model,) = build_model(c, transformer_config(c, use_cpu_initialization=True), c.vocab_size)
     params = dict(model.named_parameters())
     expected = {
@@ -113,8 +120,9 @@ def _check_init():
 
 
 @pytest.mark.launch
-def test_mup_truncated_normal_init():
-    run_in_process_group(_check_init)
+@pytest.mark.parametrize("hidden_size", [None, 512], ids=["preset", "twice_the_width"])
+def test_mup_truncated_normal_init(hidden_size):
+    run_in_process_group(_check_init, hidden_size)
 
 
 def _check_param_groups(scale_bias_lr: bool):

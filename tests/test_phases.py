@@ -579,7 +579,7 @@ def test_example_recipes_encode_crystal(tmp_path):
             one, two, three = config.phases
             assert [p.iters for p in config.phases] == [79721, 214387, 27728]
             assert {p.global_batch_size for p in config.phases} == {2112}
-            assert (one.lr.peak, one.lr.min, one.lr.warmup_iters, one.decay_iters) == (0.012, 1.2408e-4, 86, 294337)
+            assert (one.lr.peak, one.lr.min, one.lr.warmup_iters, one.decay_iters) == (0.012, 1.2408e-4, 86, 294423)
             assert (two.lr.peak, two.lr.min, two.lr.warmup_iters) == (0.0087825, 1.3679e-4, 86)
             assert (three.lr.peak, three.lr.min, three.lr.warmup_iters) == (0.002, 2e-4, 276)
             released = [0.5335, 0.2665, 0.0496, 0.0433, 0.0413, 0.0342, 0.0317]  # sums to 1.0001: normalised

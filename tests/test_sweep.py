@@ -83,7 +83,7 @@ def test_crystal_ablation_plan_scales_three_phases_to_the_budget(tmp_path):
         assert abs(v.tokens - 50e9) <= step  # within one step of the budget
         phases = v.phases["phases"]
         assert phases[0]["iters"] == round(base["phases"][0]["iters"] * factor)
-        assert phases[0]["lr"]["decay_iters"] == round(294337 * phases[0]["iters"] / base["phases"][0]["iters"])
+        assert phases[0]["lr"]["decay_iters"] == round(294423 * phases[0]["iters"] / base["phases"][0]["iters"])
         assert phases[1]["fim"]["starcoder"]["fim_rate"] == v.overrides["phases[1].fim.starcoder.fim_rate"]
         share = v.overrides["phases[1].blend.starcoder"]
         assert phases[1]["blend"] == pytest.approx({"sp_odd": 1 - share, "starcoder": share})

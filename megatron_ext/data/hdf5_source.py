@@ -8,7 +8,7 @@ the loss as stored. A row whose labels are not its next inputs (labels[:-1] != i
 changed.
 
 A source's samples are indexed file by file, row by row, its files (of all its directories) sorted by
-file name (Cerebras Release 2.0.2's order; 1.9.1 used the filesystem's glob order, see docs/data.md), so
+file name (Cerebras Release 2.0.2's order; 1.9.1 used the filesystem's glob order, see docs/crystal_data.md), so
 that phase 3's "SlimPajama/<Set>_train_packed" is the two released halves part0of2 + part1of2 merged back
 (even and odd chunk numbers). `data_subset: "a-b[,c-d...]"` keeps the samples [int(n a), int(n b)) (and so
 on) of the source, as 2.0.2 computes them. Sample k of the source (in the default blending order) is row

@@ -89,21 +89,58 @@ class PhaseSchedule:
         s.phase_sample += 1
         return ref
 
-    def _cerebras_next(self) -> tuple[int, int]:
-        """(source, its sample) at the phase's next position in Cerebras's order (data/cerebras_order.py)."""
+    def _cerebras_mixture(self):
+        """The phase's Cerebras mixture and the positions of an epoch that are read (whole global batches)."""
         from megatron_ext.data.cerebras_order import mixture
 
         phase, sources = self.phase, self.config.sources
-        names = list(phase.blend)
-        mix = mixture(tuple(sources[n].samples for n in names), tuple(phase.blend.values()), phase.order_seed)
+        mix = mixture(tuple(sources[n].samples for n in phase.blend), tuple(phase.blend.values()), phase.order_seed)
         per_epoch = len(mix) // phase.global_batch_size * phase.global_batch_size
         if per_epoch == 0:
             raise PhasesConfigError(
                 f"{self.config.path}: phase {phase.name!r}: its Cerebras mixture holds {len(mix)} samples, fewer "
                 f"than one global batch of {phase.global_batch_size}"
             )
+        return mix, per_epoch
+
+    def _cerebras_next(self) -> tuple[int, int]:
+        """(source, its sample) at the phase's next position in Cerebras's order (data/cerebras_order.py)."""
+        mix, per_epoch = self._cerebras_mixture()
         source, index = mix.at(self.state.phase_sample % per_epoch)
-        return self.names.index(names[source]), index
+        return self.names.index(list(self.phase.blend)[source]), index
+
+    def _cerebras_skip(self, n: int) -> None:
+        """The state after n more samples of a Cerebras-ordered phase, as n calls of next() leave it."""
+        mix, per_epoch = self._cerebras_mixture()
+        s, first = self.state, self.state.phase_sample
+        epochs, start = divmod(first, per_epoch)
+        end_epochs, stop = divmod(first + n, per_epoch)
+        counts = (end_epochs - epochs) * mix.source_counts(0, per_epoch) - mix.source_counts(0, start)
+        counts += mix.source_counts(0, stop)
+        realised = s.realised[s.phase]
+        for name, count in zip(self.phase.blend, counts.tolist()):
+            source = self.names.index(name)
+            s.counts[source] += count
+            s.positions[name] += count
+            if count:
+                realised[name] = realised.get(name, 0) + count
+        s.phase_sample += n
+
+    def advance_to(self, phase: int, step: int) -> None:
+        """The state at the start of step `step` (0-based) of phase `phase`, from the current state: what an
+        uninterrupted run's schedule holds there. A Cerebras-ordered phase is jumped over in one pass over its
+        mixture; a blended one is replayed sample by sample (about a microsecond each)."""
+        s = self.state
+        target = step * self.config.phases[phase].global_batch_size
+        while (s.phase, s.phase_sample) < (phase, target):
+            if s.phase_sample == self.phase.samples:  # the switch next() makes
+                s.phase, s.phase_sample, s.segment_start, s.counts = s.phase + 1, 0, 0, [0] * len(self.names)
+                continue
+            n = (target if s.phase == phase else self.phase.samples) - s.phase_sample
+            if self.phase.order == "cerebras":
+                self._cerebras_skip(n)
+            else:
+                self.take(n)
 
     def take(self, n: int) -> list[SampleRef]:
         return [self.next() for _ in range(n)]

@@ -12,7 +12,7 @@
       blend: {text: 1.0}
       fim: {}                    # source -> {fim_rate, fim_spm_rate}
       span_corruption: {}        # source -> {rate, max_spans, max_ratio} (CodeGen2's; not with FIM)
-      lr: {warmup_iters: 86, peak: 0.012, min: 1.2408e-4, decay_style: linear, decay_iters: 294337}
+      lr: {warmup_iters: 86, peak: 0.012, min: 1.2408e-4, decay_style: linear, decay_iters: 294423}
 
 Everything is checked when the file is loaded, before any model or data is built; errors name the file
 and the key.
@@ -123,6 +123,18 @@ class PhasesConfig:
     @property
     def total_iters(self) -> int:
         return sum(p.iters for p in self.phases)
+
+    def start_iteration(self, phase: int, step: int) -> int:
+        """The run's iteration count once `step` steps of phase `phase` are done."""
+        return sum(p.iters for p in self.phases[:phase]) + step
+
+    def phase_step(self, iteration: int) -> tuple[int, int]:
+        """(phase, steps done in it) once `iteration` steps are done (below total_iters): start_iteration's inverse."""
+        for index, phase in enumerate(self.phases):
+            if iteration < phase.iters:
+                return index, iteration
+            iteration -= phase.iters
+        raise ValueError(f"iteration {iteration} is past the phases' end")
 
     def fingerprint(self) -> str:
         return self._fingerprint

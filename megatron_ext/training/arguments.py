@@ -13,6 +13,7 @@ import os
 
 from megatron_ext.kernels.selection import KernelPathError, select
 from megatron_ext.model.crystal_config import CrystalConfig, get_preset, layout_problem
+from megatron_ext.training import megatron_flags
 from megatron_ext.training.run_config import (
     LR_FIELDS,
     SECTION_CLASSES,
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="--check-args: only check the flags for WORLD_SIZE ranks (as torchrun will set it), in this one "
         "process, print one line and exit; the launch scripts run it before torchrun.",
         argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,  # as Megatron-LM's: a ported flag that prefixes one of ours must not be taken for it
     )
     for cls in SECTION_CLASSES.values():
         group = p.add_argument_group(" ".join(cls.__doc__.split()))
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         for f in flag_fields(cls):
             names, options = _argument(f, docs[f.name])
             group.add_argument(*names, **options)
+    megatron_flags.add_to_parser(p)
     return p
 
 
@@ -101,13 +104,20 @@ def _flags(cls, values: dict) -> dict:
 
 
 def model_config(flags: dict) -> CrystalConfig:
-    return get_preset(flags["preset"]).replace(
+    """The preset with the shape flags. A new width keeps the preset's muP base width (hidden size x width
+    scale: 256 for crystal-7b), so the width scale, and with it the hidden initialisation, the hidden
+    matrices' lr and the output multiplier, are muP's for the new width."""
+    preset = get_preset(flags["preset"])
+    width = flags["hidden_size"]
+    scale = None if width is None else preset.hidden_size * preset.mup_width_scale / width
+    return preset.replace(
         num_layers=flags["num_layers"],
-        hidden_size=flags["hidden_size"],
+        hidden_size=width,
         num_attention_heads=flags["num_attention_heads"],
         ffn_hidden_size=flags["ffn_hidden_size"],
         seq_length=flags["seq_length"],
         vocab_size=flags["vocab_size"],
+        mup_width_scale=scale,
     )
 
 
@@ -121,7 +131,7 @@ def validate(args: argparse.Namespace | dict, world_size: int) -> RunConfig:
     tokenizer = None
     try:
         crystal = model_config(vars(a))
-        if a.tokenizer_model:
+        if a.tokenizer_model and a.tokenizer_type != "NullTokenizer":  # refused in DataSection
             from megatron_ext.tokenizer import build_tokenizer
 
             tokenizer = build_tokenizer(a.tokenizer_type, a.tokenizer_model)
@@ -129,6 +139,7 @@ def validate(args: argparse.Namespace | dict, world_size: int) -> RunConfig:
                 crystal = crystal.replace(vocab_size=tokenizer.vocab_size)
     except ValueError as e:  # includes TokenizerError
         raise ArgumentError(str(e)) from None
+    vars(a).update(megatron_flags.check(given, crystal))
     tp, pp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size
     problem = layout_problem(crystal, tp, pp, a.make_vocab_size_divisible_by)
     require(problem is None, problem or "")
@@ -191,7 +202,8 @@ def validate(args: argparse.Namespace | dict, world_size: int) -> RunConfig:
             lr_decay_style=first.lr.decay_style,
             lr_decay_iters=first.decay_iters,
         )
-        data = dataclasses.replace(data, phases_config=phases)
+        data = dataclasses.replace(data, phases_config=phases, start_point=_start_point(a.phases_start, phases))
+    require(not a.phases_start or phases, f"--phases-start {a.phases_start}: needs --phases (the phase it names)")
     batch_sizes = (
         [(f"{a.phases}: phases[{i}].global_batch_size", p.global_batch_size) for i, p in enumerate(phases.phases)]
         if phases
@@ -205,16 +217,22 @@ def validate(args: argparse.Namespace | dict, world_size: int) -> RunConfig:
         total = phases.total_iters
         train_iters = train_iters if "train_iters" in given else total
         require(train_iters <= total, f"--train-iters {train_iters} is beyond the phases' {total} iterations")
+        start = phases.start_iteration(*data.start_point) if data.start_point else 0
         require(
-            not a.eval_interval or phases.validation_fraction > 0,
-            f"--eval-interval with --phases needs validation_fraction > 0 in {a.phases}",
+            start < train_iters,
+            f"--phases-start {a.phases_start} is iteration {start}, not before --train-iters {train_iters}",
+        )
+        require(
+            not a.eval_interval or phases.validation_fraction > 0 or a.eval_iters == 0,
+            f"--eval-interval with --phases needs validation_fraction > 0 in {a.phases} (or --eval-iters 0: "
+            "the tasks only)",
         )
         require(
             not a.eval_interval or tokenizer is not None,
             "--eval-interval with --phases needs --tokenizer-model: bits per byte count the bytes of each token",
         )
         require(
-            "eval_iters" not in given,
+            "eval_iters" not in given or a.eval_iters == 0,
             f"--eval-iters {a.eval_iters}: with --phases each source is evaluated on its own held-out "
             "samples; set how many with --eval-samples-per-source",
         )
@@ -341,6 +359,22 @@ def _check_batch(mbs: int, vp: int | None, where: str, gbs: int, dp: int, pp: in
             f"the interleaved schedule needs the {gbs // (mbs * dp)} micro-batches per step ({where}) "
             f"to be a multiple of PP {pp}",
         )
+
+
+def _start_point(text: str | None, phases) -> tuple[int, int] | None:
+    """--phases-start PHASE:STEP: (phase index, steps done in it)."""
+    if text is None:
+        return None
+    name, _, step = text.rpartition(":")
+    names = [p.name for p in phases.phases]
+    index = names.index(name) if name in names else int(name) - 1 if name.isdigit() else -1
+    require(
+        0 <= index < len(names) and step.isdigit(),
+        f"--phases-start {text}: expected PHASE:STEP, PHASE one of {', '.join(names)} or 1-{len(names)}",
+    )
+    iters = phases.phases[index].iters
+    require(int(step) < iters, f"--phases-start {text}: phase {names[index]!r} has {iters} steps (0-{iters - 1})")
+    return index, int(step)
 
 
 def _load_phases(args: argparse.Namespace, given: dict, crystal: CrystalConfig, tokenizer):

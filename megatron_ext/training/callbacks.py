@@ -139,9 +139,12 @@ class EvaluationCallback(Callback):
     def post_step(self, trainer, step: StepResult) -> None:
         if step.iteration % self.interval or trainer.guard.exhausted:  # a run stopping on skips: no side work
             return
+        sets = self.sets(trainer)
+        if not sets:  # --eval-iters 0 and no tasks: nothing to evaluate (Megatron-LM's meaning)
+            return
         started = time.perf_counter()
         figures = []
-        for evaluation in self.sets(trainer):
+        for evaluation in sets:
             figures += trainer.evaluate(evaluation) or []
         seconds = time.perf_counter() - started
         trained, self.since = max(started - self.since, 1e-9), time.perf_counter()
@@ -165,10 +168,11 @@ class EvaluationCallback(Callback):
         return sum(p.iters * p.global_batch_size for p in before) * self.seq_length
 
     def sets(self, trainer) -> list:
-        """The held-out samples (built at the first evaluation), then the downstream tasks."""
-        if self._validation is None:
+        """The held-out samples (built at the first evaluation; none with --eval-iters 0), then the tasks."""
+        if self._validation is None and self.run.eval.validates:
             self._validation = trainer.feed.validation_set()
-        return [s for s in (self._validation, *self._tasks) if s.num_slots]
+        held_out = [self._validation] if self.run.eval.validates else []
+        return [s for s in (*held_out, *self._tasks) if s.num_slots]
 
     def _build_tasks(self) -> list:
         """The downstream tasks' sets, on every rank (a pipeline stage without data needs a packed set's

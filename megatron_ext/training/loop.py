@@ -22,6 +22,7 @@ from megatron_ext.data.phased_dataset import ROW_COUNTS
 from megatron_ext.data.phases_config import PhasesConfigError
 from megatron_ext.evaluation import eval_set
 from megatron_ext.kernels.fp8_linear import end_fp8_step
+from megatron_ext.model.crystal_config import get_preset
 from megatron_ext.model.crystal_gpt import build_model, transformer_config
 from megatron_ext.training import distributed, memory_report, phase_lr
 from megatron_ext.training.batches import datasets, feeds, readers
@@ -36,16 +37,20 @@ def loss_func(
     source_id: torch.Tensor | None,
     num_sources: int,
     scored: tuple | None,
+    per_position: bool,
     output_tensor: torch.Tensor,
 ):
-    """Summed token loss and token count; the schedule and finalize_model_grads divide by the global
-    token count (calculate_per_token_loss). With phases, also [loss, tokens] per source, from each
-    sample's source id. In an evaluation (scored: slot ids, label bytes, number of slots), the slot
+    """Summed token loss and its divisor's share; the schedule and finalize_model_grads divide by the
+    global sum of the shares (calculate_per_token_loss): the unmasked tokens, or with per_position
+    (--loss-normalization positions) every position. With phases, also [loss, tokens] per source, from
+    each sample's source id. In an evaluation (scored: slot ids, label bytes, number of slots), the slot
     table of evaluation/eval_set.py."""
     mask = loss_mask.float()
     masked = output_tensor.float() * mask  # [micro batch, sequence]
     loss = masked.sum()
     num_tokens = mask.sum().to(torch.int)
+    if per_position:
+        num_tokens = torch.full_like(num_tokens, mask.numel())
     report = {"lm loss": torch.stack([loss.detach(), mask.sum()])}
     if scored is not None:
         slot, label_bytes, num_slots = scored
@@ -71,6 +76,7 @@ def make_forward_step(
     timers=None,
     packed: bool = False,
     row_counts: torch.Tensor | None = None,
+    per_position: bool = False,
 ):
     """data_hashes: when given, the hashes of the samples this rank is the designated reader of (the model
     chunk that embeds them, on tensor-parallel rank 0) are appended to it. row_counts: when given, [sources,
@@ -78,7 +84,8 @@ def make_forward_step(
     num_slots: an evaluation's.
     timers: Megatron-Core's, to time the wait for each batch (level 2, as Megatron-LM's batch-generator).
     packed: rows hold several requests (evaluation/eval_set.py): each attends only to itself, the mask
-    derived from the position ids, which the chunks between the first and the last stage get alone."""
+    derived from the position ids, which the chunks between the first and the last stage get alone.
+    per_position: --loss-normalization positions (loss_func)."""
 
     def attention_mask(position_ids):
         return ~eval_set.packed_attention_mask(position_ids) if packed else None  # Megatron: True = masked
@@ -107,7 +114,7 @@ def make_forward_step(
         if num_slots is not None:
             scored = (batch["slot"].to(device), batch["label_bytes"].to(device), num_slots)
         output = model(tokens, position_ids, attention_mask(position_ids), labels=labels)
-        return output, partial(loss_func, loss_mask, source_id, num_sources, scored)
+        return output, partial(loss_func, loss_mask, source_id, num_sources, scored, per_position)
 
     return forward_step
 
@@ -197,7 +204,12 @@ class Trainer:
         shape = (len(feed.source_names), len(ROW_COUNTS))
         self.row_counts = torch.zeros(shape, dtype=torch.int64, device=self.device) if counted else None
         self.forward_step = make_forward_step(
-            self.device, len(feed.source_names), self.data_hashes, timers=self.timers, row_counts=self.row_counts
+            self.device,
+            len(feed.source_names),
+            self.data_hashes,
+            timers=self.timers,
+            row_counts=self.row_counts,
+            per_position=self.run.optimizer.loss_normalization == "positions",
         )
 
     def train_iterators(self, steps: int) -> list:
@@ -350,25 +362,36 @@ class Trainer:
     def load(self) -> None:
         wanted = phase_lr.saved_schedule(self.scheduler.state_dict())  # the flags' schedule, before the load
         ckpt = self.run.checkpoint
-        self.iteration = checkpointing.load_checkpoint(
-            ckpt.load,
-            self.states(),
-            self.crystal,
-            self.padded_vocab,
-            step=ckpt.ckpt_step,
-            weights_only=ckpt.finetune,
-            fully_parallel=ckpt.ckpt_fully_parallel_load,
-        )
+        self.iteration = 0
+        if ckpt.load:
+            self.iteration = checkpointing.load_checkpoint(
+                ckpt.load,
+                self.states(),
+                self.crystal,
+                self.padded_vocab,
+                step=ckpt.ckpt_step,
+                weights_only=ckpt.finetune,
+                fully_parallel=ckpt.ckpt_fully_parallel_load,
+            )
         note = self.feed.resume_note
         if note:
             distributed.print_rank_0(f"warning: {note}")
         if self.iteration:
             phase_lr.check_resumed_schedule(self.run, self.scheduler, wanted, self.feed)
             distributed.print_rank_0(f"resumed from {ckpt.load} at iteration {self.iteration}")
-        elif checkpoint_files.checkpoint_path(ckpt.load, ckpt.ckpt_step) is None:
-            distributed.print_rank_0(f"{ckpt.load} holds no checkpoint: starting fresh")
-        else:
+        elif ckpt.load and checkpoint_files.checkpoint_path(ckpt.load, ckpt.ckpt_step) is not None:
             distributed.print_rank_0(f"took the weights of {ckpt.load}: iteration 0, fresh optimizer and schedule")
+        elif ckpt.pretrained_checkpoint:  # as Megatron-LM: the pretrained weights while --load holds none yet
+            checkpointing.load_checkpoint(
+                ckpt.pretrained_checkpoint, self.states(), self.crystal, self.padded_vocab, weights_only=True
+            )
+            distributed.print_rank_0(
+                f"took the weights of --pretrained-checkpoint {ckpt.pretrained_checkpoint}"
+                + (f" ({ckpt.load} holds no checkpoint yet)" if ckpt.load else "")
+                + ": iteration 0, fresh optimizer and schedule"
+            )
+        else:
+            distributed.print_rank_0(f"{ckpt.load} holds no checkpoint: starting fresh")
 
 
 def _describe_path(run: RunConfig) -> str:
@@ -422,6 +445,14 @@ def _train(run: RunConfig, device: torch.device) -> int:
         + (" (phase 1's batch)" if run.data.phases else "")
     )
     distributed.print_rank_0(_describe_path(run))
+    preset, crystal = get_preset(run.model.preset), run.crystal
+    if crystal.hidden_size != preset.hidden_size:
+        distributed.print_rank_0(
+            f"muP at hidden size {crystal.hidden_size} ({run.model.preset}: {preset.hidden_size}; base width "
+            f"{preset.hidden_size * preset.mup_width_scale:g}): width scale {crystal.mup_width_scale:g}, hidden "
+            f"init std {crystal.init_std:.6g}, hidden matrices' lr x {crystal.mup_width_scale:g}, output multiplier "
+            f"{crystal.output_multiplier:.6g}"
+        )
     for line in memory_report.predicted_lines(run):
         distributed.print_rank_0(line)
     if run.checkpoint.save and torch.distributed.get_rank() == 0:
@@ -433,8 +464,10 @@ def _train(run: RunConfig, device: torch.device) -> int:
     with setup:
         feed = feeds.build(run)
         trainer.set_data(feed)
-    if run.checkpoint.load:
+    if run.checkpoint.load or run.checkpoint.pretrained_checkpoint:
         trainer.load()
+    if run.data.start_point:
+        _start_at(run, trainer, feed)
     with setup:
         train_its = trainer.train_iterators(opt.train_iters - trainer.iteration)
     setup.report(feed.reads)
@@ -450,6 +483,18 @@ def _train(run: RunConfig, device: torch.device) -> int:
         for callback in callbacks:
             callback.close()
         trainer.stop.close()
+
+
+def _start_at(run: RunConfig, trainer: Trainer, feed) -> None:
+    """--phases-start, for a run at iteration 0 (a resumed one continues its checkpoint: the same command
+    requeues)."""
+    if trainer.iteration:
+        distributed.print_rank_0(f"--phases-start {run.data.phases_start}: not taken, the run resumed its checkpoint")
+        return
+    phase, step = run.data.start_point
+    note = feed.start_at(phase, step)
+    trainer.iteration = run.data.phases_config.start_iteration(phase, step)
+    distributed.print_rank_0(f"{note}: iteration {trainer.iteration}, {feed.consumed_samples} samples in")
 
 
 def _loop(run: RunConfig, trainer: Trainer, feed, train_its: list, callbacks: list) -> int:

@@ -17,6 +17,7 @@ import functools
 import inspect
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -278,6 +279,11 @@ class OptimizerSection:
     """Adam's epsilon"""
     clip_grad: float = 1.0
     """gradient-norm clipping"""
+    loss_normalization: str = option("tokens", choices=("tokens", "positions"))
+    """what the summed token losses of a step are divided by: tokens, the tokens whose loss counts (Megatron-LM's
+    --calculate-per-token-loss); positions, every position of the step's samples, masked or not (Cerebras's
+    loss_scaling batch_size with loss_weight 1/seq-length, as Crystal trained). The logged lm loss is per token
+    either way; the two differ only where a loss mask is 0 (padding of HDF5 samples)"""
     seed: int = 1234
     """random seed (initialisation, data order, FIM draws)"""
 
@@ -340,8 +346,9 @@ class DataSection:
     phases: str | None = None
     """phases file (YAML): sources, and phases with their blend, FIM rates, lr schedule and batch size; instead of
     --data-path, and the --lr* flags are refused beside it"""
-    tokenizer_type: str = option(DEFAULT_TOKENIZER_TYPE, choices=tuple(TOKENIZER_TYPES))
-    """CrystalTokenizer: a SentencePiece .model plus Crystal's specials; HuggingFaceTokenizer: a tokenizer.json"""
+    tokenizer_type: str = option(DEFAULT_TOKENIZER_TYPE, choices=(*TOKENIZER_TYPES, "NullTokenizer"))
+    """CrystalTokenizer: a SentencePiece .model plus Crystal's specials; HuggingFaceTokenizer: a tokenizer.json;
+    NullTokenizer (Megatron-LM's): none, the ids as they are (with --mock-data or ready ids; --vocab-size)"""
     tokenizer_model: str | None = None
     """SentencePiece .model (or tokenizers .json); sets the vocabulary size"""
     split: str = "969,30,1"
@@ -351,10 +358,16 @@ class DataSection:
     sources' under phases/; default with --phases: data_cache in --save)"""
     num_workers: int = 2
     """DataLoader workers per reading rank"""
+    phases_start: str | None = None
+    """with --phases: begin at PHASE:STEP, a phase (its name or 1-based number) after STEP of its steps, with that
+    step's data position, iteration and lr (e.g. phase2-code:12000 beside the import of LLM360's
+    CrystalCoder_phase2_checkpoint_012000); taken when the run starts at iteration 0, not when it resumes"""
     blend: tuple[list[str], list[float] | None] | None = derived()
     """--data-path parsed: prefixes, weights (None: equal)"""
     phases_config: PhasesConfig | None = derived()
     """the phases file, checked"""
+    start_point: tuple[int, int] | None = derived(default=None)
+    """--phases-start resolved: (phase index, steps done in it)"""
     index_cache_dir: str | None = derived()
     """the phases' source indices (data/index_cache.py); None: in memory"""
     tokenizer: Any = derived(compare=False, default=None)
@@ -366,6 +379,17 @@ class DataSection:
             "give exactly one of --data-path, --mock-data and --phases",
         )
         require(self.num_workers >= 0, "--num-workers must be >= 0")
+        require(
+            self.tokenizer_type != "NullTokenizer" or not self.tokenizer_model,
+            f"--tokenizer-type NullTokenizer reads no file: drop --tokenizer-model {self.tokenizer_model}",
+        )
+        parts = re.split(r"[,/]", self.split.replace(" ", ""))
+        require(
+            len(parts) <= 3 and all(re.fullmatch(r"\d+(\.\d*)?|\.\d+", x) for x in parts)
+            and sum(map(float, parts)) > 0,
+            f"--split {self.split}: expected up to three non-negative proportions train,valid,test (e.g. 969,30,1), "
+            "not all zero",
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -383,6 +407,10 @@ class CheckpointSection:
     """with --load: resume from this iteration's checkpoint (default: the latest)"""
     finetune: bool = False
     """with --load: take the model weights only; optimizer, scheduler and iteration start afresh"""
+    pretrained_checkpoint: str | None = None
+    """the weights to start from when --load holds no checkpoint yet (or without --load), as in Megatron-LM: fresh
+    optimizer and schedule, iteration 0 (e.g. tools/convert_from_hf.py's import); with --save = --load a requeued
+    job resumes its own checkpoint instead"""
     override_opt_param_scheduler: bool = option(False, aliases=("--override-opt_param-scheduler",))
     """with --load: train on with this run's lr schedule (flags, or the phases file) where it differs from the
     checkpoint's (refused otherwise)"""
@@ -410,6 +438,11 @@ class CheckpointSection:
                 f"--load {self.load}: no checkpoint there (no {TRACKER}), and --exit-on-missing-checkpoint is given",
             )
         require(self.load or not self.exit_on_missing_checkpoint, "--exit-on-missing-checkpoint needs --load")
+        if self.pretrained_checkpoint is not None:
+            require(
+                os.path.isfile(os.path.join(self.pretrained_checkpoint, TRACKER)),
+                f"--pretrained-checkpoint {self.pretrained_checkpoint}: no checkpoint there (no {TRACKER})",
+            )
         if self.ckpt_step is not None:
             require(self.load is not None, "--ckpt-step needs --load")
             require(
@@ -437,7 +470,8 @@ class EvalSection:
     eval_interval: int = 0
     """evaluate every this many steps (0: no evaluation)"""
     eval_iters: int = 10
-    """with --data-path / --mock-data: validation batches per evaluation"""
+    """with --data-path / --mock-data: validation batches per evaluation; 0: no validation (Megatron-LM's meaning;
+    with --phases too), the --eval-tasks still run"""
     eval_samples_per_source: int = 32
     """with --phases: held-out samples of each source per evaluation, the same ones every time"""
     eval_tasks: str | None = None
@@ -453,9 +487,14 @@ class EvalSection:
     tasks: tuple = derived()
     """--eval-tasks parsed: ((task, question cap or None), ...)"""
 
+    @property
+    def validates(self) -> bool:
+        """Whether an evaluation scores held-out data (--eval-iters 0: the tasks only)."""
+        return self.eval_iters > 0
+
     def __post_init__(self):
         require(self.eval_interval >= 0, "--eval-interval must be >= 0")
-        require(self.eval_iters >= 1, "--eval-iters must be >= 1")
+        require(self.eval_iters >= 0, "--eval-iters must be >= 0 (0: no validation)")
         require(self.eval_samples_per_source >= 1, "--eval-samples-per-source must be >= 1")
 
 

@@ -178,6 +178,15 @@ class PhaseFeed:
         schedule = self.schedule.state_dict()
         return {"consumed_samples": self.consumed_samples, "schedule": schedule, "row_counts": self.row_counts}
 
+    def start_at(self, phase: int, step: int) -> str:
+        """--phases-start: the stream as an uninterrupted run holds it after `step` steps of phase `phase`. The
+        lr follows from the data position in the phase (resume_note set: phase_lr.enter_phase)."""
+        self.schedule.advance_to(phase, step)
+        self.consumed_samples = sum(p.samples for p in self.config.phases[:phase]) + step * self.phase.global_batch_size
+        name = self.config.phases[phase].name
+        self.resume_note = f"started at phase {name} after its step {step} (--phases-start)"
+        return self.resume_note
+
     def load_state_dict(self, state: dict | None) -> None:
         """The saved stream; resume_note says what changed when the phases file was edited since."""
         from megatron_ext.data.phase_schedule import PhaseSchedule
