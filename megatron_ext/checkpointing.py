@@ -347,6 +347,7 @@ def load_checkpoint(
     step: int | None = None,
     weights_only: bool = False,
     fully_parallel: bool = False,
+    skip: frozenset = frozenset(),
 ) -> int:
     """Resume from the checkpoint of iteration step (default: the latest) under root: every part of
     `states` by its name (see save_checkpoint; a plain part the checkpoint lacks gets None).
@@ -354,7 +355,7 @@ def load_checkpoint(
     fully_parallel (--ckpt-fully-parallel-load): each data-parallel rank reads a share and they exchange it.
     Returns the iteration; 0, with the other parts untouched, when root has no checkpoint yet or when only
     the model's weights are taken: with weights_only (--finetune), or from a checkpoint without optimizer
-    state.
+    state. skip: parts left as they are while the iteration and the rest are resumed (--no-load-optim).
     """
     path = checkpoint_path(root, step)
     if path is None:
@@ -363,20 +364,24 @@ def load_checkpoint(
     check_model_matches(path, common, crystal, padded_vocab)
     weights_only = weights_only or not common.get("has_optimizer", True)
     optimizer = states.get("optimizer")
-    if not weights_only and optimizer is not None:
+    if not weights_only and optimizer is not None and "optimizer" not in skip:
         optimizer.check_resumable(path, common)
-    sharded = {n: p for n, p in states.items() if isinstance(p, ShardedStateful) and (n == "model" or not weights_only)}
+    sharded = {
+        n: p
+        for n, p in states.items()
+        if isinstance(p, ShardedStateful) and (n == "model" or not weights_only) and n not in skip
+    }
     template: dict = {}
     for part in sharded.values():
         template.update(part.sharded_state_dict(template, is_loading=True))
     loaded = dist_checkpointing.load(template, path, sharded_strategy=_load_strategy(path, fully_parallel))
     for part in sharded.values():
         part.load_sharded(loaded)
+    if (weights_only or "optimizer" in skip) and optimizer is not None:
+        optimizer.optimizer.reload_model_params()  # the fresh optimizer's main copies from the loaded weights
     if weights_only:
-        if optimizer is not None:
-            optimizer.optimizer.reload_model_params()
         return 0
     for name, part in states.items():
-        if not isinstance(part, ShardedStateful):
+        if not isinstance(part, ShardedStateful) and name not in skip:
             part.load_state_dict(saved_part(common, name))
     return common["iteration"]

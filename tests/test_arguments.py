@@ -310,7 +310,7 @@ REFUSED = {  # flags -> the start of the one line
     "gather": ("--overlap-param-gather", "--overlap-param-gather needs --use-distributed-optimizer"),
     "bf16": ("--grad-reduce-in-bf16", "--grad-reduce-in-bf16 needs --bf16"),
     "bucket": ("--ddp-bucket-size 0", "--ddp-bucket-size must be >= 1"),
-    "timeout": ("--distributed-timeout-minutes 0", "--distributed-timeout-minutes must be >= 1"),
+    "timeout": ("--distributed-timeout-minutes 0", "--distributed-timeout-minutes must be > 0"),
 }  # fmt: skip
 
 

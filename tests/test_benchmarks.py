@@ -163,3 +163,20 @@ def test_eval_cost_times_the_demos_end_pass_then_and_now():
     generation = re.search(r"^GENERATION=(.*)$", then, re.M).group(1)
     assert '--tasks "$END_TASKS,$GENERATION" --max-new-tokens 64 ${EXECUTE' in then
     assert eval_cost.BEFORE_END_PASS == ("--tasks", f"{end_tasks},{generation}")
+
+
+def test_hdf5_reader_benchmark_prints_a_row_per_size_and_its_ratio():
+    """benchmarks/hdf5_reader.py, tiny: a row per size, each ratio the printed rates', the margin line."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "hdf5_reader.py"), "--sizes", "320,640", "--width", "64",
+           "--read", "100", "--batch", "32", "--files", "2"]  # fmt: skip
+    proc = subprocess.run(cmd, env=subprocess_environment(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if re.match(r"^\| [\d,]+ \| ", line)]
+    assert [row[0] for row in rows] == ["| 320", "| 640"], proc.stdout
+    for row in rows:
+        indexed, rest = row[2].split(" / ")
+        hdf5, ratio = rest.split(" (")
+        rate = float(hdf5.replace(",", "")) / float(indexed.replace(",", ""))
+        assert float(ratio.rstrip(")")) == pytest.approx(rate, abs=0.005 + rate * 0.002)
+        assert len(row[1].split(" / ")) == 3 and all(float(x) > 0 for x in row[3].rstrip(" |").split(" / "))
+    assert re.search(r"One HDF5 reader process, no workers: [\d,]+ samples/s, \d+x that", proc.stdout)

@@ -285,6 +285,18 @@ def test_evaluation_logs_figures_once_to_every_sink(tmp_path, capsys):
     ]
 
 
+def test_validation_ppl_is_exp_of_each_validation_loss(tmp_path, capsys):
+    import math
+
+    run = _run("--mock-data", "--eval-interval", "1", "--eval-iters", "1", "--log-validation-ppl-to-tensorboard")
+    recording = Recording()
+    cb = callbacks.EvaluationCallback(run, metrics.Metrics([recording]))
+    cb.post_step(FakeTrainer(), StepResult(1, 4.0, 1e-3, 0.5, None, 8, None, None, None))
+    ((_, figures, _),) = recording.figures
+    assert [(f.task, f.metric) for f in figures][-1] == ("valid/text", "ppl")
+    assert figures[-1].value == pytest.approx(math.exp(2.0)) and figures[-1].n == 32
+
+
 def test_eval_iters_0_turns_validation_off_as_in_megatron_lm(tmp_path, capsys):
     """--eval-iters 0: no held-out set is built or scored; with no tasks, an evaluation step does nothing."""
     run = _run("--mock-data", "--eval-interval", "2", "--eval-iters", "0")
@@ -301,6 +313,29 @@ def test_eval_iters_0_turns_validation_off_as_in_megatron_lm(tmp_path, capsys):
         "--phases", str(small), "--tokenizer-model", str(tokenizer), "--eval-interval", "2", "--eval-iters", "0"
     )
     assert not phased.eval.validates
+
+
+def test_manual_gc_collects_at_its_steps_and_close_turns_automatic_collection_back_on(monkeypatch, one_rank):
+    import gc
+
+    collected = []
+    monkeypatch.setattr(gc, "collect", lambda: collected.append(True) or 0)
+    run = _run("--mock-data", "--manual-gc", "--manual-gc-interval", "3", "--eval-interval", "4")
+    cb = callbacks.GarbageCollectionCallback(run)
+    try:
+        assert not gc.isenabled() and len(collected) == 1  # off, after one collection at the start
+        steps = []
+        for it in range(1, 13):
+            before = len(collected)
+            cb.post_step(FakeTrainer(), StepResult(it, 4.0, 1e-3, 0.5, None, 8, None, None, None))
+            steps += [it] * (len(collected) - before)
+        assert steps == [3, 4, 6, 8, 9, 12]  # every 3 steps, and after each evaluation (every 4)
+    finally:
+        cb.close()
+    assert gc.isenabled()
+    no_eval = callbacks.GarbageCollectionCallback(_run("--mock-data", "--manual-gc", "--no-manual-gc-eval"))
+    no_eval.close()
+    assert no_eval.interval == 0 and no_eval.eval_interval == 0
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ def test_sigusr1_saves_exits_zero_and_resumes_identically(straight, tmp_path):
     workers[-1].send_signal(signal.SIGUSR1)  # one rank only: every rank must still stop together
     out, _ = proc.communicate(timeout=200)
     assert proc.returncode == 0, out[-3000:]
-    assert "stop requested (SIGUSR1)" in out or "stop requested (signal on another rank)" in out
+    assert "stop requested (SIGUSR1)" in out or "stop requested (by another rank)" in out
     stopped = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert (ckpt / "stopped_by_signal").read_text() == str(stopped)  # for the SLURM launch's requeue
     assert 3 <= stopped < STEPS and sorted(_metrics(metrics)) == list(range(1, stopped + 1))
@@ -159,11 +159,11 @@ def test_the_job_killed_during_an_async_write_resumes_from_the_previous_checkpoi
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_stopped_rank_ends_the_job_within_the_timeout_in_one_line():
-    """The last rank SIGSTOPs itself at step 3 (alive, never answering) under --distributed-timeout-minutes 1:
-    rank 0, waiting in the step's gradient reduction, ends after the minute with one line naming the timeout
+    """The last rank SIGSTOPs itself at step 3 (alive, never answering) under --distributed-timeout-minutes 0.5:
+    rank 0, waiting in the step's gradient reduction, ends after the 30 s with one line naming the timeout
     and the collective (exit code 4), no traceback; the launcher then ends the stopped rank."""
     started = time.monotonic()
-    flags = TINY_RUN + ["--train-iters", "6", "--distributed-timeout-minutes", "1"]
+    flags = TINY_RUN + ["--train-iters", "6", "--distributed-timeout-minutes", "0.5"]
     proc = train(2, flags, check=False, env_extra={"CRYSTAL_TEST_STOP_AT": "3"}, timeout=240)
     elapsed = time.monotonic() - started
     assert proc.returncode == 4, proc.stderr[-3000:]
@@ -174,13 +174,13 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout_in_one_line():
     assert len([e for e in errors if "waited longer" in e]) == 1, proc.stderr[-3000:]
     assert all(e.startswith("pretrain_crystal.py: error: rank 1 lost another rank in ") for e in errors[1:]), errors
     assert re.match(
-        r"pretrain_crystal.py: error: rank 0 waited longer than --distributed-timeout-minutes 1 in "
+        r"pretrain_crystal.py: error: rank 0 waited longer than --distributed-timeout-minutes 0.5 in "
         r"(all_reduce|coalesced collectives), called from \w+ \(megatron/core/[\w/]+\.py:\d+\): ",
         errors[0],
     ), errors[0]
     assert errors[0].endswith("another rank stopped answering (hung, stopped, or its node lost); the job ends; "
                               "resume from the last checkpoint")  # fmt: skip
-    assert 60 <= elapsed < 120, elapsed
+    assert 30 <= elapsed < 90, elapsed
 
 
 @pytest.mark.timeout(300)

@@ -246,3 +246,26 @@ def test_data_trace_names_hdf5_samples_as_file_and_row(tmp_path, tree, capsys):
         stored = f["data"][int(row)]
     assert (first["ids"], first["loss_mask"], first["labels"]) == tuple(r.tolist() for r in stored)
     assert isinstance(first["text"], str) and first["text"]
+
+
+def test_build_data_cache_names_hdf5_sources_and_builds_the_indexed_ones(tmp_path, tree, capsys):
+    """tools/build_data_cache.py on a phases file with both kinds: an HDF5 source has nothing to build."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import build_data_cache
+
+    body = "  - {iters: 3, global_batch_size: 4, blend: {big: 0.7, small: 0.3}, order: cerebras, lr: {peak: 1.0}}\n"
+    body += "  - {iters: 2, global_batch_size: 4, blend: {big: 0.5, code: 0.5}, lr: {peak: 1.0}}\n"
+    path = tmp_path / "mixed.yaml"
+    text = (
+        open(_phases(tmp_path, tree, body))
+        .read()
+        .replace("phases:\n", f"  code: {{prefixes: [{REPO / 'data' / 'demo' / 'code_text_document'}]}}\nphases:\n")
+    )
+    path.write_text(text)
+    cache = tmp_path / "cache"
+    flags = ["--phases", str(path), "--seq-length", str(WIDTH), "--data-cache-path", str(cache)]
+    assert build_data_cache.main(flags) == 0
+    out = capsys.readouterr().out
+    assert "build_data_cache.py: big: HDF5, 20 samples in 4 file(s): nothing to build" in out
+    assert "build_data_cache.py: small: HDF5, 3 samples in 1 file(s): nothing to build" in out
+    assert "build_data_cache.py: code: " in out and (cache / "phases").is_dir()

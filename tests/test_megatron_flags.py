@@ -44,8 +44,26 @@ LLAMA3_8B_FP8 = """--use-mcore-models --num-layers 32 --hidden-size 4096 --ffn-h
 --eval-interval 100 --save-interval 1000 --log-throughput --profile --profile-step-start 4 --profile-step-end 6
 --ckpt-format torch_dist --distributed-timeout-minutes 60 --save CKPT --load CKPT --tensorboard-dir TB"""
 
-# What this machine refuses: a GPU's (bf16, nccl, FP8) and Transformer Engine's (--attention-backend fused).
-MACHINE = {"--bf16", "--distributed-backend", "--fp8-format", "--grad-reduce-in-bf16", "--attention-backend"}
+# NVIDIA/Megatron-LM @ 157006d6, examples/gpt3/train_gpt3_175b_distributed.sh.
+GPT3_175B = """--num-layers 96 --hidden-size 12288 --num-attention-heads 96 --seq-length 2048
+--max-position-embeddings 2048 --attention-backend auto --micro-batch-size 1 --global-batch-size 1536
+--rampup-batch-size 16 16 5859375
+--train-iters 500000 --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --init-method-std 0.006 --clip-grad 1.0
+--fp16 --lr 6.0e-5 --lr-decay-style cosine --min-lr 6.0e-6 --lr-warmup-fraction .001 --lr-decay-iters 430000
+--tensor-model-parallel-size 8 --pipeline-model-parallel-size 16 --data-path DATA --vocab-file VOCAB
+--merge-file MERGES --split 949,50,1 --log-interval 100 --save-interval 10000 --eval-interval 1000 --save CKPT
+--load CKPT --eval-iters 10 --tensorboard-dir TB"""
+
+# What this machine refuses: a GPU's (bf16, nccl, FP8, --profile's CUDA profiler API) and Transformer Engine's
+# (--attention-backend fused).
+MACHINE = {
+    "--bf16",
+    "--distributed-backend",
+    "--fp8-format",
+    "--grad-reduce-in-bf16",
+    "--attention-backend",
+    "--profile",
+}
 
 
 def _flags(script: str, tmp_path) -> list[list[str]]:
@@ -63,30 +81,36 @@ def _flags(script: str, tmp_path) -> list[list[str]]:
     return flags
 
 
-def _verdict(argv: list[str]) -> str | None:
+def _verdict(argv: list[str], world_size: int = 1) -> str | None:
     try:
-        check_command_line(argv, 1)
+        check_command_line(argv, world_size)
     except ArgumentError as e:
         return str(e)
     return None
 
 
-@pytest.mark.parametrize("script", [LLM360_PHASE2, LLAMA3_8B_FP8], ids=["llm360_phase2", "llama3_8b_fp8"])
+@pytest.mark.parametrize(
+    "script", [LLM360_PHASE2, LLAMA3_8B_FP8, GPT3_175B], ids=["llm360_phase2", "llama3_8b_fp8", "gpt3_175b"]
+)
 def test_each_flag_of_the_scripts_is_accepted_or_refused_with_its_reason(script, tmp_path):
     accepted, refused = [], []
     flags = _flags(script, tmp_path)
     given = {f[0]: f for f in flags}
     needs = {  # a flag alone is refused for what it needs beside it: given with it, as the script does
         "--exit-on-missing-checkpoint": ["--load"],
+        "--no-load-optim": ["--load"],
         "--save-interval": ["--save"],
         "--overlap-param-gather": ["--use-distributed-optimizer"],
-        "--profile-step-start": ["--profile", "--profile-step-end"],
-        "--profile-step-end": ["--profile", "--profile-step-start"],
+        "--lr-decay-samples": ["--train-samples"],
+        "--lr-warmup-samples": ["--train-samples"],
+        "--profile-step-start": ["--profile", "--use-pytorch-profiler", "--profile-step-end"],
+        "--profile-step-end": ["--profile", "--use-pytorch-profiler", "--profile-step-start"],
     }
     for flag in flags:
         base = ["--model", "crystal-7b"] + ([] if flag[0] in ("--data-path", "--mock-data") else ["--mock-data"])
-        base += [x for other in needs.get(flag[0], []) for x in given[other]]
-        line = _verdict(base + flag)
+        base += [x for other in needs.get(flag[0], []) for x in given.get(other, [other])]
+        parallel = flag[0] in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size")
+        line = _verdict(base + flag, int(flag[1]) if parallel else 1)  # the world its layout asks for
         if line is None:
             accepted.append(flag[0])
             continue
@@ -94,21 +118,26 @@ def test_each_flag_of_the_scripts_is_accepted_or_refused_with_its_reason(script,
         assert "\n" not in line and line.startswith(flag[0]), line  # the flag first, one line
         refused.append(flag[0])
     expected = {
-        LLM360_PHASE2: {"--no-load-optim", "--no-load-rng", "--dataloader-type", "--log-params-norm"},
+        LLM360_PHASE2: {"--dataloader-type"},
         LLAMA3_8B_FP8: {
             "--group-query-attention", "--num-query-groups", "--rotary-base", "--rotary-percent", "--init-method-std",
             "--apply-layernorm-1p", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
-            "--train-samples", "--lr-decay-samples", "--lr-warmup-samples", "--decoupled-lr", "--decoupled-min-lr",
-            "--manual-gc", "--empty-unused-memory-level", "--exit-duration-in-mins", "--fp8-param-gather",
+            "--decoupled-lr", "--decoupled-min-lr",
+            "--fp8-param-gather",
+        },
+        GPT3_175B: {
+            "--rampup-batch-size", "--init-method-std", "--fp16", "--vocab-file", "--merge-file",
+            "--tensor-model-parallel-size",  # TP 8 does not divide crystal-7b's FFN width 10922
+            "--num-attention-heads",  # 96 heads do not divide crystal-7b's 4096 (with --hidden-size 12288 they do)
         },
     }[script]  # fmt: skip
     assert set(refused) - MACHINE == expected, sorted(set(refused) - MACHINE)
-    assert "--use-flash-attn" in accepted or "--use-mcore-models" in accepted
+    assert len(accepted) + len(refused) == len(flags) and len(accepted) > len(refused)
 
 
 def test_llm360s_script_without_its_refusals_describes_crystal_7b(tmp_path):
     """Crystal in Megatron-LM's (and LLM360's muP) words is crystal-7b: accepted whole, with their meaning."""
-    drop = {"--no-load-optim", "--no-load-rng", "--dataloader-type", "--log-params-norm"} | MACHINE
+    drop = {"--dataloader-type"} | MACHINE
     argv = ["--model", "crystal-7b"] + [x for f in _flags(LLM360_PHASE2, tmp_path) if f[0] not in drop for x in f]
     run = check_command_line(argv, 1)
     assert run.kernels.attention_backend == "flash"  # --use-flash-attn
@@ -129,8 +158,10 @@ def test_llm360s_script_without_its_refusals_describes_crystal_7b(tmp_path):
         (["--use-flash-attn", "--attention-backend", "unfused"], "--use-flash-attn means --attention-backend flash"),
         (["--calculate-per-token-loss", "--loss-normalization", "positions"], "give one of them"),
         (["--tokenizer-type", "NullTokenizer", "--tokenizer-model", "x.model"], "NullTokenizer reads no file"),
+        (["--profile"], "--profile brackets the steps with the CUDA profiler API, for nsys --capture-range="),
+        (["--use-pytorch-profiler"], "--use-pytorch-profiler needs --profile"),
     ],
-    ids=["preset", "mup", "cp", "ckpt", "fp16", "positions", "flash", "loss", "null_tokenizer"],
+    ids=["preset", "mup", "cp", "ckpt", "fp16", "positions", "flash", "loss", "null_tokenizer", "profile", "torch"],
 )
 def test_a_disagreeing_value_is_one_line_naming_the_flag(argv, message):
     line = _verdict(["--model", "crystal-7b", "--mock-data", *argv])
@@ -150,3 +181,124 @@ def test_the_table_is_in_help_and_in_the_docs():
         assert re.search(rf"{re.escape(f.flag)}\b", flat), f.flag
     assert "refused: Crystal trains in bf16: use --bf16" in flat
     assert table_markdown() in (REPO / "docs" / "training.md").read_text()
+
+
+@pytest.mark.launch
+@pytest.mark.timeout(300)
+def test_manual_gc_and_returning_cached_memory_change_no_loss(tmp_path):
+    """Megatron-LM's --manual-gc / --manual-gc-interval, --empty-unused-memory-level (a no-op without CUDA) and
+    --log-num-zeros-in-grad: the same losses step for step; the log says how garbage is collected and counts
+    the zero gradients."""
+    from helpers.distributed_run import TINY_RUN, read_metrics, train
+
+    runs = {}
+    for name, extra in (("plain", []), ("housekept", ["--manual-gc", "--manual-gc-interval", "2",
+                        "--empty-unused-memory-level", "2", "--log-num-zeros-in-grad"])):  # fmt: skip
+        metrics = tmp_path / f"{name}.jsonl"
+        done = train(1, TINY_RUN + ["--train-iters", "3", "--metrics-jsonl", str(metrics), *extra])
+        runs[name] = [(r["lm_loss"], r["grad_norm"]) for r in read_metrics(metrics)]
+        if extra:
+            assert "garbage collection: manual, every 2 steps" in done.stdout and "| num zeros " in done.stdout
+            zeros = [r["num_zeros_in_grad"] for r in read_metrics(metrics)]
+            assert all(isinstance(z, int) and z >= 0 for z in zeros) and len(zeros) == 3
+    assert runs["housekept"] == runs["plain"] and len(runs["plain"]) == 3
+
+
+def _megatron_lr(steps: float, warmup: float, decay: float, peak: float = 5e-2, low: float = 5e-3) -> float:
+    """Megatron-LM's OptimizerParamScheduler.get_lr, linear decay, written out (its scheduler counts samples)."""
+    if warmup > 0 and steps <= warmup:
+        return peak * steps / warmup
+    if steps > decay:
+        return low
+    return low + (peak - low) * (1 - (steps - warmup) / (decay - warmup))
+
+
+@pytest.mark.launch
+@pytest.mark.timeout(300)
+def test_sample_based_schedules_give_megatron_lms_iterations_and_learning_rates(tmp_path):
+    """--train-samples 40 at batch 8: 5 steps, the lr counting samples (warm-up 12, decay 36, which end between
+    steps); --lr-warmup-fraction 0.25 of 10 steps: a warm-up of 2.5 steps."""
+    from helpers.distributed_run import TINY_RUN, read_metrics, train
+
+    base = [x for i, x in enumerate(TINY_RUN) if "--lr-warmup-iters" not in TINY_RUN[max(i - 1, 0) : i + 1]]
+    runs = {
+        "samples": (["--train-samples", "40", "--lr-warmup-samples", "12", "--lr-decay-samples", "36"], 8, 12, 36),
+        "fraction": (["--train-iters", "10", "--lr-warmup-fraction", "0.25"], 1, 2.5, 10),
+    }
+    for name, (flags, unit, warmup, decay) in runs.items():
+        metrics = tmp_path / f"{name}.jsonl"
+        train(1, base + flags + ["--metrics-jsonl", str(metrics)])
+        rows = read_metrics(metrics)
+        assert [r["iteration"] for r in rows] == list(range(1, 6 if name == "samples" else 11)), name
+        for r in rows:  # the lr of step i is the scheduler's after i - 1 steps
+            expected = _megatron_lr((r["iteration"] - 1) * unit, warmup, decay)
+            assert r["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-15), (name, r["iteration"])
+
+
+@pytest.mark.launch
+@pytest.mark.timeout(300)
+def test_exit_duration_saves_exits_zero_and_the_resumed_run_equals_the_uninterrupted_one(tmp_path):
+    """--exit-duration-in-mins 0.0001 (6 ms, passed once the first step is done): the run saves at step 1,
+    exits 0 and leaves the stop marker the SLURM launcher requeues on; the resumed run's steps 2-4 are the
+    uninterrupted run's."""
+    from helpers.distributed_run import TINY_RUN, read_metrics, train
+
+    def run(name, extra):
+        metrics = tmp_path / f"{name}.jsonl"
+        done = train(1, TINY_RUN + ["--train-iters", "4", "--metrics-jsonl", str(metrics), *extra])
+        return {r["iteration"]: (r["lm_loss"], r["grad_norm"], r["lr"]) for r in read_metrics(metrics)}, done
+
+    straight, _ = run("straight", [])
+    ckpt = ["--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt"), "--save-interval", "100"]
+    first, done = run("first", ckpt + ["--exit-duration-in-mins", "0.0001"])
+    assert done.returncode == 0 and sorted(first) == [1]
+    assert "stop requested (--exit-duration-in-mins 0.0001 passed): saving at iteration 1" in done.stdout
+    assert (tmp_path / "ckpt" / "stopped_by_signal").read_text() == "1"
+    resumed, _ = run("resumed", ckpt)
+    assert sorted(resumed) == [2, 3, 4] and all(resumed[i] == straight[i] for i in (2, 3, 4))
+    assert first[1] == straight[1]
+
+
+@pytest.mark.launch
+@pytest.mark.timeout(300)
+def test_no_load_optim_resumes_the_weights_and_position_with_a_fresh_optimizer_and_schedule(tmp_path):
+    """Megatron-LM's --no-load-optim: the iteration, weights and data go on (step 3's loss and gradient norm
+    are the uninterrupted run's), the optimizer and the lr schedule start afresh (step 3 at the lr of step 1)."""
+    from helpers.distributed_run import TINY_RUN, read_metrics, train
+
+    def run(name, extra):
+        metrics = tmp_path / f"{name}.jsonl"
+        done = train(1, TINY_RUN + ["--train-iters", "4", "--metrics-jsonl", str(metrics), *extra])
+        return {r["iteration"]: r for r in read_metrics(metrics)}, done
+
+    straight, _ = run("straight", ["--save", str(tmp_path / "ckpt"), "--save-interval", "2"])
+    resumed, done = run("resumed", ["--load", str(tmp_path / "ckpt"), "--ckpt-step", "2", "--no-load-optim"])
+    assert "--no-load-optim: a fresh optimizer state and lr schedule" in done.stdout
+    assert sorted(resumed) == [3, 4]
+    assert (resumed[3]["lm_loss"], resumed[3]["grad_norm"]) == (straight[3]["lm_loss"], straight[3]["grad_norm"])
+    assert resumed[3]["lr"] == straight[1]["lr"] and resumed[4]["lr"] == straight[2]["lr"] != straight[4]["lr"]
+
+
+@pytest.mark.launch
+@pytest.mark.timeout(300)
+def test_params_norm_is_the_checkpoints_norm_at_any_layout(tmp_path):
+    """--log-params-norm at step 2, at TP 1 and TP 2: the L2 norm of the saved checkpoint's global tensors
+    (each weight once, the tied output layer not again), read back without the model."""
+    import torch
+    from helpers.distributed_run import TINY_RUN, layout_flags, read_metrics, train
+
+    from megatron_ext.release.dist_checkpoint_reader import DistCheckpointReader
+    from megatron_ext.release.weight_mapping import megatron_global_shapes
+
+    norms = {}
+    for tp in (1, 2):
+        metrics, ckpt = tmp_path / f"tp{tp}.jsonl", tmp_path / f"ckpt{tp}"
+        flags = ["--train-iters", "2", "--log-params-norm", "--save", str(ckpt), "--metrics-jsonl", str(metrics)]
+        done = train(tp, TINY_RUN + layout_flags(tp=tp) + flags)
+        assert re.search(r"params norm \d+\.\d{4}", done.stdout)
+        norms[tp] = [r["params_norm"] for r in read_metrics(metrics)]
+        reader = DistCheckpointReader(str(ckpt))
+        keys = [*megatron_global_shapes(reader.crystal), "embedding.word_embeddings.weight"]
+        saved = torch.sqrt(sum(reader.read(k).double().pow(2).sum() for k in keys)).item()
+        assert norms[tp][-1] == pytest.approx(saved, rel=1e-6), tp
+    assert norms[1] == pytest.approx(norms[2], rel=1e-5) and norms[1][0] != norms[1][1]

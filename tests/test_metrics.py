@@ -22,7 +22,8 @@ def test_peaks_by_device_and_precision():
 def test_profile_writes_a_chrome_trace_of_the_chosen_steps(tmp_path):
     from helpers.distributed_run import TINY_RUN, train
 
-    flags = ["--train-iters", "3", "--profile", "--profile-step-start", "1", "--profile-step-end", "2"]
+    flags = ["--train-iters", "3", "--profile", "--use-pytorch-profiler", "--profile-step-start", "1"]
+    flags += ["--profile-step-end", "2"]
     out = train(2, TINY_RUN + flags + ["--profile-ranks", "1", "--tensorboard-dir", str(tmp_path)])
     # Kineto's own C++ log says profiler_start / profiler_stop on stderr; nothing else may be there.
     assert all("SyncActivityProfilerHandler" in line for line in out.stderr.splitlines()), out.stderr[-2000:]

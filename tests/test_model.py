@@ -155,6 +155,12 @@ def _check_param_groups(scale_bias_lr: bool):
         check(f"decoder.layers.1.{matrix}.weight", 0.012 * 0.0625, 1.0)
         check(f"decoder.layers.1.{matrix}.bias", 0.012 * (0.0625 if scale_bias_lr else 1), 0.0)
     check("embedding.word_embeddings.weight", 0.012, 1.0)
+    from megatron_ext.training.optimizer import group_rates_line
+
+    line = group_rates_line(run)  # what the start-up prints, the groups' own rates
+    bias = 0.012 * (0.0625 if scale_bias_lr else 1)
+    assert f"hidden matrices {0.012 * 0.0625:.4g} -> {0.0012 * 0.0625:.4g}" in line, line
+    assert f"embedding {0.012:.4g} -> {0.0012:.4g}; biases and norms {bias:.4g} -> {bias / 10:.4g}" in line, line
     check("decoder.layers.0.input_layernorm.weight", 0.012 * (0.0625 if scale_bias_lr else 1), 0.0)
     check("decoder.final_layernorm.bias", 0.012 * (0.0625 if scale_bias_lr else 1), 0.0)
 

@@ -264,3 +264,30 @@ def test_a_save_interval_among_the_train_flags_reaches_the_slurm_script(tmp_path
     sweep_file.write_text(text)
     script = runner.slurm_script(load_sweep(str(sweep_file), str(tmp_path)))
     assert "SAVE_INTERVAL=1000" in script and "--save-interval 500" in script
+
+
+def test_a_sweep_over_hdf5_sources_keeps_their_directories(tmp_path, monkeypatch):
+    """A base phases file of HDF5 sources (Crystal's released data), relative directories: each derived
+    file holds them, absolute, and loads (the Cerebras order and the new weights checked)."""
+    from helpers.released_layout import write_samples
+
+    from megatron_ext.data.phases_config import load_phases
+
+    write_samples(tmp_path / "data" / "big" / "data-00000.h5", 100, 40)
+    write_samples(tmp_path / "data" / "small" / "data-00000.h5", 200, 20)
+    (tmp_path / "base.yaml").write_text(
+        "sources:\n  big: {hdf5: [data/big]}\n  small: {hdf5: [data/small]}\nphases:\n"
+        "  - {iters: 4, global_batch_size: 4, order: cerebras, blend: {big: 0.7, small: 0.3}, lr: {peak: 0.02}}\n"
+    )
+    (tmp_path / "sweep.yaml").write_text(
+        "name: h5\nbase: base.yaml\nseq_length: 64\nglobal_batch_size: 4\ntokens: 1024\n"
+        "axes:\n  phases[0].blend.small: [0.3, 0.6]\ntrain: [--model, crystal-test, --seq-length, '64']\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    sweep = load_sweep("sweep.yaml", str(tmp_path / "out"))
+    paths = write_phases_files(sweep)
+    for path, share in zip(paths, (0.3, 0.6)):
+        derived = yaml.safe_load(open(path))
+        assert derived["sources"]["big"] == {"hdf5": [str(tmp_path / "data" / "big")]}
+        config = load_phases(path, 64, 4, 1, has_fim_tokens=False)
+        assert config.phases[0].order == "cerebras" and config.phases[0].blend["small"] == pytest.approx(share)

@@ -51,6 +51,11 @@ def main(argv=None) -> int:
                 stream.prepare(0)  # the held-out samples every evaluation reads
         epochs = train.epochs_read(args.train_iters)
         for stream in train.streams:
+            if stream.spec.is_hdf5:  # ready samples, read as stored: their file headers are all there is to read
+                files = stream.spec.hdf5_files
+                print(f"{PROG}: {stream.spec.name}: HDF5, {stream.samples_per_epoch:,} samples in {len(files.paths)} "
+                      "file(s): nothing to build", flush=True)  # fmt: skip
+                continue
             name, needed = stream.spec.name, max(1, math.ceil(epochs[stream.spec.name]))
             t = time.perf_counter()
             for epoch in range(needed):

@@ -255,7 +255,10 @@ def write_phases_files(sweep: Sweep, tokenizer=None, check: bool = True) -> list
 
 
 def _absolute_prefixes(phases: dict) -> None:
-    """Relative prefixes stay as the base file means them (relative to the working directory, as
-    pretrain_crystal.py reads them): made absolute, the derived file works from its own directory."""
+    """Relative prefixes (and HDF5 directories) stay as the base file means them (relative to the working
+    directory, as pretrain_crystal.py reads them): made absolute, the derived file works from its own
+    directory. ${VAR} paths are left for the run to expand."""
     for source in phases.get("sources", {}).values():
-        source["prefixes"] = [p if os.path.isabs(p) else os.path.abspath(p) for p in source.get("prefixes", [])]
+        for key in ("prefixes", "hdf5"):
+            if key in source:
+                source[key] = [p if os.path.isabs(p) or p.startswith("$") else os.path.abspath(p) for p in source[key]]

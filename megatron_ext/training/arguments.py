@@ -24,6 +24,7 @@ from megatron_ext.training.run_config import (
     KernelSection,
     LayoutSection,
     LoggingSection,
+    MemorySection,
     ModelSection,
     OptimizerSection,
     ProfileSection,
@@ -109,6 +110,11 @@ def model_config(flags: dict) -> CrystalConfig:
     matrices' lr and the output multiplier, are muP's for the new width."""
     preset = get_preset(flags["preset"])
     width = flags["hidden_size"]
+    heads = flags["num_attention_heads"] or preset.num_attention_heads
+    require(
+        (width or preset.hidden_size) % heads == 0,
+        f"--num-attention-heads {heads} does not divide the hidden size {width or preset.hidden_size}",
+    )
     scale = None if width is None else preset.hidden_size * preset.mup_width_scale / width
     return preset.replace(
         num_layers=flags["num_layers"],
@@ -213,6 +219,11 @@ def validate(args: argparse.Namespace | dict, world_size: int) -> RunConfig:
         _check_batch(a.micro_batch_size, vp, where, gbs, dp, pp)
 
     train_iters = a.train_iters
+    if a.train_samples is not None:  # Megatron-LM's sample-based schedule (refused beside --phases above)
+        for flag in ("train_iters", "lr_decay_iters"):
+            require(flag not in given, f"--train-samples and --{flag.replace('_', '-')}: give one (Megatron-LM's rule)")
+        train_iters = a.train_samples // a.global_batch_size
+        require(train_iters >= 1, f"--train-samples {a.train_samples} is less than one --global-batch-size")
     if phases:
         total = phases.total_iters
         train_iters = train_iters if "train_iters" in given else total
@@ -241,7 +252,7 @@ def validate(args: argparse.Namespace | dict, world_size: int) -> RunConfig:
             "eval_samples_per_source" not in given,
             "--eval-samples-per-source needs --phases (its sources); a blend's validation takes --eval-iters",
         )
-    if schedule["lr_decay_iters"] is None:
+    if schedule["lr_decay_iters"] is None and a.train_samples is None:
         schedule["lr_decay_iters"] = train_iters
 
     eval_tasks = _eval_tasks(a, tokenizer)
@@ -261,6 +272,11 @@ def validate(args: argparse.Namespace | dict, world_size: int) -> RunConfig:
         tasks=eval_tasks,
     )
     profile = ProfileSection(**_flags(ProfileSection, vars(a)))
+    require(
+        not profile.profile or profile.use_pytorch_profiler or torch.cuda.is_available(),
+        "--profile brackets the steps with the CUDA profiler API, for nsys --capture-range=cudaProfilerApi "
+        "(Megatron-LM's meaning), and this machine has no GPU: add --use-pytorch-profiler for a PyTorch trace",
+    )
     logging_flags = _flags(LoggingSection, vars(a))
     if a.wandb_project:
         logging_flags["wandb_exp_name"] = a.wandb_exp_name or evaluation.run_name
@@ -292,6 +308,7 @@ def validate(args: argparse.Namespace | dict, world_size: int) -> RunConfig:
         eval=evaluation,
         logging=logging,
         profile=profile,
+        memory=MemorySection(**_flags(MemorySection, vars(a))),
         flags={key: list(v) if isinstance(v, tuple) else v for key, v in given.items()},
     )
 

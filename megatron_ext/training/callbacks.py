@@ -9,6 +9,7 @@ write (training/metric_sinks.py); none reads another's fields. OLMo-core's Callb
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -70,6 +71,24 @@ class Callback:
         pass
 
 
+def params_norm(model_chunks: list) -> float:
+    """The L2 norm of the model's parameters, each counted once (Megatron-LM's calc_params_l2_norm): the
+    tied embedding's second copy and tensor-parallel duplicates (norms, biases) left out, the squares summed
+    over the model-parallel ranks by Megatron-Core's gradient-norm function, applied to the parameters."""
+    from megatron.core import parallel_state
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    params = [
+        p.detach().float()
+        for chunk in model_chunks
+        for p in chunk.parameters()
+        if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)
+    ]
+    return get_grad_norm_fp32(params, 2, parallel_state.get_model_parallel_group())
+
+
 class MetricsCallback(Callback):
     """The training's source of the metrics stream: each step's values (loss, lr, grad norm, per-source loss,
     data hash), and at log steps the throughput, the consumed tokens and the data feed's scalars; then the
@@ -79,6 +98,7 @@ class MetricsCallback(Callback):
         self.metrics, self.feed, self.logging_rank = metrics, trainer.feed, logging_rank
         self.log_interval, self.train_iters = run.logging.log_interval, run.optimizer.train_iters
         self.seq_length, self.window_steps = run.crystal.seq_length, 0
+        self.log_params_norm = run.logging.log_params_norm
         self.throughput = Throughput(
             run.crystal,
             trainer.padded_vocab,
@@ -94,6 +114,8 @@ class MetricsCallback(Callback):
         record("learning-rate", step.lr)
         if step.grad_norm is not None:
             record("grad-norm", step.grad_norm)
+        if getattr(trainer, "num_zeros_in_grad", None) is not None:  # --log-num-zeros-in-grad
+            record("num-zeros", trainer.num_zeros_in_grad)
         for name, (total, tokens) in (step.source_losses or {}).items():
             if tokens:  # sources present in the step
                 record(BY_SOURCE + name, total / tokens)
@@ -112,6 +134,8 @@ class MetricsCallback(Callback):
             self.window_steps = 0
             for name, value in memory_report.measured().items():  # on a GPU
                 record(name, value)
+            if self.log_params_norm:  # a collective over the model-parallel ranks: every rank at the same steps
+                record("params-norm", params_norm(trainer.model))
             record("consumed-tokens", self.feed.consumed_samples * self.seq_length)
             for name, value in self.feed.scalars().items() if self.logging_rank else ():
                 record(name, value)  # the logging rank reads data: it has the sources' positions
@@ -146,6 +170,9 @@ class EvaluationCallback(Callback):
         figures = []
         for evaluation in sets:
             figures += trainer.evaluate(evaluation) or []
+        if self.run.logging.log_validation_ppl_to_tensorboard:  # Megatron-LM's "validation ppl"
+            figures += [f._replace(metric="ppl", value=math.exp(min(f.value, 700.0)), stderr=None)
+                        for f in figures if f.metric == "loss" and f.task.startswith("valid")]  # fmt: skip
         seconds = time.perf_counter() - started
         trained, self.since = max(started - self.since, 1e-9), time.perf_counter()
         self.metrics.record(SIDE_WORK, seconds, reduce="sum")
@@ -247,16 +274,26 @@ class CheckpointCallback(Callback):
 
 
 class ProfilerCallback(Callback):
-    """--profile: torch.profiler over steps (start, end] on the chosen ranks (Megatron-LM's --profile-step-*
-    flags), written as a Chrome trace (chrome://tracing, Perfetto, TensorBoard's profiler plugin); stopped
-    in close() if the run ends inside the window."""
+    """--profile: steps (start, end] on the chosen ranks (Megatron-LM's --profile-step-* flags), bracketed by
+    the CUDA profiler API (cudaProfilerStart / Stop: `nsys profile --capture-range=cudaProfilerApi` records
+    just them), or with --use-pytorch-profiler under torch.profiler, written as a Chrome trace
+    (chrome://tracing, Perfetto, TensorBoard's profiler plugin); stopped in close() if the run ends inside
+    the window."""
 
     def __init__(self, run: RunConfig, directory: str):
         self.section, self.directory, self.profiler = run.profile, directory, None
         self.active = torch.distributed.get_rank() in self.section.profile_ranks
+        self.cuda_range = False  # the CUDA profiler API's capture is open
 
     def post_step(self, trainer, step: StepResult) -> None:
         if not self.active:
+            return
+        if not self.section.use_pytorch_profiler:
+            if step.iteration == self.section.profile_step_start:
+                torch.cuda.cudart().cudaProfilerStart()
+                self.cuda_range = True
+            elif step.iteration == self.section.profile_step_end and self.cuda_range:
+                self.close()
             return
         if step.iteration == self.section.profile_step_start:
             activities = [torch.profiler.ProfilerActivity.CPU]
@@ -274,6 +311,11 @@ class ProfilerCallback(Callback):
             )
 
     def close(self) -> None:
+        if self.cuda_range:
+            torch.cuda.cudart().cudaProfilerStop()
+            self.cuda_range = False
+            s = self.section
+            print(f"profile: steps {s.profile_step_start + 1}-{s.profile_step_end} bracketed by the CUDA profiler API")
         if self.profiler is None:
             return
         self.profiler.stop()
@@ -301,6 +343,34 @@ class DataWorkersCallback(Callback):
             readers.report_workers(self.num_workers)
 
 
+class GarbageCollectionCallback(Callback):
+    """--manual-gc (Megatron-LM's): Python's automatic collection off for the run, a collection on every rank
+    at the same steps instead (every --manual-gc-interval steps, and after each evaluation unless
+    --no-manual-gc-eval); automatic collection is turned back on at close."""
+
+    def __init__(self, run: RunConfig):
+        import gc
+
+        self.gc, self.interval, self.eval_interval = gc, run.memory.manual_gc_interval, 0
+        if run.memory.manual_gc_eval:
+            self.eval_interval = run.eval.eval_interval
+        gc.disable()
+        gc.collect()
+        distributed.print_rank_0(
+            "garbage collection: manual, "
+            + (f"every {self.interval} steps" if self.interval else "not between steps")
+            + (f" and after each evaluation (every {self.eval_interval})" if self.eval_interval else "")
+        )
+
+    def post_step(self, trainer, step: StepResult) -> None:
+        it = step.iteration
+        if (self.interval and it % self.interval == 0) or (self.eval_interval and it % self.eval_interval == 0):
+            self.gc.collect()
+
+    def close(self) -> None:
+        self.gc.enable()
+
+
 def build_callbacks(run: RunConfig, trainer) -> list[Callback]:
     """The run's callbacks, and the metrics stream with its sinks on the logging rank."""
     logging_rank = distributed.is_logging_rank()
@@ -325,6 +395,8 @@ def build_callbacks(run: RunConfig, trainer) -> list[Callback]:
     callbacks: list[Callback] = [MetricsCallback(run, trainer, metrics, logging_rank)]
     if run.eval.eval_interval:
         callbacks.append(EvaluationCallback(run, metrics))
+    if run.memory.manual_gc:  # after the evaluation: its collection follows it
+        callbacks.append(GarbageCollectionCallback(run))
     if run.data.num_workers:
         callbacks.append(DataWorkersCallback(run.data.num_workers))
     if run.checkpoint.save:

@@ -9,6 +9,9 @@ non-finite update is skipped instead of poisoning the weights.
   rank's is not finite, no rank steps the optimizer or the lr schedule.
 - Loss spikes (optional, --loss-spike-window W): a step whose loss lies above mean + k sigma of the last
   W applied steps' losses is handled the same way, so that one bad batch does not throw the weights off.
+- --exit-duration-in-mins M (Megatron-LM's): once M minutes have passed since the process started, the
+  run stops as on a signal (the same one all-reduce decides, so every rank stops at the same step), saves
+  and exits 0, leaving the stop marker the SLURM launcher requeues on.
 - After --max-skipped-steps skipped steps in a row the run stops with a message rather than spin.
 - A rank that stops answering (hung, stopped, its node lost): a collective waiting for it longer than
   --distributed-timeout-minutes raises on gloo, and every rank still alive ends with one line naming the
@@ -24,23 +27,41 @@ import math
 import os
 import signal
 import sysconfig
+import time
 import traceback
 from collections import deque
 
 import torch
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+_RUN_START = time.time()  # --exit-duration-in-mins counts from here: the process's start, or mark_run_start's
+
+
+def mark_run_start() -> None:
+    """pretrain() calls it first (a process that imported this module earlier, such as the tests' warm
+    launcher, counts from the run's start, as Megatron-LM does)."""
+    global _RUN_START
+    _RUN_START = time.time()
 
 
 class StopRequest:
-    """Remembers a stop signal; UpdateGuard.check tells every rank whether any rank got one."""
+    """Remembers a stop signal, or a time limit passed (--exit-duration-in-mins, counted from the run's start
+    as Megatron-LM's); UpdateGuard.check tells every rank whether any rank asks to stop."""
 
-    def __init__(self):
+    def __init__(self, exit_duration_minutes: float | None = None):
         self.signalled = None
+        self.deadline = None if exit_duration_minutes is None else _RUN_START + 60 * exit_duration_minutes
+        self.exit_duration_minutes = exit_duration_minutes
         self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     def _handle(self, signum, frame) -> None:
         self.signalled = signal.Signals(signum).name
+
+    def requested(self) -> str | None:
+        """Why this rank asks to stop (a signal's name, or the time limit), or None."""
+        if self.signalled is None and self.deadline is not None and time.time() >= self.deadline:
+            self.signalled = f"--exit-duration-in-mins {self.exit_duration_minutes:g} passed"
+        return self.signalled
 
     def close(self) -> None:
         """Give the signals back to the handlers they had before the run."""

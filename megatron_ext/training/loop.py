@@ -24,11 +24,11 @@ from megatron_ext.evaluation import eval_set
 from megatron_ext.kernels.fp8_linear import end_fp8_step
 from megatron_ext.model.crystal_config import get_preset
 from megatron_ext.model.crystal_gpt import build_model, transformer_config
-from megatron_ext.training import distributed, memory_report, phase_lr
+from megatron_ext.training import distributed, faults, memory_report, phase_lr
 from megatron_ext.training.batches import datasets, feeds, readers
 from megatron_ext.training.callbacks import StepResult, build_callbacks
 from megatron_ext.training.faults import StopRequest, UpdateGuard, collective_failure
-from megatron_ext.training.optimizer import build_optimizer
+from megatron_ext.training.optimizer import build_optimizer, group_rates_line
 from megatron_ext.training.run_config import RunConfig
 
 
@@ -178,8 +178,9 @@ class Trainer:
             for inner in megatron_workarounds.inner_optimizers(self.optimizer):
                 inner.config.timers = self.timers
         self.forward_backward = get_forward_backward_func()
-        self.iteration = 0
-        self.stop = StopRequest()  # before any DataLoader worker forks, so that the workers inherit the handler
+        self.iteration, self.num_zeros_in_grad = 0, None  # the latter: the last step's, with --log-num-zeros-in-grad
+        # Before any DataLoader worker forks, so that the workers inherit the handler.
+        self.stop = StopRequest(run.optimizer.exit_duration_in_mins)
         self.callbacks: list = []  # the loop's side work (callbacks.build_callbacks), told of each save
         ckpt = run.checkpoint
         self.checkpoints = None
@@ -258,20 +259,28 @@ class Trainer:
         if self.data_hashes is not None:
             self.data_hashes.clear()  # what evaluation read is not part of the step
         losses = self._run(iterators, forward_only=False, global_batch_size=self.feed.step_batch_size())
+        self._return_cached_memory(1)
         self._count_rows()
         loss, by_source = _reduce_loss(losses)
-        skipped = self.guard.check(self.model, loss, self.stop.signalled is not None)
-        grad_norm, update_successful = None, False
+        skipped = self.guard.check(self.model, loss, self.stop.requested() is not None)
+        grad_norm, update_successful, self.num_zeros_in_grad = None, False, None
         if not skipped:
             if self.timers is not None:
                 self.timers("optimizer", log_level=1).start()
-            update_successful, grad_norm, _ = self.optimizer.step()
+            update_successful, grad_norm, self.num_zeros_in_grad = self.optimizer.step()
             if self.timers is not None:
                 self.timers("optimizer").stop()
-            if update_successful:
-                self.scheduler.step(increment=1)
+            if update_successful:  # in the scheduler's unit: samples with --train-samples, else steps
+                self.scheduler.step(increment=self.run.optimizer.scheduler_steps()[2])
         end_fp8_step(self.model, applied=update_successful)
+        self._return_cached_memory(2)
         return loss, by_source, grad_norm, skipped
+
+    def _return_cached_memory(self, level: int) -> None:
+        """--empty-unused-memory-level: as Megatron-LM's train_step, 1 after the forward-backward (and each
+        evaluation), 2 also after the optimizer step."""
+        if self.run.memory.empty_unused_memory_level >= level and self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @contextlib.contextmanager
     def parameters_gathered(self):
@@ -294,7 +303,9 @@ class Trainer:
         """An evaluation set's figures, forward only through the pipeline schedule (any layout); on the
         reading ranks of the last pipeline stage, None elsewhere."""
         with self.parameters_gathered():
-            return self._evaluate(evaluation)
+            figures = self._evaluate(evaluation)
+        self._return_cached_memory(1)
+        return figures
 
     def _evaluate(self, evaluation: eval_set.EvalSet) -> list[eval_set.Figure] | None:
         self.config.timers = None  # an evaluation is side work, timed on its own line, not a step's part
@@ -372,7 +383,12 @@ class Trainer:
                 step=ckpt.ckpt_step,
                 weights_only=ckpt.finetune,
                 fully_parallel=ckpt.ckpt_fully_parallel_load,
+                skip=frozenset({"optimizer", "opt_param_scheduler"} if ckpt.no_load_optim else ()),
             )
+            if ckpt.no_load_optim and self.iteration:
+                distributed.print_rank_0(
+                    "--no-load-optim: a fresh optimizer state and lr schedule (from its step 0), as Megatron-LM"
+                )
         note = self.feed.resume_note
         if note:
             distributed.print_rank_0(f"warning: {note}")
@@ -404,6 +420,7 @@ def _describe_path(run: RunConfig) -> str:
 
 def pretrain(run: RunConfig) -> int:
     """Train with the configuration arguments.validate returned."""
+    faults.mark_run_start()
     try:
         megatron_workarounds.apply()
     except megatron_workarounds.UnsupportedMegatronVersion as e:
@@ -445,6 +462,7 @@ def _train(run: RunConfig, device: torch.device) -> int:
         + (" (phase 1's batch)" if run.data.phases else "")
     )
     distributed.print_rank_0(_describe_path(run))
+    distributed.print_rank_0(group_rates_line(run))
     preset, crystal = get_preset(run.model.preset), run.crystal
     if crystal.hidden_size != preset.hidden_size:
         distributed.print_rank_0(
@@ -527,7 +545,7 @@ def _loop(run: RunConfig, trainer: Trainer, feed, train_its: list, callbacks: li
             break
         if trainer.guard.stop_agreed:
             distributed.print_rank_0(
-                f"stop requested ({trainer.stop.signalled or 'signal on another rank'}): saving at "
+                f"stop requested ({trainer.stop.signalled or 'by another rank'}): saving at "
                 f"iteration {trainer.iteration} and exiting; a run with the same --load resumes here"
             )
             stopped_by_signal = True

@@ -29,6 +29,8 @@ class MegatronFlag:
     (CrystalConfig): the one value accepted, or for a switch whether it agrees"""
     implies: tuple[str, Any] | None = None
     """(field, value) the flag stands for, e.g. --use-flash-attn: attention_backend flash"""
+    nargs: str | None = None
+    """argparse's nargs where the flag takes several values, as Megatron-LM's (--rampup-batch-size)"""
 
     @property
     def dest(self) -> str:
@@ -109,6 +111,11 @@ FLAGS = (
     MegatronFlag("--log-throughput", "the log line always shows tokens/s, and on GPUs TFLOP/s per GPU and MFU"),
     MegatronFlag("--tensorboard-queue-size", "TensorBoard's writer queue: what is written is the same", int),
     MegatronFlag(
+        "--no-load-rng",
+        "no random state is checkpointed: Crystal has no dropout, and the data order is a "
+        "function of the seed and the position",
+    ),
+    MegatronFlag(
         "--use-checkpoint-args",
         "the checkpoint's model shape is checked against the run's; a difference is refused in one line naming both",
     ),
@@ -126,60 +133,15 @@ FLAGS = (
         ("single",),
     ),
     MegatronFlag("--fp8-amax-compute-algo", "delayed scaling takes the largest amax of the history", str, ("max",)),
-    MegatronFlag(
-        "--empty-unused-memory-level",
-        "the allocator's cache is left as it is (level 0, Megatron-LM's default); levels 1-2 are not implemented yet",
-        int,
-        (0,),
-    ),
     # Not implemented yet (issue #35): refused with what does the same here.
-    MegatronFlag(
-        "--train-samples",
-        "not implemented yet: --train-iters (samples / global batch), or the phases' iters or tokens",
-        int,
-        agrees=False,
-    ),
-    MegatronFlag(
-        "--lr-warmup-samples", "not implemented yet: --lr-warmup-iters (samples / global batch)", int, agrees=False
-    ),
-    MegatronFlag(
-        "--lr-decay-samples", "not implemented yet: --lr-decay-iters (samples / global batch)", int, agrees=False
-    ),
-    MegatronFlag("--lr-warmup-fraction", "not implemented yet: --lr-warmup-iters", float, agrees=False),
-    MegatronFlag(
-        "--exit-duration-in-mins",
-        "not implemented yet: --exit-interval, or the stop signal SLURM sends "
-        "before the time limit (examples/slurm/launch.sh: the run saves, exits and is requeued)",
-        float,
-        agrees=False,
-    ),
-    MegatronFlag(
-        "--no-load-optim",
-        "not implemented yet: --finetune takes the weights alone; "
-        "--pretrained-checkpoint does so for the first launch of a --save = --load job",
-        agrees=False,
-    ),
-    MegatronFlag(
-        "--no-load-rng",
-        "not implemented yet: --finetune takes the weights alone; "
-        "--pretrained-checkpoint does so for the first launch of a --save = --load job",
-        agrees=False,
-    ),
-    MegatronFlag(
-        "--log-params-norm", "not implemented yet: the log line and TensorBoard have the gradient norm", agrees=False
-    ),
-    MegatronFlag("--log-num-zeros-in-grad", "not implemented yet: the log line has the gradient norm", agrees=False),
-    MegatronFlag(
-        "--log-validation-ppl-to-tensorboard",
-        "not implemented yet: TensorBoard has the validation loss (perplexity = exp(loss)) and bits per byte",
-        agrees=False,
-    ),
-    MegatronFlag("--manual-gc", "not implemented yet: Python's automatic garbage collection stays on", agrees=False),
-    MegatronFlag("--manual-gc-interval", "not implemented yet: see --manual-gc", int, agrees=False),
     # Refused, with the equivalent.
     MegatronFlag("--fp16", "Crystal trains in bf16: use --bf16", agrees=False),
     MegatronFlag(
-        "--rampup-batch-size", "the phases file sets each phase's global_batch_size (--phases)", str, agrees=False
+        "--rampup-batch-size",
+        "the phases file sets each phase's global_batch_size (--phases)",
+        str,
+        agrees=False,
+        nargs="*",
     ),
     MegatronFlag(
         "--use-megatron-fsdp",
@@ -255,13 +217,13 @@ def add_to_parser(parser) -> None:
         if f.value is SWITCH:
             group.add_argument(f.flag, action="store_true", help=help_text(f))
         else:
-            group.add_argument(f.flag, type=f.value, metavar=f.dest.upper(), help=help_text(f))
+            group.add_argument(f.flag, type=f.value, nargs=f.nargs, metavar=f.dest.upper(), help=help_text(f))
 
 
 def problem(dest: str, value, crystal) -> str | None:
     """The one-line refusal of a given table flag, or None when it agrees with the run."""
     f = BY_DEST[dest]
-    shown = f.flag if f.value is SWITCH else f"{f.flag} {value}"
+    shown = f.flag if f.value is SWITCH else f"{f.flag} {' '.join(map(str, value)) if f.nargs else value}"
     agrees = f.agrees(crystal) if callable(f.agrees) else f.agrees
     if callable(agrees):
         ok = agrees(value)

@@ -93,6 +93,8 @@ class ConsoleSink(Sink):
             f"by source {by_source}" if by_source else None,
             f"lr {values['learning-rate']:.4e}",
             f"grad norm {values['grad-norm']:.4f}" if "grad-norm" in values else None,
+            f"params norm {values['params-norm']:.4f}" if "params-norm" in values else None,
+            f"num zeros {int(values['num-zeros']):,}" if "num-zeros" in values else None,
             f"tokens/s {values['tokens-per-second']:,.0f}",
             f"step time {values['step-time-ms']:.1f} ms",
             f"ETA {format_duration(values['eta-seconds'])}",
@@ -182,7 +184,8 @@ class WandbSink(ScalarSink):
 class JsonlSink(Sink):
     """--metrics-jsonl: one JSON object per step: iteration, lm_loss, grad_norm (null for a skipped update),
     lr; with phases also phase, source_losses and source_tokens (the sources present in the step); with
-    --log-data-hash, data_hash."""
+    --log-data-hash, data_hash; with --log-params-norm, params_norm at log steps; with --log-num-zeros-in-grad,
+    num_zeros_in_grad."""
 
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as TensorBoard does
@@ -204,6 +207,10 @@ class JsonlSink(Sink):
             )
         if "data-hash" in values:
             record["data_hash"] = values["data-hash"]
+        if "params-norm" in values:
+            record["params_norm"] = values["params-norm"]
+        if "num-zeros" in values:
+            record["num_zeros_in_grad"] = int(values["num-zeros"])
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 

@@ -48,6 +48,20 @@ def mup_param_group_overrides(run: RunConfig) -> dict:
     return overrides
 
 
+def group_rates_line(run: RunConfig) -> str:
+    """The start-up line of each parameter group's peak and floor lr: Megatron-LM's --lr is the lr, this
+    project's is muP's base lr, which the hidden matrices take x the width scale (a ported --lr 1.5e-4 would
+    train them at 9.4e-6 on crystal-7b)."""
+    scale, opt = run.crystal.mup_width_scale, run.optimizer
+    bias = opt.lr * scale if run.model.mup_scale_bias_lr else opt.lr
+    floor = opt.min_lr * scale if run.model.mup_scale_bias_lr else opt.min_lr
+    return (
+        f"lr per parameter group (muP, width scale {scale:g}; the phases file's lr scales alike): hidden matrices "
+        f"{opt.lr * scale:.4g} -> {opt.min_lr * scale:.4g} (--lr x {scale:g}); embedding {opt.lr:.4g} -> "
+        f"{opt.min_lr:.4g}; biases and norms {bias:.4g} -> {floor:.4g}, no weight decay"
+    )
+
+
 def check_group_keys_unique(optimizer) -> None:
     """Each group's checkpoint identity must be its own (see mup_param_group_overrides)."""
     keys = [tuple(g.get(k) for k in param_group_identifier_keys) for g in optimizer.param_groups]
@@ -69,6 +83,7 @@ def build_optimizer(run: RunConfig, model_chunks: list):
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=run.layout.use_distributed_optimizer,
+        log_num_zeros_in_grad=run.logging.log_num_zeros_in_grad,
     )
     optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=mup_param_group_overrides(run))
     check_group_keys_unique(optimizer)
@@ -77,12 +92,12 @@ def build_optimizer(run: RunConfig, model_chunks: list):
         init_lr=0.0,
         max_lr=opt.lr,
         min_lr=opt.min_lr,
-        lr_warmup_steps=opt.lr_warmup_iters,
-        lr_decay_steps=opt.lr_decay_iters,
+        lr_warmup_steps=opt.scheduler_steps()[0],
+        lr_decay_steps=opt.scheduler_steps()[1],
         lr_decay_style=opt.lr_decay_style,
         start_wd=opt.weight_decay,
         end_wd=opt.weight_decay,
-        wd_incr_steps=opt.train_iters,
+        wd_incr_steps=opt.train_iters * opt.scheduler_steps()[2],
         wd_incr_style="constant",
     )
     return optimizer, scheduler

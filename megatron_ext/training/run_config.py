@@ -137,8 +137,8 @@ class LayoutSection:
     without)"""
     grad_reduce_in_bf16: bool = False
     """reduce gradients in bf16 instead of fp32 (half the bytes on the wire; needs --bf16)"""
-    distributed_timeout_minutes: int = 10
-    """how long a collective waits for the other ranks before the job ends"""
+    distributed_timeout_minutes: float = 10
+    """how long a collective waits for the other ranks before the job ends (a fraction of a minute is accepted)"""
     virtual_pipeline_model_parallel_size: int | None = derived()
     """model chunks per pipeline stage (None: no interleaving)"""
     data_parallel_size: int = derived()
@@ -153,7 +153,7 @@ class LayoutSection:
             "--overlap-param-gather needs --use-distributed-optimizer (the plain optimizer gathers no parameters)",
         )
         require(self.ddp_bucket_size is None or self.ddp_bucket_size >= 1, "--ddp-bucket-size must be >= 1")
-        require(self.distributed_timeout_minutes >= 1, "--distributed-timeout-minutes must be >= 1")
+        require(self.distributed_timeout_minutes > 0, "--distributed-timeout-minutes must be > 0")
 
     def num_microbatches(self, global_batch_size: int) -> int:
         """Per step and data-parallel rank; a phase's batch size changes it, so it is asked, not stored."""
@@ -250,6 +250,9 @@ class OptimizerSection:
     """samples per step; with --phases, the batch size of phases that give none"""
     train_iters: int = 100
     """steps to train (with --phases default: the phases' total; fewer stops the run early)"""
+    exit_duration_in_mins: float | None = None
+    """stop (saving first, with --save, and leaving the stop marker the SLURM launcher requeues on) at the first
+    step after this many minutes since the process started, every rank at the same step (Megatron-LM's)"""
     exit_interval: int | None = None
     """stop (saving first, with --save) once the iteration is a multiple of this"""
     max_skipped_steps: int = 5
@@ -260,7 +263,9 @@ class OptimizerSection:
     loss_spike_sigma: float = 6.0
     """k of --loss-spike-window"""
     lr: float = 1.2e-2
-    """base (muP) learning rate (Crystal's phase 1); with --phases the file sets it"""
+    """muP's base learning rate (Crystal's phase 1): the embedding's, biases' and norms'; the hidden matrices
+    train at --lr x the width scale (0.0625 on crystal-7b: Megatron-LM's --lr 1.5e-4 would give them 9.4e-6);
+    the start-up line prints every group's. With --phases the file sets it"""
     min_lr: float = 0.0
     """the lr at the end of the decay"""
     lr_warmup_iters: int = 0
@@ -269,6 +274,16 @@ class OptimizerSection:
     """decay length (default: --train-iters)"""
     lr_decay_style: str = option("linear", choices=("constant", "linear", "cosine", "inverse-square-root"))
     """the lr decay's shape"""
+    train_samples: int | None = None
+    """samples to train, instead of --train-iters (Megatron-LM's sample-based schedule): the run takes
+    train_samples // --global-batch-size steps and its lr schedule counts samples (--lr-warmup-samples,
+    --lr-decay-samples)"""
+    lr_warmup_samples: int = 0
+    """with --train-samples: linear warm-up over this many samples"""
+    lr_decay_samples: int | None = None
+    """with --train-samples: decay length in samples (default: --train-samples)"""
+    lr_warmup_fraction: float | None = None
+    """the warm-up as a fraction of the decay length, instead of --lr-warmup-iters or --lr-warmup-samples"""
     weight_decay: float = 0.1
     """AdamW's decoupled weight decay"""
     adam_beta1: float = 0.9
@@ -292,18 +307,48 @@ class OptimizerSection:
         require(self.train_iters >= 1, "--train-iters must be >= 1")
         require(self.max_skipped_steps >= 1, "--max-skipped-steps must be >= 1")
         require(
+            self.exit_duration_in_mins is None or self.exit_duration_in_mins > 0, "--exit-duration-in-mins must be > 0"
+        )
+        require(
             self.loss_spike_window == 0 or self.loss_spike_window >= 2, "--loss-spike-window must be 0 (off) or >= 2"
         )
         require(self.loss_spike_sigma > 0, "--loss-spike-sigma must be > 0")
-        decay = self.train_iters if self.lr_decay_iters is None else self.lr_decay_iters
+        samples = self.train_samples is not None
+        for name in ("lr_warmup_samples", "lr_decay_samples") if not samples else ("lr_warmup_iters",):
+            given = getattr(self, name) not in (0, None)
+            require(not given, f"--{name.replace('_', '-')} {getattr(self, name)}: " + (
+                "with --train-samples the schedule counts samples: use --lr-warmup-samples" if samples
+                else "needs --train-samples (a sample-based schedule); iteration-based: its -iters flag"))  # fmt: skip
         require(
-            0 <= self.lr_warmup_iters < decay,
-            f"--lr-warmup-iters {self.lr_warmup_iters} must be below the decay length {decay}",
+            self.lr_warmup_fraction is None or (self.lr_warmup_iters == 0 and self.lr_warmup_samples == 0),
+            "--lr-warmup-fraction: give one of it, --lr-warmup-iters and --lr-warmup-samples",
         )
+        require(
+            self.lr_warmup_fraction is None or 0 <= self.lr_warmup_fraction < 1,
+            f"--lr-warmup-fraction {self.lr_warmup_fraction} must lie in [0, 1)",
+        )
+        warmup, decay, _ = self.scheduler_steps()
+        unit = "samples" if samples else "iters"
+        require(0 <= warmup < decay, f"the warm-up ({warmup:g} {unit}) must be below the decay length ({decay} {unit})")
         require(0 <= self.min_lr <= self.lr, f"--min-lr {self.min_lr} must lie in [0, --lr {self.lr}]")
 
+    def scheduler_steps(self) -> tuple[float, int, int]:
+        """(warm-up, decay length, increment per step) in the lr scheduler's unit: samples with --train-samples,
+        as Megatron-LM (which counts samples always, the same schedule as iterations for a fixed batch);
+        iterations otherwise. A --lr-warmup-fraction warm-up may end between steps, as in Megatron-LM."""
+        if self.train_samples is not None:
+            decay = self.lr_decay_samples if self.lr_decay_samples is not None else self.train_samples
+            warmup = self.lr_warmup_samples if self.lr_warmup_fraction is None else self.lr_warmup_fraction * decay
+            return warmup, decay, self.global_batch_size
+        decay = self.train_iters if self.lr_decay_iters is None else self.lr_decay_iters
+        warmup = self.lr_warmup_iters if self.lr_warmup_fraction is None else self.lr_warmup_fraction * decay
+        return warmup, decay, 1
 
-LR_FIELDS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style")  # a phases file sets these
+
+LR_FIELDS = (  # a phases file sets these
+    "lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style", "train_samples", "lr_warmup_samples",
+    "lr_decay_samples", "lr_warmup_fraction",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -407,6 +452,9 @@ class CheckpointSection:
     """with --load: resume from this iteration's checkpoint (default: the latest)"""
     finetune: bool = False
     """with --load: take the model weights only; optimizer, scheduler and iteration start afresh"""
+    no_load_optim: bool = False
+    """with --load: resume the weights, the iteration and the data position, but not the optimizer's state nor the
+    lr scheduler's (Megatron-LM's meaning: the lr schedule starts again from its step 0)"""
     pretrained_checkpoint: str | None = None
     """the weights to start from when --load holds no checkpoint yet (or without --load), as in Megatron-LM: fresh
     optimizer and schedule, iteration 0 (e.g. tools/convert_from_hf.py's import); with --save = --load a requeued
@@ -508,6 +556,15 @@ class LoggingSection:
     """write TensorBoard scalars here"""
     metrics_jsonl: str | None = None
     """append one JSON line per step (loss, grad norm, lr) to this file"""
+    log_num_zeros_in_grad: bool = False
+    """the count of zero gradient entries at each step (Megatron-LM's; Megatron-Core's optimizer counts them): on the
+    log line, TensorBoard, W&B and --metrics-jsonl"""
+    log_validation_ppl_to_tensorboard: bool = False
+    """with each validation loss, its perplexity exp(loss) (Megatron-LM's flag): TensorBoard, W&B, the log line and
+    eval_results.jsonl"""
+    log_params_norm: bool = False
+    """the parameters' L2 norm at each log step (Megatron-LM's): on the log line, TensorBoard, W&B and
+    --metrics-jsonl; one norm over the model and a reduction over the model-parallel ranks per log step"""
     timing_log_level: int = option(0, choices=(0, 1, 2))
     """Megatron-Core's timers on the log line: 1: a step's parts (forward-backward, gradient reduction, parameter
     gather, optimizer); 2: also each micro-batch's forward and backward compute and the data wait"""
@@ -551,8 +608,12 @@ class ProfileSection:
     """profiling"""
 
     profile: bool = False
-    """record a PyTorch profiler trace of the steps after --profile-step-start up to --profile-step-end, on the
-    --profile-ranks, as a Chrome trace in --tensorboard-dir (or --save, or the working directory)"""
+    """profile the steps after --profile-step-start up to --profile-step-end on the --profile-ranks, as Megatron-LM:
+    bracketed by the CUDA profiler API, for `nsys profile --capture-range=cudaProfilerApi` (GPU); with
+    --use-pytorch-profiler, a PyTorch profiler trace (Chrome trace) in --tensorboard-dir (or --save, or the
+    working directory)"""
+    use_pytorch_profiler: bool = False
+    """with --profile: record a PyTorch profiler trace instead of bracketing with the CUDA profiler API"""
     profile_step_start: int = 10
     """the step after which the trace starts"""
     profile_step_end: int = 12
@@ -561,10 +622,31 @@ class ProfileSection:
     """the ranks that record a trace"""
 
     def __post_init__(self):
+        require(self.profile or not self.use_pytorch_profiler, "--use-pytorch-profiler needs --profile")
         require(
             not self.profile or 0 <= self.profile_step_start < self.profile_step_end,
             f"--profile-step-start {self.profile_step_start} must be below --profile-step-end {self.profile_step_end}",
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemorySection:
+    """memory housekeeping (Megatron-LM's flags)"""
+
+    manual_gc: bool = False
+    """turn Python's automatic garbage collection off and collect at chosen steps instead, on every rank at once
+    (automatic collections, at random times on each rank, make the ranks wait for each other)"""
+    manual_gc_interval: int = 0
+    """with --manual-gc: collect every this many steps (0: only at the start and around evaluations)"""
+    manual_gc_eval: bool = True
+    """with --manual-gc: collect after each evaluation (--no-manual-gc-eval: not)"""
+    empty_unused_memory_level: int = option(0, choices=(0, 1, 2))
+    """return the CUDA allocator's unused cache: 1 after each forward-backward and evaluation, 2 also after each
+    optimizer step (Megatron-LM's places); 0: never. It costs the next allocations; a help against fragmentation"""
+
+    def __post_init__(self):
+        require(self.manual_gc_interval >= 0, "--manual-gc-interval must be >= 0")
+        require(self.manual_gc or not self.manual_gc_interval, "--manual-gc-interval needs --manual-gc")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -579,6 +661,7 @@ class RunConfig:
     eval: EvalSection
     logging: LoggingSection
     profile: ProfileSection
+    memory: MemorySection
     flags: dict = field(default_factory=dict, compare=False)
     """the flags as given on the command line (what run_config.json re-validates)"""
 
