@@ -112,13 +112,18 @@ def abandoned_iterations(root: str) -> list[int]:
     return [] if latest is None else [it for it in _saved_iterations(root) if it > latest]
 
 
-def prune_checkpoints(root: str, keep: int) -> None:
+def prune_checkpoints(root: str, keep: int | None, retain_interval: int | None = None) -> None:
     """Keep the newest `keep` checkpoints at or before the tracker's iteration (the last among them is
-    the tracker's own); remove older ones, and first the abandoned ones newer than the tracker, which
-    would otherwise count towards `keep` and push out a rollback's fallback."""
+    the tracker's own; None: all, or with retain_interval only the tracker's) and those whose iteration is a
+    multiple of retain_interval (--save-retain-interval); remove the others, and first the abandoned ones newer
+    than the tracker, which would otherwise count towards `keep` and push out a rollback's fallback."""
+    if keep is None and retain_interval is None:
+        return
     latest = latest_iteration(root)
     valid = [it for it in _saved_iterations(root) if latest is None or it <= latest]
-    for iteration in abandoned_iterations(root) + valid[:-keep]:
+    newest = set(valid[-(keep or 1) :])
+    retained = {it for it in valid if retain_interval and it % retain_interval == 0}
+    for iteration in abandoned_iterations(root) + [it for it in valid if it not in newest | retained]:
         shutil.rmtree(iteration_dir(root, iteration), ignore_errors=True)
 
 

@@ -177,10 +177,12 @@ class CheckpointSaver:
     """
 
     def __init__(self, root: str, keep_last: int | None = None, fully_parallel: bool = False,
-                 asynchronous: bool = False, on_complete=None):  # fmt: skip
+                 asynchronous: bool = False, on_complete=None, retain_interval: int | None = None,
+                 persistent_worker: bool = False):  # fmt: skip
         self.root, self.keep_last, self.fully_parallel = root, keep_last, fully_parallel
+        self.retain_interval = retain_interval
         self.on_complete = on_complete or (lambda path: None)
-        self.queue = AsyncCallsQueue() if asynchronous else None
+        self.queue = AsyncCallsQueue(persistent=persistent_worker) if asynchronous else None
         self.in_flight: _InFlight | None = None
         self.gather_seconds = 0.0  # of the last save: building the state to write (see save)
 
@@ -250,8 +252,7 @@ class CheckpointSaver:
             for name, text in side_files.items():
                 write_text_atomically(os.path.join(path, name), text)
             write_text_atomically(os.path.join(self.root, TRACKER), str(self.in_flight.iteration))
-            if self.keep_last is not None:
-                prune_checkpoints(self.root, self.keep_last)
+            prune_checkpoints(self.root, self.keep_last, self.retain_interval)
         torch.distributed.barrier()
         if self.queue is not None:
             seconds = time.perf_counter() - self.in_flight.started

@@ -156,7 +156,7 @@ def test_wandb_offline_run_holds_the_tensorboard_scalars(tmp_path, clock, monkey
     """--wandb-project with WANDB_MODE=offline: the run directory under --wandb-save-dir holds every scalar
     TensorBoard gets, at the same steps with the same values (training steps and evaluation figures), and
     the run's configuration."""
-    from helpers.wandb_records import run_history, scalar_series
+    from helpers.wandb_records import run_history, run_identity, scalar_series
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from megatron_ext.training.metric_sinks import WandbSink
@@ -164,10 +164,11 @@ def test_wandb_offline_run_holds_the_tensorboard_scalars(tmp_path, clock, monkey
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = _run("--mock-data", "--log-interval", "2", "--train-iters", "4", "--wandb-project", "p", "--save",
-               str(tmp_path / "job" / "ckpt"))  # fmt: skip
+               str(tmp_path / "job" / "ckpt"), "--wandb-entity", "team")  # fmt: skip
     log = run.logging
     assert (log.wandb_exp_name, log.wandb_save_dir) == ("job", str(tmp_path / "job" / "ckpt" / "wandb"))
-    wandb_sink = WandbSink(log.wandb_project, log.wandb_exp_name, str(tmp_path / "wb"), json.loads(run.to_json()))
+    wandb_sink = WandbSink(log.wandb_project, log.wandb_exp_name, str(tmp_path / "wb"), json.loads(run.to_json()),
+                           entity=log.wandb_entity)  # fmt: skip
     stream = metrics.Metrics([TensorBoardSink(str(tmp_path / "tb")), wandb_sink])
     trainer = FakeTrainer()
     cb = callbacks.MetricsCallback(run, trainer, stream, logging_rank=True)
@@ -187,6 +188,7 @@ def test_wandb_offline_run_holds_the_tensorboard_scalars(tmp_path, clock, monkey
         assert [v for _, v in logged[name]] == pytest.approx([v for _, v in points], rel=1e-6), name
     assert logged["lm loss"] == [(1, 5.0), (2, 4.0), (3, 3.5), (4, 3.0)] and logged["eval/valid/text/bpb"] == [(2, 1.5)]
     assert len(run_history(str(tmp_path / "wb"))) == 4  # one row per step, the figures in step 2's
+    assert run_identity(str(tmp_path / "wb")) == {"project": "p", "entity": "team", "name": "job"}
 
 
 def test_gpu_memory_reaches_the_log_line_always_and_tensorboard_with_its_flag(tmp_path, monkeypatch, capsys):
@@ -220,8 +222,9 @@ def test_wandb_flags_fail_in_one_line(monkeypatch):
 
     from megatron_ext.training.run_config import ArgumentError
 
-    with pytest.raises(ArgumentError, match="^--wandb-exp-name and --wandb-save-dir need --wandb-project$"):
-        _run("--mock-data", "--wandb-exp-name", "x")
+    for flag in ("--wandb-exp-name", "--wandb-entity"):
+        with pytest.raises(ArgumentError, match="^--wandb-exp-name, --wandb-save-dir and --wandb-entity need --wandb"):
+            _run("--mock-data", flag, "x")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ArgumentError, match=r"^--wandb-project needs the wandb package: pip install 'crystal-megatron"):

@@ -73,3 +73,46 @@ def test_async_save_needs_save():
 
     with pytest.raises(ArgumentError, match="^--async-save needs --save$"):
         validate(build_parser().parse_args(["--model", "crystal-test", "--mock-data", "--async-save"]), 1)
+
+
+@pytest.mark.parametrize(
+    "keep,retain,kept",
+    [(None, None, [1, 2, 3, 4, 5, 6]), (2, None, [5, 6]), (None, 2, [2, 4, 6]), (None, 4, [4, 6]), (1, 4, [4, 6]),
+     (2, 4, [4, 5, 6])],
+)  # fmt: skip
+def test_pruning_keeps_the_newest_and_the_retained(tmp_path, keep, retain, kept):
+    """--keep-last-checkpoints keeps the newest; Megatron-LM's --save-retain-interval keeps the multiples of
+    its interval and the tracker's; both: the union. An abandoned checkpoint (past the tracker) goes."""
+    from megatron_ext.checkpoint_files import prune_checkpoints
+
+    for it in range(1, 8):
+        (tmp_path / f"iter_{it:07d}").mkdir()
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("6")
+    prune_checkpoints(str(tmp_path), keep, retain)
+    left = sorted(int(p.name[5:]) for p in tmp_path.glob("iter_*"))
+    assert left == (kept if keep or retain else kept + [7])
+
+
+@pytest.mark.timeout(300)
+def test_retained_async_saves_in_deterministic_mode_change_no_step(tmp_path):
+    """Megatron-LM's --save-retain-interval 2 with a save every step, written in the background, in
+    --deterministic-mode: the steps equal a plain run's; iter 2, 4 and the last, 5, remain; the resume from 4
+    reproduces step 5. --use-persistent-ckpt-worker is refused on CPU in one line (Megatron-Core's persistent
+    writer binds a GPU)."""
+    from megatron_ext.training.arguments import ArgumentError, check_command_line
+
+    with pytest.raises(ArgumentError, match="^--use-persistent-ckpt-worker needs a GPU"):
+        check_command_line(
+            TINY_RUN + ["--save", str(tmp_path / "x"), "--async-save", "--use-persistent-ckpt-worker"], 1
+        )
+    base = TINY_RUN + ["--train-iters", "5"]
+    plain, _ = _run(tmp_path, "plain", base, nproc=1)
+    ckpt = tmp_path / "ckpt"
+    flags = ["--save", str(ckpt), "--save-interval", "1", "--save-retain-interval", "2", "--async-save",
+             "--deterministic-mode"]  # fmt: skip
+    saved, out = _run(tmp_path, "saved", base + flags, nproc=1)
+    assert saved == plain and len(plain) == 5
+    assert "deterministic mode (deterministic kernels only)" in out
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000002", "iter_0000004", "iter_0000005"]
+    resumed, _ = _run(tmp_path, "resumed", base + ["--load", str(ckpt), "--ckpt-step", "4"], nproc=1)
+    assert resumed == plain[4:]

@@ -343,3 +343,28 @@ def test_a_full_disk_during_a_save_ends_the_job_in_one_line(small_filesystem, wr
         "latest_checkpointed_iteration.txt",
         "run_config.json",
     ]
+
+
+@pytest.mark.timeout(300)
+def test_a_diverged_replica_is_named_and_the_job_stops_before_saving(tmp_path):
+    """--check-weight-hash-across-dp-replicas-interval 2 at DP 2 (Megatron-LM's flag, Megatron-Core's check): the
+    replicas agree at step 2 and it is saved; after step 3 the last rank's first parameter is changed by 1e-3 (a
+    bad GPU's memory, injected from outside), and at step 4 the job stops, exit code 5, with one line naming
+    data-parallel rank 1 and the parameter, before step 4's save: the resume point stays step 2."""
+    ckpt = tmp_path / "ckpt"
+    flags = TINY_RUN + ["--train-iters", "6", "--save", str(ckpt), "--save-interval", "2",
+                        "--check-weight-hash-across-dp-replicas-interval", "2"]  # fmt: skip
+    proc = train(2, flags, check=False, env_extra={"CRYSTAL_TEST_CORRUPT_WEIGHT_AFTER": "3"})
+    assert proc.returncode == 5, proc.stderr[-3000:]
+    assert "data-parallel replicas' parameters compared by hash every 2 steps" in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain_crystal.py: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.fullmatch(
+        r"pretrain_crystal.py: error: step 4: the parameters differ across the data-parallel replicas "
+        r"\(--check-weight-hash-across-dp-replicas-interval\): data-parallel rank 1 \(rank 1, \S+\) differs from "
+        r"data-parallel rank 0 in module\.embedding\.word_embeddings\.weight in model chunk ?0; stopping without "
+        r"saving: .*",
+        errors[0],
+    ), errors[0]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000002"]

@@ -135,6 +135,113 @@ def test_each_flag_of_the_scripts_is_accepted_or_refused_with_its_reason(script,
     assert len(accepted) + len(refused) == len(flags) and len(accepted) > len(refused)
 
 
+FUNCTIONAL_TEST_FLAGS = REPO / "tests" / "data" / "megatron_lm_functional_test_flags.txt"
+# What a flag of those configurations needs beside it to be judged alone (as its configuration gives it).
+BESIDE = {
+    "--async-save": ["--save", "CKPT"],
+    "--use-persistent-ckpt-worker": ["--save", "CKPT", "--async-save"],  # refused on CPU: the machine's
+    "--save-interval": ["--save", "CKPT"],
+    "--save-retain-interval": ["--save", "CKPT", "--save-interval", "1000"],
+    "--no-load-optim": ["--load", "CKPT"],
+    "--use-checkpoint-args": ["--load", "CKPT"],
+    "--use-checkpoint-opt_param-scheduler": ["--load", "CKPT"],
+    "--finetune": ["--load", "CKPT"],
+    "--ckpt-fully-parallel-load": ["--load", "CKPT"],
+    "--overlap-param-gather": ["--use-distributed-optimizer"],
+    "--lr-decay-samples": ["--train-samples", "1953125000"],
+    "--lr-warmup-samples": ["--train-samples", "1953125000"],
+    "--recompute-granularity": ["--recompute-method", "uniform", "--recompute-num-layers", "1"],
+    "--recompute-method": ["--recompute-granularity", "full", "--recompute-num-layers", "1"],
+    "--recompute-num-layers": ["--recompute-granularity", "full", "--recompute-method", "uniform"],
+    "--num-layers-per-virtual-pipeline-stage": ["--pipeline-model-parallel-size", "2"],
+    "--num-virtual-stages-per-pipeline-rank": ["--pipeline-model-parallel-size", "2"],
+    "--wandb-entity": ["--wandb-project", "p"],
+    "--wandb-exp-name": ["--wandb-project", "p"],
+    "--wandb-save-dir": ["--wandb-project", "p"],
+}
+
+
+def test_every_flag_of_megatron_lms_functional_tests_is_accepted_or_refused_with_its_reason(tmp_path):
+    """The 159 flags (220 flag-value pairs) of Megatron-LM's 151 dense GPT training configurations
+    (tests/data/megatron_lm_functional_test_flags.txt names the commit and the selection): none unknown; each
+    refusal one line starting with the flag; the refused ones are these, the machine's aside."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("0")
+    values = {"CKPT": str(ckpt), "DATA": DEMO_PREFIX, "TB": str(tmp_path / "tb"), "CACHE": str(tmp_path / "cache"),
+              "TOKENIZER": str(REPO / "data" / "demo" / "crystal_demo.model"), "EXP": "exp"}  # fmt: skip
+    lines = [line.split() for line in FUNCTIONAL_TEST_FLAGS.read_text().splitlines() if not line.startswith("#")]
+    refused = set()
+    for flag, *given in lines:
+        argv = ["--model", "crystal-7b"] + ([] if flag in ("--data-path", "--mock-data") else ["--mock-data"])
+        argv += [values.get(v, v) for v in BESIDE.get(flag, []) + [flag, *given]]
+        layout = flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size")
+        world = int(given[0]) if layout else 2 if "--pipeline-model-parallel-size" in BESIDE.get(flag, []) else 1
+        line = _verdict(argv, world)
+        if line is None:
+            continue
+        assert "unrecognized arguments" not in line and "invalid choice" not in line, line
+        assert "\n" not in line and line.startswith(flag), line
+        refused.add(flag)
+    assert len(lines) == 220 and len({f for f, *_ in lines}) == 159
+    expected = {
+        "--account-for-embedding-in-pipeline-split", "--account-for-loss-in-pipeline-split",
+        "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers",
+        "--microbatch-group-size-per-virtual-pipeline-stage", "--overlap-p2p-communication-warmup-flush",
+        "--overlap-param-gather-with-optimizer-step", "--defer-embedding-wgrad-compute", "--wgrad-deferral-limit",
+        "--tp-comm-overlap", "--tp-comm-overlap-cfg", "--use-tp-pp-dp-mapping", "--disable-gloo-process-groups",
+        "--ddp-average-in-collective", "--num-distributed-optimizer-instances",
+        "--context-parallel-size", "--cp-comm-type", "--hierarchical-context-parallel-sizes",
+        "--expert-tensor-parallel-size", "--use-megatron-fsdp", "--use-torch-fsdp2",
+        "--data-parallel-sharding-strategy", "--megatron-fsdp-main-params-dtype", "--megatron-fsdp-main-grads-dtype",
+        "--megatron-fsdp-grad-comm-dtype",
+        "--ckpt-format",  # torch and fsdp_dtensor (torch_dist is accepted)
+        "--verify-integrity", "--rerun-mode", "--error-injection-rate", "--error-injection-type", "--test-mode",
+        "--apply-layernorm-1p", "--apply-query-key-layer-scaling", "--disable-bias-linear", "--group-query-attention",
+        "--num-query-groups", "--normalization", "--qk-layernorm", "--squared-relu",
+        "--untie-embeddings-and-output-weights", "--init-method-std", "--rotary-base", "--rotary-percent",
+        "--max-position-embeddings",  # 1024, below the sequence length
+        "--num-attention-heads",  # 48 does not divide 4096
+        "--tensor-model-parallel-size",  # 4 and 8 do not divide the FFN width 10922
+        "--decoupled-lr", "--decoupled-min-lr", "--fp16", "--fp8-param-gather", "--step-batch-size-schedule",
+        "--eval-global-batch-size", "--fim-data", "--fim-rate", "--fim-spm-rate",
+        "--tokenizer-type",  # GPTSentencePieceTokenizer: CrystalTokenizer reads the .model
+        "--vocab-file", "--merge-file",
+    }  # fmt: skip
+    assert refused - MACHINE - {"--transformer-impl", "--use-persistent-ckpt-worker"} == expected, sorted(
+        refused - MACHINE - expected
+    )
+
+
+def test_megatron_lms_other_forms_of_run_settings_mean_what_they_mean_there(monkeypatch):
+    """--num-virtual-stages-per-pipeline-rank 2 at PP 2 of 4 layers = 1 layer per chunk; --no-rope-fusion turns
+    the fused rotary kernel off on a GPU (its probe simulated) and only it; a refused tokenizer form names the
+    one that reads its files."""
+    from megatron_ext.kernels import selection
+    from megatron_ext.kernels.selection import Probes
+
+    def run(*argv, world=1):
+        return check_command_line(["--model", "crystal-test", "--mock-data", *argv], world)
+
+    chunks = run("--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2", world=2)
+    layers = run("--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1", world=2)
+    assert chunks.layout.virtual_pipeline_model_parallel_size == layers.layout.virtual_pipeline_model_parallel_size
+    assert chunks.layout.virtual_pipeline_model_parallel_size == 2
+    line = _verdict(["--model", "crystal-test", "--mock-data", "--pipeline-model-parallel-size", "2",
+                     "--num-virtual-stages-per-pipeline-rank", "3"], 2)  # fmt: skip
+    assert line == "--num-virtual-stages-per-pipeline-rank 3 does not divide the 2 layers of a pipeline stage"
+    monkeypatch.setattr(selection, "probe", lambda: Probes(gpu_name="NVIDIA H100 80GB HBM3",
+                                                           compute_capability=(9, 0), triton=True))  # fmt: skip
+    fused, plain = run().kernels.path, run("--no-rope-fusion").kernels.path
+    assert (fused.fused_rope, fused.fused_swiglu) == (True, True) and (plain.fused_rope, plain.fused_swiglu) == (
+        False, True)  # fmt: skip
+    assert "fused rope (Triton): off" in plain.describe()
+    line = _verdict(["--model", "crystal-test", "--mock-data", "--tokenizer-type", "GPTSentencePieceTokenizer",
+                     "--tokenizer-model", str(REPO / "data" / "demo" / "crystal_demo.model")])  # fmt: skip
+    assert line == ("--tokenizer-type GPTSentencePieceTokenizer: refused: use CrystalTokenizer with the SentencePiece "
+                    ".model (the model's pieces, then Crystal's specials)")  # fmt: skip
+
+
 def test_llm360s_script_without_its_refusals_describes_crystal_7b(tmp_path):
     """Crystal in Megatron-LM's (and LLM360's muP) words is crystal-7b: accepted whole, with their meaning."""
     drop = {"--dataloader-type"} | MACHINE

@@ -13,6 +13,7 @@ import os
 
 from megatron_ext.kernels.selection import KernelPathError, select
 from megatron_ext.model.crystal_config import CrystalConfig, get_preset, layout_problem
+from megatron_ext.tokenizer.crystal_tokenizer import TOKENIZER_TYPES
 from megatron_ext.training import megatron_flags
 from megatron_ext.training.run_config import (
     LR_FIELDS,
@@ -137,7 +138,7 @@ def validate(args: argparse.Namespace | dict, world_size: int) -> RunConfig:
     tokenizer = None
     try:
         crystal = model_config(vars(a))
-        if a.tokenizer_model and a.tokenizer_type != "NullTokenizer":  # refused in DataSection
+        if a.tokenizer_model and a.tokenizer_type in TOKENIZER_TYPES:  # the others are refused in DataSection
             from megatron_ext.tokenizer import build_tokenizer
 
             tokenizer = build_tokenizer(a.tokenizer_type, a.tokenizer_model)
@@ -153,6 +154,22 @@ def validate(args: argparse.Namespace | dict, world_size: int) -> RunConfig:
     dp = world_size // (tp * pp)
 
     vp = None
+    if a.num_virtual_stages_per_pipeline_rank is not None:
+        chunks = a.num_virtual_stages_per_pipeline_rank
+        require(
+            a.num_layers_per_virtual_pipeline_stage is None,
+            "--num-virtual-stages-per-pipeline-rank and --num-layers-per-virtual-pipeline-stage: give one of them",
+        )
+        require(
+            chunks >= 1 and (crystal.num_layers // pp) % chunks == 0,
+            f"--num-virtual-stages-per-pipeline-rank {chunks} does not divide the {crystal.num_layers // pp} layers of "
+            "a pipeline stage",
+        )
+        require(
+            chunks == 1 or pp > 1, "--num-virtual-stages-per-pipeline-rank needs --pipeline-model-parallel-size > 1"
+        )
+        if chunks > 1:  # Megatron-LM's: the layers of a chunk follow from the chunks
+            a.num_layers_per_virtual_pipeline_stage = crystal.num_layers // pp // chunks
     if a.num_layers_per_virtual_pipeline_stage is not None:
         per_stage = crystal.num_layers // pp
         vp_layers = a.num_layers_per_virtual_pipeline_stage
@@ -283,6 +300,11 @@ def validate(args: argparse.Namespace | dict, world_size: int) -> RunConfig:
         logging_flags["wandb_save_dir"] = a.wandb_save_dir or os.path.join(a.save or os.getcwd(), "wandb")
     logging = LoggingSection(**logging_flags)
     require(not a.bf16 or torch.cuda.is_available(), "--bf16 needs a GPU; CPU runs train in fp32")
+    require(
+        not a.use_persistent_ckpt_worker or torch.cuda.is_available(),
+        "--use-persistent-ckpt-worker needs a GPU (Megatron-Core's persistent writer binds one); on CPU each "
+        "--async-save starts its own writer",
+    )
     kernel_flags = _flags(KernelSection, vars(a))
     try:
         KernelSection(**kernel_flags, path=None)  # its own checks first, then the machine's
@@ -295,6 +317,8 @@ def validate(args: argparse.Namespace | dict, world_size: int) -> RunConfig:
             a.fp8_margin,
             a.fp8_cpu_emulation,
         )
+        if not a.rope_fusion:
+            kernel_path = dataclasses.replace(kernel_path, fused_rope=False)
     except KernelPathError as e:
         raise ArgumentError(str(e)) from None
     return RunConfig(

@@ -18,7 +18,7 @@ import torch
 
 from megatron_ext.atomic_files import write_text_atomically
 from megatron_ext.kernels.selection import CoreAttention
-from megatron_ext.training import distributed, memory_report
+from megatron_ext.training import distributed, faults, memory_report
 from megatron_ext.training.batches import readers
 from megatron_ext.training.metric_sinks import (
     BY_SOURCE,
@@ -371,6 +371,19 @@ class GarbageCollectionCallback(Callback):
         self.gc.enable()
 
 
+class ReplicaHashCallback(Callback):
+    """--check-weight-hash-across-dp-replicas-interval: every N steps, before any evaluation or save reads the
+    weights, the data-parallel replicas compare their parameters (faults.check_replicas_agree)."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+        distributed.print_rank_0(f"data-parallel replicas' parameters compared by hash every {interval} steps")
+
+    def post_step(self, trainer, step: StepResult) -> None:
+        if step.iteration % self.interval == 0:
+            faults.check_replicas_agree(trainer.model, step.iteration)
+
+
 def build_callbacks(run: RunConfig, trainer) -> list[Callback]:
     """The run's callbacks, and the metrics stream with its sinks on the logging rank."""
     logging_rank = distributed.is_logging_rank()
@@ -386,13 +399,16 @@ def build_callbacks(run: RunConfig, trainer) -> list[Callback]:
         if log.wandb_project:
             config = json.loads(run.to_json())
             sinks.append(WandbSink(log.wandb_project, log.wandb_exp_name, log.wandb_save_dir, config,
-                                   log.log_timers_to_tensorboard, log.log_memory_to_tensorboard))  # fmt: skip
+                                   log.log_timers_to_tensorboard, log.log_memory_to_tensorboard,
+                                   log.wandb_entity))  # fmt: skip
         if run.logging.metrics_jsonl:
             sinks.append(JsonlSink(run.logging.metrics_jsonl))
         if run.eval.eval_interval and run.eval.eval_results_jsonl:
             sinks.append(EvalResultsSink(run.eval.eval_results_jsonl, run.eval.run_name))
     metrics = Metrics(sinks)
     callbacks: list[Callback] = [MetricsCallback(run, trainer, metrics, logging_rank)]
+    if run.layout.check_weight_hash_across_dp_replicas_interval:  # first: before anything reads the weights
+        callbacks.append(ReplicaHashCallback(run.layout.check_weight_hash_across_dp_replicas_interval))
     if run.eval.eval_interval:
         callbacks.append(EvaluationCallback(run, metrics))
     if run.memory.manual_gc:  # after the evaluation: its collection follows it

@@ -13,11 +13,13 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_ext import cpu_compat
-from megatron_ext.training.run_config import RunConfig
+from megatron_ext.training.run_config import DETERMINISTIC_ENVIRONMENT, RunConfig
 
 
 def initialize(run: RunConfig) -> torch.device:
     """Start the process group and Megatron's parallel state; returns this rank's device."""
+    if run.kernels.deterministic_mode:
+        make_deterministic()
     if cpu_compat.activate():
         device = torch.device("cpu")
     else:
@@ -48,6 +50,14 @@ def initialize(run: RunConfig) -> torch.device:
     # initialisation draws from it and must be identical across tensor-parallel ranks.
     torch.manual_seed(seed)
     return device
+
+
+def make_deterministic() -> None:
+    """--deterministic-mode, before cuBLAS, NCCL or Transformer Engine read their environment (checked in
+    run_config): deterministic kernels only, or an error naming the op that has none."""
+    for name, (value, *_) in DETERMINISTIC_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    torch.use_deterministic_algorithms(True)
 
 
 def is_logging_rank() -> bool:

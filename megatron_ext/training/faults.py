@@ -13,6 +13,10 @@ non-finite update is skipped instead of poisoning the weights.
   run stops as on a signal (the same one all-reduce decides, so every rank stops at the same step), saves
   and exits 0, leaving the stop marker the SLURM launcher requeues on.
 - After --max-skipped-steps skipped steps in a row the run stops with a message rather than spin.
+- --check-weight-hash-across-dp-replicas-interval N (Megatron-LM's): every N steps the data-parallel replicas
+  compare a hash of every parameter (Megatron-Core's check); replicas that differ (a GPU or its memory
+  corrupting data silently) stop the job before it saves, in one line naming the first differing rank and
+  parameter (exit code 5).
 - A rank that stops answering (hung, stopped, its node lost): a collective waiting for it longer than
   --distributed-timeout-minutes raises on gloo, and every rank still alive ends with one line naming the
   timeout and the collective it waited in (collective_failure), not a traceback; a rank whose peer's
@@ -153,6 +157,55 @@ class UpdateGuard:
 # How gloo reports a collective that waited past the timeout, and one whose peer went away.
 _TIMED_OUT = ("timed out",)
 _PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe")
+
+
+class ReplicasDiverged(Exception):
+    """The data-parallel replicas' parameters differ (check_replicas_agree); its text is the one line."""
+
+
+def check_replicas_agree(model_chunks, iteration: int) -> None:
+    """Megatron-Core's check_param_hashes_across_dp_replicas (SHA-1 of every parameter, on the host, all-gathered
+    over the data-parallel group), cross-checked so that every rank learns the verdict. Megatron-Core logs each
+    parameter that differs from data-parallel rank 0's; those lines are caught to name the first one."""
+    import logging
+    import socket
+
+    from megatron.core import parallel_state
+    from megatron.core.utils import check_param_hashes_across_dp_replicas
+
+    class Differences(logging.Handler):
+        names: list[str] = []
+
+        def emit(self, record):
+            text = record.getMessage()
+            if "Hash not matching for" in text:
+                self.names.append(text.split("Hash not matching for ", 1)[1])
+
+    logger, handler = logging.getLogger("megatron.core.utils"), Differences()
+    level, handler.names = logger.level, []
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        agree = check_param_hashes_across_dp_replicas(model_chunks, cross_check=True)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    if agree:
+        return
+    mine = (parallel_state.get_data_parallel_rank(), torch.distributed.get_rank(), socket.gethostname(), handler.names)
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    differing = [r for r in everyone if r[3]]
+    dp_rank, rank, host, names = differing[0] if differing else (None, None, None, ["?"])
+    raise ReplicasDiverged(
+        f"step {iteration}: the parameters differ across the data-parallel replicas "
+        f"(--check-weight-hash-across-dp-replicas-interval): data-parallel rank {dp_rank} (rank {rank}, {host}) "
+        f"differs from data-parallel rank 0 in {names[0]}"
+        + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+        + (f"; {len(differing) - 1} other ranks differ too" if len(differing) > 1 else "")
+        + "; stopping without saving: a GPU or its memory corrupts data (check that node), then resume from the "
+        "last checkpoint"
+    )
 
 
 def collective_failure(error: BaseException) -> tuple[str, str] | None:

@@ -187,7 +187,8 @@ class Trainer:
         if ckpt.save:
             self.checkpoints = checkpointing.CheckpointSaver(
                 ckpt.save, ckpt.keep_last_checkpoints, ckpt.ckpt_fully_parallel_save, ckpt.async_save,
-                on_complete=self._checkpoint_complete,
+                on_complete=self._checkpoint_complete, retain_interval=ckpt.save_retain_interval,
+                persistent_worker=ckpt.use_persistent_ckpt_worker,
             )  # fmt: skip
         opt = run.optimizer
         self.guard = UpdateGuard(opt.max_skipped_steps, device, opt.loss_spike_window, opt.loss_spike_sigma)
@@ -415,6 +416,7 @@ def _describe_path(run: RunConfig) -> str:
     return (
         f"kernel path: {run.kernels.path.describe()}\ndevice: {device}; backend: {run.layout.distributed_backend}; "
         f"precision: {'bf16' if run.kernels.bf16 else 'fp32'}; optional accelerators: {accelerators.found()}"
+        + ("; deterministic mode (deterministic kernels only)" if run.kernels.deterministic_mode else "")
     )
 
 
@@ -432,6 +434,9 @@ def pretrain(run: RunConfig) -> int:
     except (checkpoint_files.CheckpointError, PhasesConfigError, IndexCacheError) as e:
         distributed.print_rank_0(f"pretrain_crystal.py: error: {e}", error=True)
         return 2
+    except faults.ReplicasDiverged as e:
+        distributed.print_rank_0(f"pretrain_crystal.py: error: {e}", error=True)
+        return 5
     except RuntimeError as e:
         failure = collective_failure(e)
         if failure is None:

@@ -133,6 +133,64 @@ FLAGS = (
         ("single",),
     ),
     MegatronFlag("--fp8-amax-compute-algo", "delayed scaling takes the largest amax of the history", str, ("max",)),
+    MegatronFlag(
+        "--no-gradient-accumulation-fusion",
+        "weight gradients accumulate in PyTorch (the fused accumulation needs apex or Transformer Engine's wgrad)",
+    ),
+    MegatronFlag("--no-masked-softmax-fusion", "no masked-softmax fusion: the attention backends mask causally"),
+    MegatronFlag("--no-persist-layer-norm", "apex's persistent LayerNorm kernel is not used"),
+    MegatronFlag("--rotary-interleaved", "Crystal's rotary layout is interleaved (rotate every two)"),
+    MegatronFlag(
+        "--mup-base-hidden-size",
+        "the model's muP base width (hidden size x width scale)",
+        int,
+        lambda crystal: lambda v: v == round(crystal.hidden_size * crystal.mup_width_scale),
+    ),
+    MegatronFlag(
+        "--cross-entropy-fusion-impl",
+        "the kernel path's cross-entropy (fused with Triton on a GPU), not Transformer Engine's",
+        str,
+        ("native",),
+    ),
+    MegatronFlag(
+        "--async-strategy",
+        "with --async-save, Megatron-Core's own background writer (nvrx, NVIDIA's resiliency extension, is not "
+        "installed)",
+        str,
+        ("mcore",),
+    ),
+    MegatronFlag(
+        "--ckpt-assume-constant-structure",
+        "each save plans its layout anew (Megatron-Core's cached plan is a speed-up only): the same files",
+    ),
+    MegatronFlag(
+        "--dist-ckpt-optim-fully-reshardable",
+        "the distributed optimizer's state is always saved fully reshardable (any TP / PP / DP on load)",
+    ),
+    MegatronFlag(
+        "--dist-ckpt-strictness",
+        "a key the run needs and the checkpoint lacks is a one-line error; keys it has beyond those are ignored",
+        str,
+        ("assume_ok_unexpected", "log_unexpected", "log_all"),
+    ),
+    MegatronFlag(
+        "--num-distributed-optimizer-instances",
+        "one distributed optimizer over all data-parallel ranks",
+        int,
+        (1,),
+    ),
+    MegatronFlag(
+        "--rerun-mode",
+        "Megatron-LM's rerun state machine is not used: a non-finite or spiking loss skips the step "
+        "(--loss-spike-window), never reruns it",
+        str,
+        ("disabled",),
+    ),
+    MegatronFlag(
+        "--async-ckpt-use-cpu-shm",
+        "with --async-save the tensors are copied to host memory in the training process before the background "
+        "write (Megatron-Core's torch_dist async strategy)",
+    ),
     # Not implemented yet (issue #35): refused with what does the same here.
     # Refused, with the equivalent.
     MegatronFlag("--fp16", "Crystal trains in bf16: use --bf16", agrees=False),
@@ -190,6 +248,146 @@ FLAGS = (
         float,
         agrees=False,
     ),
+    MegatronFlag("--apply-query-key-layer-scaling", "Crystal scales attention by muP's 1/d", agrees=False),
+    MegatronFlag("--qk-layernorm", "Crystal has no query-key LayerNorm", agrees=False),
+    MegatronFlag("--squared-relu", "Crystal's MLP is SwiGLU", agrees=False),
+    MegatronFlag(
+        "--step-batch-size-schedule",
+        "the phases file sets each phase's global_batch_size (--phases)",
+        str,
+        agrees=False,
+        nargs="*",
+    ),
+    MegatronFlag(
+        "--eval-global-batch-size",
+        "validation reads batches of the training --global-batch-size: --eval-iters sets how many",
+        int,
+        agrees=False,
+    ),
+    MegatronFlag("--fim-data", "FIM is set per source and phase in the phases file (fim: fim_rate)", agrees=False),
+    MegatronFlag(
+        "--fim-rate", "FIM is set per source and phase in the phases file (fim: fim_rate)", float, agrees=False
+    ),
+    MegatronFlag(
+        "--fim-spm-rate", "FIM is set per source and phase in the phases file (fim: fim_spm_rate)", float, agrees=False
+    ),
+    MegatronFlag(
+        "--error-injection-rate",
+        "the rerun state machine's fault injection is not used (--rerun-mode disabled); tests inject faults from "
+        "outside the training (tests/helpers/fault_injection.py)",
+        int,
+        agrees=False,
+    ),
+    MegatronFlag(
+        "--error-injection-type",
+        "the rerun state machine's fault injection is not used (--rerun-mode disabled)",
+        str,
+        agrees=False,
+    ),
+    MegatronFlag("--test-mode", "Megatron-Core's internal test hooks are not wired", agrees=False),
+    MegatronFlag(
+        "--verify-integrity",
+        "checkpoint checksums are not written yet (issue #36); a damaged checkpoint that fails to parse is passed "
+        "over for the previous one",
+        agrees=False,
+    ),
+    MegatronFlag(
+        "--account-for-embedding-in-pipeline-split",
+        "pipeline stages hold equal numbers of layers (--num-layers divisible by PP)",
+        agrees=False,
+    ),
+    MegatronFlag(
+        "--account-for-loss-in-pipeline-split",
+        "pipeline stages hold equal numbers of layers (--num-layers divisible by PP)",
+        agrees=False,
+    ),
+    MegatronFlag(
+        "--decoder-first-pipeline-num-layers",
+        "pipeline stages hold equal numbers of layers (--num-layers divisible by PP)",
+        int,
+        agrees=False,
+    ),
+    MegatronFlag(
+        "--decoder-last-pipeline-num-layers",
+        "pipeline stages hold equal numbers of layers (--num-layers divisible by PP)",
+        int,
+        agrees=False,
+    ),
+    MegatronFlag(
+        "--microbatch-group-size-per-virtual-pipeline-stage",
+        "the interleaved schedule groups micro-batches by the pipeline size (Megatron-Core's default)",
+        int,
+        agrees=False,
+    ),
+    MegatronFlag(
+        "--overlap-p2p-communication-warmup-flush",
+        "the pipeline's point-to-point transfers are not overlapped with the warm-up and flush",
+        agrees=False,
+    ),
+    MegatronFlag(
+        "--overlap-param-gather-with-optimizer-step",
+        "not wired: --overlap-param-gather overlaps the gather with the next forward",
+        agrees=False,
+    ),
+    MegatronFlag(
+        "--defer-embedding-wgrad-compute",
+        "needs Transformer Engine's fused weight-gradient accumulation",
+        agrees=False,
+    ),
+    MegatronFlag(
+        "--wgrad-deferral-limit", "needs Transformer Engine's fused weight-gradient accumulation", int, agrees=False
+    ),
+    MegatronFlag(
+        "--disable-gloo-process-groups",
+        "the distributed optimizer's checkpoints gather over Megatron-Core's gloo groups",
+        agrees=False,
+    ),
+    MegatronFlag(
+        "--ddp-average-in-collective",
+        "gradients are summed and the loss divided by the step's tokens (--calculate-per-token-loss), with which "
+        "Megatron-LM refuses it too",
+        agrees=False,
+    ),
+    MegatronFlag(
+        "--use-tp-pp-dp-mapping",
+        "ranks are placed in Megatron-Core's default order (tensor, data, pipeline)",
+        agrees=False,
+    ),
+    MegatronFlag(
+        "--cp-comm-type",
+        "no context parallelism: Crystal's 2048-token rows fit one GPU",
+        str,
+        agrees=False,
+    ),
+    MegatronFlag(
+        "--hierarchical-context-parallel-sizes",
+        "no context parallelism: Crystal's 2048-token rows fit one GPU",
+        str,
+        agrees=False,
+        nargs="*",
+    ),
+    MegatronFlag("--expert-tensor-parallel-size", "Crystal has no experts", int, agrees=False),
+    MegatronFlag(
+        "--tp-comm-overlap-cfg",
+        "Crystal's TP is at most 2 (see --tp-comm-overlap)",
+        str,
+        agrees=False,
+    ),
+    MegatronFlag(
+        "--data-parallel-sharding-strategy",
+        "Megatron-FSDP is not used: --use-distributed-optimizer shards the optimizer state",
+        str,
+        agrees=False,
+    ),
+    MegatronFlag(
+        "--megatron-fsdp-main-params-dtype", "Megatron-FSDP is not used (see --use-megatron-fsdp)", str, agrees=False
+    ),
+    MegatronFlag(
+        "--megatron-fsdp-main-grads-dtype", "Megatron-FSDP is not used (see --use-megatron-fsdp)", str, agrees=False
+    ),
+    MegatronFlag(
+        "--megatron-fsdp-grad-comm-dtype", "Megatron-FSDP is not used (see --use-megatron-fsdp)", str, agrees=False
+    ),
     MegatronFlag(
         "--fp8-param-gather",
         "needs Transformer Engine's FP8 weights; the local FP8 path casts the bf16 "
@@ -198,6 +396,22 @@ FLAGS = (
     ),
 )
 BY_DEST = {f.dest: f for f in FLAGS}
+
+# Megatron-LM's other --tokenizer-type choices: refused with the form that reads the same files here.
+_SENTENCEPIECE = "use CrystalTokenizer with the SentencePiece .model (the model's pieces, then Crystal's specials)"
+REFUSED_TOKENIZER_TYPES = {
+    "GPTSentencePieceTokenizer": _SENTENCEPIECE,
+    "SentencePieceTokenizer": _SENTENCEPIECE,
+    "Llama2Tokenizer": _SENTENCEPIECE,
+    "GPT2BPETokenizer": "use HuggingFaceTokenizer with a tokenizer.json of the BPE vocabulary and merges",
+    "TikTokenizer": "use HuggingFaceTokenizer with a tokenizer.json",
+    "BertWordPieceLowerCase": "a BERT tokenizer: use HuggingFaceTokenizer with a tokenizer.json",
+    "BertWordPieceCase": "a BERT tokenizer: use HuggingFaceTokenizer with a tokenizer.json",
+    "MultimodalTokenizer": "Crystal reads text only",
+    "NullMultimodalTokenizer": "Crystal reads text only: NullTokenizer",
+    "SFTTokenizer": "chat templates are fine-tuning's: pretraining reads documents (CrystalTokenizer or "
+    "HuggingFaceTokenizer)",
+}
 
 
 def help_text(f: MegatronFlag) -> str:
@@ -267,4 +481,5 @@ def table_markdown() -> str:
     """docs/training.md's table, from the rows above (a test holds the page to it)."""
     lines = ["| Megatron-LM flag | here |", "|---|---|"]
     lines += [f"| `{f.flag}` | {help_text(f)} |" for f in FLAGS]
+    lines += [f"| `--tokenizer-type {name}` | refused: {why} |" for name, why in REFUSED_TOKENIZER_TYPES.items()]
     return "\n".join(lines)

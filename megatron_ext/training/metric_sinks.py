@@ -166,13 +166,20 @@ class WandbSink(ScalarSink):
     directory under --wandb-save-dir, for `wandb sync` later). config: the run's resolved configuration."""
 
     def __init__(
-        self, project: str, name: str | None, directory: str, config: dict, timers: bool = False, memory: bool = False
+        self,
+        project: str,
+        name: str | None,
+        directory: str,
+        config: dict,
+        timers: bool = False,
+        memory: bool = False,
+        entity: str | None = None,
     ):
         import wandb
 
         super().__init__(timers, memory)
         os.makedirs(directory, exist_ok=True)
-        self.run = wandb.init(project=project, name=name, dir=directory, config=config)
+        self.run = wandb.init(project=project, entity=entity, name=name, dir=directory, config=config)
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
         self.run.log(scalars, step=step)

@@ -25,6 +25,7 @@ from megatron_ext.checkpoint_files import TRACKER
 from megatron_ext.kernels.fp8_scaling import FORMATS, RECIPES
 from megatron_ext.kernels.selection import ATTENTION_BACKENDS, TE_ONLY_RECIPES
 from megatron_ext.tokenizer.crystal_tokenizer import DEFAULT_TOKENIZER_TYPE, TOKENIZER_TYPES
+from megatron_ext.training.megatron_flags import REFUSED_TOKENIZER_TYPES
 
 if TYPE_CHECKING:  # the command line's checks import no Megatron-Core (they run in a second)
     from megatron_ext.data.phases_config import PhasesConfig
@@ -120,6 +121,9 @@ class LayoutSection:
     """pipeline-parallel size (PP)"""
     num_layers_per_virtual_pipeline_stage: int | None = None
     """layers per model chunk; enables the interleaved 1F1B schedule"""
+    num_virtual_stages_per_pipeline_rank: int | None = None
+    """model chunks per pipeline stage: the other way to ask for the interleaved schedule (Megatron-LM's; give one of
+    the two)"""
     sequence_parallel: bool = False
     """split the activations outside tensor-parallel regions along the sequence (off at TP 1, as in Megatron-LM)"""
     use_distributed_optimizer: bool = False
@@ -139,6 +143,10 @@ class LayoutSection:
     """reduce gradients in bf16 instead of fp32 (half the bytes on the wire; needs --bf16)"""
     distributed_timeout_minutes: float = 10
     """how long a collective waits for the other ranks before the job ends (a fraction of a minute is accepted)"""
+    check_weight_hash_across_dp_replicas_interval: int | None = None
+    """every this many steps, compare a hash of every parameter across the data-parallel replicas (Megatron-Core's
+    check_param_hashes_across_dp_replicas) and end the job in one line when they differ: silent corruption on one GPU
+    shows as diverged replicas"""
     virtual_pipeline_model_parallel_size: int | None = derived()
     """model chunks per pipeline stage (None: no interleaving)"""
     data_parallel_size: int = derived()
@@ -154,6 +162,11 @@ class LayoutSection:
         )
         require(self.ddp_bucket_size is None or self.ddp_bucket_size >= 1, "--ddp-bucket-size must be >= 1")
         require(self.distributed_timeout_minutes > 0, "--distributed-timeout-minutes must be > 0")
+        require(
+            self.check_weight_hash_across_dp_replicas_interval is None
+            or self.check_weight_hash_across_dp_replicas_interval >= 1,
+            "--check-weight-hash-across-dp-replicas-interval must be >= 1",
+        )
 
     def num_microbatches(self, global_batch_size: int) -> int:
         """Per step and data-parallel rank; a phase's batch size changes it, so it is asked, not stored."""
@@ -351,6 +364,15 @@ LR_FIELDS = (  # a phases file sets these
 )  # fmt: skip
 
 
+# --deterministic-mode's environment: the first value is set where the variable is unset, a given one must be among
+# these (Megatron-LM's megatron/training/determinism.py: Tree's reduction order is not fixed, NVLS's neither).
+DETERMINISTIC_ENVIRONMENT = {
+    "CUBLAS_WORKSPACE_CONFIG": (":4096:8", ":16:8"),
+    "NCCL_ALGO": ("Ring", "CollnetDirect", "CollnetChain", "^NVLS"),
+    "NVTE_ALLOW_NONDETERMINISTIC_ALGO": ("0",),
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class KernelSection:
     """kernels (megatron_ext/kernels/selection.py)"""
@@ -372,12 +394,25 @@ class KernelSection:
     """scale down by 2^margin below the largest representable"""
     fp8_cpu_emulation: bool = False
     """allow --fp8-format on CPU (torch._scaled_mm's CPU kernel): for tests, not for speed"""
+    rope_fusion: bool = True
+    """the fused rotary kernel (Triton, on a GPU); --no-rope-fusion: PyTorch's rotary ops"""
+    deterministic_mode: bool = False
+    """bitwise-reproducible steps (Megatron-LM's): torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG :4096:8
+    and NCCL_ALGO Ring unless set to a deterministic value; slower on a GPU (CPU steps are deterministic anyway)"""
     path: KernelPath = derived()
     """the kernels chosen for this machine"""
 
     def __post_init__(self):
         require(self.fp8_amax_history_len >= 1, "--fp8-amax-history-len must be >= 1")
         require(self.fp8_margin >= 0, "--fp8-margin must be >= 0")
+        if self.deterministic_mode:
+            for name, accepted in DETERMINISTIC_ENVIRONMENT.items():
+                given = os.environ.get(name)
+                values = given.split(",") if name == "NCCL_ALGO" and given else [given]
+                require(
+                    given is None or set(values) <= set(accepted),
+                    f"--deterministic-mode: {name}={given} is not deterministic; use {' or '.join(accepted)}",
+                )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -391,7 +426,9 @@ class DataSection:
     phases: str | None = None
     """phases file (YAML): sources, and phases with their blend, FIM rates, lr schedule and batch size; instead of
     --data-path, and the --lr* flags are refused beside it"""
-    tokenizer_type: str = option(DEFAULT_TOKENIZER_TYPE, choices=(*TOKENIZER_TYPES, "NullTokenizer"))
+    tokenizer_type: str = option(
+        DEFAULT_TOKENIZER_TYPE, choices=(*TOKENIZER_TYPES, "NullTokenizer", *REFUSED_TOKENIZER_TYPES)
+    )
     """CrystalTokenizer: a SentencePiece .model plus Crystal's specials; HuggingFaceTokenizer: a tokenizer.json;
     NullTokenizer (Megatron-LM's): none, the ids as they are (with --mock-data or ready ids; --vocab-size)"""
     tokenizer_model: str | None = None
@@ -424,6 +461,10 @@ class DataSection:
             "give exactly one of --data-path, --mock-data and --phases",
         )
         require(self.num_workers >= 0, "--num-workers must be >= 0")
+        require(
+            self.tokenizer_type not in REFUSED_TOKENIZER_TYPES,
+            f"--tokenizer-type {self.tokenizer_type}: refused: {REFUSED_TOKENIZER_TYPES.get(self.tokenizer_type)}",
+        )
         require(
             self.tokenizer_type != "NullTokenizer" or not self.tokenizer_model,
             f"--tokenizer-type NullTokenizer reads no file: drop --tokenizer-model {self.tokenizer_model}",
@@ -468,6 +509,12 @@ class CheckpointSection:
     """save every this many steps (default: only at the end when --save is given)"""
     keep_last_checkpoints: int | None = None
     """remove older checkpoints, keeping this many (default: all)"""
+    save_retain_interval: int | None = None
+    """remove each checkpoint once the next is complete unless its iteration is a multiple of this (Megatron-LM's; a
+    multiple of --save-interval); with --keep-last-checkpoints the newest ones are kept too"""
+    use_persistent_ckpt_worker: bool = False
+    """with --async-save: one background writer process for the whole run instead of one per save (Megatron-Core's
+    persistent AsyncCallsQueue)"""
     ckpt_fully_parallel_save: bool = True
     """each data-parallel rank writes its share of the checkpoint (Megatron-LM's default); with
     --no-ckpt-fully-parallel-save the first data-parallel rank of each model-parallel group writes all of it"""
@@ -509,6 +556,16 @@ class CheckpointSection:
         if self.save_interval is not None:
             require(self.save, "--save-interval needs --save")
             require(self.save_interval >= 1, "--save-interval must be >= 1")
+        if self.save_retain_interval is not None:
+            require(self.save_interval is not None, "--save-retain-interval needs --save-interval")
+            require(
+                self.save_retain_interval >= 1 and self.save_retain_interval % self.save_interval == 0,
+                f"--save-retain-interval {self.save_retain_interval} must be a multiple of --save-interval "
+                f"{self.save_interval}",
+            )
+        require(
+            self.async_save or not self.use_persistent_ckpt_worker, "--use-persistent-ckpt-worker needs --async-save"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -586,6 +643,8 @@ class LoggingSection:
     """the run's name in W&B (default: --run-name's default, the directory holding --save)"""
     wandb_save_dir: str | None = None
     """W&B's local run directory (default: wandb in --save, else in the working directory)"""
+    wandb_entity: str | None = None
+    """the W&B team or user the run is logged under (default: the API key's)"""
 
     def __post_init__(self):
         require(self.log_interval >= 1, "--log-interval must be >= 1")
@@ -598,8 +657,8 @@ class LoggingSection:
             )
         else:
             require(
-                self.wandb_exp_name is None and self.wandb_save_dir is None,
-                "--wandb-exp-name and --wandb-save-dir need --wandb-project",
+                self.wandb_exp_name is None and self.wandb_save_dir is None and self.wandb_entity is None,
+                "--wandb-exp-name, --wandb-save-dir and --wandb-entity need --wandb-project",
             )
 
 

@@ -11,6 +11,8 @@ tests/helpers/fork_launch.py installs them in each rank from these environment v
   having written its files, SIGKILLs its rank and then itself: the whole job dies with the write begun and
   never completed (no metadata.json, tracker not moved) while the ranks train on;
 - CRYSTAL_TEST_STOP_AT=N: the last rank SIGSTOPs itself as it begins step N: alive, silent, never answering;
+- CRYSTAL_TEST_CORRUPT_WEIGHT_AFTER=N: after step N the last rank adds 1e-3 to one entry of its first
+  parameter: a replica silently diverged, as a bad GPU's memory would leave it;
 - CRYSTAL_TEST_SCALE_INIT=F: every initial weight times F (then any checkpoint loads over them): a model
   whose predictions depend on its context from the first step, so that attention over the wrong tokens
   shows in an evaluation's figures (an untrained one scores nearly as a unigram model does).
@@ -105,6 +107,22 @@ def install(environ) -> None:
             return train_step(self, iterators)
 
         Trainer.train_step = stopping_train_step
+
+    corrupt_after = environ.get("CRYSTAL_TEST_CORRUPT_WEIGHT_AFTER")
+    if corrupt_after:
+        from megatron_ext.training.loop import Trainer
+
+        step_once = Trainer.train_step
+
+        def corrupting_train_step(self, iterators):
+            result = step_once(self, iterators)
+            last = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+            if last and self.iteration + 1 == int(corrupt_after):  # the loop counts the step after this returns
+                with torch.no_grad():
+                    next(self.model[0].parameters()).view(-1)[0] += 1e-3
+            return result
+
+        Trainer.train_step = corrupting_train_step
 
     scale_init = environ.get("CRYSTAL_TEST_SCALE_INIT")
     if scale_init:

@@ -31,19 +31,30 @@ def _payloads(data: bytes):
             parts = b""
 
 
-def run_history(save_dir: str) -> list[dict]:
-    """Every wandb.log row of the one offline run under save_dir: {"_step": N, name: value, ...}."""
+def _records(save_dir: str):
     from wandb.proto import wandb_internal_pb2
 
     runs = glob.glob(os.path.join(save_dir, "wandb", "offline-run-*", "run-*.wandb"))
     assert len(runs) == 1, runs
-    rows = []
     for payload in _payloads(open(runs[0], "rb").read()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
-        if record.WhichOneof("record_type") == "history":
-            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
-    return rows
+        yield record
+
+
+def run_history(save_dir: str) -> list[dict]:
+    """Every wandb.log row of the one offline run under save_dir: {"_step": N, name: value, ...}."""
+    return [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+        for record in _records(save_dir)
+        if record.WhichOneof("record_type") == "history"
+    ]
+
+
+def run_identity(save_dir: str) -> dict:
+    """The offline run's project, entity and display name, as its run record holds them."""
+    run = next(r.run for r in _records(save_dir) if r.WhichOneof("record_type") == "run")
+    return {"project": run.project, "entity": run.entity, "name": run.display_name}
 
 
 def scalar_series(save_dir: str) -> dict[str, list[tuple[int, float]]]:
