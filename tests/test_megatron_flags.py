@@ -66,12 +66,18 @@ MACHINE = {
 }
 
 
-def _flags(script: str, tmp_path) -> list[list[str]]:
-    """The script's flags, each with its values, paths pointed at this test's."""
+def _placeholders(tmp_path) -> dict[str, str]:
+    """The paths the flag lists name by placeholder, pointed at this test's (an empty checkpoint directory)."""
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir(exist_ok=True)
     (ckpt / "latest_checkpointed_iteration.txt").write_text("0")
-    values = {"CKPT": str(ckpt), "DATA": DEMO_PREFIX, "TB": str(tmp_path / "tb"), "CACHE": str(tmp_path / "cache")}
+    return {"CKPT": str(ckpt), "DATA": DEMO_PREFIX, "TB": str(tmp_path / "tb"), "CACHE": str(tmp_path / "cache"),
+            "TOKENIZER": str(REPO / "data" / "demo" / "crystal_demo.model"), "EXP": "exp"}  # fmt: skip
+
+
+def _flags(script: str, tmp_path) -> list[list[str]]:
+    """The script's flags, each with its values, paths pointed at this test's."""
+    values = _placeholders(tmp_path)
     flags: list[list[str]] = []
     for token in script.split():
         if token.startswith("--"):
@@ -165,11 +171,7 @@ def test_every_flag_of_megatron_lms_functional_tests_is_accepted_or_refused_with
     """The 159 flags (220 flag-value pairs) of Megatron-LM's 151 dense GPT training configurations
     (tests/data/megatron_lm_functional_test_flags.txt names the commit and the selection): none unknown; each
     refusal one line starting with the flag; the refused ones are these, the machine's aside."""
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "latest_checkpointed_iteration.txt").write_text("0")
-    values = {"CKPT": str(ckpt), "DATA": DEMO_PREFIX, "TB": str(tmp_path / "tb"), "CACHE": str(tmp_path / "cache"),
-              "TOKENIZER": str(REPO / "data" / "demo" / "crystal_demo.model"), "EXP": "exp"}  # fmt: skip
+    values = _placeholders(tmp_path)
     lines = [line.split() for line in FUNCTIONAL_TEST_FLAGS.read_text().splitlines() if not line.startswith("#")]
     refused = set()
     for flag, *given in lines:

@@ -174,7 +174,9 @@ def check_replicas_agree(model_chunks, iteration: int) -> None:
     from megatron.core.utils import check_param_hashes_across_dp_replicas
 
     class Differences(logging.Handler):
-        names: list[str] = []
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
 
         def emit(self, record):
             text = record.getMessage()
@@ -182,7 +184,7 @@ def check_replicas_agree(model_chunks, iteration: int) -> None:
                 self.names.append(text.split("Hash not matching for ", 1)[1])
 
     logger, handler = logging.getLogger("megatron.core.utils"), Differences()
-    level, handler.names = logger.level, []
+    level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:

@@ -41,6 +41,15 @@ def _preset(attribute: str) -> Callable:
     return lambda crystal: getattr(crystal, attribute)
 
 
+# Reasons that several rows share.
+_EQUAL_STAGES = "pipeline stages hold equal numbers of layers (--num-layers divisible by PP)"
+_NO_CP = "no context parallelism: Crystal's 2048-token rows fit one GPU"
+_NO_FSDP = "Megatron-FSDP is not used (see --use-megatron-fsdp)"
+_TE_WGRAD = "needs Transformer Engine's fused weight-gradient accumulation"
+_PHASES_BATCH = "the phases file sets each phase's global_batch_size (--phases)"
+_GPT2_BPE = "GPT-2 BPE files are not read: --tokenizer-type HuggingFaceTokenizer --tokenizer-model tokenizer.json"
+
+
 FLAGS = (
     # Already the project's behaviour.
     MegatronFlag("--use-mcore-models", "always Megatron-Core's GPTModel"),
@@ -196,7 +205,7 @@ FLAGS = (
     MegatronFlag("--fp16", "Crystal trains in bf16: use --bf16", agrees=False),
     MegatronFlag(
         "--rampup-batch-size",
-        "the phases file sets each phase's global_batch_size (--phases)",
+        _PHASES_BATCH,
         str,
         agrees=False,
         nargs="*",
@@ -216,13 +225,13 @@ FLAGS = (
     ),
     MegatronFlag(
         "--vocab-file",
-        "GPT-2 BPE files are not read: --tokenizer-type HuggingFaceTokenizer --tokenizer-model tokenizer.json",
+        _GPT2_BPE,
         str,
         agrees=False,
     ),
     MegatronFlag(
         "--merge-file",
-        "GPT-2 BPE files are not read: --tokenizer-type HuggingFaceTokenizer --tokenizer-model tokenizer.json",
+        _GPT2_BPE,
         str,
         agrees=False,
     ),
@@ -253,7 +262,7 @@ FLAGS = (
     MegatronFlag("--squared-relu", "Crystal's MLP is SwiGLU", agrees=False),
     MegatronFlag(
         "--step-batch-size-schedule",
-        "the phases file sets each phase's global_batch_size (--phases)",
+        _PHASES_BATCH,
         str,
         agrees=False,
         nargs="*",
@@ -293,23 +302,23 @@ FLAGS = (
     ),
     MegatronFlag(
         "--account-for-embedding-in-pipeline-split",
-        "pipeline stages hold equal numbers of layers (--num-layers divisible by PP)",
+        _EQUAL_STAGES,
         agrees=False,
     ),
     MegatronFlag(
         "--account-for-loss-in-pipeline-split",
-        "pipeline stages hold equal numbers of layers (--num-layers divisible by PP)",
+        _EQUAL_STAGES,
         agrees=False,
     ),
     MegatronFlag(
         "--decoder-first-pipeline-num-layers",
-        "pipeline stages hold equal numbers of layers (--num-layers divisible by PP)",
+        _EQUAL_STAGES,
         int,
         agrees=False,
     ),
     MegatronFlag(
         "--decoder-last-pipeline-num-layers",
-        "pipeline stages hold equal numbers of layers (--num-layers divisible by PP)",
+        _EQUAL_STAGES,
         int,
         agrees=False,
     ),
@@ -331,12 +340,10 @@ FLAGS = (
     ),
     MegatronFlag(
         "--defer-embedding-wgrad-compute",
-        "needs Transformer Engine's fused weight-gradient accumulation",
+        _TE_WGRAD,
         agrees=False,
     ),
-    MegatronFlag(
-        "--wgrad-deferral-limit", "needs Transformer Engine's fused weight-gradient accumulation", int, agrees=False
-    ),
+    MegatronFlag("--wgrad-deferral-limit", _TE_WGRAD, int, agrees=False),
     MegatronFlag(
         "--disable-gloo-process-groups",
         "the distributed optimizer's checkpoints gather over Megatron-Core's gloo groups",
@@ -355,13 +362,13 @@ FLAGS = (
     ),
     MegatronFlag(
         "--cp-comm-type",
-        "no context parallelism: Crystal's 2048-token rows fit one GPU",
+        _NO_CP,
         str,
         agrees=False,
     ),
     MegatronFlag(
         "--hierarchical-context-parallel-sizes",
-        "no context parallelism: Crystal's 2048-token rows fit one GPU",
+        _NO_CP,
         str,
         agrees=False,
         nargs="*",
@@ -379,15 +386,9 @@ FLAGS = (
         str,
         agrees=False,
     ),
-    MegatronFlag(
-        "--megatron-fsdp-main-params-dtype", "Megatron-FSDP is not used (see --use-megatron-fsdp)", str, agrees=False
-    ),
-    MegatronFlag(
-        "--megatron-fsdp-main-grads-dtype", "Megatron-FSDP is not used (see --use-megatron-fsdp)", str, agrees=False
-    ),
-    MegatronFlag(
-        "--megatron-fsdp-grad-comm-dtype", "Megatron-FSDP is not used (see --use-megatron-fsdp)", str, agrees=False
-    ),
+    MegatronFlag("--megatron-fsdp-main-params-dtype", _NO_FSDP, str, agrees=False),
+    MegatronFlag("--megatron-fsdp-main-grads-dtype", _NO_FSDP, str, agrees=False),
+    MegatronFlag("--megatron-fsdp-grad-comm-dtype", _NO_FSDP, str, agrees=False),
     MegatronFlag(
         "--fp8-param-gather",
         "needs Transformer Engine's FP8 weights; the local FP8 path casts the bf16 "
