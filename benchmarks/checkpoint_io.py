@@ -9,7 +9,10 @@ write bandwidth (each rank writing and fsyncing as many bytes as its share of th
 Each width: pretrain_crystal.py's Trainer (crystal-test's layers, the distributed optimizer) takes one step
 so that the optimizer state exists, then CheckpointSaver writes: one save to warm up (Megatron-Core plans
 and caches the write), then --repeats timed saves each way. Blocking time is what the step waits;
-"async complete" is until the background write is finished and the checkpoint complete.
+"async complete" is until the background write is finished and the checkpoint complete. "hashing" is the
+slowest rank's SHA-256 of its files in a synchronous save (checkpoint_integrity.py: each rank its own
+shards, rank 0 the rest); the load is timed verified (the default: each rank hashes a share first) and
+unverified (--no-verify-integrity).
 """
 
 from __future__ import annotations
@@ -62,13 +65,17 @@ def write_bandwidth(directory: str, nbytes: int) -> float:
     return max(1, nbytes >> 20) * (1 << 20) / seconds.item()
 
 
+def slowest(seconds: float) -> float:
+    figure = torch.tensor([seconds])
+    torch.distributed.all_reduce(figure, op=torch.distributed.ReduceOp.MAX)
+    return figure.item()
+
+
 def timed(fn) -> float:
     torch.distributed.barrier()
     start = time.perf_counter()
     fn()
-    seconds = torch.tensor([time.perf_counter() - start])
-    torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)  # the slowest rank's
-    return seconds.item()
+    return slowest(time.perf_counter() - start)
 
 
 def measure(run, directory: str, repeats: int) -> dict:
@@ -85,21 +92,26 @@ def measure(run, directory: str, repeats: int) -> dict:
         )
         saver.save(1, states, metadata)
         saver.wait()
-        blocking, complete, gather = [], [], []
+        blocking, complete, gather, hashing = [], [], [], []
         for iteration in range(2, 2 + repeats):
             start = time.perf_counter()
             blocking.append(timed(lambda i=iteration: saver.save(i, states, metadata)))
             gather.append(saver.gather_seconds)
             saver.wait()
             complete.append(time.perf_counter() - start)
+            hashing.append(slowest(saver.hash_seconds))
         saver.close()
         figures[name] = (statistics.median(blocking), statistics.median(complete), statistics.median(gather))
+        figures[name + "_hashing"] = statistics.median(hashing)
         figures[name + "_bytes"] = bytes_by_rank(checkpoint_files.iteration_dir(root, 1 + repeats))
-    for name, fully_parallel in (("load", False), ("load_parallel", True)):
+    for name, fully_parallel, verify in (("load", False, True), ("load_parallel", True, True),
+                                         ("load_unverified", False, False)):  # fmt: skip
         root = os.path.join(directory, "sync")
         crystal, padded = run.crystal, run.model.padded_vocab
         figures[name] = timed(
-            lambda fp=fully_parallel: checkpointing.load_checkpoint(root, states, crystal, padded, fully_parallel=fp)
+            lambda fp=fully_parallel, v=verify: checkpointing.load_checkpoint(
+                root, states, crystal, padded, fully_parallel=fp, verify=v
+            )
         )
     share = max(figures["sync_bytes"].values())
     figures["bandwidth"] = write_bandwidth(directory, share)
@@ -130,7 +142,8 @@ def main() -> None:
             f"{own.repeats} saves; seconds are the slowest rank's\n"
             "| hidden | optimizer | parameters | checkpoint MB | MB per rank, one writer | MB per rank, parallel | "
             "sync blocks s | async blocks s (gathering the state) | async complete s | sync / async blocking | "
-            "load s | parallel load s | disk MB/s per rank | sync MB/s per rank |\n" + "|---" * 14 + "|"
+            "load s | parallel load s | disk MB/s per rank | sync MB/s per rank | unverified load s | "
+            "hashing at save s |\n" + "|---" * 16 + "|"
         )
     for hidden, kind, run in runs:
         directory = os.path.join(own.dir, f"hidden{hidden}_{kind}")
@@ -148,7 +161,8 @@ def main() -> None:
                 f"| {hidden} | {kind} | {f['parameters']:,} | {total / 1e6:.1f} | {one} | {shared} | "
                 f"{sync_block:.3f} | {async_block:.3f} ({f['async'][2]:.3f}) | {f['async'][1]:.3f} | "
                 f"{sync_block / async_block:.1f}x | {f['load']:.3f} | {f['load_parallel']:.3f} | "
-                f"{f['bandwidth'] / 1e6:.0f} | {max(f['sync_bytes'].values()) / sync_block / 1e6:.0f} |",
+                f"{f['bandwidth'] / 1e6:.0f} | {max(f['sync_bytes'].values()) / sync_block / 1e6:.0f} | "
+                f"{f['load_unverified']:.3f} | {f['sync_hashing']:.3f} |",
                 flush=True,
             )
     distributed.shutdown()

@@ -38,10 +38,11 @@ def rows(out: str) -> list[tuple[str, str]]:
             table.append(("fp8 against bf16", ratio.group(0)))
     for line in read(out, "checkpoint_io").splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 14 and cells[0].isdigit():
+        if len(cells) == 16 and cells[0].isdigit():
             table.append((f"checkpoint save, hidden {cells[0]}, {cells[1]} optimizer, {cells[3]} MB",
                           f"synchronous blocks {cells[6]} s; asynchronous blocks {cells[7]} s, complete in "
-                          f"{cells[8]} s"))  # fmt: skip
+                          f"{cells[8]} s; hashing {cells[15]} s; load {cells[10]} s verified, {cells[14]} s "
+                          "not"))  # fmt: skip
     return table
 
 

@@ -1,6 +1,7 @@
 """Where a run's checkpoints live and whether one can be read: DIR/iter_0000010/ directories, the tracker
 DIR/latest_checkpointed_iteration.txt (written last, so it names only a complete save), completeness down to
-each shard file's length, pruning, and a checkpoint's common (non-tensor) state.
+each shard file's length and, with its manifest, to each file's hash (checkpoint_integrity.py), pruning, and a
+checkpoint's common (non-tensor) state.
 
 The rule: nothing here imports Megatron-Core. Tools that only read checkpoints (tools/evaluate.py and its
 --watch, tools/data_trace.py, the HF export's reader) start without its 1.5 s import; saving and
@@ -13,6 +14,9 @@ import os
 import shutil
 
 import torch
+
+from megatron_ext import checkpoint_integrity
+from megatron_ext.checkpoint_integrity import Readers
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -77,16 +81,32 @@ def incomplete_reason(path: str, tensors: str = "all") -> str | None:
     return None
 
 
-def checkpoint_path(root: str, step: int | None = None) -> str | None:
+def damage_reason(path: str, readers: Readers | None = Readers()) -> str | None:
+    """Why the checkpoint at path must not be read (None if it can): with readers, a file whose bytes changed
+    since it was written (checkpoint_integrity.py); a file missing or cut short. With several readers every
+    rank must call this for the same path (their answers are agreed)."""
+    local = checkpoint_integrity.changed_file(path, readers.rank, readers.world) if readers else None
+    local = local or incomplete_reason(path)
+    return readers.agree(local) if readers else local
+
+
+def checkpoint_path(root: str, step: int | None = None, readers: Readers | None = Readers()) -> str | None:
     """DIR/iter_N for --ckpt-step N, else the tracker's iteration; None when root has no checkpoint yet.
 
-    The latest checkpoint, when damaged (a file lost or cut short after it was written), is passed over
-    with a warning for the newest complete one before it."""
+    readers: who hashes the checkpoint's files against its manifest before it is trusted (default: this
+    process alone; None: nobody, --no-verify-integrity). The latest checkpoint, when damaged (a file changed,
+    lost or cut short after it was written), is passed over with a line naming the file for the newest one
+    before it that is whole; a --ckpt-step checkpoint that is damaged is refused."""
+    say = readers.say if readers else print
     if step is not None:
         path = iteration_dir(root, step)
         if not os.path.isdir(path):
             saved = sorted(d for d in os.listdir(root) if d.startswith("iter_"))
             raise CheckpointError(f"{root} has no checkpoint of iteration {step} (found: {', '.join(saved) or 'none'})")
+        reason = damage_reason(path, readers)
+        if reason is not None:
+            raise CheckpointError(f"--ckpt-step {step}: {reason}")
+        _say_if_unverified(path, readers)
         return path
     latest = latest_iteration(root)
     if latest is None:
@@ -94,15 +114,24 @@ def checkpoint_path(root: str, step: int | None = None) -> str | None:
     reasons = []
     for candidate in [it for it in reversed(_saved_iterations(root)) if it <= latest]:
         path = iteration_dir(root, candidate)
-        reason = incomplete_reason(path)
+        reason = damage_reason(path, readers)
         if reason is None:
+            _say_if_unverified(path, readers)
             return path
-        print(f"warning: skipping a damaged checkpoint: {reason}", flush=True)
+        say(f"warning: skipping a damaged checkpoint: {reason}")
         reasons.append(reason)
     raise CheckpointError(
         f"no complete checkpoint at or before iteration {latest}: "
         f"{reasons[0] if reasons else f'{iteration_dir(root, latest)} is missing'}"
     )
+
+
+def _say_if_unverified(path: str, readers: Readers | None) -> None:
+    if readers and not checkpoint_integrity.has_manifest(path):
+        readers.say(
+            f"warning: {path} has no {checkpoint_integrity.MANIFEST} (saved before checkpoints were hashed): "
+            "read unverified"
+        )
 
 
 def abandoned_iterations(root: str) -> list[int]:

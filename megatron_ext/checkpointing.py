@@ -5,7 +5,9 @@ Model weights and optimizer state are stored as global tensors (the distributed 
 'fully_reshardable' form), so a checkpoint written at one TP / PP / VP / DP layout loads at any
 other. Layout:  DIR/iter_0000010/...  and  DIR/latest_checkpointed_iteration.txt, the tracker, which is
 written by rank 0 only after every rank has finished writing the step's files (CheckpointSaver: each
-data-parallel rank its share with --ckpt-fully-parallel-save, in a background process with --async-save).
+data-parallel rank its share with --ckpt-fully-parallel-save, in a background process with --async-save)
+and after their hashes are in the checkpoint's integrity.json (checkpoint_integrity.py), which a resume
+checks before it trusts the checkpoint.
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_ext import megatron_workarounds
+from megatron_ext import checkpoint_integrity, megatron_workarounds
 from megatron_ext.atomic_files import write_text_atomically
 from megatron_ext.checkpoint_files import (
     TRACKER,
     CheckpointError,
     abandoned_iterations,
     checkpoint_path,
+    damage_reason,
     iteration_dir,
     latest_iteration,
     prune_checkpoints,
@@ -178,8 +181,10 @@ class CheckpointSaver:
 
     def __init__(self, root: str, keep_last: int | None = None, fully_parallel: bool = False,
                  asynchronous: bool = False, on_complete=None, retain_interval: int | None = None,
-                 persistent_worker: bool = False):  # fmt: skip
+                 persistent_worker: bool = False, hash_files: bool = True):  # fmt: skip
         self.root, self.keep_last, self.fully_parallel = root, keep_last, fully_parallel
+        self.hash_files = hash_files
+        self.hash_seconds = 0.0  # of the last save: this rank's hashing of its files (see _complete)
         self.retain_interval = retain_interval
         self.on_complete = on_complete or (lambda path: None)
         self.queue = AsyncCallsQueue(persistent=persistent_worker) if asynchronous else None
@@ -246,18 +251,30 @@ class CheckpointSaver:
             self.wait()
 
     def _complete(self, path: str, side_files: dict) -> None:
-        """Every rank's tensors are written: the side files, the tracker, pruning, then on_complete."""
+        """Every rank's tensors are written: each rank hashes the shard files it wrote; rank 0 writes the side
+        files and the manifest (hashing the rest), then the tracker, pruning; then on_complete."""
         torch.distributed.barrier()
-        if torch.distributed.get_rank() == 0:
+        rank, started = torch.distributed.get_rank(), time.perf_counter()
+        mine = {}
+        if self.hash_files:
+            mine = checkpoint_integrity.hash_files(path, checkpoint_integrity.shard_files_written_by(path, rank))
+        every = [None] * torch.distributed.get_world_size() if rank == 0 else None
+        torch.distributed.gather_object(mine, every, dst=0)
+        if rank == 0:
             for name, text in side_files.items():
                 write_text_atomically(os.path.join(path, name), text)
+            if self.hash_files:
+                checkpoint_integrity.write_manifest(path, {k: v for hashed in every for k, v in hashed.items()})
+        self.hash_seconds = time.perf_counter() - started
+        if rank == 0:
             write_text_atomically(os.path.join(self.root, TRACKER), str(self.in_flight.iteration))
             prune_checkpoints(self.root, self.keep_last, self.retain_interval)
         torch.distributed.barrier()
         if self.queue is not None:
             seconds = time.perf_counter() - self.in_flight.started
             if torch.distributed.get_rank() == 0:
-                print(f"checkpoint {path} complete: written in the background in {seconds:.1f} s", flush=True)
+                hashing = f" and hashed in {self.hash_seconds:.2f} s" if self.hash_files else ""
+                print(f"checkpoint {path} complete: written in the background in {seconds:.1f} s{hashing}", flush=True)
         self.in_flight = None
         self.on_complete(path)
 
@@ -334,8 +351,25 @@ def check_model_matches(path: str, common: dict, crystal: CrystalConfig, padded_
         )
 
 
-def load_model_weights(path: str, model_chunks) -> None:
-    """The model weights of the checkpoint at path into these chunks (any TP / PP / VP)."""
+def job_readers() -> checkpoint_integrity.Readers:
+    """Every rank of the job checks a share of a checkpoint's files; the first changed file any rank finds is
+    every rank's answer (one small all-gather per checkpoint looked at); rank 0 says it."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    def agree(reason: str | None) -> str | None:
+        reasons = [None] * world
+        torch.distributed.all_gather_object(reasons, reason)
+        return next((r for r in reasons if r), None)
+
+    return checkpoint_integrity.Readers(rank, world, agree, say=lambda line: rank == 0 and print(line, flush=True))
+
+
+def load_model_weights(path: str, model_chunks, verify: bool = True) -> None:
+    """The model weights of the checkpoint at path into these chunks (any TP / PP / VP), once its files
+    verify (verify=False: unchecked)."""
+    reason = damage_reason(path, job_readers() if verify else None)
+    if reason is not None:
+        raise CheckpointError(reason)
     model = ModelState(model_chunks)
     model.load_sharded(dist_checkpointing.load(model.sharded_state_dict({}, is_loading=True), path))
 
@@ -349,6 +383,7 @@ def load_checkpoint(
     weights_only: bool = False,
     fully_parallel: bool = False,
     skip: frozenset = frozenset(),
+    verify: bool = True,
 ) -> int:
     """Resume from the checkpoint of iteration step (default: the latest) under root: every part of
     `states` by its name (see save_checkpoint; a plain part the checkpoint lacks gets None).
@@ -357,8 +392,10 @@ def load_checkpoint(
     Returns the iteration; 0, with the other parts untouched, when root has no checkpoint yet or when only
     the model's weights are taken: with weights_only (--finetune), or from a checkpoint without optimizer
     state. skip: parts left as they are while the iteration and the rest are resumed (--no-load-optim).
+    verify (--verify-integrity, the default): the checkpoint's files are hashed against its manifest first,
+    a share by each rank; the latest one, if changed, is passed over for the newest one that verifies.
     """
-    path = checkpoint_path(root, step)
+    path = checkpoint_path(root, step, job_readers() if verify else None)
     if path is None:
         return 0
     common = read_common_state(path)

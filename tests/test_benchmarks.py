@@ -132,6 +132,9 @@ def test_checkpoint_io_benchmark_prints_consistent_figures(tmp_path):
         # fails when the unrounded ratio sits near a printed digit's edge: 1.349 from the times, "1.4" printed)
         ratio = sync / async_
         assert abs(float(row[9].rstrip("x")) - ratio) <= 0.05 + ratio * (0.0005 / sync + 0.0005 / async_) + 1e-9
+        # Hashing is part of the synchronous save; the verified load does the unverified one's work and more.
+        hashing = float(row[15].strip(" |"))
+        assert 0 < hashing < sync and float(row[10]) > 0 and float(row[14]) > 0
     summary = [
         value for name, value in _summary(tmp_path, "checkpoint_io", proc.stdout) if name.startswith("checkpoint")
     ]

@@ -198,7 +198,7 @@ def test_every_flag_of_megatron_lms_functional_tests_is_accepted_or_refused_with
         "--data-parallel-sharding-strategy", "--megatron-fsdp-main-params-dtype", "--megatron-fsdp-main-grads-dtype",
         "--megatron-fsdp-grad-comm-dtype",
         "--ckpt-format",  # torch and fsdp_dtensor (torch_dist is accepted)
-        "--verify-integrity", "--rerun-mode", "--error-injection-rate", "--error-injection-type", "--test-mode",
+        "--rerun-mode", "--error-injection-rate", "--error-injection-type", "--test-mode",
         "--apply-layernorm-1p", "--apply-query-key-layer-scaling", "--disable-bias-linear", "--group-query-attention",
         "--num-query-groups", "--normalization", "--qk-layernorm", "--squared-relu",
         "--untie-embeddings-and-output-weights", "--init-method-std", "--rotary-base", "--rotary-percent",

@@ -1,5 +1,6 @@
 """Hugging Face release: convert_to_hf.py / convert_from_hf.py against the Megatron model they come from."""
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -216,6 +217,13 @@ def test_round_trip_is_bitwise_and_trains_at_tp2_pp2(trained, exported, tmp_path
     imported = tmp_path / "imported"
     proc = run_tool("convert_from_hf.py", "--input", first, "--save", imported)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The import's checkpoint is hashed as a training's is: every file listed with its sha256.
+    (saved,) = imported.glob("iter_*")
+    listed = json.loads((saved / "integrity.json").read_text())["files"]
+    on_disk = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in saved.iterdir() if p.name != "integrity.json"
+    }
+    assert listed == on_disk and "common.pt" in listed
     second = tmp_path / "second"
     proc = run_tool("convert_to_hf.py", "--load", imported, "--output", second, "--dtype", "fp32", "--no-verify")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -367,7 +375,7 @@ def test_bad_inputs_fail_with_one_line(trained, exported, tmp_path, capsys):
     subprocess.run(["cp", "-r", str(trained), str(broken)], check=True)
     victim = sorted((broken / "iter_0000003").glob("*.distcp"))[-1]
     victim.unlink()
-    assert f"shard file {victim.name} is missing" in error("--load", broken, "--output", out)
+    assert f"{victim} is missing (listed in integrity.json)" in error("--load", broken, "--output", out)
     assert not out.exists()
 
     gpt2 = tmp_path / "gpt2"

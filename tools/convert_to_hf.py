@@ -47,6 +47,12 @@ def parse_args(argv):
         f"{VERIFY_BY_DEFAULT_UP_TO / 1e9:.0f}B parameters)",
     )
     g.add_argument("--no-verify", dest="verify", action="store_false")
+    p.add_argument(
+        "--no-verify-integrity",
+        dest="verify_integrity",
+        action="store_false",
+        help="read the checkpoint without hashing its files against its integrity.json first (as pretrain_crystal.py)",
+    )
     return p.parse_args(argv)
 
 
@@ -69,7 +75,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, DTYPES[args.dtype])
     try:
         check_output(args.output, "--output")
-        reader = DistCheckpointReader(args.load, args.ckpt_step)
+        reader = DistCheckpointReader(args.load, args.ckpt_step, args.verify_integrity)
     except (OutputExistsError, CheckpointError) as e:
         return _fail(str(e))
     cfg = reader.crystal
@@ -108,7 +114,10 @@ def main(argv=None) -> int:
                 f"in {shards} shard(s) in {time.time() - start:.1f}s; peak resident memory {peak / 2**20:,.0f} MiB"
             )
             if verify:
-                report = parity.verify(reader.path, cfg, reader.padded_vocab, staging, dtype, tokenizer)
+                # The reader hashed the checkpoint's files already (or was told not to).
+                report = parity.verify(
+                    reader.path, cfg, reader.padded_vocab, staging, dtype, tokenizer, verify_integrity=False
+                )
                 decode = tokenizer.decode if tokenizer is not None else str
                 for meg, hf in zip(report.megatron_greedy, report.hf_greedy):
                     print(f"  greedy  megatron: {decode(meg)!r}\n          hf:       {decode(hf)!r}")

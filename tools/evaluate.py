@@ -39,6 +39,12 @@ def parse_args(argv):
     p.add_argument("--checkpoint", required=True, help="exported Hugging Face directory, or a --save directory")
     p.add_argument("--ckpt-step", type=int, help="a Megatron checkpoint's iteration (default: the latest)")
     p.add_argument(
+        "--no-verify-integrity",
+        dest="verify_integrity",
+        action="store_false",
+        help="read a Megatron checkpoint without hashing its files against its integrity.json first",
+    )
+    p.add_argument(
         "--tasks",
         required=True,
         help="comma-separated, each with an optional cap after ':': generation tasks (humaneval, mbpp, "
@@ -122,7 +128,9 @@ def evaluate_once(args, step: int | None, output_dir: str, results_path: str) ->
 
     generation_tasks, loglikelihood_tasks = split_tasks(args.tasks)
     started = time.perf_counter()
-    loaded = checkpoint_model.load(args.checkpoint, step, args.tokenizer_model, args.tokenizer_type)
+    loaded = checkpoint_model.load(
+        args.checkpoint, step, args.tokenizer_model, args.tokenizer_type, verify_integrity=args.verify_integrity
+    )
     parameters = sum(p.numel() for p in loaded.model.parameters())
     seconds = time.perf_counter() - started
     print(f"{PROG}: {loaded.path} (iteration {loaded.iteration}), {parameters:,} parameters, loaded in {seconds:.1f} s")
@@ -171,6 +179,7 @@ def watch(args, output_dir: str, results_path: str) -> int:
     """Evaluate every saved checkpoint not yet evaluated, oldest first; the evaluated iterations are kept in
     <output-dir>/watch_state.json, so a restarted watcher (a requeued SLURM job) goes on where it was."""
     from megatron_ext.checkpoint_files import saved_iterations
+    from megatron_ext.evaluation.checkpoint_model import CheckpointLoadError
 
     state_path = os.path.join(output_dir, "watch_state.json")
     done = set(json.load(open(state_path))["evaluated"]) if os.path.isfile(state_path) else set()
@@ -178,7 +187,10 @@ def watch(args, output_dir: str, results_path: str) -> int:
         for iteration in saved_iterations(args.checkpoint):
             if iteration in done:
                 continue
-            evaluate_once(args, iteration, output_dir, results_path)
+            try:
+                evaluate_once(args, iteration, output_dir, results_path)
+            except CheckpointLoadError as e:  # e.g. a file changed since it was written: the job goes on
+                print(f"{PROG}: warning: iteration {iteration} not evaluated: {e}", flush=True)
             done.add(iteration)
             write_text_atomically(state_path, json.dumps({"evaluated": sorted(done)}))
         if args.until_iteration is not None and any(i >= args.until_iteration for i in done):

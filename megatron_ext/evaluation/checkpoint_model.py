@@ -29,7 +29,7 @@ def is_hf_directory(path: str) -> bool:
 
 
 def load(path: str, step: int | None = None, tokenizer_model: str | None = None, tokenizer_type: str | None = None,
-         dtype: torch.dtype = torch.float32) -> LoadedModel:  # fmt: skip
+         dtype: torch.dtype = torch.float32, verify_integrity: bool = True) -> LoadedModel:  # fmt: skip
     from megatron_ext.tokenizer import build_tokenizer
     from megatron_ext.tokenizer.crystal_tokenizer import DEFAULT_TOKENIZER_TYPE
 
@@ -53,7 +53,7 @@ def load(path: str, step: int | None = None, tokenizer_model: str | None = None,
         from megatron_ext.release.hf_modeling.modeling_crystalcoder import CrystalCoderLMHeadModel
 
         try:
-            reader = DistCheckpointReader(path, step)
+            reader = DistCheckpointReader(path, step, verify_integrity)
         except CheckpointError as e:
             raise CheckpointLoadError(str(e)) from None
         model = CrystalCoderLMHeadModel(CrystalCoderConfig(**hf_format.hf_config(reader.crystal)))

@@ -17,7 +17,14 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorSt
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megatron_ext.checkpoint_files import CheckpointError, checkpoint_path, incomplete_reason, read_common_state
+from megatron_ext.checkpoint_files import (
+    CheckpointError,
+    Readers,
+    checkpoint_path,
+    damage_reason,
+    incomplete_reason,
+    read_common_state,
+)
 from megatron_ext.model.crystal_config import CrystalConfig
 from megatron_ext.release.hf_format import reference_names
 from megatron_ext.release.weight_mapping import (
@@ -45,10 +52,19 @@ class _BoxPlanner:
 
 
 class DistCheckpointReader:
-    def __init__(self, root: str, step: int | None = None):
+    def __init__(self, root: str, step: int | None = None, verify_integrity: bool = True):
+        """root: a --save directory (its latest checkpoint, or step's), or one iter_N directory. verify_integrity:
+        its files hashed against its manifest first (checkpoint_integrity.py); in a --save directory a changed
+        latest checkpoint is passed over for the newest that verifies, with a line naming the file."""
         if not os.path.isdir(root):
             raise CheckpointError(f"--load {root}: no such directory")
-        path = root if os.path.isfile(os.path.join(root, "metadata.json")) else checkpoint_path(root, step)
+        readers = Readers() if verify_integrity else None
+        if os.path.isfile(os.path.join(root, "metadata.json")):
+            path, reason = root, damage_reason(root, readers)
+            if reason is not None:
+                raise CheckpointError(reason)
+        else:
+            path = checkpoint_path(root, step, readers)
         if path is None:
             raise CheckpointError(
                 f"--load {root}: no checkpoint (no latest_checkpointed_iteration.txt, no iter_* given)"

@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from megatron_ext import checkpoint_integrity
 from megatron_ext.atomic_files import write_text_atomically
 from megatron_ext.checkpoint_files import TRACKER, iteration_dir
 from megatron_ext.checkpointing import checkpoint_metadata
@@ -68,7 +69,8 @@ def checkpoint_chunks(weights: HFWeights, padded_vocab: int) -> list[Chunk]:
 
 
 def import_checkpoint(weights: HFWeights, save_dir: str, vocab_divisible_by: int, tokenizer: dict | None) -> str:
-    """save_dir/iter_0000000 from the Hugging Face weights, then the tracker; returns its path."""
+    """save_dir/iter_0000000 from the Hugging Face weights, its integrity.json (as a training's save), then the
+    tracker; returns its path."""
     cfg = weights.cfg
     padded = padded_vocab_size(cfg.vocab_size, vocab_divisible_by)
     layers = cfg.num_layers
@@ -80,5 +82,6 @@ def import_checkpoint(weights: HFWeights, save_dir: str, vocab_divisible_by: int
     common = {**checkpoint_metadata(cfg, padded, tokenizer), "iteration": 0, "has_optimizer": False, "parts": []}
     path = iteration_dir(save_dir, 0)
     write_checkpoint(path, checkpoint_chunks(weights, padded), objects, common)
+    checkpoint_integrity.write_manifest(path, {})
     write_text_atomically(os.path.join(save_dir, TRACKER), "0")
     return path

@@ -64,10 +64,12 @@ def compare(megatron_model, hf_model, crystal, prompt_ids: list[torch.Tensor], n
 
 
 def verify(
-    checkpoint_path: str, crystal, padded_vocab: int, hf_dir: str, dtype: torch.dtype, tokenizer=None
-) -> ParityReport:
+    checkpoint_path: str, crystal, padded_vocab: int, hf_dir: str, dtype: torch.dtype, tokenizer=None,
+    verify_integrity: bool = True,
+) -> ParityReport:  # fmt: skip
     """Load both models on this machine and compare them. A bf16 export is compared with the Megatron
-    weights rounded to bf16, so that both sides hold the same numbers and the fp32 tolerance applies."""
+    weights rounded to bf16, so that both sides hold the same numbers and the fp32 tolerance applies.
+    verify_integrity: hash the checkpoint's files first (False where the caller has just done so)."""
     from transformers import AutoModelForCausalLM
 
     from megatron_ext.checkpointing import load_model_weights
@@ -75,7 +77,7 @@ def verify(
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32).eval()
     with megatron_runtime.single_process() as device:
         model = megatron_runtime.build_model(crystal, padded_vocab, device)
-        load_model_weights(checkpoint_path, [model])
+        load_model_weights(checkpoint_path, [model], verify=verify_integrity)
         if dtype != torch.float32:
             with torch.no_grad():
                 for p in model.parameters():

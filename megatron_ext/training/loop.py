@@ -188,7 +188,7 @@ class Trainer:
             self.checkpoints = checkpointing.CheckpointSaver(
                 ckpt.save, ckpt.keep_last_checkpoints, ckpt.ckpt_fully_parallel_save, ckpt.async_save,
                 on_complete=self._checkpoint_complete, retain_interval=ckpt.save_retain_interval,
-                persistent_worker=ckpt.use_persistent_ckpt_worker,
+                persistent_worker=ckpt.use_persistent_ckpt_worker, hash_files=ckpt.verify_integrity,
             )  # fmt: skip
         opt = run.optimizer
         self.guard = UpdateGuard(opt.max_skipped_steps, device, opt.loss_spike_window, opt.loss_spike_sigma)
@@ -364,7 +364,12 @@ class Trainer:
                 f"({self.checkpoints.gather_seconds:.2f} s of it gathering the state to write)"
             )
         else:
-            distributed.print_rank_0(f"saved checkpoint {path} in {seconds:.1f} s")
+            hashing = (
+                f" ({self.checkpoints.hash_seconds:.2f} s of it hashing its files)"
+                if self.checkpoints.hash_files
+                else ""
+            )
+            distributed.print_rank_0(f"saved checkpoint {path} in {seconds:.1f} s{hashing}")
         return seconds
 
     def _checkpoint_complete(self, path: str) -> None:
@@ -385,6 +390,7 @@ class Trainer:
                 weights_only=ckpt.finetune,
                 fully_parallel=ckpt.ckpt_fully_parallel_load,
                 skip=frozenset({"optimizer", "opt_param_scheduler"} if ckpt.no_load_optim else ()),
+                verify=ckpt.verify_integrity,
             )
             if ckpt.no_load_optim and self.iteration:
                 distributed.print_rank_0(
@@ -396,12 +402,13 @@ class Trainer:
         if self.iteration:
             phase_lr.check_resumed_schedule(self.run, self.scheduler, wanted, self.feed)
             distributed.print_rank_0(f"resumed from {ckpt.load} at iteration {self.iteration}")
-        elif ckpt.load and checkpoint_files.checkpoint_path(ckpt.load, ckpt.ckpt_step) is not None:
+        elif ckpt.load and checkpoint_files.checkpoint_path(ckpt.load, ckpt.ckpt_step, readers=None) is not None:
             distributed.print_rank_0(f"took the weights of {ckpt.load}: iteration 0, fresh optimizer and schedule")
         elif ckpt.pretrained_checkpoint:  # as Megatron-LM: the pretrained weights while --load holds none yet
             checkpointing.load_checkpoint(
-                ckpt.pretrained_checkpoint, self.states(), self.crystal, self.padded_vocab, weights_only=True
-            )
+                ckpt.pretrained_checkpoint, self.states(), self.crystal, self.padded_vocab, weights_only=True,
+                verify=ckpt.verify_integrity,
+            )  # fmt: skip
             distributed.print_rank_0(
                 f"took the weights of --pretrained-checkpoint {ckpt.pretrained_checkpoint}"
                 + (f" ({ckpt.load} holds no checkpoint yet)" if ckpt.load else "")

@@ -295,12 +295,6 @@ FLAGS = (
     ),
     MegatronFlag("--test-mode", "Megatron-Core's internal test hooks are not wired", agrees=False),
     MegatronFlag(
-        "--verify-integrity",
-        "checkpoint checksums are not written yet (issue #36); a damaged checkpoint that fails to parse is passed "
-        "over for the previous one",
-        agrees=False,
-    ),
-    MegatronFlag(
         "--account-for-embedding-in-pipeline-split",
         _EQUAL_STAGES,
         agrees=False,

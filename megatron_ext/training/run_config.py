@@ -521,6 +521,10 @@ class CheckpointSection:
     ckpt_fully_parallel_load: bool = False
     """each data-parallel rank reads a share of the checkpoint and they exchange the rest, instead of every rank
     reading all of it"""
+    verify_integrity: bool = True
+    """hash every file of a checkpoint as it is saved (its integrity.json, Megatron-Core's manifest) and check the
+    hashes before a checkpoint is trusted: a resume passes over one whose bytes changed, with a line naming the
+    file, for the newest that verifies (Megatron-LM's flag; on by default here, --no-verify-integrity: neither)"""
     async_save: bool = False
     """write checkpoints in a background process while training goes on; the tracker (the resume point) moves
     only when every rank's write is complete, and the run's last save waits for it"""
