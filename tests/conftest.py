@@ -10,3 +10,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+# Under pytest-xdist (make test runs one worker per core) each worker's in-process tests keep to one thread,
+# as the training processes the tests start do (OMP_NUM_THREADS=1): the workers share the cores rather than
+# oversubscribe them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)

@@ -132,6 +132,12 @@ class MetricsCallback(Callback):
                     record(f"{TIME}{name}", slowest)
                     record(f"{TIME_MIN}{name}", fastest)
             self.window_steps = 0
+            if getattr(trainer, "stragglers", None) is not None:  # a collective: every rank at the same steps
+                spread, named = trainer.stragglers.check(it)
+                for name, value in spread.items():
+                    record(name, value)
+                for line in named if self.logging_rank else ():
+                    print(line, flush=True)
             for name, value in memory_report.measured().items():  # on a GPU
                 record(name, value)
             if self.log_params_norm:  # a collective over the model-parallel ranks: every rank at the same steps

@@ -24,7 +24,7 @@ from megatron_ext.evaluation import eval_set
 from megatron_ext.kernels.fp8_linear import end_fp8_step
 from megatron_ext.model.crystal_config import get_preset
 from megatron_ext.model.crystal_gpt import build_model, transformer_config
-from megatron_ext.training import distributed, faults, memory_report, phase_lr
+from megatron_ext.training import distributed, faults, memory_report, phase_lr, stragglers
 from megatron_ext.training.batches import datasets, feeds, readers
 from megatron_ext.training.callbacks import StepResult, build_callbacks
 from megatron_ext.training.faults import StopRequest, UpdateGuard, collective_failure
@@ -165,6 +165,12 @@ class Trainer:
         # activation with a gradient; the unbatched path orders by rank parity and splits directions.
         self.config.batch_p2p_comm = run.layout.distributed_backend != "gloo"
         self.config.finalize_model_grads_func = finalize_model_grads
+        log = run.logging
+        self.stragglers = None  # --log-straggler: it times each step up to the gradient sync (stragglers.py)
+        if log.log_straggler:
+            self.stragglers = stragglers.StragglerDetector(
+                self.config, log.straggler_minmax_count, log.straggler_threshold
+            )
         self.config.grad_scale_func = self.optimizer.scale_loss
         no_sync = [m.no_sync for m in self.model]
         self.config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
@@ -254,6 +260,8 @@ class Trainer:
         """(loss, per-source [loss sum, tokens] or None, grad norm, why the update was skipped) of one
         optimizer step. The guard may skip the update (grad norm None): non-finite gradients on any rank,
         or a loss spike."""
+        if self.stragglers is not None:
+            self.stragglers.work.step_started()
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()

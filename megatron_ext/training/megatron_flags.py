@@ -295,6 +295,18 @@ FLAGS = (
     ),
     MegatronFlag("--test-mode", "Megatron-Core's internal test hooks are not wired", agrees=False),
     MegatronFlag(
+        "--straggler-ctrlr-port",
+        "no runtime switch for the straggler detector: --log-straggler is set at launch (one all-gather of a float "
+        "per log interval)",
+        int,
+        agrees=False,
+    ),
+    MegatronFlag(
+        "--disable-straggler-on-startup",
+        "no runtime switch for the straggler detector: leave out --log-straggler",
+        agrees=False,
+    ),
+    MegatronFlag(
         "--account-for-embedding-in-pipeline-split",
         _EQUAL_STAGES,
         agrees=False,

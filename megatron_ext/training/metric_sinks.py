@@ -15,6 +15,7 @@ from megatron_ext.training.metrics import format_duration, mfu_text
 BY_SOURCE = "lm loss by source/"  # + source name: the step's mean loss over that source's tokens
 TOKENS_BY_SOURCE = "tokens by source/"  # + source name: the loss tokens that mean is over
 TIME, TIME_MIN = "time/", "time-min/"  # + timer name: ms per step, the slowest and the fastest rank's
+STRAGGLER = "straggler/"  # + fastest-s, median-s, slowest-s, slowest-rank, slowest-over-median (stragglers.py)
 MEMORY = "memory/"  # + allocated-gib, reserved-gib, peak-allocated-gib (training/memory_report.py)
 
 
@@ -192,7 +193,7 @@ class JsonlSink(Sink):
     """--metrics-jsonl: one JSON object per step: iteration, lm_loss, grad_norm (null for a skipped update),
     lr; with phases also phase, source_losses and source_tokens (the sources present in the step); with
     --log-data-hash, data_hash; with --log-params-norm, params_norm at log steps; with --log-num-zeros-in-grad,
-    num_zeros_in_grad."""
+    num_zeros_in_grad; with --log-straggler, straggler (the ranks' spread) at log steps."""
 
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as TensorBoard does
@@ -218,6 +219,9 @@ class JsonlSink(Sink):
             record["params_norm"] = values["params-norm"]
         if "num-zeros" in values:
             record["num_zeros_in_grad"] = int(values["num-zeros"])
+        straggler = {k.removeprefix(STRAGGLER): v for k, v in values.items() if k.startswith(STRAGGLER)}
+        if straggler:  # --log-straggler, at log steps
+            record["straggler"] = straggler
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 

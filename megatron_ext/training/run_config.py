@@ -623,6 +623,16 @@ class LoggingSection:
     log_validation_ppl_to_tensorboard: bool = False
     """with each validation loss, its perplexity exp(loss) (Megatron-LM's flag): TensorBoard, W&B, the log line and
     eval_results.jsonl"""
+    log_straggler: bool = False
+    """name the ranks slower than the others (Megatron-LM's flag): each rank's own work a step (batch, forward,
+    backward, up to the gradient sync) all-gathered every --log-interval steps; a rank over --straggler-threshold
+    times the others' median is named with its host (training/stragglers.py); the spread goes to TensorBoard, W&B
+    and --metrics-jsonl (straggler/*)"""
+    straggler_minmax_count: int = 1
+    """with --log-straggler: name up to this many of the slowest ranks (Megatron-LM's)"""
+    straggler_threshold: float = 1.5
+    """with --log-straggler: a rank is named when its own work a step is over this many times the median of the
+    others' over a log interval"""
     log_params_norm: bool = False
     """the parameters' L2 norm at each log step (Megatron-LM's): on the log line, TensorBoard, W&B and
     --metrics-jsonl; one norm over the model and a reduction over the model-parallel ranks per log step"""
@@ -652,6 +662,8 @@ class LoggingSection:
 
     def __post_init__(self):
         require(self.log_interval >= 1, "--log-interval must be >= 1")
+        require(self.straggler_minmax_count >= 1, "--straggler-minmax-count must be >= 1")
+        require(self.straggler_threshold > 1, "--straggler-threshold must be > 1 (a ratio to the others' median)")
         if self.wandb_project is not None:
             import importlib.util
 

@@ -13,6 +13,8 @@ tests/helpers/fork_launch.py installs them in each rank from these environment v
 - CRYSTAL_TEST_STOP_AT=N: the last rank SIGSTOPs itself as it begins step N: alive, silent, never answering;
 - CRYSTAL_TEST_CORRUPT_WEIGHT_AFTER=N: after step N the last rank adds 1e-3 to one entry of its first
   parameter: a replica silently diverged, as a bad GPU's memory would leave it;
+- CRYSTAL_TEST_SLOW_RANK="R:S": rank R sleeps S seconds at the start of each training step's forward and
+  backward (as a slow GPU or a slow data reader would make it late to the gradient sync);
 - CRYSTAL_TEST_SCALE_INIT=F: every initial weight times F (then any checkpoint loads over them): a model
   whose predictions depend on its context from the first step, so that attention over the wrong tokens
   shows in an evaluation's figures (an untrained one scores nearly as a unigram model does).
@@ -123,6 +125,22 @@ def install(environ) -> None:
             return result
 
         Trainer.train_step = corrupting_train_step
+
+    slow_rank = environ.get("CRYSTAL_TEST_SLOW_RANK")
+    if slow_rank:
+        import time
+
+        from megatron_ext.training.loop import Trainer
+
+        rank, seconds = slow_rank.split(":")
+        run_schedule = Trainer._run
+
+        def slowed_run(self, iterators, forward_only, *args, **kwargs):
+            if not forward_only and torch.distributed.get_rank() == int(rank):
+                time.sleep(float(seconds))
+            return run_schedule(self, iterators, forward_only, *args, **kwargs)
+
+        Trainer._run = slowed_run
 
     scale_init = environ.get("CRYSTAL_TEST_SCALE_INIT")
     if scale_init:
