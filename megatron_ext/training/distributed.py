@@ -28,11 +28,13 @@ def initialize(run: RunConfig) -> torch.device:
         device = torch.device("cuda", local_rank)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
+    timeout = datetime.timedelta(minutes=run.layout.distributed_timeout_minutes)
     torch.distributed.init_process_group(
         backend=run.layout.distributed_backend,
         rank=int(os.environ.get("RANK", "0")),
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
-        timeout=datetime.timedelta(minutes=run.layout.distributed_timeout_minutes),
+        timeout=timeout,
+        store=attempt_store(timeout),
     )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=run.layout.tensor_model_parallel_size,
@@ -50,6 +52,22 @@ def initialize(run: RunConfig) -> torch.device:
     # initialisation draws from it and must be identical across tensor-parallel ranks.
     torch.manual_seed(seed)
     return device
+
+
+def attempt_store(timeout: datetime.timedelta):
+    """Under torchrun, its env:// store with every key under this attempt's prefix (TORCHELASTIC_RESTART_COUNT);
+    None otherwise (init_process_group makes its own).
+
+    Why: torchrun's static rendezvous (--master-addr/--master-port) keeps one store for every restart of the
+    workers, and the keys under which gloo and NCCL publish each rank's address are the same in every attempt
+    (the default group's and each new_group's, numbered in order). A restarted attempt reads the killed one's
+    addresses and fails ("Gloo connectFullMesh failed ... Connection refused") or waits for peers that are
+    gone. Under a prefix per attempt each one meets only its own ranks."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    store, _, _ = next(torch.distributed.rendezvous("env://", timeout=timeout))
+    return torch.distributed.PrefixStore(f"crystal/attempt_{attempt}", store)
 
 
 def make_deterministic() -> None:
