@@ -28,7 +28,7 @@ class OwnWork:
     """This rank's seconds of its own work in the steps since the last read (see the module's rule)."""
 
     def __init__(self, config):
-        self.config, self.finalize = config, config.finalize_model_grads_func
+        self.finalize = config.finalize_model_grads_func
         config.finalize_model_grads_func = self._finalize
         self.started, self.seconds, self.steps = time.perf_counter(), 0.0, 0
         self._timed = False
