@@ -42,6 +42,39 @@ def apply() -> None:
     DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
     _UPSTREAM["fully_reshardable"] = DistributedOptimizer.sharded_param_state_fully_reshardable
     DistributedOptimizer.sharded_param_state_fully_reshardable = _sharded_param_state_fully_reshardable
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    _UPSTREAM["results_queue"] = filesystem_async._get_write_results_queue
+    filesystem_async._get_write_results_queue = _write_results_queue_dying_with_its_rank
+
+
+def _write_results_queue_dying_with_its_rank():
+    """Megatron-Core 0.16.1's checkpoint writer keeps its results queue in a multiprocessing Manager, a
+    spawned server process (275 MB here) that outlives a rank killed by a signal: under torchrun's in-job
+    restarts each SIGKILLed rank left one behind, holding host memory and the job's stdout until the
+    allocation ended. The same queue, from a Manager whose process is killed when its rank dies
+    (PR_SET_PDEATHSIG; Linux only, elsewhere upstream's)."""
+    import multiprocessing
+    import sys
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None and sys.platform == "linux":
+        from multiprocessing.managers import SyncManager
+
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=_die_with_parent)
+        filesystem_async._results_queue = manager.Queue()
+        _UPSTREAM["results_manager"] = manager  # upstream's Manager() is kept alive by its queue's reference alike
+    return _UPSTREAM["results_queue"]()
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def inner_optimizers(optimizer) -> list:

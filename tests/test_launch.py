@@ -20,6 +20,8 @@ printf 'gpu001\\ngpu002\\ngpu003\\ngpu004\\n'
 FAKE_SRUN = """#!/usr/bin/env bash
 echo "$@" >> "$SRUN_LOG"
 if [ "${FAKE_STOPPED_AT:-}" ]; then echo "$FAKE_STOPPED_AT" > "$CKPT_DIR/stopped_by_signal"; fi
+if [ "${FAKE_GAVE_UP:-}" ]; then mkdir -p "$CKPT_DIR/restarts"; echo "$FAKE_GAVE_UP" > "$CKPT_DIR/restarts/stopped"; fi
+exit "${FAKE_SRUN_EXIT:-0}"
 """
 # The flags' check before srun (pretrain_crystal.py --check-args): its --bf16 needs a GPU, so the requeue
 # tests pass it with this stand-in; test_a_typo_is_one_line_per_job_before_srun runs the real one.
@@ -146,6 +148,25 @@ def test_a_signal_stopped_job_requeues_itself(tmp_path, stopped, restarts, reque
         assert "not requeued: 20 requeues already" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "gave_up,srun_exit,code",
+    [("restart 4: the last 2 restarts resumed at iteration 500 too ...", "0", 1), ("", "3", 3), ("", "0", 0)],
+    ids=["restarts_stopped", "failed", "finished"],
+)
+def test_the_job_fails_when_its_restarts_stopped_and_keeps_srun_s_code(tmp_path, gave_up, srun_exit, code):
+    """torchrun restarts the workers in place (--max-restarts MAX_RESTARTS); where they stopped restarting
+    (their failure repeated), they exit 0 and the job fails here in one line, never requeued."""
+    ckpt = tmp_path / "ckpt"
+    env = _slurm_env(tmp_path, CKPT_DIR=str(ckpt), FAKE_GAVE_UP=gave_up, FAKE_SRUN_EXIT=srun_exit, MAX_RESTARTS="5")
+    proc = subprocess.run(["bash", str(REPO / "examples" / "crystal_7b.sh")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == code, proc.stderr
+    assert "--max-restarts 5 pretrain_crystal.py" in (tmp_path / "srun.log").read_text()
+    if gave_up:
+        assert proc.stderr.strip() == f"crystal-megatron: not restarted again, not requeued: {gave_up}"
+    assert not (tmp_path / "scontrol.log").exists()
+
+
 def test_a_typo_is_one_line_per_job_before_srun(tmp_path):
     """The real check (pretrain_crystal.py --check-args, in the batch script's own process) refuses a bad
     flag in one line, and neither srun nor torchrun starts."""
@@ -202,7 +223,10 @@ def test_sbatch_dry_run_derives_the_launch_from_slurm(tmp_path):
     nodes = [line for line in out.splitlines() if line.startswith("node ")]
     assert len(nodes) == 4
     for rank, line in enumerate(nodes):
-        assert f"--nnodes 4 --nproc-per-node 8 --node-rank {rank} --master-addr gpu001 --master-port 32345" in line
+        assert (
+            f"--nnodes 4 --nproc-per-node 8 --node-rank {rank} --master-addr gpu001 --master-port 32345 "
+            "--max-restarts 3 pretrain_crystal.py" in line
+        )
         assert line.startswith(f"node {rank}: trap '' USR1; cd {REPO} && exec torchrun")
         for flag in (
             "--model crystal-7b",

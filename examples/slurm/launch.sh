@@ -5,6 +5,10 @@
 # host names where there is no allocation).
 # A job stopped by SLURM's signal before its time limit saves, and then requeues itself (scontrol requeue),
 # at most MAX_REQUEUES times; a job that finished, or failed, is not requeued.
+# Within the allocation, torchrun restarts every worker in place when one dies or the job ends on the
+# distributed timeout (--max-restarts MAX_RESTARTS), each attempt resuming from the last complete checkpoint
+# in CKPT_DIR; a failure that repeats before the next checkpoint stops the job (pretrain_crystal.py's
+# --max-restarts-from-one-checkpoint), which then fails here in one line. docs/cluster.md: what heals.
 
 REPO=${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
 # Defaults the recipes share; the calling script sets MODEL, CKPT_DIR, TP, PP, MICRO_BATCH, SAVE_INTERVAL.
@@ -17,6 +21,7 @@ LOG_INTERVAL=${LOG_INTERVAL:-10}
 NODES=${NODES:-${SLURM_JOB_NUM_NODES:-1}}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 MAX_REQUEUES=${MAX_REQUEUES:-20}
+MAX_RESTARTS=${MAX_RESTARTS:-3}   # torchrun's in-place restarts per allocation (0: a failure ends the job)
 for arg in "$@"; do
   if [ "$arg" = "--dry-run" ]; then DRY_RUN=1; fi
 done
@@ -65,7 +70,8 @@ TRAIN_ARGS+=("${EXTRA[@]}")
 # One task per node. The torchrun agent ignores SIGUSR1 (SLURM's --signal reaches every process of the
 # step): the training ranks catch it, finish the step, save and exit 0.
 NODE_COMMAND="trap '' USR1; cd $(printf '%q' "$REPO") && exec torchrun --nnodes $NODES --nproc-per-node $GPUS_PER_NODE \
---node-rank \"\$SLURM_NODEID\" --master-addr $MASTER_ADDR --master-port $MASTER_PORT pretrain_crystal.py \
+--node-rank \"\$SLURM_NODEID\" --master-addr $MASTER_ADDR --master-port $MASTER_PORT --max-restarts $MAX_RESTARTS \
+pretrain_crystal.py \
 $(printf '%q ' "${TRAIN_ARGS[@]}")"
 # The flags checked once, here, before torchrun (the same validation, no process group): a mistake is one line
 # per job, not a line per rank and torchrun's traceback per node. PYTHON: the environment torchrun runs in.
@@ -87,8 +93,15 @@ fi
 (cd "$REPO" && "${CHECK[@]}") || exit 2
 mkdir -p "$CKPT_DIR"   # an empty --load directory starts fresh; a requeued job finds its checkpoints here
 STOP_MARKER="$CKPT_DIR/stopped_by_signal"   # pretrain_crystal.py writes it after a signal-triggered save
-rm -f "$STOP_MARKER"
-"${SRUN[@]}"
+GAVE_UP="$CKPT_DIR/restarts/stopped"        # and this where its restarts kept failing at one checkpoint
+rm -f "$STOP_MARKER" "$GAVE_UP"
+status=0
+"${SRUN[@]}" || status=$?
+# The workers exit 0 there (the one exit torchrun does not restart): the job's failure is said here.
+if [ -f "$GAVE_UP" ]; then
+  echo "crystal-megatron: not restarted again, not requeued: $(cat "$GAVE_UP")" >&2
+  exit 1
+fi
 # SLURM's --requeue does not requeue a job that exited 0, which a signal-triggered save does.
 if [ -f "$STOP_MARKER" ]; then
   if [ "${SLURM_RESTART_COUNT:-0}" -lt "$MAX_REQUEUES" ]; then
@@ -99,3 +112,4 @@ if [ -f "$STOP_MARKER" ]; then
     echo "crystal-megatron: stopped by a signal, not requeued: $MAX_REQUEUES requeues already (MAX_REQUEUES)" >&2
   fi
 fi
+exit $status

@@ -24,7 +24,7 @@ from megatron_ext.evaluation import eval_set
 from megatron_ext.kernels.fp8_linear import end_fp8_step
 from megatron_ext.model.crystal_config import get_preset
 from megatron_ext.model.crystal_gpt import build_model, transformer_config
-from megatron_ext.training import distributed, faults, memory_report, phase_lr, stragglers
+from megatron_ext.training import distributed, faults, memory_report, phase_lr, restarts, stragglers
 from megatron_ext.training.batches import datasets, feeds, readers
 from megatron_ext.training.callbacks import StepResult, build_callbacks
 from megatron_ext.training.faults import StopRequest, UpdateGuard, collective_failure
@@ -444,17 +444,32 @@ def pretrain(run: RunConfig) -> int:
         print(f"pretrain_crystal.py: error: {e}", file=sys.stderr)
         return 2
     device = distributed.initialize(run)
+    ckpt = run.checkpoint
+    attempt = restarts.Attempt.under_torchrun(ckpt.save, ckpt.max_restarts_from_one_checkpoint)
+    if attempt is not None:
+        attempt.begin()
+
+    def fail(line: str, code: int, everywhere: bool = False) -> int:
+        """One line (rank 0's, or each rank's own where only it knows), kept for a restart's report."""
+        if everywhere:
+            print(line, file=sys.stderr, flush=True)
+        else:
+            distributed.print_rank_0(line, error=True)
+        if attempt is not None:
+            attempt.ended(line)
+        return code
+
     try:
-        return _train(run, device)
+        return _train(run, device, attempt)
     except (checkpoint_files.CheckpointError, PhasesConfigError, IndexCacheError) as e:
-        distributed.print_rank_0(f"pretrain_crystal.py: error: {e}", error=True)
-        return 2
+        return fail(f"pretrain_crystal.py: error: {e}", 2)
     except faults.ReplicasDiverged as e:
-        distributed.print_rank_0(f"pretrain_crystal.py: error: {e}", error=True)
-        return 5
+        return fail(f"pretrain_crystal.py: error: {e}", 5)
     except RuntimeError as e:
         failure = collective_failure(e)
         if failure is None:
+            if attempt is not None:
+                attempt.ended(f"{type(e).__name__}: {e}")
             raise
         kind, waited_in = failure
         rank, minutes = torch.distributed.get_rank(), run.layout.distributed_timeout_minutes
@@ -463,14 +478,17 @@ def pretrain(run: RunConfig) -> int:
             what += "answering (hung, stopped, or its node lost)"
         else:
             what = f"lost another rank in {waited_in}: its process ended (see its error) or its node was lost"
-        print(f"pretrain_crystal.py: error: rank {rank} {what}; the job ends; resume from the last checkpoint",
-              file=sys.stderr, flush=True)  # fmt: skip
-        return 4
+        line = f"pretrain_crystal.py: error: rank {rank} {what}; the job ends; resume from the last checkpoint"
+        return fail(line, 4, everywhere=True)
+    except Exception as e:
+        if attempt is not None:
+            attempt.ended(f"{type(e).__name__}: {e}")
+        raise
     finally:
         distributed.shutdown()
 
 
-def _train(run: RunConfig, device: torch.device) -> int:
+def _train(run: RunConfig, device: torch.device, attempt: restarts.Attempt | None) -> int:
     trainer = Trainer(run, device)
     layout, opt = run.layout, run.optimizer
     distributed.print_rank_0(
@@ -491,7 +509,7 @@ def _train(run: RunConfig, device: torch.device) -> int:
             f"init std {crystal.init_std:.6g}, hidden matrices' lr x {crystal.mup_width_scale:g}, output multiplier "
             f"{crystal.output_multiplier:.6g}"
         )
-    for line in memory_report.predicted_lines(run):
+    for line in memory_report.predicted_lines(run) + restarts.warnings(run.checkpoint.save, run.checkpoint.load):
         distributed.print_rank_0(line)
     if run.checkpoint.save and torch.distributed.get_rank() == 0:
         os.makedirs(run.checkpoint.save, exist_ok=True)
@@ -506,6 +524,11 @@ def _train(run: RunConfig, device: torch.device) -> int:
         trainer.load()
     if run.data.start_point:
         _start_at(run, trainer, feed)
+    if attempt is not None:
+        stop = attempt.resumed(trainer.iteration)
+        if stop is not None:  # exit 0: the one end torchrun does not restart (restarts.py)
+            distributed.print_rank_0(f"pretrain_crystal.py: error: {stop}", error=True)
+            return 0
     with setup:
         train_its = trainer.train_iterators(opt.train_iters - trainer.iteration)
     setup.report(feed.reads)

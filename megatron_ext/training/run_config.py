@@ -525,6 +525,9 @@ class CheckpointSection:
     """hash every file of a checkpoint as it is saved (its integrity.json, Megatron-Core's manifest) and check the
     hashes before a checkpoint is trusted: a resume passes over one whose bytes changed, with a line naming the
     file, for the newest that verifies (Megatron-LM's flag; on by default here, --no-verify-integrity: neither)"""
+    max_restarts_from_one_checkpoint: int = 2
+    """under torchrun --max-restarts: how many restarts in a row may resume at one iteration; the next stops the job
+    in one line (its failure repeats before the next save) instead of restarting it again"""
     async_save: bool = False
     """write checkpoints in a background process while training goes on; the tracker (the resume point) moves
     only when every rank's write is complete, and the run's last save waits for it"""
@@ -556,6 +559,7 @@ class CheckpointSection:
             self.keep_last_checkpoints is None or self.keep_last_checkpoints >= 1,
             "--keep-last-checkpoints must be >= 1",
         )
+        require(self.max_restarts_from_one_checkpoint >= 1, "--max-restarts-from-one-checkpoint must be >= 1")
         require(self.save or not self.async_save, "--async-save needs --save")
         if self.save_interval is not None:
             require(self.save, "--save-interval needs --save")

@@ -54,8 +54,13 @@ def subprocess_environment(env_extra: dict | None = None) -> dict:
     return env
 
 
-def torchrun_command(nproc: int, args: list[str], env_extra: dict | None = None) -> tuple[list[str], dict]:
-    """pretrain_crystal.py under torchrun itself: for the tests of launching, signals and interruptions."""
+def torchrun_command(
+    nproc: int, args: list[str], env_extra: dict | None = None, torchrun_args: tuple[str, ...] = ()
+) -> tuple[list[str], dict]:
+    """pretrain_crystal.py under torchrun itself: for the tests of launching, signals and interruptions.
+    With torchrun_args (e.g. --max-restarts), its workers install the faults env_extra names
+    (tests/helpers/faulty_pretrain.py)."""
+    script = REPO / ("tests/helpers/faulty_pretrain.py" if torchrun_args else "pretrain_crystal.py")
     cmd = [
         sys.executable,
         "-m",
@@ -64,7 +69,8 @@ def torchrun_command(nproc: int, args: list[str], env_extra: dict | None = None)
         str(nproc),
         "--master-port",
         str(free_port()),
-        str(REPO / "pretrain_crystal.py"),
+        *torchrun_args,
+        str(script),
         *args,
     ]
     return cmd, subprocess_environment(env_extra)

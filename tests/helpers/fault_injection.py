@@ -11,6 +11,7 @@ tests/helpers/fork_launch.py installs them in each rank from these environment v
   having written its files, SIGKILLs its rank and then itself: the whole job dies with the write begun and
   never completed (no metadata.json, tracker not moved) while the ranks train on;
 - CRYSTAL_TEST_STOP_AT=N: the last rank SIGSTOPs itself as it begins step N: alive, silent, never answering;
+- CRYSTAL_TEST_KILL_AT=N: the last rank SIGKILLs itself as it begins step N (as the out-of-memory killer would);
 - CRYSTAL_TEST_CORRUPT_WEIGHT_AFTER=N: after step N the last rank adds 1e-3 to one entry of its first
   parameter: a replica silently diverged, as a bad GPU's memory would leave it;
 - CRYSTAL_TEST_SLOW_RANK="R:S": rank R sleeps S seconds at the start of each training step's forward and
@@ -18,6 +19,9 @@ tests/helpers/fork_launch.py installs them in each rank from these environment v
 - CRYSTAL_TEST_SCALE_INIT=F: every initial weight times F (then any checkpoint loads over them): a model
   whose predictions depend on its context from the first step, so that attention over the wrong tokens
   shows in an evaluation's figures (an untrained one scores nearly as a unigram model does).
+
+Under torchrun --max-restarts (tests/helpers/faulty_pretrain.py), a value "N@A" injects the fault in attempt A
+only (TORCHELASTIC_RESTART_COUNT): a fault that heals; without "@A" it recurs in every attempt.
 """
 
 from __future__ import annotations
@@ -30,7 +34,20 @@ def _iterations(environ, name: str) -> set[int]:
     return {int(x) for x in environ.get(name, "").split(",") if x.strip()}
 
 
+def this_attempt(environ) -> dict:
+    """The CRYSTAL_TEST_* faults of this attempt, their "@A" removed; every other variable as it is."""
+    attempt, faults = environ.get("TORCHELASTIC_RESTART_COUNT", "0"), {}
+    for name, value in environ.items():
+        if name.startswith("CRYSTAL_TEST_") and "@" in value:
+            value, only_in = value.rsplit("@", 1)
+            if only_in != attempt:
+                continue
+        faults[name] = value
+    return faults
+
+
 def install(environ) -> None:
+    environ = this_attempt(environ)
     import torch
     from megatron.core import dist_checkpointing
 
@@ -96,19 +113,9 @@ def install(environ) -> None:
         checkpointing.CheckpointSaver.save = noting_save
         checkpointing.AsyncCallsQueue.schedule_async_request = killing_schedule
 
-    stop_at = environ.get("CRYSTAL_TEST_STOP_AT")
-    if stop_at:
-        from megatron_ext.training.loop import Trainer
-
-        train_step = Trainer.train_step
-
-        def stopping_train_step(self, iterators):
-            last = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
-            if last and self.iteration + 1 == int(stop_at):
-                os.kill(os.getpid(), signal.SIGSTOP)
-            return train_step(self, iterators)
-
-        Trainer.train_step = stopping_train_step
+    for name, sig in (("CRYSTAL_TEST_STOP_AT", signal.SIGSTOP), ("CRYSTAL_TEST_KILL_AT", signal.SIGKILL)):
+        if environ.get(name):
+            _signal_last_rank_at(int(environ[name]), sig)
 
     corrupt_after = environ.get("CRYSTAL_TEST_CORRUPT_WEIGHT_AFTER")
     if corrupt_after:
@@ -157,3 +164,19 @@ def install(environ) -> None:
             return chunks
 
         loop.build_model = scaled_build_model
+
+
+def _signal_last_rank_at(step: int, sig: signal.Signals) -> None:
+    import torch
+
+    from megatron_ext.training.loop import Trainer
+
+    train_step = Trainer.train_step
+
+    def signalling_train_step(self, iterators):
+        last = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+        if last and self.iteration + 1 == step:
+            os.kill(os.getpid(), sig)
+        return train_step(self, iterators)
+
+    Trainer.train_step = signalling_train_step
