@@ -296,10 +296,25 @@ class CheckpointSaver:
             last = iteration_dir(self.root, latest) if latest is not None else "none"
             free = shutil.disk_usage(self.root).free
             raise CheckpointError(
-                f"--save {self.root}: the save of iteration {failed.iteration} failed ({save_failure_cause(e)}; "
-                f"{free:,} bytes free there); its partial directory is removed; the last complete "
-                f"checkpoint: {last}"
+                f"--save {self.root}: the save of iteration {failed.iteration} failed "
+                f"({failure_reason(e, free, directory_bytes(last) if latest is not None else None)}); its partial "
+                f"directory is removed; the last complete checkpoint: {last}"
             ) from None
+
+
+def directory_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def failure_reason(error: BaseException, free: int, needed: int | None) -> str:
+    """Why a save failed, with the free space: a disk with less free than the last checkpoint took is named
+    full whatever the writer said (torch's zip writer reports a short write as "unexpected pos 704 vs 598",
+    with no OSError behind it)."""
+    cause = save_failure_cause(error)
+    if needed is not None and free < needed:
+        full = f"no space left on device: {free:,} bytes free there, the last checkpoint took {needed:,}"
+        return f"{full}; the writer: {cause}"
+    return f"{cause}; {free:,} bytes free there"
 
 
 def save_checkpoint(

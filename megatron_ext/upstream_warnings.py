@@ -12,6 +12,7 @@ input errors stay fast. The CPU layer (cpu_compat.activate) drops the GPU-only a
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 # (message prefix as a regular expression, category, module the warning is attributed to)
@@ -39,9 +40,19 @@ KNOWN = (
 _MOCK_CACHE_NOTE = "Unable to save MockGPTDataset indexes"
 
 
+# Megatron-Core's checkpoint writer logs each failed write process's error on every rank; the save's failure
+# is reported once per job, with its cause (checkpointing.CheckpointSaver).
+_WRITER_ERROR = re.compile(r"Local process \d+ encountered an error: ")
+
+
 class _DropMockCacheNote(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(_MOCK_CACHE_NOTE)
+
+
+class _DropWriterErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _WRITER_ERROR.match(record.getMessage())
 
 
 _installed = False
@@ -54,4 +65,5 @@ def silence() -> None:
     for message, category, module in KNOWN:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
     logging.getLogger("megatron.core.datasets.gpt_dataset").addFilter(_DropMockCacheNote())
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").addFilter(_DropWriterErrors())
     _installed = True
