@@ -1,15 +1,18 @@
-"""In-job restarts under torchrun --max-restarts (torchrun's own elastic agent restarts the workers): a
-killed rank and a stopped one heal by themselves and the job's losses equal an uninterrupted run's; a
-failure that repeats before the next checkpoint stops the job after --max-restarts-from-one-checkpoint."""
+"""In-job restarts under torchrun --max-restarts (torchrun's own elastic agent restarts the workers): the
+unattended battery (a killed rank, a stopped one, a changed shard, a full disk) heals by itself and the
+job's losses equal an uninterrupted run's; a failure that repeats before the next checkpoint stops the job
+after --max-restarts-from-one-checkpoint."""
 
 import json
+import os
 import re
 import subprocess
+import sys
 import time
 
 import psutil
 import pytest
-from helpers.distributed_run import REPO, TINY_RUN, read_metrics, torchrun_command, train
+from helpers.distributed_run import REPO, TINY_RUN, read_metrics, torchrun_command
 
 STEPS = 12
 RUN = TINY_RUN + ["--train-iters", str(STEPS)]
@@ -51,36 +54,41 @@ def _processes_with(marker: dict) -> list:
 
 @pytest.mark.launch
 @pytest.mark.timeout(600)
-def test_a_killed_rank_then_a_stopped_rank_heal_without_a_resubmission(tmp_path):
-    """Attempt 0: the last rank is SIGKILLed as it begins step 5 (the checkpoint of 4 is the resume point);
-    attempt 1: it is SIGSTOPped at step 9 and rank 0 gives up on it after --distributed-timeout-minutes 1
-    (resume point 8); attempt 2 finishes. Every step's loss, gradient norm and lr (the last record of each
-    iteration) equal an uninterrupted run's."""
-    code, out, ckpt, got = _torchrun(
-        tmp_path, 2, {"CRYSTAL_TEST_KILL_AT": "5@0", "CRYSTAL_TEST_STOP_AT": "9@1"},
-        extra=["--distributed-timeout-minutes", "1"],
+def test_the_unattended_battery_finishes_by_itself_with_the_uninterrupted_losses(tmp_path):
+    """benchmarks/unattended.py (seed 0): one 60-step job under torchrun --max-restarts 4, saving every 5
+    steps: a rank SIGKILLed at step 17, a rank SIGSTOPped at step 32 under --distributed-timeout-minutes 1, the
+    latest checkpoint's (30) largest shard changed by a byte before the restart reads it, the disk full in
+    the save of 55. The job ends with exit 0 by itself; every step's loss, gradient norm and lr equal an
+    uninterrupted run's; each fault redoes at most a save interval of steps, and each restart says why the
+    last attempt ended and where it resumes."""
+    report = tmp_path / "report.json"
+    marker = {"CRYSTAL_TEST_JOB": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "unattended.py"), "--seed", "0", "--json", str(report)],
+        env=dict(os.environ, **marker), cwd=REPO, capture_output=True, text=True, timeout=580,
     )  # fmt: skip
-    assert code == 0, out[-4000:]
-    first = re.search(r"restart 1 of at most 2 \(torchrun --max-restarts\): attempt 0 ended: (.*); resuming at "
-                      r"iteration 4 \(restart 1 from it, of --max-restarts-from-one-checkpoint 2\)", out)  # fmt: skip
-    assert first, out[-4000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads(report.read_text())
+    assert got["finished_by_itself"] and got["losses_equal_uninterrupted"]
+    assert got["resumed_at"] == [0, 15, 25, 50]  # 30 was changed: its predecessor 25 is the resume point
+    faults = {f["fault"]: f for f in got["faults"]}
+    assert [f["at"] for f in got["faults"]] == [17, 32, 30, 55]
+    assert all(0 <= f["steps_redone"] <= 5 for f in got["faults"]), got["faults"]
+    assert faults["latest shard changed by a byte"]["steps_redone"] == 5
+    assert faults["rank SIGSTOPped (timeout 1 min)"]["wall_lost_s"] >= 60  # the timeout itself
+    lines = "\n".join(got["lines"])
+    restarts = [line for line in got["lines"] if line.startswith("restart ")]
+    assert [re.match(r"restart (\d) of at most 4 \(torchrun --max-restarts\): attempt (\d) ended: ", r).groups()
+            for r in restarts] == [("1", "0"), ("2", "1"), ("3", "2")], restarts  # fmt: skip
     # Rank 0 reports the lost peer, or is stopped by torchrun before it can: rank 1 never has a word.
-    assert "rank 1 left no line (killed by a signal" in first[1] or "ranks 0, 1 left no line" in first[1], first[1]
-    second = re.search(r"restart 2 of at most 2 \(torchrun --max-restarts\): attempt 1 ended: (.*); resuming at "
-                       r"iteration 8 \(restart 1 from it", out)  # fmt: skip
-    assert second, out[-4000:]
-    assert "rank 0 waited longer than --distributed-timeout-minutes 1" in second[1], second[1]
-    assert sorted(got) == list(range(1, STEPS + 1))
-    straight = tmp_path / "straight.jsonl"
-    train(2, RUN + ["--metrics-jsonl", str(straight)])
-    for record in read_metrics(straight):
-        i = record["iteration"]
-        assert (got[i]["lm_loss"], got[i]["grad_norm"], got[i]["lr"]) == (
-            record["lm_loss"], record["grad_norm"], record["lr"]), i  # fmt: skip
-    records = sorted(p.name for p in (ckpt / "restarts").glob("attempt_*.json"))
-    assert records == ["attempt_0.json", "attempt_1.json", "attempt_2.json"]
-    assert [json.loads((ckpt / "restarts" / r).read_text())["resumed_at"] for r in records] == [0, 4, 8]
-    assert not (ckpt / "restarts" / "stopped").exists()
+    assert re.search(r"ranks? (0, )?1 left no line \(killed by a signal", restarts[0]), restarts[0]
+    assert restarts[0].endswith("resuming at iteration 15 (restart 1 from it, of --max-restarts-from-one-checkpoint 2)")
+    assert "rank 0 waited longer than --distributed-timeout-minutes 1" in restarts[1]
+    assert re.search(r"warning: skipping a damaged checkpoint: \S+/iter_0000030/__\d_\d\.distcp has changed since it "
+                     r"was written", lines), lines  # fmt: skip
+    assert re.search(r"attempt 2 ended: ranks 0, 1: --save \S+: the save of iteration 55 failed \(\[Errno 28\] No "
+                     r"space left on device", restarts[2]), restarts[2]  # fmt: skip
+    assert not _processes_with(marker)
 
 
 @pytest.mark.launch

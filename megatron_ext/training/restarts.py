@@ -90,17 +90,20 @@ class Attempt:
                 with open(os.path.join(self.directory, name)) as f:
                     lines[int(name[len(prefix) : -len(".txt")])] = f.read().strip()
         world = (self._read(last) or {}).get("world_size")
-        said = [lines[r] if lines[r].startswith(f"rank {r} ") else f"rank {r}: {lines[r]}"
-                for r in sorted(lines)[:_RANKS_SHOWN]]  # fmt: skip
-        if len(lines) > _RANKS_SHOWN:
-            said.append(f"{len(lines) - _RANKS_SHOWN} more ranks' lines in {self.directory}")
+        by_text: dict[str, list[int]] = {}  # the same line from many ranks (a full disk) is said once
+        for r in sorted(lines):
+            by_text.setdefault(lines[r], []).append(r)
+        said = [
+            text if len(ranks) == 1 and text.startswith(f"rank {ranks[0]} ") else f"{_ranks(ranks)}: {text}"
+            for text, ranks in list(by_text.items())[:_RANKS_SHOWN]
+        ]
+        if len(by_text) > _RANKS_SHOWN:
+            said.append(f"{len(by_text) - _RANKS_SHOWN} more ranks' lines in {self.directory}")
         silent = [r for r in range(world) if r not in lines] if world else []
         if silent:
-            names = ", ".join(map(str, silent[:_RANKS_SHOWN])) + (f" and {len(silent) - _RANKS_SHOWN} more"
-                                                                   if len(silent) > _RANKS_SHOWN else "")  # fmt: skip
             said.append(
-                f"rank{'s' if len(silent) > 1 else ''} {names} left no line (killed by a signal or the out-of-memory "
-                "killer, or crashed: torchrun's log above names the exit code)"
+                f"{_ranks(silent)} left no line (killed by a signal or the out-of-memory killer, or crashed: "
+                "torchrun's log above names the exit code)"
             )
         if world is None:
             said.append("it ended before it could record its start")
@@ -149,6 +152,13 @@ class Attempt:
             flush=True,
         )
         return None
+
+
+def _ranks(ranks: list[int]) -> str:
+    """ "rank 3", "ranks 0, 1", "ranks 0, 1, 2, 3 and 60 more"."""
+    shown = ", ".join(map(str, ranks[:_RANKS_SHOWN]))
+    more = f" and {len(ranks) - _RANKS_SHOWN} more" if len(ranks) > _RANKS_SHOWN else ""
+    return f"rank{'s' if len(ranks) > 1 else ''} {shown}{more}"
 
 
 def warnings(save: str | None, load: str | None, environ=os.environ) -> list[str]:

@@ -12,6 +12,10 @@ tests/helpers/fork_launch.py installs them in each rank from these environment v
   never completed (no metadata.json, tracker not moved) while the ranks train on;
 - CRYSTAL_TEST_STOP_AT=N: the last rank SIGSTOPs itself as it begins step N: alive, silent, never answering;
 - CRYSTAL_TEST_KILL_AT=N: the last rank SIGKILLs itself as it begins step N (as the out-of-memory killer would);
+- CRYSTAL_TEST_FULL_DISK_AT=N: the save of iteration N fails on every rank with ENOSPC, as its first write
+  onto a full disk would;
+- CRYSTAL_TEST_CHANGE_LATEST_SHARD=1: before the run starts, rank 0 changes one byte in the middle of the
+  largest shard of --load's latest checkpoint (a bad disk or copy, found when the restart reads it);
 - CRYSTAL_TEST_CORRUPT_WEIGHT_AFTER=N: after step N the last rank adds 1e-3 to one entry of its first
   parameter: a replica silently diverged, as a bad GPU's memory would leave it;
 - CRYSTAL_TEST_SLOW_RANK="R:S": rank R sleeps S seconds at the start of each training step's forward and
@@ -86,6 +90,22 @@ def install(environ) -> None:
             return save(state, path, *args, **kwargs)
 
         dist_checkpointing.save = killing_save
+
+    full_disk_at = environ.get("CRYSTAL_TEST_FULL_DISK_AT")
+    if full_disk_at:
+        import errno
+
+        save_on_a_disk = dist_checkpointing.save
+
+        def full_disk_save(state, path, *args, **kwargs):
+            if os.path.basename(os.path.normpath(str(path))) == f"iter_{int(full_disk_at):07d}":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            return save_on_a_disk(state, path, *args, **kwargs)
+
+        dist_checkpointing.save = full_disk_save
+
+    if environ.get("CRYSTAL_TEST_CHANGE_LATEST_SHARD") and environ.get("RANK", "0") == "0":
+        _change_latest_shard(environ)
 
     kill_in_async = environ.get("CRYSTAL_TEST_KILL_IN_ASYNC_WRITE")
     if kill_in_async:
@@ -180,3 +200,19 @@ def _signal_last_rank_at(step: int, sig: signal.Signals) -> None:
         return train_step(self, iterators)
 
     Trainer.train_step = signalling_train_step
+
+
+def _change_latest_shard(environ) -> None:
+    """One byte of --load's latest checkpoint's largest shard, changed in place (its size kept)."""
+    import sys
+
+    load = sys.argv[sys.argv.index("--load") + 1]
+    with open(os.path.join(load, "latest_checkpointed_iteration.txt")) as f:
+        latest = os.path.join(load, f"iter_{int(f.read()):07d}")
+    shard = max((os.path.join(latest, n) for n in os.listdir(latest) if n.endswith(".distcp")), key=os.path.getsize)
+    with open(shard, "r+b") as f:
+        f.seek(os.path.getsize(shard) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    print(f"fault injected: one byte changed in {shard}", flush=True)
