@@ -139,10 +139,12 @@ def _record_ranks(save):
     a0.begin()
     assert sorted(os.listdir(os.path.join(save, "restarts"))) == ["attempt_0.json"]
     assert a0.resumed(0) is None
-    a0.ended("pretrain_crystal.py: error: rank 0 lost another rank in x; the job ends; resume from the last checkpoint")
+    a0.ended(
+        "pretrain_crystal.py: error: rank 0 lost another rank in x; the job ends; resume from the last checkpoint", 4
+    )
     a1 = attempt(1)
     a1.begin()
-    assert a1.how_the_last_ended() == "rank 0 lost another rank in x"
+    assert a1.how_the_last_ended() == "rank 0 lost another rank in x (exit 4)"
     assert a1.resumed(4) is None  # restart 1 from 4
     a2 = attempt(2)
     a2.begin()

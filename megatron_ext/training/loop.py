@@ -456,7 +456,7 @@ def pretrain(run: RunConfig) -> int:
         else:
             distributed.print_rank_0(line, error=True)
         if attempt is not None:
-            attempt.ended(line)
+            attempt.ended(line, code)
         return code
 
     try:

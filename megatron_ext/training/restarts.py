@@ -69,14 +69,15 @@ class Attempt:
         record = {"attempt": self.number, "world_size": torch.distributed.get_world_size(), "resumed_at": resumed_at}
         write_text_atomically(self._record(self.number), json.dumps(record))
 
-    def ended(self, line: str) -> None:
-        """Any rank that ends on an error: its one line, for the next attempt's report. Never raises: it runs
-        on the way out of a failure."""
+    def ended(self, line: str, code: int | None = None) -> None:
+        """Any rank that ends on an error: its one line (and exit code), for the next attempt's report. Never
+        raises: it runs on the way out of a failure."""
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", 0))
         try:
             path = os.path.join(self.directory, f"attempt_{self.number}.rank_{rank}.txt")
             first = line.strip().splitlines()[0] if line.strip() else ""
-            write_text_atomically(path, first.removeprefix(ERROR_PREFIX).split("; the job ends")[0][:_LINE_CHARS])
+            text = first.removeprefix(ERROR_PREFIX).split("; the job ends")[0][:_LINE_CHARS]
+            write_text_atomically(path, text + (f" (exit {code})" if code is not None else ""))
         except OSError:
             pass
 
