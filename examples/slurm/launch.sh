@@ -112,4 +112,5 @@ if [ -f "$STOP_MARKER" ]; then
     echo "crystal-megatron: stopped by a signal, not requeued: $MAX_REQUEUES requeues already (MAX_REQUEUES)" >&2
   fi
 fi
-exit $status
+# A failed training fails the job (a script sourcing this one goes on only after a success or a requeue).
+if [ "$status" -ne 0 ]; then exit "$status"; fi
