@@ -7,6 +7,13 @@ evaluated, and one comparison report.
   python tools/sweep.py run examples/sweeps/code_share.yaml              # resumable: rerun to continue
   python tools/sweep.py run examples/sweeps/crystal_ablation.yaml --slurm [--dry-run]
   python tools/sweep.py report examples/sweeps/code_share.yaml
+  python tools/sweep.py fit examples/sweeps/code_share_swarm.yaml [--objective "heldout/code bpb"] [--model gbt]
+  python tools/sweep.py fit --mixtures mix.csv --metrics metrics.csv [--test-mixtures ... --test-metrics ...]
+  python tools/sweep.py verify examples/sweeps/code_share_swarm.yaml    # the optimum and the base, trained
+
+A sweep's runs are a grid (`axes`), named runs (`variants`) or a swarm (`swarm`: mixtures drawn from a prior
+around the base blends); `fit` regresses each metric on a swarm's mixture weights and writes the mixture
+that minimises the objective as a phases file (megatron_ext/sweeps/optimum.py).
 
 Runs live under <output>/<name>/<variant>/ (default output runs/sweeps): the derived phases.yaml, its
 checkpoints, metrics, eval_results.jsonl and a DONE file once trained and evaluated.
@@ -48,7 +55,8 @@ def plan(sweep, estimate: bool) -> None:
     print(f"sweep {sweep.name}: {len(sweep.variants)} runs of {sweep.base} under {sweep.directory}")
     for variant, path in zip(sweep.variants, paths):
         eta = f"  ~{_duration(variant.tokens * per_token)} here" if per_token else ""
-        print(f"  {variant.name:32s} {variant.tokens:>14,} tokens  {path}{eta}")
+        mix = "  " + " ".join(f"{k}={w:.3f}" for k, w in variant.mixture.items()) if variant.mixture else ""
+        print(f"  {variant.name:32s} {variant.tokens:>14,} tokens  {path}{mix}{eta}")
     if per_token:
         total = sum(v.tokens for v in sweep.variants) * per_token
         print(f"estimated training time on this machine: {_duration(total)} (from a measured short run)")
@@ -95,21 +103,53 @@ def _seconds_per_token(sweep) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=("plan", "run", "report"))
-    p.add_argument("sweep", help="the sweep file (YAML)")
+    p.add_argument("command", choices=("plan", "run", "report", "fit", "verify"))
+    p.add_argument("sweep", nargs="?", help="the sweep file (YAML); fit takes --mixtures/--metrics instead")
     p.add_argument("--output", default="runs/sweeps", help="where sweeps live (default runs/sweeps)")
     p.add_argument("--estimate", action="store_true", help="plan: time a short run to estimate each run's time")
     p.add_argument("--slurm", action="store_true", help="run: write and submit one sbatch job array")
     p.add_argument("--dry-run", action="store_true", help="run --slurm: print the script and the sbatch command")
+    fit = p.add_argument_group("fit (a swarm's runs, or RegMix's CSV files)")
+    fit.add_argument("--metric", action="append", help="a metric to fit, as the report names it (default: every one)")
+    fit.add_argument(
+        "--model", default="log-linear", choices=("log-linear", "gbt"), help="the fit that picks the optimum"
+    )
+    fit.add_argument("--objective", action="append", help='METRIC[=WEIGHT], repeated: minimise the weighted sum '
+                     "(default: every bpb metric, weight 1)")  # fmt: skip
+    fit.add_argument(
+        "--no-worse-than-base", action="append", help="METRIC: predicted no worse than at the base mixture"
+    )
+    fit.add_argument("--samples", type=int, default=100_000, help="mixtures drawn in the search (RegMix's 100,000)")
+    fit.add_argument("--top", type=int, default=100, help="the optimum is the mean of the best this many")
+    fit.add_argument("--folds", type=int, default=5, help="cross-validation folds")
+    fit.add_argument("--seed", type=int, default=0, help="of the folds and the search")
+    fit.add_argument("--mixtures", help="RegMix's mixture CSV: index, then one column per domain weight")
+    fit.add_argument("--metrics", help="RegMix's metrics CSV: index, then one column per metric")
+    fit.add_argument("--test-mixtures", help="held-out runs' mixture CSV (reports the test Spearman)")
+    fit.add_argument("--test-metrics", help="held-out runs' metrics CSV")
+    fit.add_argument("--output-dir", help="where fit writes (default <sweep>/fit, or beside --metrics)")
     args = p.parse_args(argv)
+    if args.sweep is None and args.command != "fit":
+        p.error(f"{args.command}: the sweep file is required")
+    if bool(args.test_mixtures) != bool(args.test_metrics):
+        p.error("--test-mixtures and --test-metrics go together")
 
     from megatron_ext.evaluation.report import ReportError
-    from megatron_ext.sweeps import report, runner
+    from megatron_ext.sweeps import optimum, report, runner
+    from megatron_ext.sweeps.mixture_fit import FitError
     from megatron_ext.sweeps.plan import SweepError, load_sweep, write_phases_files
 
     try:
-        sweep = load_sweep(args.sweep, args.output)
-        if args.command == "plan":
+        sweep = load_sweep(args.sweep, args.output) if args.sweep else None
+        if args.command == "fit":
+            result = optimum.fit_sweep(sweep, args)
+            weights = ", ".join(f"{k} {w:.3f}" for k, w in result["optimum"].items())
+            print(f"optimum ({args.model}): {weights}; {result['output']}/fit.md" +
+                  (f", phases file {result['phases_file']}" if "phases_file" in result else ""))  # fmt: skip
+        elif args.command == "verify":
+            out = optimum.verify_sweep(sweep, args.output)
+            print(f"sweep {sweep.name}: predicted against measured in {out['report']}")
+        elif args.command == "plan":
             plan(sweep, args.estimate)
         elif args.command == "run":
             preview = args.slurm and args.dry_run  # the cluster's corpus and tokenizer need not be here
@@ -133,7 +173,7 @@ def main(argv=None) -> int:
         else:
             path, plots = report.write(sweep)
             print(f"sweep {sweep.name}: {path} and {len(plots)} plots")
-    except (SweepError, runner.SweepRunError, ReportError) as e:
+    except (SweepError, runner.SweepRunError, ReportError, FitError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     return 0

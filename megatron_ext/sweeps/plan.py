@@ -10,6 +10,7 @@
     seed: [1, 2]
   variants:                              # instead of axes: named runs, each a map of the same overrides
     text_only: {phases[1].blend: {text: 1.0}}
+  swarm: {phases: [1], sources: [text, code], concentration: 8, runs: 20}   # or: mixtures from a prior (swarm.py)
   train: [--model, crystal-tiny, --tokenizer-model, data/demo/crystal_demo.model, ...]
   nproc: 2                               # processes per run on this machine
   eval_interval: 100                     # in-loop evaluation of every run
@@ -30,14 +31,18 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from functools import partial
 
 import yaml
 
 from megatron_ext.atomic_files import write_text_atomically
+from megatron_ext.sweeps import swarm as swarms
+from megatron_ext.sweeps.keys import check_keys
+from megatron_ext.sweeps.swarm import Swarm
 from megatron_ext.training.run_config import OptimizerSection, default_of
 
-SWEEP_KEYS = {"name", "base", "seq_length", "global_batch_size", "tokens", "axes", "variants", "train", "nproc",
-              "eval_interval", "eval_tasks", "end_tasks", "slurm", "seed"}  # fmt: skip
+SWEEP_KEYS = {"name", "base", "seq_length", "global_batch_size", "tokens", "axes", "variants", "swarm", "train",
+              "nproc", "eval_interval", "eval_tasks", "end_tasks", "slurm", "seed"}  # fmt: skip
 _PHASE = re.compile(r"^phases\[(\d+)\]$")
 
 
@@ -51,6 +56,7 @@ class Variant:
     overrides: dict  # path -> value
     phases: dict  # the derived phases file's content
     tokens: int  # its token budget (all phases)
+    mixture: dict = field(default_factory=dict)  # a swarm's run: feature ("phases[i].<source>") -> weight
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ class Sweep:
     eval_tasks: str | None = None
     end_tasks: str | None = None
     slurm: dict = field(default_factory=dict)
+    swarm: Swarm | None = None
 
     def variant_dir(self, variant: Variant) -> str:
         return os.path.join(self.directory, variant.name)
@@ -82,14 +89,12 @@ def load_sweep(path: str, output_root: str = "runs/sweeps") -> Sweep:
     from megatron_ext.data.phases_config import read_yaml_mapping
 
     raw = read_yaml_mapping(path, SweepError, f"{path}: no such sweep file")
-    unknown = sorted(set(raw) - SWEEP_KEYS)
-    if unknown:
-        raise SweepError(f"{path}: unknown key {unknown[0]!r}; known: {', '.join(sorted(SWEEP_KEYS))}")
-    for key in ("name", "base", "seq_length"):
-        if key not in raw:
-            raise SweepError(f"{path}: missing key {key!r}")
-    if ("axes" in raw) == ("variants" in raw):
-        raise SweepError(f"{path}: give exactly one of 'axes' (a cross product) and 'variants' (named runs)")
+    check_keys(raw, SWEEP_KEYS, ("name", "base", "seq_length"), path, SweepError)
+    if sum(k in raw for k in ("axes", "variants", "swarm")) != 1:
+        raise SweepError(
+            f"{path}: give exactly one of 'axes' (a cross product), 'variants' (named runs) and 'swarm' (mixtures "
+            "drawn from a prior)"
+        )
     base = raw["base"] if os.path.isabs(raw["base"]) else os.path.normpath(raw["base"])
     base_phases = read_yaml_mapping(base, SweepError, f"{path}: base {base}: no such phases file")
     seq, gbs = (
@@ -98,8 +103,20 @@ def load_sweep(path: str, output_root: str = "runs/sweeps") -> Sweep:
     )
     budget = raw.get("tokens")
     named: list[tuple[str, dict]] = []
+    mixtures: dict[str, dict] = {}
     axes = raw.get("axes") or {}
-    if axes:
+    swarm = None
+    if "swarm" in raw:
+        try:
+            swarm = swarms.parse(raw["swarm"], base_phases, f"{path}: swarm")
+            derive = partial(_derived, base_phases, seq=seq, gbs=gbs, budget=budget, where=path)
+            drawn = swarms.draw(swarm, base_phases, _epochs_of(swarm, base_phases, derive, seq, gbs, path))
+        except swarms.SwarmError as e:
+            raise SweepError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
+        for name, overrides, mixture in swarms.variants(swarm, base_phases, drawn):
+            named.append((name, overrides))
+            mixtures[name] = mixture
+    elif axes:
         for axis, values in axes.items():
             if not isinstance(values, list) or not values:
                 raise SweepError(f"{path}: axes.{axis}: expected a non-empty list of values")
@@ -114,13 +131,8 @@ def load_sweep(path: str, output_root: str = "runs/sweeps") -> Sweep:
     for name, overrides in named:
         if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
             raise SweepError(f"{path}: variant name {name!r}: letters, digits and _.+- only")
-        phases = copy.deepcopy(base_phases)
-        for key, value in overrides.items():
-            _apply(phases, key, value, f"{path}: {name}: {key}")
-        _to_iters(phases, seq, gbs)
-        if budget is not None:
-            _scale_to_tokens(phases, int(budget), seq, gbs, f"{path}: {name}")
-        variants.append(Variant(name, overrides, phases, _tokens(phases, seq, gbs)))
+        phases = _derived(base_phases, overrides, seq, gbs, budget, f"{path}: {name}")
+        variants.append(Variant(name, overrides, phases, _tokens(phases, seq, gbs), mixtures.get(name, {})))
     if len({v.name for v in variants}) != len(variants):
         raise SweepError(f"{path}: two variants share a name")
     return Sweep(
@@ -139,7 +151,35 @@ def load_sweep(path: str, output_root: str = "runs/sweeps") -> Sweep:
         eval_tasks=raw.get("eval_tasks"),
         end_tasks=raw.get("end_tasks"),
         slurm=dict(raw.get("slurm") or {}),
+        swarm=swarm,
     )
+
+
+def _derived(base_phases: dict, overrides: dict, seq: int, gbs: int, budget, where: str) -> dict:
+    """The base phases with a variant's overrides, in iterations, scaled to the token budget."""
+    phases = copy.deepcopy(base_phases)
+    for key, value in overrides.items():
+        _apply(phases, key, value, f"{where}: {key}")
+    _to_iters(phases, seq, gbs)
+    if budget is not None:
+        _scale_to_tokens(phases, int(budget), seq, gbs, where)
+    return phases
+
+
+def _epochs_of(swarm: Swarm, base_phases: dict, derive, seq: int, gbs: int, path: str):
+    """For a swarm with epoch caps: mixture -> {source: epochs its run reads}, from the sources' sizes."""
+    if not swarm.max_epochs:
+        return None
+    try:
+        sizes = swarms.source_tokens(base_phases, swarm.max_epochs, seq)
+    except (OSError, ValueError) as e:
+        raise SweepError(f"{path}: swarm.max_epochs: cannot read the sources' sizes: {e}") from None
+
+    def epochs_of(mixture: dict) -> dict:
+        overrides = {f"phases[{p}].blend": swarms.blend_of(swarm, base_phases, p, mixture) for p in swarm.phases}
+        return swarms.epochs(derive(overrides), sizes, seq, gbs)
+
+    return epochs_of
 
 
 def _short(path: str, value, values: list) -> str:

@@ -47,7 +47,10 @@ def _done_seconds(path: str) -> float | None:
 
 
 def markdown(sweep: Sweep, finals: dict, cols: list[tuple[str, str]]) -> str:
-    axes = list(sweep.axes) or sorted({k for v in sweep.variants for k in v.overrides})
+    if sweep.swarm is not None:  # a swarm's runs by their mixture weights (and seed)
+        axes = [*sweep.swarm.features, *(["seed"] if sweep.swarm.seeds else [])]
+    else:
+        axes = list(sweep.axes) or sorted({k for v in sweep.variants for k in v.overrides})
     head = ["variant", *axes, "tokens", "time (s)", *(f"{t} {m}" for t, m in cols)]
     lines = [f"# Sweep {sweep.name}", "", f"{len(sweep.variants)} runs of `{sweep.base}` (`{sweep.path}`).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
@@ -55,7 +58,8 @@ def markdown(sweep: Sweep, finals: dict, cols: list[tuple[str, str]]) -> str:
         done = os.path.join(sweep.variant_dir(v), DONE)
         seconds = _done_seconds(done)
         figures = finals.get(v.name, {})
-        cells = [v.name, *(_value_text(v.overrides.get(a, "")) for a in axes), f"{v.tokens:,}"]
+        values = {**v.overrides, **{k: round(w, 3) for k, w in v.mixture.items()}}
+        cells = [v.name, *(_value_text(values.get(a, "")) for a in axes), f"{v.tokens:,}"]
         cells += ["" if seconds is None else f"{seconds:.0f}", *(report.cell(figures.get(c)) for c in cols)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
