@@ -218,3 +218,53 @@ def test_a_swarm_sweep_is_planned_fitted_and_its_optimum_is_a_phases_file(tmp_pa
     md = (tmp_path / "runs" / "swarm" / "fit" / "fit.md").read_text()
     assert "| optimum |" in md and "| base | 0.600 | 0.400 |" in md
     assert len(result["plots"]) == 2  # the response curve of each metric
+
+
+TINY_SWARM = """name: tiny_swarm
+base: {base}
+seq_length: 32
+global_batch_size: 8
+tokens: 1024                      # 4 steps of 8 x 32
+swarm: {{phases: [1], sources: [text, code], concentration: 2, bounds: {{code: [0.1, 0.9]}}, runs: 4, seed: 1}}
+train: [--model, crystal-test, --tokenizer-model, {tokenizer}, --micro-batch-size, "4", --num-workers, "0"]
+nproc: 1
+eval_interval: 4
+"""
+
+
+@pytest.mark.launch
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_swarm_runs_is_fitted_and_its_optimum_verified_through_the_command_line(tmp_path):
+    """run -> fit -> verify on 4 tiny mixtures: every step through tools/sweep.py, the optimum and the base
+    trained with the swarm's budget, and the verification's table of predicted against measured."""
+    from helpers.distributed_run import subprocess_environment
+
+    sweep_file = tmp_path / "tiny.yaml"
+    sweep_file.write_text(TINY_SWARM.format(base=REPO / "tests" / "data" / "phases_small.yaml",
+                                            tokenizer=REPO / "data" / "demo" / "crystal_demo.model"))  # fmt: skip
+
+    def sweep(*args):
+        command = [sys.executable, "tools/sweep.py", *args, str(sweep_file), "--output", str(tmp_path)]
+        proc = subprocess.run(command, cwd=REPO, env=subprocess_environment(), capture_output=True, text=True,
+                              timeout=400)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout
+
+    assert "4 run(s) trained now" in sweep("run")
+    fitted = sweep("fit", "--objective", "valid/code bpb", "--samples", "5000")
+    assert (
+        "metric valid/code bpb  model log-linear  runs 4" in fitted and "optimum (log-linear): phases[1].text" in fitted
+    )
+    result = json.loads((tmp_path / "tiny_swarm" / "fit" / "fit.json").read_text())
+    assert 0.1 <= result["optimum"]["phases[1].code"] <= 0.9  # within the swarm's bounds
+    verified = sweep("verify")
+    assert "predicted against measured in" in verified
+    out = json.loads((tmp_path / "tiny_swarm" / "verify" / "verify.json").read_text())
+    measured = out["measured"]["optimum"]["valid/code bpb"]
+    assert measured is not None and out["measured"]["base"]["valid/code bpb"] is not None
+    optimum_blend = yaml.safe_load(open(tmp_path / "tiny_swarm" / "verify" / "optimum" / "phases.yaml"))["phases"][1]
+    assert optimum_blend["blend"]["code"] == pytest.approx(result["optimum"]["phases[1].code"], abs=1e-5)
+    table = (tmp_path / "tiny_swarm" / "verify" / "verify.md").read_text()
+    assert f"| valid/code bpb | {result['predicted']['valid/code bpb']['value']:.4f} ± " in table
+    assert f"| {measured:.4g} |" in table

@@ -7,7 +7,7 @@ evaluated, and one comparison report.
   python tools/sweep.py run examples/sweeps/code_share.yaml              # resumable: rerun to continue
   python tools/sweep.py run examples/sweeps/crystal_ablation.yaml --slurm [--dry-run]
   python tools/sweep.py report examples/sweeps/code_share.yaml
-  python tools/sweep.py fit examples/sweeps/code_share_swarm.yaml [--objective "heldout/code bpb"] [--model gbt]
+  python tools/sweep.py fit examples/sweeps/code_share_swarm.yaml [--objective "valid/code bpb"] [--model gbt]
   python tools/sweep.py fit --mixtures mix.csv --metrics metrics.csv [--test-mixtures ... --test-metrics ...]
   python tools/sweep.py verify examples/sweeps/code_share_swarm.yaml    # the optimum and the base, trained
 
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     fit.add_argument("--test-mixtures", help="held-out runs' mixture CSV (reports the test Spearman)")
     fit.add_argument("--test-metrics", help="held-out runs' metrics CSV")
     fit.add_argument("--output-dir", help="where fit writes (default <sweep>/fit, or beside --metrics)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # the sweep file may follow the options
     if args.sweep is None and args.command != "fit":
         p.error(f"{args.command}: the sweep file is required")
     if bool(args.test_mixtures) != bool(args.test_metrics):
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
             print(f"optimum ({args.model}): {weights}; {result['output']}/fit.md" +
                   (f", phases file {result['phases_file']}" if "phases_file" in result else ""))  # fmt: skip
         elif args.command == "verify":
-            out = optimum.verify_sweep(sweep, args.output)
+            out = optimum.verify_sweep(sweep, _tokenizer(sweep))
             print(f"sweep {sweep.name}: predicted against measured in {out['report']}")
         elif args.command == "plan":
             plan(sweep, args.estimate)

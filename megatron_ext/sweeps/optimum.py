@@ -247,8 +247,9 @@ def plot(runs: Runs, fitted: dict, optimum: np.ndarray, reference, directory: st
     return written
 
 
-def verify_sweep(sweep: Sweep, output_root: str, log=print) -> dict:
-    """The optimum and the base trained with the swarm's budget and seeds; predicted against measured."""
+def verify_sweep(sweep: Sweep, tokenizer=None, log=print) -> dict:
+    """The optimum and the base trained with the swarm's budget and seeds; predicted against measured.
+    tokenizer: the runs', for the phases files' checks (FIM needs its tokens)."""
     from megatron_ext.sweeps import report, runner
 
     fit_dir = os.path.join(sweep.directory, "fit")
@@ -278,7 +279,7 @@ def verify_sweep(sweep: Sweep, output_root: str, log=print) -> dict:
                                 variants=variants, axes={})  # fmt: skip
     from megatron_ext.sweeps.plan import write_phases_files
 
-    write_phases_files(check)
+    write_phases_files(check, tokenizer)
     runner.run_local(check, log=log)
     finals = report.final_figures(report.sweep_records(check))
     out = {"predicted": {"optimum": fitted["predicted"], "base": fitted["base_predicted"]}, "measured": {}}
