@@ -8,7 +8,7 @@ from helpers.distributed_run import REPO
 
 def test_readme_is_short_and_links_every_docs_page():
     readme = (REPO / "README.md").read_text()
-    assert len(readme.splitlines()) <= 180
+    assert len(readme.splitlines()) <= 200  # grown by the mixture-law figure and table #37 asks for
     assert "make demo" in readme and "make test" in readme
     for page in sorted((REPO / "docs").glob("*.md")):
         assert f"(docs/{page.name})" in readme, f"docs/{page.name} is not linked from the README"

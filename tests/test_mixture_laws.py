@@ -217,7 +217,9 @@ def test_a_swarm_sweep_is_planned_fitted_and_its_optimum_is_a_phases_file(tmp_pa
     assert blend["code"] == pytest.approx(result["optimum"]["phases[1].code"], abs=1e-4)
     md = (tmp_path / "runs" / "swarm" / "fit" / "fit.md").read_text()
     assert "| optimum |" in md and "| base | 0.600 | 0.400 |" in md
-    assert len(result["plots"]) == 2  # the response curve of each metric
+    # The response curve of each metric, and of the objective (their sum) with the runs' measured sums.
+    assert [p.rsplit("/", 1)[1] for p in result["plots"]] == ["heldout_code_bpb.png", "heldout_text_bpb.png",
+                                                             "objective.png"]  # fmt: skip
 
 
 TINY_SWARM = """name: tiny_swarm
@@ -263,7 +265,8 @@ def test_a_swarm_runs_is_fitted_and_its_optimum_verified_through_the_command_lin
     out = json.loads((tmp_path / "tiny_swarm" / "verify" / "verify.json").read_text())
     measured = out["measured"]["optimum"]["valid/code bpb"]
     assert measured is not None and out["measured"]["base"]["valid/code bpb"] is not None
-    optimum_blend = yaml.safe_load(open(tmp_path / "tiny_swarm" / "verify" / "optimum" / "phases.yaml"))["phases"][1]
+    assert out["run"].startswith("optimum_log-linear_")  # a later fit's optimum would be a run of its own
+    optimum_blend = yaml.safe_load(open(tmp_path / "tiny_swarm" / "verify" / out["run"] / "phases.yaml"))["phases"][1]
     assert optimum_blend["blend"]["code"] == pytest.approx(result["optimum"]["phases[1].code"], abs=1e-5)
     table = (tmp_path / "tiny_swarm" / "verify" / "verify.md").read_text()
     assert f"| valid/code bpb | {result['predicted']['valid/code bpb']['value']:.4f} ± " in table

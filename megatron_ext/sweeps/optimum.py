@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -154,7 +155,7 @@ def fit_sweep(sweep: Sweep | None, args, log=print) -> dict:
         result["phases_file"] = write_optimum_phases(
             sweep, base_phases, best.weights, os.path.join(output, "optimum.yaml")
         )
-    result["plots"] = plot(runs, fitted, best.weights, reference, os.path.join(output, "plots"))
+    result["plots"] = plot(runs, fitted, objective, best.weights, reference, os.path.join(output, "plots"))
     write_text_atomically(os.path.join(output, "fit.json"), json.dumps(result, indent=1, default=float))
     write_text_atomically(os.path.join(output, "fit.md"), markdown(result, output))
     result["output"] = output
@@ -202,45 +203,63 @@ def markdown(result: dict, output: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: Runs, fitted: dict, optimum: np.ndarray, reference, directory: str) -> list[str]:
-    """Per metric: against the second source's share where one phase of two sources varies (the response
-    curve), else the cross-validated prediction against the measured value."""
+def plot(runs: Runs, fitted: dict, objective: dict, optimum: np.ndarray, reference, directory: str) -> list[str]:
+    """Per metric, and for the objective: against the second source's share where one phase of two sources
+    varies (the response curve: the runs, the fit and its spread across the fold models), else the prediction
+    against the measured value."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     os.makedirs(directory, exist_ok=True)
-    written = []
     curve = len(runs.groups) == 1 and len(runs.groups[0]) == 2
-    for metric, f in fitted.items():
-        rows = runs.rows(metric)
+    model = next(iter(fitted.values())).model
+    plots = [(m, f.predict, f.spread, runs.metrics[m], f"Spearman {f.spearman:.3f} (cross-validated)")
+             for m, f in fitted.items()]  # fmt: skip
+    if curve and len(objective) > 1:
+
+        def total(x, fold=None):
+            return sum(
+                w * fitted[m].predict(x, None if fold is None else fitted[m].folds[fold]) for m, w in objective.items()
+            )
+
+        folds = min(len(fitted[m].folds) for m in objective)
+        measured = sum(w * runs.metrics[m] for m, w in objective.items())
+        name = " + ".join(f"{w:g} x {m}" if w != 1 else m for m, w in objective.items())
+        plots.append(
+            (name, total, lambda x: np.std([total(x, i) for i in range(folds)], axis=0), measured, "the objective")
+        )
+    written = []
+    for label, predict, spread, values, note in plots:
+        rows = ~np.isnan(values)
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         if curve:
             j = runs.groups[0][1]
             share = np.linspace(0, 1, 101)
             grid = np.zeros((len(share), len(runs.features)))
             grid[:, runs.groups[0][0]], grid[:, j] = 1 - share, share
-            mean, spread = f.predict(grid), f.spread(grid)
-            ax.plot(share, mean, label=f"{f.model} fit")
-            ax.fill_between(share, mean - spread, mean + spread, alpha=0.25, label="spread across folds")
-            ax.scatter(runs.x[rows, j], runs.metrics[metric][rows], color="black", s=14, label="runs", zorder=3)
+            mean, band = predict(grid), spread(grid)
+            ax.plot(share, mean, label=f"{model} fit")
+            ax.fill_between(share, mean - band, mean + band, alpha=0.25, label="spread across folds")
+            ax.scatter(runs.x[rows, j], values[rows], color="black", s=14, label="runs", zorder=3)
             ax.axvline(optimum[j], color="tab:red", linestyle="--", label=f"the objective's optimum {optimum[j]:.2f}")
             if reference is not None:
                 ax.axvline(reference[j], color="gray", linestyle=":", label=f"base {reference[j]:.2f}")
             ax.set_xlabel(runs.features[j])
+            ax.set_ylabel(label)
         else:
-            measured = runs.metrics[metric][rows]
-            ax.scatter(measured, f.predict(runs.x[rows]), s=14, label="runs")
-            ax.plot([measured.min(), measured.max()], [measured.min(), measured.max()], color="gray", label="y = x")
-            ax.set_xlabel("measured")
+            ax.scatter(values[rows], predict(runs.x[rows]), s=14, label="runs")
+            low, high = values[rows].min(), values[rows].max()
+            ax.plot([low, high], [low, high], color="gray", label="y = x")
+            ax.set_xlabel(f"{label}, measured")
             ax.set_ylabel("predicted (fit on every run)")
-        ax.set_ylabel(metric) if curve else None
-        ax.set_title(f"{metric}: Spearman {f.spearman:.3f} (cross-validated), {int(rows.sum())} runs")
+        ax.set_title(f"{label}: {note}, {int(rows.sum())} runs", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = os.path.join(directory, metric.replace("/", "_").replace(" ", "_") + ".png")
+        stem = "objective" if note == "the objective" else label.replace("/", "_").replace(" ", "_")
+        path = os.path.join(directory, stem + ".png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -261,7 +280,11 @@ def verify_sweep(sweep: Sweep, tokenizer=None, log=print) -> dict:
     with open(sweep.base) as f:
         base_phases = yaml.safe_load(f)
     variants = []
-    for name, mixture in (("optimum", fitted["optimum"]), ("base", fitted["base"])):
+    # Each optimum trains under a name of its own (the model and its weights' digest): a later fit's optimum
+    # is a new run, never the earlier one's results; the base's run serves every verification.
+    digest = hashlib.sha1(json.dumps(fitted["optimum"], sort_keys=True).encode()).hexdigest()[:8]
+    optimum_name = f"optimum_{fitted['model']}_{digest}"
+    for name, mixture in ((optimum_name, fitted["optimum"]), ("base", fitted["base"])):
         overrides = {
             f"phases[{p}].blend": swarms.blend_of(sweep.swarm, base_phases, p, mixture) for p in sweep.swarm.phases
         }
@@ -282,14 +305,17 @@ def verify_sweep(sweep: Sweep, tokenizer=None, log=print) -> dict:
     write_phases_files(check, tokenizer)
     runner.run_local(check, log=log)
     finals = report.final_figures(report.sweep_records(check))
-    out = {"predicted": {"optimum": fitted["predicted"], "base": fitted["base_predicted"]}, "measured": {}}
-    for name in ("optimum", "base"):
+    out = {"model": fitted["model"], "optimum": fitted["optimum"], "run": optimum_name, "measured": {},
+           "predicted": {"optimum": fitted["predicted"], "base": fitted["base_predicted"]}}  # fmt: skip
+    for key, name in (("optimum", optimum_name), ("base", "base")):
         for metric in fitted["predicted"]:
             values = [r["value"] for v in variants if v.name.split("_seed")[0] == name
                       for (t, m), r in finals.get(v.name, {}).items() if metric_name(t, m) == metric]  # fmt: skip
-            out["measured"].setdefault(name, {})[metric] = float(np.mean(values)) if values else None
+            out["measured"].setdefault(key, {})[metric] = float(np.mean(values)) if values else None
     head = "| metric | optimum predicted | optimum measured | base predicted | base measured |"
-    lines = ["# Predicted against measured", "", head, "|---|---|---|---|---|"]
+    weights = ", ".join(f"{k} {w:.3f}" for k, w in fitted["optimum"].items())
+    lines = [f"# Predicted against measured: the {fitted['model']} optimum ({weights}; run {optimum_name}) and the "
+             "base", "", head, "|---|---|---|---|---|"]  # fmt: skip
     for metric in fitted["predicted"]:
         p_o, p_b = fitted["predicted"][metric], fitted["base_predicted"][metric]
         m_o, m_b = out["measured"]["optimum"][metric], out["measured"]["base"][metric]

@@ -99,7 +99,7 @@ class Attempt:
             for text, ranks in list(by_text.items())[:_RANKS_SHOWN]
         ]
         if len(by_text) > _RANKS_SHOWN:
-            said.append(f"{len(by_text) - _RANKS_SHOWN} more ranks' lines in {self.directory}")
+            said.append(f"{len(by_text) - _RANKS_SHOWN} more distinct lines in {self.directory}")
         silent = [r for r in range(world) if r not in lines] if world else []
         if silent:
             said.append(
