@@ -217,6 +217,15 @@ def test_a_swarm_sweep_is_planned_fitted_and_its_optimum_is_a_phases_file(tmp_pa
     assert blend["code"] == pytest.approx(result["optimum"]["phases[1].code"], abs=1e-4)
     md = (tmp_path / "runs" / "swarm" / "fit" / "fit.md").read_text()
     assert "| optimum |" in md and "| base | 0.600 | 0.400 |" in md
+    # A constraint: text no worse than at the base (text rises with code): the optimum stays at or below 0.4.
+    proc = _fit_cli(sweep_file, "--output", tmp_path / "runs", "--samples", "20000", "--objective", "heldout/code bpb",
+                    "--no-worse-than-base", "heldout/text bpb", "--output-dir", tmp_path / "held")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    held = json.loads((tmp_path / "held" / "fit.json").read_text())
+    limit = held["no_worse_than_base"]["heldout/text bpb"]
+    assert limit == pytest.approx(np.exp(0.5 * 0.4), rel=1e-6)  # the fit's prediction at the base, exact here
+    assert held["predicted"]["heldout/text bpb"]["value"] <= limit + 1e-9
+    assert 0.3 < held["optimum"]["phases[1].code"] <= 0.4 + 1e-6, held["optimum"]
     # The response curve of each metric, and of the objective (their sum) with the runs' measured sums.
     assert [p.rsplit("/", 1)[1] for p in result["plots"]] == ["heldout_code_bpb.png", "heldout_text_bpb.png",
                                                              "objective.png"]  # fmt: skip
