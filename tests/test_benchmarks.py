@@ -82,7 +82,8 @@ def test_train_throughput_runs_and_compares_fp8(tmp_path):
         step_ms, tokens, tflops, steps, final = figures.groups()
         runs[run] = float(step_ms), float(tokens.replace(",", "")), float(tflops), int(steps), float(final)
         assert runs[run][0] > 0 and runs[run][2] >= 0  # a tiny model on CPU: TFLOP/s may print as 0.0
-        assert runs[run][1] == pytest.approx(8 * 64 / (runs[run][0] / 1000), rel=0.01)  # 512 tokens a step
+        # 512 tokens a step; tokens/s is printed as a whole number (at 40/s on a loaded machine, +-0.5 of it)
+        assert runs[run][1] == pytest.approx(8 * 64 / (runs[run][0] / 1000), rel=0.01, abs=0.5)
         assert runs[run][3] == 4  # both runs trained every step
     assert "fp8: hybrid delayed" in out and "fp8: off" in out  # each run's kernel path
     # the peak memory beside the start-up report's prediction (on a GPU; n/a here)

@@ -158,5 +158,19 @@ def _record_ranks(save):
     a4.begin()
     assert a4.resumed(6) is None
     assert attempt(5, bound=1).resumed(6) is not None
+    # One line for many ranks: alike but for their figures (each rank's free bytes), or each naming itself.
+    record = os.path.join(save, "restarts")
+    with open(os.path.join(record, "attempt_5.json"), "w") as f:
+        f.write('{"world_size": 5, "resumed_at": 6}')
+    texts = ["--save d: failed (1,000 bytes free) (exit 2)", "--save d: failed (1,004 bytes free) (exit 2)",
+             "rank 2 lost another rank in x (exit 4)", "rank 3 lost another rank in x (exit 4)"]  # fmt: skip
+    for r, text in enumerate(texts):
+        with open(os.path.join(record, f"attempt_5.rank_{r}.txt"), "w") as f:
+            f.write(text)
+    assert attempt(6).how_the_last_ended() == (
+        "ranks 0, 1: --save d: failed (1,000 bytes free) (exit 2) (rank 0's figures); ranks 2, 3 lost another rank "
+        "in x (exit 4); rank 4 left no line (killed by a signal or the out-of-memory killer, or crashed: torchrun's "
+        "log above names the exit code)"
+    )
     assert Attempt.under_torchrun(save, 2, {"TORCHELASTIC_RESTART_COUNT": "0"}) is None  # torchrun won't restart
     assert Attempt.under_torchrun(None, 2, {"TORCHELASTIC_MAX_RESTARTS": "3"}) is None  # nowhere to keep it

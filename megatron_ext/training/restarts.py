@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -27,7 +28,7 @@ from megatron_ext.atomic_files import write_text_atomically
 
 DIRECTORY = "restarts"
 STOPPED = "stopped"  # the marker examples/slurm/launch.sh reads
-_LINE_CHARS = 300  # of a rank's line in the next attempt's report
+_LINE_CHARS = 600  # of a rank's line in the next attempt's report
 _RANKS_SHOWN = 4
 ERROR_PREFIX = "pretrain_crystal.py: error: "
 
@@ -91,15 +92,24 @@ class Attempt:
                 with open(os.path.join(self.directory, name)) as f:
                     lines[int(name[len(prefix) : -len(".txt")])] = f.read().strip()
         world = (self._read(last) or {}).get("world_size")
-        by_text: dict[str, list[int]] = {}  # the same line from many ranks (a full disk) is said once
+
+        # The same line from many ranks (a full disk, a lost peer) is said once: lines that differ only in
+        # their figures (each rank's free bytes) are one, shown with the first rank's figures.
+        def own(r: int) -> tuple[bool, str]:  # (the line began "rank r ", the rest)
+            mine = f"rank {r} "
+            return (True, lines[r][len(mine) :]) if lines[r].startswith(mine) else (False, lines[r])
+
+        by_shape: dict[tuple[bool, str], list[int]] = {}
         for r in sorted(lines):
-            by_text.setdefault(lines[r], []).append(r)
-        said = [
-            text if len(ranks) == 1 and text.startswith(f"rank {ranks[0]} ") else f"{_ranks(ranks)}: {text}"
-            for text, ranks in list(by_text.items())[:_RANKS_SHOWN]
-        ]
-        if len(by_text) > _RANKS_SHOWN:
-            said.append(f"{len(by_text) - _RANKS_SHOWN} more distinct lines in {self.directory}")
+            named, text = own(r)
+            by_shape.setdefault((named, re.sub(r"\d[\d,.]*", "#", text)), []).append(r)
+        said = []
+        for (named, _), ranks in list(by_shape.items())[:_RANKS_SHOWN]:
+            text = own(ranks[0])[1]
+            alike = "" if all(own(r)[1] == text for r in ranks) else f" (rank {ranks[0]}'s figures)"
+            said.append(f"{_ranks(ranks)}{' ' if named else ': '}{text}{alike}")
+        if len(by_shape) > _RANKS_SHOWN:
+            said.append(f"{len(by_shape) - _RANKS_SHOWN} more distinct lines in {self.directory}")
         silent = [r for r in range(world) if r not in lines] if world else []
         if silent:
             said.append(
