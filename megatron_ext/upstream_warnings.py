@@ -36,23 +36,23 @@ KNOWN = (
         r"(megatron_ext\.cpu_compat|megatron\.core\.)",
     ),
 )
-# Megatron-Core's GPTDataset logs this for every mock dataset (which has nothing to cache).
-_MOCK_CACHE_NOTE = "Unable to save MockGPTDataset indexes"
+# (logger, the start of the messages dropped from it as a regular expression)
+KNOWN_LOG_LINES = (
+    # Megatron-Core's GPTDataset logs this for every mock dataset (which has nothing to cache).
+    ("megatron.core.datasets.gpt_dataset", r"Unable to save MockGPTDataset indexes"),
+    # Its checkpoint writer logs each failed write process's error on every rank; the save's failure is
+    # reported once per job, with its cause (checkpointing.CheckpointSaver).
+    ("megatron.core.dist_checkpointing.strategies.filesystem_async", r"Local process \d+ encountered an error: "),
+)
 
 
-# Megatron-Core's checkpoint writer logs each failed write process's error on every rank; the save's failure
-# is reported once per job, with its cause (checkpointing.CheckpointSaver).
-_WRITER_ERROR = re.compile(r"Local process \d+ encountered an error: ")
+class _DropMessages(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
 
-
-class _DropMockCacheNote(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(_MOCK_CACHE_NOTE)
-
-
-class _DropWriterErrors(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not _WRITER_ERROR.match(record.getMessage())
+        return not self.pattern.match(record.getMessage())
 
 
 _installed = False
@@ -64,6 +64,6 @@ def silence() -> None:
         return
     for message, category, module in KNOWN:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
-    logging.getLogger("megatron.core.datasets.gpt_dataset").addFilter(_DropMockCacheNote())
-    logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").addFilter(_DropWriterErrors())
+    for logger, pattern in KNOWN_LOG_LINES:
+        logging.getLogger(logger).addFilter(_DropMessages(pattern))
     _installed = True

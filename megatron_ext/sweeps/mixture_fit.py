@@ -130,7 +130,6 @@ def candidates(runs: Runs, alphas: list[np.ndarray], bounds: dict[int, tuple[flo
 class Optimum:
     weights: np.ndarray  # per feature
     predicted: dict[str, tuple[float, float]]  # metric -> (prediction, spread across folds)
-    objective: float
     considered: int  # candidates that met the constraints
 
 
@@ -152,8 +151,7 @@ def search(fitted: dict[str, Fitted], objective: dict[str, float], pool: np.ndar
     weights = best.mean(axis=0)
     at = weights[None, :]
     predicted = {m: (float(f.predict(at)[0]), float(f.spread(at)[0])) for m, f in fitted.items()}
-    value = sum(w * predicted[m][0] for m, w in objective.items())
-    return Optimum(weights, predicted, float(value), int(keep.sum()))
+    return Optimum(weights, predicted, int(keep.sum()))
 
 
 def read_regmix_csv(mixtures_csv: str, metrics_csv: str) -> Runs:

@@ -25,9 +25,6 @@ from megatron_ext.sweeps import swarm as swarms
 from megatron_ext.sweeps.mixture_fit import FitError, Runs
 from megatron_ext.sweeps.plan import Sweep, Variant
 
-SAMPLES = 100_000  # RegMix's simulated mixtures
-TOP = 100  # the best of them averaged
-
 
 def metric_name(task: str, metric: str) -> str:
     return f"{task} {metric}"
@@ -143,6 +140,7 @@ def fit_sweep(sweep: Sweep | None, args, log=print) -> dict:
         "optimum": dict(zip(runs.features, best.weights.round(6).tolist())),
         "predicted": {m: {"value": v, "spread": s} for m, (v, s) in best.predicted.items()},
         "considered": best.considered,
+        "top": args.top,
     }
     if reference is not None:
         result["base"] = dict(zip(runs.features, reference.round(6).tolist()))
@@ -187,7 +185,7 @@ def markdown(result: dict, output: str) -> str:
     objective = " + ".join(f"{w:g} x {m}" for m, w in result["objective"].items())
     limits = result["no_worse_than_base"]
     limited = f", no worse than the base in {', '.join(limits)}" if limits else ""
-    lines += ["", f"Objective: minimise {objective}{limited}; the optimum is the mean of the best {TOP} of "
+    lines += ["", f"Objective: minimise {objective}{limited}; the optimum is the mean of the best {result['top']} of "
               f"{result['considered']:,} drawn mixtures.", ""]  # fmt: skip
     lines += ["| | " + " | ".join([*result["features"], *result["predicted"]]) + " |",
               "|---|" + "---|" * (len(result["features"]) + len(result["predicted"]))]  # fmt: skip

@@ -176,11 +176,10 @@ def epochs(phases: dict, source_tokens: dict[str, int], seq: int, gbs: int) -> d
 
 
 def source_tokens(base: dict, names, seq: int) -> dict[str, int]:
-    """The tokens of each named source of the base file: its indexed datasets' documents (their .idx), or an
-    HDF5 source's samples x the sequence length."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+    """The tokens of each named source of the base file: its indexed datasets' (from their .bin sizes, no scan),
+    or an HDF5 source's samples x the sequence length."""
     from megatron_ext.data.hdf5_source import scan
+    from megatron_ext.data.indexed_files import file_shape
 
     out = {}
     for name in names:
@@ -188,10 +187,6 @@ def source_tokens(base: dict, names, seq: int) -> dict[str, int]:
         if "hdf5" in source:
             out[name] = scan(list(source["hdf5"]), f"sources.{name}").total * seq
         else:
-            out[name] = 0
-            for prefix in source["prefixes"]:
-                dataset = IndexedDataset(prefix, mmap=True)  # held while its memory-mapped lengths are read
-                out[name] += int(dataset.sequence_lengths.sum())
-                del dataset
+            out[name] = sum(file_shape(prefix)[1] for prefix in source["prefixes"])
         out[name] = math.floor(out[name] * float(source.get("subset", 1.0)))
     return out
